@@ -1,0 +1,116 @@
+"""The host-driver interface: what the daemon needs from a place that runs VMs.
+
+A host is either simulated (``sim-mte``, ``sim-nomte``: vCPUs run the workload through the
+tag-check core) or real (``local``: qemu-system-aarch64 processes over QMP). The daemon's
+service (backend.daemon.service) only talks to these two ABCs, so a new host kind (libvirt
+over ssh, later) is one new module.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from backend.hosts.workload import WorkloadConfig
+from backend.machine import VirtMachineConfig
+
+ProgressCallback = Callable[[float, dict], Awaitable[None] | None]  # (fraction 0..1, stats)
+
+
+@dataclass
+class VmSpec:
+    """Everything a host needs to run one VM: its definition, its workload and where to keep files."""
+
+    config: VirtMachineConfig
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
+
+
+class Host(abc.ABC):
+    name: str
+    kind: str            # "simulated" | "local"
+    description: str
+
+    @abc.abstractmethod
+    def info(self) -> dict:
+        """The ``hosts()`` entry: name, kind, description, arch, kvm_mte, available, reason."""
+
+    @abc.abstractmethod
+    def probe(self) -> dict:
+        """The capability probe of this host (``ProbeReport.to_dict()``)."""
+
+    @abc.abstractmethod
+    def check_config(self, config: VirtMachineConfig) -> None:
+        """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
+
+    @abc.abstractmethod
+    async def start(self, spec: VmSpec) -> "RunningVm":
+        """Boot the VM. Raises RealizeError (QEMU's text) leaving nothing behind."""
+
+    async def reattach(self, spec: VmSpec, runtime: dict) -> "RunningVm | None":
+        """Find a VM that outlived the previous daemon (``runtime`` is what it saved); None if gone."""
+        return None
+
+    def can_migrate_to(self, dst: "Host") -> str | None:
+        """None if VMs of this host can migrate to ``dst``, else the reason."""
+        if dst.kind != self.kind:
+            return f"cannot migrate from a {self.kind} host to a {dst.kind} host"
+        return None
+
+    async def close(self) -> None:
+        """The daemon is stopping. Simulated VMs stop; real QEMU processes keep running."""
+
+
+class RunningVm(abc.ABC):
+    spec: VmSpec
+    host: Host
+
+    @property
+    @abc.abstractmethod
+    def state(self) -> str:
+        """"running" or "crashed" (then ``stderr_tail`` says why)."""
+
+    @abc.abstractmethod
+    def vcpus(self) -> list[dict]:
+        """VcpuInfo dicts (see docs/contracts.md), from the last sample."""
+
+    @abc.abstractmethod
+    async def sample(self) -> list[dict]:
+        """Read fresh counters (the simulated vCPUs, or the guest's status block over QMP)."""
+
+    @abc.abstractmethod
+    def last_faults(self, limit: int = 20) -> list[dict]:
+        """The most recent FaultInfo dicts, newest first."""
+
+    @abc.abstractmethod
+    async def blocked_reasons(self) -> list[str]:
+        """``query-migrate``'s blocked-reasons, newest first; [] when migration is allowed."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Power off and release everything (QMP quit, then SIGTERM, then SIGKILL for QEMU)."""
+
+    @abc.abstractmethod
+    async def migrate_to(self, dst: Host, spec: VmSpec, with_tags: bool,
+                         progress: ProgressCallback) -> "RunningVm":
+        """Migrate to ``dst`` (a VM with ``spec`` is started there); return the destination VM.
+
+        Raises MigrationError with the blocker's own text when blocked. On success this VM is
+        stopped; on failure it keeps running.
+        """
+
+    def set_tcf(self, vcpu: int | None, tcf: str) -> None:
+        """Change the TCF mode of one vCPU (or all). Hosts that cannot do it live raise StateError."""
+        from backend.errors import StateError
+        raise StateError(f"host {self.host.name} cannot change TCF of a running VM")
+
+    def tag_memory(self) -> dict | None:
+        """{"bytes": n, "tagged_pages": n} for VMs whose tags mtevm can see, else None."""
+        return None
+
+    def runtime_info(self) -> dict:
+        """What a later daemon needs to reattach (pid, QMP socket); {} if nothing survives."""
+        return {}
+
+    def stderr_tail(self) -> list[str]:
+        return []
