@@ -1,0 +1,88 @@
+"""`mtevm serve`: the app in a browser, as a real server process on a real port."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.helpers.sshd import free_port, stop_pid, wait_until
+
+SERVE = [sys.executable, "-m", "tui.serve"]
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env["MTEVM_RUNTIME_DIR"] = str(tmp_path / "run")
+    env["MTEVM_STATE_DIR"] = str(tmp_path / "state")
+    return env
+
+
+def _fetch(url: str) -> tuple[int, str] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A running `mtevm serve` on a free loopback port; stopped by PID afterwards."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([*SERVE, "--port", str(port)], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path))
+    try:
+        yield proc, port, log
+    finally:
+        stop_pid(proc.pid)
+        proc.wait()
+        log.close()
+
+
+def test_serve_gives_the_app_page_on_loopback(server):
+    proc, port, log = server
+    url = f"http://127.0.0.1:{port}/"
+
+    def page():
+        assert proc.poll() is None, f"mtevm serve exited: {open(log.name).read()}"
+        return _fetch(url)
+    status, html = wait_until(page, 30, f"{url} to answer")
+    assert status == 200
+    assert "mtevm" in html                     # the page names the app it runs
+    assert f"ws://127.0.0.1:{port}/ws" in html  # and the browser's terminal connects back here
+    # It listens on loopback only: the machine's other addresses get nothing.
+    for addr in _non_loopback_addresses():
+        with pytest.raises(OSError):
+            socket.create_connection((addr, port), timeout=1).close()
+
+
+def _non_loopback_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than 127.x (may be none in a bare container)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return [a for a in out if "." in a and not a.startswith("127.")]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "example.org"])
+def test_serve_refuses_a_public_address_without_the_flag(tmp_path, host):
+    r = subprocess.run([*SERVE, "--host", host, "--port", str(free_port())], capture_output=True,
+                       text=True, timeout=60, env=_env(tmp_path), stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert f"refusing to listen on {host}" in r.stderr
+    assert "no authentication" in r.stderr
+    assert "ssh -L" in r.stderr and "--i-know-it-is-unauthenticated" in r.stderr
+
+
+def test_serve_says_clearly_when_the_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*SERVE, "--port", str(port)], capture_output=True, text=True, timeout=60,
+                           env=_env(tmp_path), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
