@@ -1,0 +1,284 @@
+"""One qemu-system-aarch64 process: launch, QMP, exit detection, stop and reattach.
+
+The rule this module keeps is the one QEMU's own python/qemu/machine keeps: a QEMU it started
+never outlives a failed launch or a stop, and is always reaped. It watches the process through a
+pidfd (Linux >= 5.3), which works the same for a child of this daemon and for a QEMU started by
+an earlier daemon (reattach), and signals through that pidfd so a reused pid is never hit.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from backend.errors import RealizeError
+from backend.qemu.qmp import QmpConnection, QmpError, QmpGone
+
+SUN_PATH_MAX = 107          # bytes in a Unix socket path (sockaddr_un.sun_path minus the NUL)
+READY_TIMEOUT = 20.0        # seconds from exec to a negotiated QMP session
+REATTACH_TIMEOUT = 5.0
+
+
+@dataclass
+class StopTimeouts:
+    """How long each step of a stop waits for QEMU to exit before the next, harder one."""
+
+    quit: float = 5.0       # QMP quit: QEMU shuts down cleanly
+    term: float = 3.0       # SIGTERM
+    kill: float = 3.0       # SIGKILL (cannot be refused; only a stuck kernel delays it)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process start time (clock ticks since boot, /proc/<pid>/stat field 22); None if gone.
+
+    Saved with the pid so a later daemon never mistakes a new process that reused the pid for
+    its QEMU. Zombies count as gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class QemuFiles:
+    """Where one QEMU keeps its socket and log (names unique per launch: a migration
+    destination shares the VM's runtime directory with its source)."""
+
+    runtime_dir: str
+    launch_id: str
+    qmp_socket: str
+    log: str
+    socket_dir: str | None = None   # a private short directory when runtime_dir is too long for a socket
+
+    @classmethod
+    def new(cls, runtime_dir: str) -> "QemuFiles":
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        launch_id = secrets.token_hex(4)
+        sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
+        socket_dir = None
+        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+            socket_dir = tempfile.mkdtemp(prefix="mtevm-")
+            sock = os.path.join(socket_dir, "qmp.sock")
+        return cls(runtime_dir, launch_id, sock, os.path.join(runtime_dir, f"qemu-{launch_id}.log"),
+                   socket_dir)
+
+    def path(self, suffix: str) -> str:
+        """Another per-launch file in the runtime directory (e.g. the guest parameter block)."""
+        return os.path.join(self.runtime_dir, f"{suffix}-{self.launch_id}")
+
+    def remove_socket(self) -> None:
+        """QEMU removes its socket on a clean exit, not when killed: tidy up after it."""
+        for path in (self.qmp_socket,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.socket_dir:
+            try:
+                os.rmdir(self.socket_dir)
+            except OSError:
+                pass
+
+    def to_dict(self) -> dict:
+        return {"runtime_dir": self.runtime_dir, "launch_id": self.launch_id,
+                "qmp_socket": self.qmp_socket, "log": self.log, "socket_dir": self.socket_dir}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QemuFiles":
+        return cls(d["runtime_dir"], d["launch_id"], d["qmp_socket"], d["log"], d.get("socket_dir"))
+
+
+def read_tail(path: str, lines: int = 20) -> list[str]:
+    """The last ``lines`` lines of a log file ([] if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
+
+
+class QemuProcess:
+    """A running QEMU with its QMP session. Build it with ``launch`` or ``reattach``."""
+
+    def __init__(self, pid: int, start_time: int, files: QemuFiles, argv: list[str],
+                 popen: subprocess.Popen | None = None):
+        self.pid = pid
+        self.start_time = start_time
+        self.files = files
+        self.argv = argv
+        self.qmp = QmpConnection(files.qmp_socket)
+        self.returncode: int | None = None       # known only for our own children
+        self.stopping = False                    # an exit after stop() began is not a crash
+        self._popen = popen
+        self._exited = asyncio.Event()
+        self._exit_callbacks: list[Callable[["QemuProcess"], None]] = []
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    # ----------------------------------------------------------------------------- start
+    @classmethod
+    async def launch(cls, argv: list[str], files: QemuFiles,
+                     ready_timeout: float = READY_TIMEOUT) -> "QemuProcess":
+        """Start QEMU and wait for QMP. On failure: RealizeError with QEMU's stderr, nothing left."""
+        with open(files.log, "wb") as log:
+            try:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True, close_fds=True)
+            except OSError as e:
+                files.remove_socket()
+                raise RealizeError(f"cannot run {argv[0]}: {e.strerror}") from e
+        start_time = proc_start_time(popen.pid) or 0
+        proc = cls(popen.pid, start_time, files, argv, popen)
+        try:
+            await proc.qmp.connect(proc.alive, ready_timeout)
+        except BaseException as e:   # includes cancellation: never leave a half-started QEMU
+            proc.stopping = True
+            await proc.kill()
+            if isinstance(e, QmpGone):
+                raise RealizeError(proc.startup_error(str(e))) from None
+            raise
+        return proc
+
+    @classmethod
+    async def reattach(cls, runtime: dict, timeout: float = REATTACH_TIMEOUT) -> "QemuProcess | None":
+        """The QEMU an earlier daemon saved in ``runtime``, or None if it is gone (or the pid was
+        reused). Raises QmpError if it runs but its QMP socket does not answer."""
+        pid, start_time = int(runtime["pid"]), int(runtime["start_time"])
+        if proc_start_time(pid) != start_time:
+            return None
+        try:
+            proc = cls(pid, start_time, QemuFiles.from_dict(runtime["files"]), list(runtime.get("argv", [])))
+        except ProcessLookupError:
+            return None
+        if proc_start_time(pid) != start_time:   # exited (and the pid reused) between the checks
+            proc._close_pidfd()
+            return None
+        try:
+            await proc.qmp.connect(proc.alive, timeout)
+        except QmpGone:
+            if not proc.alive():
+                return None
+            raise
+        return proc
+
+    def runtime_info(self) -> dict:
+        """What ``reattach`` needs; JSON-able."""
+        return {"pid": self.pid, "start_time": self.start_time, "files": self.files.to_dict(),
+                "argv": self.argv}
+
+    # ------------------------------------------------------------------------------ exit
+    def alive(self) -> bool:
+        return not self._exited.is_set()
+
+    def on_exit(self, callback: Callable[["QemuProcess"], None]) -> None:
+        """Call ``callback(self)`` once QEMU has exited (at once if it already has)."""
+        if self._exited.is_set():
+            callback(self)
+        else:
+            self._exit_callbacks.append(callback)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for QEMU to exit; True if it did within ``timeout``."""
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _on_exit(self) -> None:
+        self._close_pidfd()
+        self._reap()
+        self.files.remove_socket()
+        self._exited.set()
+        for cb in self._exit_callbacks:
+            cb(self)
+        self._exit_callbacks.clear()
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            self.returncode = self._popen.wait()
+            return
+        try:   # a reattached QEMU may still be our child (same process, new driver object)
+            _, status = os.waitpid(self.pid, os.WNOHANG)
+            if status:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            pass
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _signal(self, sig: int) -> None:
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def exit_reason(self) -> str:
+        """How QEMU ended, in words (for a crashed VM)."""
+        rc = self.returncode
+        if rc is None:
+            return "QEMU exited"
+        if rc < 0:
+            return f"QEMU was killed by {signal.Signals(-rc).name}"
+        return f"QEMU exited with status {rc}"
+
+    def stderr_tail(self, lines: int = 20) -> list[str]:
+        return read_tail(self.files.log, lines)
+
+    def startup_error(self, fallback: str) -> str:
+        """QEMU's own start-up message, verbatim (every line it printed), else ``fallback``."""
+        tail = self.stderr_tail(50)
+        return "\n".join(tail) if tail else f"{fallback} ({self.exit_reason()})"
+
+    # ------------------------------------------------------------------------------ stop
+    async def stop(self, timeouts: StopTimeouts = StopTimeouts()) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL, each with a timeout; returns once QEMU is gone
+        (and reaped if it is our child)."""
+        self.stopping = True
+        if self.alive():
+            try:
+                await asyncio.wait_for(self.qmp.execute("quit"), timeouts.quit)
+            except (QmpError, asyncio.TimeoutError):
+                pass
+            if not await self.wait(timeouts.quit):
+                self._signal(signal.SIGTERM)
+                if not await self.wait(timeouts.term):
+                    await self.kill(timeouts.kill)
+        await self.qmp.close()
+        self.files.remove_socket()
+
+    async def kill(self, timeout: float = StopTimeouts.kill) -> None:
+        """SIGKILL and wait (used when a start fails half-way)."""
+        self.stopping = True
+        self._signal(signal.SIGKILL)
+        if not await self.wait(timeout):
+            raise RuntimeError(f"QEMU pid {self.pid} survived SIGKILL for {timeout} s")
+        await self.qmp.close()
+        self.files.remove_socket()
+
+    async def detach(self) -> None:
+        """Drop QMP and the watch but leave QEMU running (the daemon exits; a later one reattaches)."""
+        await self.qmp.close()
+        self._close_pidfd()
