@@ -1,0 +1,110 @@
+"""How MTE reads a pointer: its logical tag, its address half, TCMA, FAR, and tag stepping.
+
+Both the per-access path (Python ints) and the batch path (numpy ``uint64`` arrays) use
+these, so the bit rules live in one place.
+
+Address model: the simulated guest maps both halves of the address space 1:1 onto physical
+RAM. A lower-half pointer (bit 55 = 0) addresses ``ptr[55:0]``; an upper-half (kernel)
+pointer, canonical with bits 55:48 all ones, addresses ``ptr[47:0]``. Anything else lands
+outside RAM. This lets TCMA1 and TFSR.TF1 be exercised without an MMU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TAG_SHIFT = 56
+LOW56 = (1 << 56) - 1                 # clears the top byte (TBI)
+LOW60 = (1 << 60) - 1                 # FAR: bits 63:60 read as 0, the tag in 59:56 stays
+UPPER_FLIP = 0xFF << 48               # turns a canonical upper-half address into its linear offset
+BIT55 = 1 << 55
+MASK64 = (1 << 64) - 1
+
+
+def ptr_tag(ptr: int) -> int:
+    """The logical tag: pointer bits 59:56."""
+    return (ptr >> TAG_SHIFT) & 0xF
+
+
+def with_tag(ptr: int, tag: int) -> int:
+    """The pointer with its logical tag replaced (QEMU address_with_allocation_tag)."""
+    return (ptr & ~(0xF << TAG_SHIFT) & MASK64) | ((tag & 0xF) << TAG_SHIFT)
+
+
+def half(ptr: int) -> int:
+    """0 for the lower (TTBR0) half, 1 for the upper (TTBR1) half: pointer bit 55."""
+    return (ptr >> 55) & 1
+
+
+def physical(ptr: int) -> int:
+    """The RAM address a pointer reaches (see the module docstring)."""
+    va = ptr & LOW56
+    return va ^ UPPER_FLIP if va & BIT55 else va
+
+
+def tcma_match(ptr: int, tcma0: bool, tcma1: bool) -> bool:
+    """True when TCMA makes the access unchecked: bits 59:55 all 0 (TCMA0) or all 1 (TCMA1)."""
+    top = (ptr >> 55) & 0x1F
+    return (tcma0 and top == 0) or (tcma1 and top == 0x1F)
+
+
+def fault_address(ptr: int, granule: int) -> int:
+    """FAR of a tag-check fault whose first mismatch is the access's ``granule``-th granule.
+
+    QEMU's rule: the pointer as given when the first granule mismatches, else the 16-aligned
+    base of the mismatching granule (possibly in the next page); bits 63:60 are 0 and the
+    pointer tag stays in 59:56.
+    """
+    if granule == 0:
+        return ptr & LOW60
+    return (((ptr & LOW56 & ~0xF) + 16 * granule) & LOW56) | (ptr_tag(ptr) << TAG_SHIFT)
+
+
+def choose_nonexcluded_tag(tag: int, offset: int, exclude: int) -> int:
+    """QEMU's choose_nonexcluded_tag: step ``offset`` times to the next tag not in ``exclude``.
+
+    With offset 0 the tag itself is kept unless excluded. All 16 excluded gives tag 0.
+    """
+    exclude &= 0xFFFF
+    if exclude == 0xFFFF:
+        return 0
+    tag &= 0xF
+    if offset == 0:
+        while exclude & (1 << tag):
+            tag = (tag + 1) & 0xF
+        return tag
+    for _ in range(offset):
+        tag = (tag + 1) & 0xF
+        while exclude & (1 << tag):
+            tag = (tag + 1) & 0xF
+    return tag
+
+
+# ---- the same rules over numpy uint64 arrays (the batch path) --------------------------------
+
+def ptr_tags_array(ptrs: np.ndarray) -> np.ndarray:
+    return ((ptrs >> TAG_SHIFT) & 0xF).astype(np.uint8)
+
+
+def physical_array(ptrs: np.ndarray) -> np.ndarray:
+    va = ptrs & LOW56
+    upper = (va >> 55).astype(bool)
+    if upper.any():
+        va = np.where(upper, va ^ UPPER_FLIP, va)
+    return va
+
+
+def tcma_match_array(ptrs: np.ndarray, tcma0: bool, tcma1: bool) -> np.ndarray:
+    top = (ptrs >> 55) & 0x1F
+    match = np.zeros(ptrs.shape, dtype=bool)
+    if tcma0:
+        match |= top == 0
+    if tcma1:
+        match |= top == 0x1F
+    return match
+
+
+def fault_address_array(ptrs: np.ndarray, granule: np.ndarray) -> np.ndarray:
+    """``fault_address`` for arrays of pointers and first-mismatch granule numbers."""
+    granule = granule.astype(np.uint64)
+    later = (((ptrs & (LOW56 & ~0xF)) + granule * 16) & LOW56) | (ptrs & (0xF << TAG_SHIFT))
+    return np.where(granule == 0, ptrs & LOW60, later)

@@ -1,0 +1,195 @@
+"""Sparse allocation-tag storage: 4 bits per 16-byte granule, two tags per byte, per page.
+
+Layout (chosen so that a batch lookup is three array gathers, no dict):
+
+* ``_blocks`` is a pool of 128-byte blocks, one per tagged page, in QEMU's packing (the
+  granule with address bit 4 = 0 in the low nibble). Block 0 is all zeros and shared by
+  every page never tagged, so untouched pages read tag 0 (as KVM guarantees) and cost nothing.
+* ``_table`` holds rows of 512 block numbers, one row per 2 MiB chunk of RAM that has a
+  tagged page; row 0 is all zeros (points at block 0) and shared by untouched chunks.
+* ``_dir`` maps each 2 MiB chunk of RAM to its row: 4 bytes per 2 MiB, so a 64 GiB VM needs
+  128 KiB of index and is created in milliseconds.
+
+Writing tag 0 to a page that was never tagged allocates nothing (it already reads 0).
+``bytes_used`` counts every array this object holds (pool and index capacity included).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from backend.tagcheck.errors import TagAlignmentError
+from backend.tagcheck.layout import (GRANULE, GRANULES_PER_PAGE, PAGE, TAG_BYTES_PER_PAGE,
+                                     check_range, validate_region)
+
+CHUNK_PAGES = 512     # pages per index row (2 MiB of RAM)
+_PAGE_SHIFT = 12
+_CHUNK_SHIFT = 9
+
+
+def _check_tag(tag: int) -> int:
+    if not isinstance(tag, (int, np.integer)) or not 0 <= tag <= 15:
+        raise ValueError(f"allocation tag {tag!r} is not an integer 0..15")
+    return int(tag)
+
+
+def _grown(arr: np.ndarray, needed: int, unit: int) -> np.ndarray:
+    """``arr`` with room for at least ``needed`` units of ``unit`` elements (grows by 1/8)."""
+    have = len(arr) // unit
+    if needed <= have:
+        return arr
+    cap = max(needed, have + have // 8, 16)
+    new = np.zeros(cap * unit, dtype=arr.dtype)
+    new[:len(arr)] = arr
+    return new
+
+
+class TagMemory:
+    """The allocation tags of one VM's RAM region [base, base+size)."""
+
+    def __init__(self, base: int, size: int):
+        validate_region(base, size)
+        self.base = base
+        self.size = size
+        self.n_pages = size // PAGE
+        n_chunks = -(-self.n_pages // CHUNK_PAGES)
+        self._dir = np.zeros(n_chunks, dtype=np.int64)
+        self._table = np.zeros(CHUNK_PAGES, dtype=np.int64)     # row 0: the untouched chunk
+        self._rows = 1
+        self._blocks = np.zeros(TAG_BYTES_PER_PAGE, dtype=np.uint8)   # block 0: all tags 0
+        self._n_blocks = 1
+
+    # ---- accounting ----------------------------------------------------------------------
+    @property
+    def tagged_pages(self) -> int:
+        return self._n_blocks - 1
+
+    @property
+    def bytes_used(self) -> int:
+        return self._dir.nbytes + self._table.nbytes + self._blocks.nbytes
+
+    def pages(self) -> Iterator[int]:
+        """Addresses of the pages that hold tags, ascending (what a migration must copy)."""
+        for chunk in np.flatnonzero(self._dir):
+            row = self._table[self._dir[chunk] * CHUNK_PAGES:(self._dir[chunk] + 1) * CHUNK_PAGES]
+            for p in np.flatnonzero(row):
+                yield self.base + (int(chunk) * CHUNK_PAGES + int(p)) * PAGE
+
+    # ---- page -> block ---------------------------------------------------------------------
+    def _page_blocks(self, pages: np.ndarray) -> np.ndarray:
+        """Block numbers of page numbers (0 = never tagged)."""
+        rows = self._dir[pages >> _CHUNK_SHIFT]
+        return self._table[rows * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))]
+
+    def _allocate(self, pages: np.ndarray) -> np.ndarray:
+        """Block numbers of page numbers, giving a fresh zero block to pages that have none."""
+        pages = np.asarray(pages, dtype=np.int64)
+        chunks = np.unique(pages >> _CHUNK_SHIFT)
+        new_chunks = chunks[self._dir[chunks] == 0]
+        if len(new_chunks):
+            self._table = _grown(self._table, self._rows + len(new_chunks), CHUNK_PAGES)
+            self._dir[new_chunks] = np.arange(self._rows, self._rows + len(new_chunks))
+            self._rows += len(new_chunks)
+        slots = self._dir[pages >> _CHUNK_SHIFT] * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))
+        blocks = self._table[slots]
+        missing = np.unique(slots[blocks == 0])
+        if len(missing):
+            self._blocks = _grown(self._blocks, self._n_blocks + len(missing), TAG_BYTES_PER_PAGE)
+            self._table[missing] = np.arange(self._n_blocks, self._n_blocks + len(missing))
+            self._n_blocks += len(missing)
+            blocks = self._table[slots]
+        return blocks
+
+    # ---- single granules -------------------------------------------------------------------
+    def _granule_offset(self, addr: int, length: int = GRANULE) -> int:
+        if addr % GRANULE:
+            raise TagAlignmentError(f"tag store address {addr:#x} is not 16-byte aligned (alignment fault)")
+        return check_range(self.base, self.size, addr, length)
+
+    def _block_of(self, page: int) -> int:
+        return int(self._table[int(self._dir[page >> _CHUNK_SHIFT]) * CHUNK_PAGES + (page & (CHUNK_PAGES - 1))])
+
+    def tag_at(self, off: int) -> int:
+        """The tag of the granule at byte offset ``off`` from base (the per-access path)."""
+        block = self._block_of(off >> _PAGE_SHIFT)
+        byte = int(self._blocks[block * TAG_BYTES_PER_PAGE + ((off >> 5) & (TAG_BYTES_PER_PAGE - 1))])
+        return (byte >> (off & 16 and 4)) & 0xF
+
+    def _store(self, off: int, tag: int) -> None:
+        page = off >> _PAGE_SHIFT
+        block = self._block_of(page)
+        if block == 0:
+            if tag == 0:
+                return
+            block = int(self._allocate(np.array([page]))[0])
+        i = block * TAG_BYTES_PER_PAGE + ((off >> 5) & (TAG_BYTES_PER_PAGE - 1))
+        shift = off & 16 and 4
+        self._blocks[i] = (int(self._blocks[i]) & ~(0xF << shift) & 0xFF) | (tag << shift)
+
+    def stg(self, addr: int, tag: int) -> None:
+        """STG: set the tag of the granule at 16-aligned ``addr``."""
+        tag = _check_tag(tag)
+        self._store(self._granule_offset(addr), tag)
+
+    def st2g(self, addr: int, tag: int) -> None:
+        """ST2G: tag two granules (the second may be the first granule of the next page)."""
+        tag = _check_tag(tag)
+        off = self._granule_offset(addr, 2 * GRANULE)
+        self._store(off, tag)
+        self._store(off + GRANULE, tag)
+
+    def ldg(self, addr: int) -> int:
+        """LDG: the tag of the granule holding ``addr`` (any address in RAM)."""
+        return self.tag_at(check_range(self.base, self.size, addr, 1))
+
+    # ---- vectorised ------------------------------------------------------------------------
+    def lookup(self, offsets: np.ndarray) -> np.ndarray:
+        """Tags (uint8) of the granules at byte ``offsets`` from base. Offsets must be in RAM."""
+        pages = (offsets >> _PAGE_SHIFT).astype(np.int64)
+        blocks = self._page_blocks(pages)
+        byte = self._blocks[blocks * TAG_BYTES_PER_PAGE + ((offsets >> 5) & (TAG_BYTES_PER_PAGE - 1)).astype(np.int64)]
+        return (byte >> ((offsets >> 2) & 4).astype(np.uint8)) & 0xF
+
+    def tags_of_granules(self, granule_addrs: np.ndarray) -> np.ndarray:
+        """Tags of granules given by (any) address inside each; OutsideRamError if one is not in RAM."""
+        addrs = np.asarray(granule_addrs, dtype=np.uint64)
+        if addrs.size:
+            lo, hi = int(addrs.min()), int(addrs.max())
+            check_range(self.base, self.size, lo, 1)
+            check_range(self.base, self.size, hi, 1)
+        return self.lookup(addrs - np.uint64(self.base))
+
+    # ---- bulk, KVM_ARM_MTE_COPY_TAGS layout ------------------------------------------------
+    def _page_span(self, addr: int, length: int) -> np.ndarray:
+        if addr % PAGE or length % PAGE:
+            raise TagAlignmentError(
+                f"bulk tag copy at {addr:#x} length {length:#x}: both must be page-aligned (4 KiB)")
+        off = check_range(self.base, self.size, addr, length)
+        return np.arange(off >> _PAGE_SHIFT, (off + length) >> _PAGE_SHIFT, dtype=np.int64)
+
+    def get_tags(self, addr: int, length: int) -> np.ndarray:
+        """Tags of [addr, addr+length), one per byte per granule (length/16 bytes)."""
+        pages = self._page_span(addr, length)
+        packed = self._blocks.reshape(-1, TAG_BYTES_PER_PAGE)[self._page_blocks(pages)]
+        tags = np.empty((len(pages), GRANULES_PER_PAGE), dtype=np.uint8)
+        tags[:, 0::2] = packed & 0xF
+        tags[:, 1::2] = packed >> 4
+        return tags.reshape(-1)
+
+    def set_tags(self, addr: int, tags: np.ndarray) -> None:
+        """Set the tags of the pages from ``addr``, one tag per byte per granule."""
+        tags = np.asarray(tags)
+        if tags.ndim != 1 or len(tags) % GRANULES_PER_PAGE:
+            raise TagAlignmentError(
+                f"bulk tag copy of {tags.size} tags: must be whole pages ({GRANULES_PER_PAGE} tags each)")
+        if tags.size and (tags.min() < 0 or tags.max() > 15):
+            raise ValueError("bulk tag copy: every tag must be 0..15")
+        pages = self._page_span(addr, len(tags) * GRANULE)
+        tags = tags.astype(np.uint8).reshape(-1, GRANULES_PER_PAGE)
+        packed = tags[:, 0::2] | (tags[:, 1::2] << 4)
+        # Pages never tagged that stay all-zero need no block.
+        keep = packed.any(axis=1) | (self._page_blocks(pages) != 0)
+        if keep.any():
+            blocks = self._allocate(pages[keep])
+            self._blocks.reshape(-1, TAG_BYTES_PER_PAGE)[blocks] = packed[keep]
