@@ -1,0 +1,229 @@
+"""How light is the app on a big fleet? CPU and terminal bytes, beside a naive DataTable baseline.
+
+Why: the app is meant to be left open over ssh on a host running many VMs. With 64 simulated VMs
+of 8 vCPUs each running (in-process service) and counters arriving at 4 Hz, each front end runs as
+a real process in a real pty (120x36, TERM=xterm-256color), and this parent reads the pty's master
+side (counting the bytes an ssh link would carry) and the child's CPU time from /proc/<pid>/stat.
+
+Three children, measured one after another in this run, over the same window:
+  service   the seeded service and the 4 Hz event stream alone, no UI (the floor both UIs pay)
+  baseline  a plain Textual DataTable, one row per vCPU, update_cell for every counter on every sample
+  app       mtevm's app with the VM detail screen open
+Figures: CPU % of one core, bytes/s to the terminal; the UI's own CPU is the child's minus the
+service's. Goals: app < 32 KiB/s; app's own CPU at most half the baseline's.
+
+Run: `python -m benchmarks tui` or `python benchmarks/bench_tui.py [--seconds 10]`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import select
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+WIDTH, HEIGHT = 120, 36
+N_VMS, N_VCPUS = 64, 8
+RATE_HZ = 4.0
+ACCESSES_PER_S = 2000          # per vCPU: counters rise visibly, the service stays a small floor
+WARMUP_S = 3.0
+BYTES_GOAL = 32 * 1024
+COUNTER_COLUMNS = ("checked", "unchecked", "sync_faults", "async_faults")
+KINDS = ("service", "baseline", "app")
+
+
+# ----------------------------------------------------------------------------- the child side
+def vm_name(i: int) -> str:
+    return f"bench-{i:02d}"
+
+
+async def seed_fleet(state_dir: str):
+    """An in-process service with N_VMS simulated MTE VMs of N_VCPUS vCPUs, all running."""
+    from backend.client import connect
+
+    client = await connect(in_process=True, state_dir=state_dir)
+    for i in range(N_VMS):
+        await client.create({"name": vm_name(i), "host": "sim-mte", "accel": "kvm", "cpu": "host",
+                             "vcpus": N_VCPUS, "memory": "256M", "mte": True,
+                             "workload": {"seed": i + 1, "rate": ACCESSES_PER_S,
+                                          "tcf": ["sync", "async", "asymm", "none"]}})
+        await client.start(vm_name(i))
+    return client
+
+
+def baseline_app(client):
+    """A plain Textual DataTable: one row per vCPU, update_cell for each counter of each sample."""
+    from textual.app import App, ComposeResult
+    from textual.widgets import DataTable
+
+    class DataTableBaseline(App):
+        def compose(self) -> ComposeResult:
+            yield DataTable()
+
+        async def on_mount(self) -> None:
+            table = self.query_one(DataTable)
+            table.add_column("vm", key="vm")
+            table.add_column("vcpu", key="vcpu")
+            table.add_column("tcf", key="tcf")
+            for col in COUNTER_COLUMNS:
+                table.add_column(col, key=col)
+            for vm in await client.list():
+                for v in await client.vcpus(vm["name"]):
+                    table.add_row(vm["name"], v["index"], v["tcf"],
+                                  *(v[c] for c in COUNTER_COLUMNS), key=f"{vm['name']}/{v['index']}")
+            self.run_worker(self.follow(table), exclusive=True)
+            _ready()
+
+        async def follow(self, table) -> None:
+            async for event in client.events(rate_hz=RATE_HZ):
+                if event.get("type") != "counters":
+                    continue
+                for v in event["counters"]["vcpus"]:
+                    row = f"{event['vm']}/{v['index']}"
+                    for col in COUNTER_COLUMNS:
+                        table.update_cell(row, col, v[col])
+
+    return DataTableBaseline()
+
+
+def mtevm_app(client):
+    """The real app, on this client, with the first VM's detail screen open."""
+    from tui.app import MtevmApp
+
+    class Measured(MtevmApp):
+        async def on_mount(self) -> None:
+            await super().on_mount()
+            await self.open_vm_detail(vm_name(0))
+            _ready()
+
+    return Measured(client=client)
+
+
+def _ready() -> None:
+    Path(os.environ["MTEVM_BENCH_READY"]).write_text(str(os.getpid()))
+
+
+async def child_main(kind: str) -> None:
+    client = await seed_fleet(os.environ["MTEVM_BENCH_STATE"])
+    async with client:
+        if kind == "service":
+            _ready()
+            async for _ in client.events(rate_hz=RATE_HZ):
+                pass
+        else:
+            app = baseline_app(client) if kind == "baseline" else mtevm_app(client)
+            await app.run_async()
+
+
+# ----------------------------------------------------------------------------- the parent side
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+class Terminal:
+    """The master side of a pty: counts what the child writes and keeps the tail for errors."""
+
+    def __init__(self, master: int):
+        self.master = master
+        self.tail = b""
+
+    def drain(self, until: float, stop_when=None) -> int:
+        """Read until ``until`` (or ``stop_when()``); return the bytes read."""
+        n = 0
+        while time.monotonic() < until:
+            if stop_when is not None and stop_when():
+                break
+            r, _, _ = select.select([self.master], [], [], 0.05)
+            if r:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:          # the child closed its terminal
+                    break
+                n += len(data)
+                self.tail = (self.tail + data)[-4000:]
+        return n
+
+    def tail_text(self) -> str:
+        return self.tail.decode(errors="replace")
+
+
+def measure(kind: str, seconds: float) -> dict:
+    """Run one child in a fresh pty; return its CPU % and terminal bytes/s over ``seconds``."""
+    with tempfile.TemporaryDirectory(prefix="mtevm-bench-tui-") as tmp:
+        ready = Path(tmp, "ready")
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
+        env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(WIDTH), LINES=str(HEIGHT),
+                   MTEVM_BENCH_READY=str(ready), MTEVM_BENCH_STATE=str(Path(tmp, "state")),
+                   MTEVM_RUNTIME_DIR=str(Path(tmp, "run")), MTEVM_STATE_DIR=str(Path(tmp, "state")))
+        env.pop("COLORTERM", None)
+        env.pop("TEXTUAL_DRIVER", None)
+        # Textual draws on stderr, so all three standard streams are the pty (as in a terminal).
+        proc = subprocess.Popen([sys.executable, __file__, "--child", kind], stdin=slave, stdout=slave,
+                                stderr=slave, env=env, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        os.close(slave)
+        term = Terminal(master)
+        try:
+            term.drain(time.monotonic() + 120, lambda: ready.exists() or proc.poll() is not None)
+            if not ready.exists():
+                raise RuntimeError(f"{kind}: child did not get ready (exit {proc.poll()}):\n{term.tail_text()}")
+            term.drain(time.monotonic() + WARMUP_S)
+            cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+            nbytes = term.drain(t0 + seconds)
+            cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+            if proc.poll() is not None:
+                raise RuntimeError(f"{kind}: child exited during the measurement:\n{term.tail_text()}")
+        finally:
+            proc.terminate()
+            try:
+                term.drain(time.monotonic() + 5, lambda: proc.poll() is not None)
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            os.close(master)
+    wall = t1 - t0
+    return {"kind": kind, "seconds": wall, "cpu_pct": 100 * (cpu1 - cpu0) / wall,
+            "bytes_per_s": nbytes / wall}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="bench_tui", description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per child")
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        asyncio.run(child_main(args.child))
+        return {}
+
+    print(f"bench_tui: {N_VMS} VMs x {N_VCPUS} vCPUs (simulated, in-process), events at {RATE_HZ:g} Hz, "
+          f"{WIDTH}x{HEIGHT} pty, {args.seconds:g} s per front end")
+    results = {kind: measure(kind, args.seconds) for kind in KINDS}
+    floor = results["service"]["cpu_pct"]
+    for r in results.values():
+        r["own_cpu_pct"] = max(r["cpu_pct"] - floor, 0.0) if r["kind"] != "service" else 0.0
+        print(f"  {r['kind']:9s} CPU {r['cpu_pct']:6.1f} % of a core (own {r['own_cpu_pct']:6.1f} %)  "
+              f"terminal {r['bytes_per_s'] / 1024:8.1f} KiB/s")
+    app, base = results["app"], results["baseline"]
+    cpu_ratio = app["own_cpu_pct"] / base["own_cpu_pct"] if base["own_cpu_pct"] else float("inf")
+    bytes_ratio = app["bytes_per_s"] / base["bytes_per_s"] if base["bytes_per_s"] else float("inf")
+    print(f"  app/baseline own CPU ratio {cpu_ratio:.2f} (goal <= 0.50: "
+          f"{'met' if cpu_ratio <= 0.5 else 'NOT met'})")
+    print(f"  app/baseline terminal bytes ratio {bytes_ratio:.2f}; app {app['bytes_per_s'] / 1024:.1f} KiB/s "
+          f"(goal < {BYTES_GOAL // 1024} KiB/s: {'met' if app['bytes_per_s'] < BYTES_GOAL else 'NOT met'})")
+    results["ratios"] = {"cpu_app_over_baseline": cpu_ratio, "bytes_app_over_baseline": bytes_ratio}
+    return results
+
+
+if __name__ == "__main__":
+    main()
