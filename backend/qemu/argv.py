@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from backend.errors import ConfigError, RealizeError
-from backend.machine import VirtMachineConfig
+
+if TYPE_CHECKING:
+    from backend.machine import VirtMachineConfig
 
 QEMU_BINARY = "qemu-system-aarch64"
 MIB = 1 << 20
@@ -68,7 +70,7 @@ class LaunchFiles:
     param_addr: int = 0
 
 
-def build_argv(config: VirtMachineConfig, files: LaunchFiles, *, qemu: str = QEMU_BINARY,
+def build_argv(config: "VirtMachineConfig", files: LaunchFiles, *, qemu: str = QEMU_BINARY,
                extra_args: Sequence[str] = (), incoming: str | None = None) -> list[str]:
     """The argv for ``config``: virt with MTE, TCG (or KVM with ``-cpu host``), QMP on a Unix socket."""
     machine = "virt,mte=" + ("on" if config.mte else "off")

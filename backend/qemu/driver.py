@@ -125,6 +125,7 @@ class QemuProcess:
         self.qmp = QmpConnection(files.qmp_socket)
         self.returncode: int | None = None       # known only for our own children
         self.stopping = False                    # an exit after stop() began is not a crash
+        self.unreachable: str | None = None      # why QMP could not be reached (reattach only)
         self._popen = popen
         self._exited = asyncio.Event()
         self._exit_callbacks: list[Callable[["QemuProcess"], None]] = []
@@ -159,7 +160,7 @@ class QemuProcess:
     @classmethod
     async def reattach(cls, runtime: dict, timeout: float = REATTACH_TIMEOUT) -> "QemuProcess | None":
         """The QEMU an earlier daemon saved in ``runtime``, or None if it is gone (or the pid was
-        reused). Raises QmpError if it runs but its QMP socket does not answer."""
+        reused). If it runs but its QMP socket does not answer, ``unreachable`` says why."""
         pid, start_time = int(runtime["pid"]), int(runtime["start_time"])
         if proc_start_time(pid) != start_time:
             return None
@@ -172,10 +173,12 @@ class QemuProcess:
             return None
         try:
             await proc.qmp.connect(proc.alive, timeout)
-        except QmpGone:
+        except QmpGone as e:
             if not proc.alive():
                 return None
-            raise
+            # Alive but deaf (e.g. another client holds its one QMP connection): keep it, so the
+            # user sees it and can still stop it (by signal).
+            proc.unreachable = str(e)
         return proc
 
     def runtime_info(self) -> dict:
