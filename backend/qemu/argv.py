@@ -5,7 +5,6 @@ One function owns the argv so that a VM, its migration destination (the same arg
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,8 +23,10 @@ EXTRA_OPTIONS = ("-object", "-device")
 
 
 def find_qemu(binary: str | None = None) -> str:
-    """The QEMU binary to run, or RealizeError telling the user how to install it."""
-    path = shutil.which(binary or QEMU_BINARY)
+    """The QEMU binary to run (as the probe finds it: argument, $MTEVM_QEMU, PATH), or
+    RealizeError telling the user how to install it."""
+    from backend.machine.probe import find_qemu as probe_find_qemu
+    path = probe_find_qemu(binary)
     if path is None:
         raise RealizeError(f"{binary or QEMU_BINARY} not found: install QEMU >= 8.0 with "
                            "`bash scripts/install-deps.sh` (see docs/real-vms.md)")

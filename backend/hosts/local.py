@@ -1,0 +1,388 @@
+"""The ``local`` host: real qemu-system-aarch64 VMs on this machine, driven over QMP.
+
+Each VM is one QEMU process (backend.qemu.driver) running mtevm's bare-metal guest, which takes
+real tag-check faults and keeps per-vCPU counters in a status block that this module reads over
+QMP. Under TCG (any host) QEMU keeps the tags in its ``mach-virt.tag`` RAM block; with KVM (an
+arm64 host with MTE) the hardware does and ``kvm_mte`` is true.
+
+Where QEMU 9.2 aborts (KVM MTE with ``-only-migratable`` hits ``&error_abort``), mtevm checks the
+config with backend.machine.realize first and fails that one VM's start with the error text
+instead: a deliberate departure from QEMU, as everywhere in mtevm.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections import deque
+
+from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
+from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
+from backend.machine import VirtMachineConfig
+from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
+from backend.qemu.driver import QemuFiles, QemuProcess
+from backend.qemu.qmp import QmpError
+
+GUEST_ELF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "qemu", "guest", "build",
+                         "mtevm-guest.elf")
+PAGE = 4096
+TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
+MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
+MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
+LOOPBACK = "127.0.0.1"
+
+
+def free_tcp_port() -> int:
+    """A TCP port on loopback nobody listens on now (QEMU binds it a moment later; a lost race
+    shows as QEMU's own "Address already in use" and is retried once)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+async def _report(progress: ProgressCallback, fraction: float, stats: dict) -> None:
+    result = progress(fraction, stats)
+    if inspect.isawaitable(result):
+        await result
+
+
+class LocalHost(Host):
+    """This machine. Its probe is real; its VMs are QEMU processes that outlive the daemon."""
+
+    kind = "local"
+
+    def __init__(self, runtime_dir: str | None = None, *, name: str = "local",
+                 qemu_binary: str | None = None, guest_elf: str | None = None):
+        self.name = name
+        self.description = "this machine: real qemu-system-aarch64 VMs (TCG, or KVM on an arm64 host with MTE)"
+        self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="mtevm-local-")
+        self.qemu_binary = qemu_binary
+        self.guest_elf = guest_elf or GUEST_ELF
+        self._probe: dict | None = None
+        self.vms: set[LocalVm] = set()
+
+    # ------------------------------------------------------------------------- capability
+    def probe(self) -> dict:
+        """backend.machine.probe_local(): QEMU's version, mte and accelerators, /dev/kvm, the CPU."""
+        from backend.machine import probe_local
+        self._probe = probe_local(self.qemu_binary).to_dict()
+        return self._probe
+
+    def _facts(self) -> dict:
+        return self._probe if self._probe is not None else self.probe()
+
+    def _unavailable_reason(self) -> str | None:
+        qemu = self._facts()["qemu"]
+        if not qemu.get("binary"):
+            return qemu.get("reason") or "qemu-system-aarch64 not found: run `bash scripts/install-deps.sh`"
+        if not qemu.get("usable_for_mte"):
+            return qemu.get("reason") or f"QEMU {qemu.get('version')} cannot run MTE guests (needs >= 8.0)"
+        if not os.path.exists(self.guest_elf):
+            return f"the mtevm guest is not built ({self.guest_elf}): run `make -C backend/qemu/guest`"
+        return None
+
+    def info(self) -> dict:
+        facts = self._facts()
+        reason = self._unavailable_reason()
+        return {"name": self.name, "kind": self.kind, "description": self.description,
+                "arch": facts["cpu"].get("arch") or platform.machine(),
+                "kvm_mte": bool(facts["kvm"].get("present") and facts["kvm"].get("cap_arm_mte")
+                                and facts["cpu"].get("mte")),
+                "available": reason is None, "reason": reason}
+
+    def check_config(self, config: VirtMachineConfig) -> None:
+        """The seed's decision tree for ``config`` here, without starting QEMU: TCG rules through
+        backend.machine.dry_run (KVM ones against the real /dev/kvm), QEMU's own text when this
+        QEMU has no such accelerator, and the guest's limits."""
+        from backend.machine import RealKvmDevice, dry_run
+        from backend.qemu import guest_abi
+        config.validate()
+        if config.vcpus > guest_abi.MAX_VCPUS:
+            raise ConfigError(f"the mtevm guest runs on 1 to {guest_abi.MAX_VCPUS} vCPUs, not {config.vcpus}")
+        qemu = self._facts()["qemu"]
+        binary = os.path.basename(find_qemu(self.qemu_binary))
+        if config.mte and not qemu.get("usable_for_mte"):
+            raise RealizeError(qemu.get("reason") or f"QEMU {qemu.get('version')} cannot run MTE guests")
+        if config.accel not in (qemu.get("accels") or []):
+            raise RealizeError(f"{binary}: -accel {config.accel}: invalid accelerator {config.accel}")
+        kvm = RealKvmDevice() if config.accel == "kvm" else None
+        try:
+            dry_run(config, kvm)
+        finally:
+            if kvm is not None:
+                kvm.close()
+
+    # ----------------------------------------------------------------------------- VMs
+    def _vm_dir(self, spec: VmSpec) -> str:
+        return spec.runtime_dir or os.path.join(self.runtime_dir, "vms", spec.config.name)
+
+    async def start(self, spec: VmSpec, extra_args: list[str] | None = None) -> "LocalVm":
+        """Boot ``spec`` in a new QEMU. ``extra_args`` (``-object``/``-device`` pairs; also read
+        from ``spec.extra_args`` if the spec has one) go on QEMU's command line."""
+        if extra_args is None:
+            extra_args = getattr(spec, "extra_args", None)
+        return await self._launch(spec, validate_extra_args(extra_args))
+
+    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
+        from backend.qemu import guest_abi
+        config = spec.config
+        if config.accel != "tcg":
+            self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
+        qemu = find_qemu(self.qemu_binary)
+        if not os.path.exists(self.guest_elf):
+            raise RealizeError(f"the mtevm guest is not built ({self.guest_elf}): "
+                               "run `make -C backend/qemu/guest`")
+        spec.workload.validate()
+        files = QemuFiles.new(self._vm_dir(spec))
+        params = files.path("params") + ".bin"
+        block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
+        with open(params, "wb") as f:
+            f.write(block)
+        argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
+                          qemu=qemu, extra_args=extra_args,
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+        try:
+            proc = await QemuProcess.launch(argv, files)
+        except BaseException:
+            _remove(params)
+            raise
+        vm = LocalVm(self, spec, proc, extra_args, params)
+        self.vms.add(vm)
+        return vm
+
+    async def start_incoming(self, spec: VmSpec, extra_args: list[str]) -> tuple["LocalVm", int]:
+        """A migration destination: the same argv plus ``-incoming tcp:127.0.0.1:PORT``."""
+        for attempt in range(2):
+            port = free_tcp_port()
+            try:
+                return await self._launch(spec, extra_args, incoming_port=port), port
+            except RealizeError as e:
+                if attempt or "Address already in use" not in str(e):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
+        """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
+        proc = await QemuProcess.reattach(runtime["qemu"])
+        if proc is None:
+            _remove(runtime.get("params"))
+            return None
+        vm = LocalVm(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
+        self.vms.add(vm)
+        return vm
+
+    async def close(self) -> None:
+        """The daemon exits: drop QMP connections, leave QEMU running for the next daemon."""
+        for vm in list(self.vms):
+            await vm.proc.detach()
+        self.vms.clear()
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class LocalVm(RunningVm):
+    """One real VM. Counters come from the guest's status block, read when the daemon samples."""
+
+    def __init__(self, host: LocalHost, spec: VmSpec, proc: QemuProcess, extra_args: list[str],
+                 params_file: str | None):
+        self.host = host
+        self.spec = spec
+        self.proc = proc
+        self.extra_args = extra_args
+        self.params_file = params_file
+        self._vcpus: list[dict] = [self._vcpu_info(i, {}) for i in range(spec.config.vcpus)]
+        self._faults: deque[dict] = deque(maxlen=200)
+        self._guest: dict = {}
+        proc.on_exit(self._on_exit)
+
+    # ------------------------------------------------------------------------------ state
+    @property
+    def state(self) -> str:
+        if self.proc.alive():
+            return "crashed" if self.proc.unreachable else "running"
+        return "stopped" if self.proc.stopping else "crashed"
+
+    def _on_exit(self, proc: QemuProcess) -> None:
+        if not proc.stopping:
+            self.host.vms.discard(self)
+            _remove(self.params_file)
+
+    def stderr_tail(self) -> list[str]:
+        lines = self.proc.stderr_tail()
+        if self.proc.unreachable:
+            lines.append(self.proc.unreachable)
+        elif not self.proc.alive() and not self.proc.stopping:
+            lines.append(self.proc.exit_reason())
+        return lines
+
+    def runtime_info(self) -> dict:
+        if not self.proc.alive():
+            return {}
+        return {"qemu": self.proc.runtime_info(), "extra_args": self.extra_args, "params": self.params_file}
+
+    # --------------------------------------------------------------------------- counters
+    def _vcpu_info(self, index: int, status: dict) -> dict:
+        kvm_mte = self.spec.config.accel == "kvm" and self.spec.config.mte
+        info = {"index": index, "kvm_mte": kvm_mte, "tcf": self.spec.workload.tcf_for(index),
+                "checked": 0, "unchecked": 0, "sync_faults": 0, "async_faults": 0, "last_fault": None,
+                "up": False, "boot_tags": None}
+        if status.get("up"):   # before the guest is up its status block holds nothing meaningful
+            info.update({k: v for k, v in status.items() if k in info and k not in ("index", "kvm_mte")})
+        return info
+
+    def guest_status(self) -> dict:
+        """The guest's status header from the last sample (up, state, vcpus_up, error)."""
+        return dict(self._guest)
+
+    def vcpus(self) -> list[dict]:
+        return [dict(v) for v in self._vcpus]
+
+    async def read_status(self) -> bytes:
+        """The guest's raw status block, read over QMP (``xp``: works running, paused or migrated)."""
+        from backend.qemu import guest_abi
+        text = await self.proc.qmp.hmp(guest_abi.xp_command(self.spec.config.vcpus))
+        try:
+            return guest_abi.parse_xp(text)
+        except ValueError:
+            raise MtevmError(f"QEMU could not read the guest's status block: {text.strip()[:200]}") from None
+
+    async def sample(self) -> list[dict]:
+        from backend.qemu import guest_abi
+        if not self.proc.alive() or self.proc.unreachable:
+            return self.vcpus()
+        try:
+            cpus = await self.proc.qmp.execute("query-cpus-fast")
+            raw = await self.read_status()
+        except QmpError:
+            return self.vcpus()     # QEMU went away: the exit watch marks the VM crashed
+        statuses = guest_abi.parse_status(raw, self.spec.config.vcpus)
+        self._guest = guest_abi.parse_status_header(raw)
+        now = time.time()
+        fresh = []
+        for cpu in sorted(cpus, key=lambda c: c["cpu-index"]):
+            i = cpu["cpu-index"]
+            status = statuses[i] if i < len(statuses) else {}
+            info = self._vcpu_info(i, status)
+            self._note_fault(info, self._vcpus[i] if i < len(self._vcpus) else None, now)
+            fresh.append(info)
+        self._vcpus = fresh
+        return self.vcpus()
+
+    def _note_fault(self, info: dict, before: dict | None, now: float) -> None:
+        fault = info.get("last_fault")
+        if not fault:
+            return
+        fault = {**fault, "vcpu": info["index"], "time": now}
+        old = (before or {}).get("last_fault")
+        faults_before = sum((before or {}).get(k, 0) for k in ("sync_faults", "async_faults"))
+        faults_now = info["sync_faults"] + info["async_faults"]
+        if old is None or faults_now != faults_before or {**old, "time": 0} != {**fault, "time": 0}:
+            self._faults.appendleft(fault)
+        else:
+            fault["time"] = old["time"]   # the same fault as last sample: keep when it was first seen
+        info["last_fault"] = fault
+
+    def last_faults(self, limit: int = 20) -> list[dict]:
+        return list(self._faults)[:limit]
+
+    def tag_memory(self) -> dict | None:
+        """Under TCG QEMU keeps RAM/32 bytes of tags (the ``mach-virt.tag`` RAM block). The pages
+        that hold non-zero tags are the ones the guest tags: each vCPU's heap and boot-tag page."""
+        from backend.qemu import guest_abi
+        config = self.spec.config
+        if not config.mte or config.accel != "tcg":
+            return None
+        per_vcpu = (self.spec.workload.heap_size + guest_abi.BOOT_TAG_SIZE) // PAGE
+        return {"bytes": config.memory // TAG_RAM_RATIO, "tagged_pages": self._guest.get("vcpus_up", 0) * per_vcpu}
+
+    def set_tcf(self, vcpu: int | None, tcf: str) -> None:
+        raise StateError(f"VM '{self.spec.config.name}' runs real QEMU: its TCF is a boot parameter of "
+                         "the guest; stop the VM, change the workload's tcf and start it again")
+
+    # ------------------------------------------------------------------------ lifecycle
+    async def blocked_reasons(self) -> list[str]:
+        reply = await self.proc.qmp.execute("query-migrate")
+        return list(reply.get("blocked-reasons", []))
+
+    async def stop(self) -> None:
+        await self.proc.stop()
+        _remove(self.params_file)
+        self.host.vms.discard(self)
+
+    async def migrate_to(self, dst: Host, spec: VmSpec, with_tags: bool,
+                         progress: ProgressCallback) -> "LocalVm":
+        """Live migration to a second local QEMU over loopback TCP. Under TCG the tags travel as
+        QEMU's ``mach-virt.tag`` RAM block, so they move whether or not ``with_tags`` is set."""
+        if not isinstance(dst, LocalHost):
+            raise MigrationError(self.host.can_migrate_to(dst) or f"cannot migrate a real VM to host {dst.name}")
+        if not self.proc.alive():
+            raise StateError(f"VM '{self.spec.config.name}' is not running")
+        blockers = await self.blocked_reasons()
+        if blockers:
+            raise MigrationError(blockers[0])
+        target, port = await dst.start_incoming(spec, self.extra_args)
+        try:
+            stats = await self._run_migration(target, port, progress)
+        except BaseException:
+            await target.stop()
+            try:   # a failed or cancelled migration leaves the source running
+                await self.proc.qmp.execute("migrate_cancel")
+            except QmpError:
+                pass
+            raise
+        stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
+        stats["with_tags"] = with_tags
+        await self.stop()
+        await _report(progress, 1.0, stats)
+        return target
+
+    async def _run_migration(self, target: "LocalVm", port: int, progress: ProgressCallback) -> dict:
+        try:
+            await self.proc.qmp.execute("migrate", {"uri": f"tcp:{LOOPBACK}:{port}"})
+        except QmpError as e:
+            raise MigrationError(str(e)) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MIGRATION_TIMEOUT
+        while True:
+            info = await self.proc.qmp.execute("query-migrate")
+            status = info.get("status", "none")
+            ram = info.get("ram", {})
+            stats = {"status": status, "ram_total": ram.get("total", 0),
+                     "ram_transferred": ram.get("transferred", 0),
+                     "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise MigrationError(info.get("error-desc") or f"migration {status}")
+            if loop.time() > deadline:
+                raise MigrationError(f"migration did not complete within {MIGRATION_TIMEOUT:.0f} s")
+            total = stats["ram_total"] or 1
+            await _report(progress, min(0.99, stats["ram_transferred"] / total), stats)
+            await asyncio.sleep(MIGRATION_POLL)
+        await target.wait_running(deadline - loop.time())
+        return stats
+
+    async def wait_running(self, timeout: float) -> None:
+        """Wait until this (destination) QEMU has loaded the incoming state and runs the guest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 1.0)
+        while True:
+            status = (await self.proc.qmp.execute("query-status"))["status"]
+            if status == "running":
+                return
+            if status not in ("inmigrate", "prelaunch", "paused", "postmigrate", "finish-migrate", "restore-vm"):
+                raise MigrationError(f"the destination QEMU is {status}: " + " / ".join(self.stderr_tail()[-3:]))
+            if loop.time() > deadline:
+                raise MigrationError(f"the destination QEMU is still {status} after the migration")
+            await asyncio.sleep(MIGRATION_POLL)
+
