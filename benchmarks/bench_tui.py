@@ -94,16 +94,23 @@ def baseline_app(client):
 
 
 def mtevm_app(client):
-    """The real app, on this client, with the first VM's detail screen open."""
+    """The real app, on this client (as `mtevm` builds it), opened on the first VM's detail."""
     from tui.app import MtevmApp
 
-    class Measured(MtevmApp):
-        async def on_mount(self) -> None:
-            await super().on_mount()
-            await self.open_vm_detail(vm_name(0))
-            _ready()
+    async def factory():
+        return client
+    return MtevmApp(factory, rate_hz=RATE_HZ)
 
-    return Measured(client=client)
+
+async def open_detail_when_listed(app) -> None:
+    """What a user does first: wait for the VM list, then open a VM (its detail screen)."""
+    from tui.screens.vm_detail import VmDetailScreen
+    from tui.screens.vm_list import VmListScreen
+
+    while not isinstance(app.screen, VmListScreen):
+        await asyncio.sleep(0.1)
+    await app.push_screen(VmDetailScreen(vm_name(0)))
+    _ready()
 
 
 def _ready() -> None:
@@ -119,7 +126,10 @@ async def child_main(kind: str) -> None:
                 pass
         else:
             app = baseline_app(client) if kind == "baseline" else mtevm_app(client)
+            opener = asyncio.create_task(open_detail_when_listed(app)) if kind == "app" else None
             await app.run_async()
+            if opener is not None:
+                opener.cancel()
 
 
 # ----------------------------------------------------------------------------- the parent side

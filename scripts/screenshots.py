@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Make screenshots/*.png from the real app: every screen, with live simulated VMs.
+
+Why a script and not hand-made images: the pictures in the README must be what the app really
+shows. This runs the real ``MtevmApp`` headless (Textual's ``run_test``) on the real in-process
+service, seeded with simulated VMs that run their workloads (so counters, sparklines and faults
+are live), presses the keys a user would, saves each screen as SVG (``App.save_screenshot``) and
+converts it to PNG with ``rsvg-convert`` (Debian: librsvg2-bin).
+
+    python scripts/screenshots.py [--out screenshots] [--size 120x36] [--keep-svg]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LIVE_SECONDS = 3.0     # let counters and sparklines fill before the first picture
+
+# The fleet in the pictures: MTE VMs on a KVM host with MTE, TCG, a host without MTE, and one VM
+# whose start failed with the seed's message ("MTE requested, but not supported by KVM").
+FLEET = [
+    {"name": "build-03", "host": "sim-mte", "accel": "tcg", "cpu": "max", "vcpus": 2, "memory": "512M",
+     "workload": {"seed": 3, "tcf": ["async"]}},
+    {"name": "db-02", "host": "sim-mte", "accel": "kvm", "vcpus": 8, "memory": "4G",
+     "workload": {"seed": 2, "tcf": ["sync", "async", "asymm", "none"], "uaf_rate": 0.004}},
+    {"name": "legacy-04", "host": "sim-nomte", "accel": "kvm", "vcpus": 2, "memory": "1G", "mte": True},
+    {"name": "nomte-05", "host": "sim-nomte", "accel": "kvm", "vcpus": 2, "memory": "1G", "mte": False},
+    {"name": "web-01", "host": "sim-mte", "accel": "kvm", "vcpus": 4, "memory": "2G",
+     "workload": {"seed": 1, "tcf": ["sync"]}},
+]
+STAY_STOPPED = {"legacy-04"}          # started once so its error shows, then left stopped
+MIGRATIONS = [("web-01", "sim-nomte", False)]   # refused: KVM MTE adds a migration blocker
+
+
+@dataclass
+class Shot:
+    name: str          # screenshots/<name>.png
+    keys: list[str]    # pressed from the VM list (cursor on the first VM by name)
+    about: str         # one line for the README
+
+
+SHOTS = [
+    Shot("vm-list", [], "VM list: state, host, accel, MTE, vCPUs, faults/s"),
+    Shot("vm-detail", ["down", "enter"], "VM detail: config, vCPUs with kvm_mte and TCF, live counters, last faults"),
+    Shot("vm-form", ["n"], "Create form: validated while typing, with the seed's errors"),
+    Shot("confirm-stop", ["down", "x"], "A destructive action asks first"),
+    Shot("migrate", ["end", "g"], "Migrate dialog: destination host, with or without tags"),
+    Shot("hosts", ["h"], "Hosts and their MTE capability probe"),
+    Shot("migrations", ["M"], "Migrations: blocked (with QEMU's reason), running, done"),
+    Shot("help", ["question_mark"], "Help: every key and what it does"),
+    Shot("command-palette", ["ctrl+p"], "Command palette: every action by name"),
+]
+
+
+async def seed(client) -> None:
+    from backend.errors import MtevmError
+
+    for config in FLEET:
+        await client.create(config)
+        try:
+            await client.start(config["name"])
+        except MtevmError:
+            if config["name"] not in STAY_STOPPED:
+                raise
+    for name, dst, with_tags in MIGRATIONS:
+        try:
+            await client.migrate(name, dst, with_tags=with_tags)
+        except MtevmError:
+            pass          # the refusal is recorded as a blocked migration: that is the picture
+
+
+async def back_to_list(app, pilot) -> None:
+    from tui.screens.vm_list import VmListScreen
+
+    while len(app.screen_stack) > 1:
+        app.pop_screen()
+        await pilot.pause()
+    await app.switch_mode("vms")
+    while not isinstance(app.screen, VmListScreen):
+        await pilot.pause(0.05)
+
+
+async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[str]) -> list[Path]:
+    from backend.client import connect
+    from tui.app import MtevmApp
+
+    made = []
+    with tempfile.TemporaryDirectory(prefix="mtevm-shots-") as state:
+        client = await connect(in_process=True, state_dir=state)
+        await seed(client)
+
+        async def factory():
+            return client
+        app = MtevmApp(factory, rate_hz=4.0)
+        async with app.run_test(size=size) as pilot:
+            await back_to_list(app, pilot)
+            await pilot.pause(LIVE_SECONDS)
+            for shot in SHOTS:
+                if only and shot.name not in only:
+                    continue
+                await back_to_list(app, pilot)
+                await pilot.press(*shot.keys)
+                await pilot.pause(1.0)          # a few live samples on the new screen
+                await pilot.wait_for_scheduled_animations()
+                svg = out / f"{shot.name}.svg"
+                app.save_screenshot(filename=svg.name, path=str(out))
+                made.append(to_png(svg, keep_svg))
+                print(f"{made[-1].relative_to(ROOT) if made[-1].is_relative_to(ROOT) else made[-1]}: {shot.about}")
+        close = getattr(client, "close", None)
+        if close is not None and app.client is not None:
+            await close()
+    return made
+
+
+def to_png(svg: Path, keep_svg: bool) -> Path:
+    """SVG -> PNG with rsvg-convert (fonts: the system monospace, DejaVu Sans Mono on Debian)."""
+    png = svg.with_suffix(".png")
+    subprocess.run(["rsvg-convert", "--format", "png", "--output", str(png), str(svg)], check=True)
+    if not keep_svg:
+        svg.unlink()
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "screenshots"), help="directory for the PNGs")
+    p.add_argument("--size", default="120x36", help="terminal size, COLSxROWS")
+    p.add_argument("--keep-svg", action="store_true", help="keep the SVGs next to the PNGs")
+    p.add_argument("--only", action="append", default=[], help="only this shot (repeatable)")
+    args = p.parse_args(argv)
+    if shutil.which("rsvg-convert") is None:
+        print("screenshots: rsvg-convert is missing: apt-get install librsvg2-bin", file=sys.stderr)
+        return 2
+    try:
+        cols, rows = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"screenshots: bad --size {args.size!r}: use COLSxROWS, e.g. 120x36", file=sys.stderr)
+        return 2
+    unknown = set(args.only) - {s.name for s in SHOTS}
+    if unknown:
+        print(f"screenshots: unknown shot(s) {', '.join(sorted(unknown))}; "
+              f"known: {', '.join(s.name for s in SHOTS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    asyncio.run(take_all(out, (cols, rows), args.keep_svg, set(args.only)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
