@@ -1,0 +1,130 @@
+/* Entry, MMU/MTE set-up and exception vectors of the mtevm guest (EL1, every vCPU).
+ *
+ * vCPU 0 enters at _start (QEMU -kernel with an ELF starts it at EL1 on `-M virt,mte=on`); the others
+ * are started by vCPU 0 with PSCI CPU_ON at secondary_entry, x0 = their index. Each vCPU turns on the
+ * MMU with one identity map (0-1 GiB Device-nGnRnE for the UART, 1-2 GiB RAM as Normal Tagged, MAIR
+ * attribute 0xF0), TBI0 and SCTLR_EL1.ATA, then calls cpu_main(index) in guest.c with tag checking
+ * still off (TCF 0); guest.c sets TCF per vCPU.
+ */
+#define STACK_SIZE  0x4000
+
+#define MAIR_VALUE  0xFFF000            /* attr0 Device-nGnRnE, attr1 Normal Tagged (0xF0), attr2 Normal WB */
+/* T0SZ=32 (4 GiB, walk starts at level 1), IRGN0/ORGN0 write-back, SH0 inner, TG0 4K, EPD1, IPS 32-bit, TBI0 */
+#define TCR_VALUE   ((32) | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) | (1 << 37))
+/* RES1 bits | M | C | I | ATA (bit 43); TCF (41:40) stays 0 until guest.c chooses it */
+#define SCTLR_VALUE (0x30D00800 | (1 << 0) | (1 << 2) | (1 << 12) | (1 << 43))
+
+    .section .text.boot, "ax"
+    .global _start
+_start:
+    mrs     x1, mpidr_el1
+    and     x1, x1, #0xff
+    cbnz    x1, park                    /* only vCPU 0 comes here; others wait for CPU_ON */
+    /* zero .bss before anything uses it (the stacks live there) */
+    ldr     x1, =__bss_start
+    ldr     x2, =__bss_end
+1:  cmp     x1, x2
+    b.hs    2f
+    str     xzr, [x1], #8
+    b       1b
+2:  mov     x0, #0
+    b       common_entry
+
+    .global secondary_entry
+secondary_entry:                        /* x0 = vCPU index (PSCI CPU_ON context id) */
+common_entry:
+    msr     daifset, #0xf
+    ldr     x1, =stacks
+    add     x2, x0, #1
+    mov     x3, #STACK_SIZE
+    madd    x1, x2, x3, x1
+    mov     sp, x1
+    ldr     x1, =vectors
+    msr     vbar_el1, x1
+    mov     x1, #(3 << 20)              /* CPACR_EL1.FPEN: no traps for FP/SIMD */
+    msr     cpacr_el1, x1
+    ldr     x1, =MAIR_VALUE
+    msr     mair_el1, x1
+    ldr     x1, =TCR_VALUE
+    msr     tcr_el1, x1
+    ldr     x1, =page_table
+    msr     ttbr0_el1, x1
+    mov     x1, #1                      /* GCR_EL1.Exclude = {0}: IRG never returns tag 0 */
+    msr     S3_0_C1_C0_6, x1            /* GCR_EL1 */
+    msr     S3_0_C5_C6_0, xzr           /* TFSR_EL1 */
+    isb
+    tlbi    vmalle1
+    dsb     nsh
+    isb
+    ldr     x1, =SCTLR_VALUE
+    msr     sctlr_el1, x1
+    isb
+    bl      cpu_main
+park:
+    wfi
+    b       park
+
+/* ---- exception vectors: a sync exception at EL1 (SPx) is the expected one (tag-check fault) ---- */
+.macro SAVE_AND_CALL handler, kind
+    sub     sp, sp, #256
+    stp     x0, x1, [sp, #0]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x29, x30, [sp, #160]
+    mov     x0, sp
+    mov     x1, #\kind
+    bl      \handler
+    ldp     x0, x1, [sp, #0]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x19, [sp, #144]
+    ldp     x29, x30, [sp, #160]
+    add     sp, sp, #256
+    eret
+.endm
+
+    .section .text.vectors, "ax"
+    .balign 2048
+vectors:
+    .irp    k, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+    .balign 128
+    .if     \k == 4
+    b       el1_sync
+    .else
+    b       el1_other_\k
+    .endif
+    .endr
+
+el1_sync:
+    SAVE_AND_CALL exception_sync, 4
+    .irp    k, 0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+el1_other_\k:
+    SAVE_AND_CALL exception_unexpected, \k
+    .endr
+
+/* ---- the identity map: one level-1 table, 1 GiB blocks ---- */
+    .section .data.pt, "aw"
+    .balign 4096
+page_table:
+    .quad   0x00000000 | (1 << 10) | (0 << 2) | (3 << 53) | 1      /* 0-1 GiB: Device-nGnRnE, XN */
+    .quad   0x40000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1       /* 1-2 GiB: RAM, Normal Tagged */
+    .quad   0
+    .quad   0
+
+    .section .bss.stacks, "aw", %nobits
+    .balign 16
+stacks:
+    .space  STACK_SIZE * 8
