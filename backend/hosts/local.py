@@ -27,6 +27,7 @@ from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra
 from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.qmp import QmpError
 
+GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "qemu", "guest", "build",
                          "mtevm-guest.elf")
 PAGE = 4096
@@ -61,7 +62,7 @@ class LocalHost(Host):
         self.description = "this machine: real qemu-system-aarch64 VMs (TCG, or KVM on an arm64 host with MTE)"
         self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="mtevm-local-")
         self.qemu_binary = qemu_binary
-        self.guest_elf = guest_elf or GUEST_ELF
+        self.guest_elf = guest_elf or os.environ.get(GUEST_ENV) or GUEST_ELF
         self._probe: dict | None = None
         self.vms: set[LocalVm] = set()
 
@@ -342,6 +343,7 @@ class LocalVm(RunningVm):
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
+        target._vcpus, target._faults = self._vcpus, self._faults   # the VM's history goes with it
         await self.stop()
         await _report(progress, 1.0, stats)
         return target
