@@ -1,0 +1,214 @@
+"""backend.client: the one async API every front end uses (the Textual app, the CLI, tests).
+
+Two transports behind the same methods:
+- in-process: a Service in this process (tests, ``mtevm --no-daemon``);
+- socket: the daemon over its Unix socket (aiohttp), started on demand.
+
+Both return plain JSON data (the in-process results go through a JSON round trip, so nobody holds
+the Service's own objects) and raise the same MtevmError subclasses with the same messages.
+
+    client = await connect()                      # the daemon, started if needed
+    async with client:
+        for vm in await client.list(): ...
+        async for event in client.events(rate_hz=4): ...
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+from urllib.parse import quote
+
+from backend.daemon.api import ROUTES, format_query
+from backend.errors import ConfigError, MtevmError, error_from_name
+from backend.paths import Paths
+
+REQUEST_TIMEOUT = 300.0  # starting a real QEMU VM takes seconds; nothing legitimate takes minutes
+
+
+def _plain(data: Any) -> Any:
+    """A JSON round trip: exactly what the socket transport would return."""
+    return json.loads(json.dumps(data))
+
+
+class InProcessTransport:
+    """Calls a Service in this process directly."""
+
+    def __init__(self, service, owned: bool):
+        self.service = service
+        self._owned = owned
+
+    async def call(self, op: str, **kwargs) -> Any:
+        return _plain(await getattr(self.service, ROUTES[op].service_method)(**kwargs))
+
+    async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
+        events = getattr(self.service, ROUTES[op].service_method)(**kwargs)
+        try:
+            async for event in events:
+                yield _plain(event)
+        finally:
+            await events.aclose()
+
+    async def close(self) -> None:
+        if self._owned:
+            await self.service.close()
+
+
+class SocketTransport:
+    """HTTP/JSON over the daemon's Unix socket, one aiohttp session per client."""
+
+    def __init__(self, paths: Paths):
+        import aiohttp
+        self.paths = paths
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=paths.socket),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    def _request(self, op: str, kwargs: dict) -> tuple[str, str, dict]:
+        route = ROUTES[op]
+        path = route.path
+        if "{name" in path:
+            name = kwargs.pop("name")
+            if not isinstance(name, str):
+                raise ConfigError(f"a VM name must be a string, not {type(name).__name__}")
+            path = path[:path.index("{name")] + quote(name, safe="") + path[path.index("}") + 1:]
+        params = {key: format_query(kwargs.pop(kw)) for kw, (key, _) in route.query.items()
+                  if kwargs.get(kw) is not None}
+        opts: dict = {"params": params}
+        if route.body_whole:
+            opts["data"] = self._encode(kwargs.pop(route.body_whole))
+        elif route.body:
+            opts["data"] = self._encode({route.body[kw]: kwargs.pop(kw) for kw in list(kwargs) if kw in route.body})
+        if kwargs:
+            raise TypeError(f"{op}() got unexpected keyword argument(s) {', '.join(kwargs)}")
+        return route.method, "http://mtevm" + path, opts
+
+    @staticmethod
+    def _encode(body) -> bytes:
+        try:
+            return json.dumps(body, allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"the request cannot be sent as JSON: {e}") from None
+
+    async def _send(self, op: str, kwargs: dict, timeout: float | None):
+        import aiohttp
+        method, url, opts = self._request(op, dict(kwargs))
+        try:
+            resp = await self._session.request(method, url, headers={"Content-Type": "application/json"},
+                                               timeout=aiohttp.ClientTimeout(total=timeout), **opts)
+        except aiohttp.ClientConnectionError as e:
+            raise MtevmError(f"lost the connection to the mtevm daemon at {self.paths.socket}: {e}") from None
+        if resp.status >= 400:
+            try:
+                err = (await resp.json(content_type=None))["error"]
+                raise error_from_name(err["class"], err["message"])
+            except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+                raise MtevmError(f"the mtevm daemon answered {resp.status} {resp.reason}") from None
+            finally:
+                resp.release()
+        return resp
+
+    async def call(self, op: str, **kwargs) -> Any:
+        resp = await self._send(op, kwargs, REQUEST_TIMEOUT)
+        async with resp:
+            return await resp.json()
+
+    async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
+        import aiohttp
+        resp = await self._send(op, kwargs, None)
+        async with resp:
+            try:
+                async for line in resp.content:
+                    if line.strip():
+                        yield json.loads(line)
+            except aiohttp.ClientPayloadError:
+                return  # the daemon stopped: the stream simply ends
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class Client:
+    """The mtevm API (docs/contracts.md). Use ``connect()`` to get one."""
+
+    def __init__(self, transport):
+        self._t = transport
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._t.close()
+
+    @property
+    def in_process(self) -> bool:
+        return isinstance(self._t, InProcessTransport)
+
+    async def hosts(self) -> list[dict]:
+        return await self._t.call("hosts")
+
+    async def probe(self, host: str | None = None) -> list[dict]:
+        return await self._t.call("probe", host=host)
+
+    async def list(self) -> list[dict]:
+        return await self._t.call("list")
+
+    async def show(self, name: str) -> dict:
+        return await self._t.call("show", name=name)
+
+    async def create(self, config: dict, validate_only: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only)
+
+    async def start(self, name: str) -> dict:
+        return await self._t.call("start", name=name)
+
+    async def stop(self, name: str) -> dict:
+        return await self._t.call("stop", name=name)
+
+    async def delete(self, name: str) -> None:
+        await self._t.call("delete", name=name)
+
+    async def set_mte(self, name: str, on: bool) -> dict:
+        return await self._t.call("set_mte", name=name, on=on)
+
+    async def set_tcf(self, name: str, vcpu: int | None, tcf: str) -> dict:
+        return await self._t.call("set_tcf", name=name, vcpu=vcpu, tcf=tcf)
+
+    async def vcpus(self, name: str) -> list[dict]:
+        return await self._t.call("vcpus", name=name)
+
+    async def counters(self, name: str) -> dict:
+        return await self._t.call("counters", name=name)
+
+    async def migrate(self, name: str, to_host: str, with_tags: bool = False) -> dict:
+        return await self._t.call("migrate", name=name, to_host=to_host, with_tags=with_tags)
+
+    async def migrations(self) -> list[dict]:
+        return await self._t.call("migrations")
+
+    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+        """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops."""
+        return self._t.stream("events", rate_hz=rate_hz)
+
+
+async def connect(in_process: bool = False, runtime_dir: str | None = None, state_dir: str | None = None,
+                  *, start_daemon: bool = True, hosts: dict | None = None) -> Client:
+    """A Client: in-process (a fresh Service on ``state_dir``) or to the daemon (started on demand).
+
+    ``hosts`` (in-process only) replaces the registry's hosts, e.g. to give tests their own drivers.
+    """
+    paths = Paths.resolve(runtime_dir, state_dir)
+    if in_process:
+        from backend.daemon.service import open_service
+        return Client(InProcessTransport(await open_service(paths, hosts), owned=True))
+    if hosts is not None:
+        raise ConfigError("hosts= only applies to an in-process client")
+    from backend.daemon import launch
+    if start_daemon:
+        await asyncio.to_thread(launch.ensure_daemon, paths)
+    elif not await asyncio.to_thread(launch.socket_alive, paths):
+        raise MtevmError(f"no mtevm daemon is running (socket {paths.socket}): run 'mtevm daemon'")
+    return Client(SocketTransport(paths))

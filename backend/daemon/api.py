@@ -1,0 +1,80 @@
+"""The API table: each client method, the Service method behind it and its HTTP route.
+
+The socket server builds its routes from this table and the socket client builds its requests
+from it, so the two sides cannot drift apart (docs/contracts.md lists the same routes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from backend.errors import ConfigError
+
+
+def parse_bool(key: str, text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"query parameter {key}: {text!r} is not true or false")
+
+
+def parse_float(key: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"query parameter {key}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"query parameter {key}: {text!r} is not a finite number")
+    return value
+
+
+def parse_str(key: str, text: str) -> str:
+    return text
+
+
+def format_query(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Route:
+    op: str                     # the Client method (and usually the Service method) name
+    method: str                 # HTTP verb
+    path: str                   # aiohttp path template; {name} is a VM name
+    service: str = ""           # Service method, when it differs from op
+    body: dict[str, str] = field(default_factory=dict)     # keyword -> key of the JSON body
+    body_whole: str | None = None                           # keyword that IS the JSON body
+    query: dict[str, tuple[str, Callable[[str, str], object]]] = field(default_factory=dict)
+    stream: bool = False        # NDJSON stream of events
+
+    @property
+    def service_method(self) -> str:
+        return self.service or self.op
+
+
+# {name:[^/]*}: an empty or odd name still reaches the Service, which answers "no VM named ..."
+# exactly as it does in-process.
+_VM = "/v1/vms/{name:[^/]*}"
+
+ROUTES: dict[str, Route] = {r.op: r for r in (
+    Route("hosts", "GET", "/v1/hosts", service="hosts_info"),
+    Route("probe", "GET", "/v1/probe", query={"host": ("host", parse_str)}),
+    Route("list", "GET", "/v1/vms"),
+    Route("create", "POST", "/v1/vms", body_whole="config",
+          query={"validate_only": ("validate_only", parse_bool)}),
+    Route("show", "GET", _VM),
+    Route("delete", "DELETE", _VM),
+    Route("start", "POST", _VM + "/start"),
+    Route("stop", "POST", _VM + "/stop"),
+    Route("set_mte", "PUT", _VM + "/mte", body={"on": "on"}),
+    Route("set_tcf", "PUT", _VM + "/tcf", body={"vcpu": "vcpu", "tcf": "tcf"}),
+    Route("vcpus", "GET", _VM + "/vcpus"),
+    Route("counters", "GET", _VM + "/counters"),
+    Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
+    Route("migrations", "GET", "/v1/migrations"),
+    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+)}

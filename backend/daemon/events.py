@@ -1,0 +1,43 @@
+"""The event bus: state changes and migration progress fanned out to every subscriber.
+
+Each subscriber has its own bounded queue; a subscriber that does not keep up loses its oldest
+events rather than slowing the daemon down or growing without bound (counter samples are
+re-sent at the next tick anyway, and a front end can always re-read ``list()``).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+QUEUE_LIMIT = 1000
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue] = set()
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._subscribers.discard(q)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def close(self) -> None:
+        """End every subscriber's stream (the daemon is stopping): each gets a None."""
+        for q in self._subscribers:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
+
+    def publish(self, type_: str, **payload) -> None:
+        event = {"type": type_, "time": time.time(), **payload}
+        for q in self._subscribers:
+            if q.full():
+                q.get_nowait()  # drop the oldest: never block the publisher
+            q.put_nowait(event)

@@ -1,0 +1,143 @@
+"""The daemon's HTTP face: aiohttp on a Unix socket, JSON in and out, NDJSON for events.
+
+Every route comes from backend.daemon.api.ROUTES and calls the Service method of the same
+operation. Errors travel as ``{"error": {"class": ..., "message": ...}}`` so the client raises the
+same MtevmError subclass the Service raised. Only clients of the daemon's own uid are served
+(SO_PEERCRED on the accepted socket), as the socket gives full control over the user's VMs.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+
+from aiohttp import web
+
+from backend.daemon.api import ROUTES, Route
+from backend.daemon.launch import peer_uid
+from backend.daemon.service import Service
+from backend.errors import ConfigError, MtevmError, NotFoundError
+
+log = logging.getLogger("mtevm.daemon")
+
+STREAM_POLL = 1.0  # how often an idle event stream checks that its client is still there
+
+
+def error_response(err: MtevmError) -> web.Response:
+    return web.json_response({"error": {"class": type(err).__name__, "message": str(err)}}, status=err.status)
+
+
+@web.middleware
+async def only_our_uid(request: web.Request, handler):
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    uid = peer_uid(sock) if sock is not None else -1
+    if uid != os.getuid():
+        log.warning("refused a client of uid %s", uid)
+        resp = web.json_response({"error": {"class": "MtevmError", "message":
+                                  f"permission denied: this mtevm daemon belongs to uid {os.getuid()} "
+                                  f"and refuses clients of uid {uid}"}}, status=403)
+        resp.force_close()
+        return resp
+    return await handler(request)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except MtevmError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status == 404:
+            return error_response(NotFoundError(f"no such API route: {request.method} {request.path}"))
+        err = MtevmError(f"{request.method} {request.path}: {e.reason}")
+        err.status = e.status
+        return error_response(err)
+    except Exception as e:
+        log.exception("internal error in %s %s", request.method, request.path)
+        err = MtevmError(f"internal error in the mtevm daemon: {e!r} (see the daemon log)")
+        err.status = 500
+        return error_response(err)
+
+
+async def _read_body(request: web.Request):
+    if not request.can_read_body:
+        return {}
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the request body is not JSON: {e}") from None
+
+
+async def _kwargs(request: web.Request, route: Route) -> dict:
+    kwargs = dict(request.match_info)
+    for kw, (key, parse) in route.query.items():
+        if key in request.query:
+            kwargs[kw] = parse(key, request.query[key])
+    if route.body or route.body_whole:
+        body = await _read_body(request)
+        if route.body_whole:
+            kwargs[route.body_whole] = body
+        else:
+            if not isinstance(body, dict):
+                raise ConfigError("the request body must be a JSON object")
+            unknown = set(body) - set(route.body.values())
+            if unknown:
+                raise ConfigError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+            for kw, key in route.body.items():
+                if key in body:
+                    kwargs[kw] = body[key]
+    return kwargs
+
+
+def _handler(service: Service, route: Route):
+    method = getattr(service, route.service_method)
+    signature = inspect.signature(method)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        kwargs = await _kwargs(request, route)
+        try:
+            signature.bind(**kwargs)
+        except TypeError as e:  # e.g. a body without a required field
+            raise ConfigError(f"{route.op}: {e}") from None
+        if route.stream:
+            return await _stream(request, method(**kwargs))
+        return web.json_response(await method(**kwargs))
+
+    return handle
+
+
+async def _stream(request: web.Request, events) -> web.StreamResponse:
+    """NDJSON: one event per line, as Docker's /events does. Ends when the client goes away."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=STREAM_POLL)
+            if not done:
+                if request.transport is None or request.transport.is_closing():
+                    break
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            await resp.write(json.dumps(event).encode() + b"\n")
+            pending = asyncio.ensure_future(anext(events))
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+        await events.aclose()
+    return resp
+
+
+def build_app(service: Service) -> web.Application:
+    app = web.Application(middlewares=[only_our_uid, errors_as_json])
+    for route in ROUTES.values():
+        app.router.add_route(route.method, route.path, _handler(service, route))
+    return app

@@ -1,0 +1,561 @@
+"""The Service: everything the daemon does, independent of how clients reach it.
+
+It owns the hosts (backend.hosts registry), the VMs (stored definitions plus the RunningVm a host
+returned), the store, the event bus and the migrations. The socket server (backend.daemon.server)
+and the in-process client transport (backend.client) both call these methods, so every front end
+sees exactly the same behaviour and errors.
+
+Two deliberate departures from QEMU live below this layer (backend.machine) and show up here:
+MTE's enable-once state is per VM, not process-wide statics, and a failed enable is a per-VM
+RealizeError (the VM stays stopped with ``last_error``), where QEMU would abort the whole process.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from backend.daemon.events import EventBus
+from backend.errors import (ConfigError, MigrationError, MtevmError, NotFoundError, RealizeError,
+                            StateError)
+from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
+from backend.hosts.base import Host, RunningVm, VmSpec
+from backend.hosts.workload import TCF_NAMES, WorkloadConfig
+from backend.machine import VirtMachineConfig
+from backend.paths import Paths
+from backend.store import Store, VmRow
+
+log = logging.getLogger("mtevm.daemon")
+
+CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload")
+ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
+SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
+RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
+MAX_EVENT_RATE = 50.0
+PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
+
+COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
+
+
+def _default_accel(host: Host) -> str:
+    """KVM on the simulated arm64 hosts (that is what they simulate); TCG on the real machine."""
+    return "kvm" if host.kind == "simulated" else "tcg"
+
+
+@dataclass
+class FaultRate:
+    """Faults per second from successive counter samples."""
+
+    t0: float = 0.0
+    total0: int = -1
+    value: float = 0.0
+
+    def update(self, t: float, total: int) -> None:
+        if self.total0 < 0 or total < self.total0:
+            self.t0, self.total0 = t, total
+            return
+        if t - self.t0 >= RATE_WINDOW:
+            self.value = (total - self.total0) / (t - self.t0)
+            self.t0, self.total0 = t, total
+
+    def reset(self) -> None:
+        self.t0, self.total0, self.value = 0.0, -1, 0.0
+
+
+@dataclass
+class VmRecord:
+    """One VM as the daemon knows it: its definition, its state and, when running, its RunningVm."""
+
+    name: str
+    host: str
+    config: VirtMachineConfig
+    workload: WorkloadConfig
+    state: str = "stopped"
+    last_error: str | None = None
+    pending: dict = field(default_factory=dict)
+    running: RunningVm | None = None
+    stderr: list[str] = field(default_factory=list)
+    rate: FaultRate = field(default_factory=FaultRate)
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"a VM name must be a string, not {type(name).__name__}")
+    return name
+
+
+def _check_bool(what: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def _stopped_vcpus(rec: VmRecord) -> list[dict]:
+    """VcpuInfo for a VM that is not running: its configured TCF and zero counters."""
+    return [{"index": i, "kvm_mte": False, "tcf": rec.workload.tcf_for(i), **{k: 0 for k in COUNTER_KEYS},
+             "last_fault": None} for i in range(rec.config.vcpus)]
+
+
+class Service:
+    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
+
+    def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
+        self.paths = paths
+        self._hosts_override = hosts
+        self.hosts: dict[str, Host] = {}
+        self.vms: dict[str, VmRecord] = {}
+        self.bus = EventBus()
+        self.store: Store | None = None
+        self._migrations: dict[int, dict] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._sampler: asyncio.Task | None = None
+        self._closed = False
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the store, build the hosts and reconcile stored state with what is really running."""
+        self.paths.ensure_state_dir()
+        self.store = Store(self.paths.store)
+        try:
+            self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
+            for m in self.store.load_migrations():
+                if m["state"] in ("setup", "active"):
+                    m.update(state="failed", reason="the daemon stopped during the migration",
+                             finished=time.time())
+                    self.store.update_migration(m)
+                self._migrations[m["id"]] = m
+            for row in self.store.load_vms():
+                await self._load_vm(row)
+        except BaseException:
+            self.store.close()
+            raise
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    async def _load_vm(self, row: VmRow) -> None:
+        try:
+            config = VirtMachineConfig.from_dict(row.config)
+            workload = WorkloadConfig.from_dict(row.workload)
+        except (MtevmError, TypeError, ValueError) as e:
+            log.error("VM %s: stored definition is not valid any more (%s); it is kept in the store "
+                      "but not shown", row.name, e)
+            return
+        rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending))
+        self.vms[rec.name] = rec
+        if row.state not in ACTIVE_STATES:
+            rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
+            return
+        host = self.hosts.get(row.host)
+        if host is None or host.kind == "simulated" or not row.runtime:
+            # Simulated VMs lived inside the previous daemon: they stopped with it.
+            self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+            return
+        try:
+            rec.running = await host.reattach(self._spec(rec), row.runtime)
+        except Exception as e:  # a reattach that fails must not stop the daemon from starting
+            log.exception("VM %s: reattach failed", rec.name)
+            rec.last_error = f"reattach failed: {e}"
+        if rec.running is not None and rec.running.state == "running":
+            rec.state = "running"
+            log.info("VM %s: reattached", rec.name)
+        else:
+            rec.running = None
+            rec.state = "crashed"
+            rec.last_error = rec.last_error or "the VM was gone when the daemon restarted"
+            self.store.set_state(rec.name, "crashed", rec.last_error, runtime={})
+
+    async def close(self) -> None:
+        """Stop cleanly: simulated VMs stop and are saved as stopped; real QEMU VMs keep running
+        and their runtime info is saved so the next daemon reattaches them."""
+        if self._closed:
+            return
+        self._closed = True
+        self.bus.close()
+        tasks = [t for t in self._tasks] + ([self._sampler] if self._sampler else [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for rec in self.vms.values():
+            if rec.running is None:
+                continue
+            host = self.hosts[rec.host]
+            if host.kind == "simulated":
+                try:
+                    await rec.running.stop()
+                except Exception:
+                    log.exception("VM %s: stop failed", rec.name)
+                rec.running, rec.state = None, "stopped"
+                self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+            else:
+                self.store.set_state(rec.name, "running", rec.last_error, runtime=rec.running.runtime_info())
+        for host in self.hosts.values():
+            try:
+                await host.close()
+            except Exception:
+                log.exception("host %s: close failed", host.name)
+        self.store.close()
+
+    # -- lookups and shapes -----------------------------------------------------------------------
+    def _vm(self, name) -> VmRecord:
+        rec = self.vms.get(_check_name(name))
+        if rec is None:
+            raise NotFoundError(f"no VM named {name!r}")
+        return rec
+
+    def _host(self, name) -> Host:
+        if not isinstance(name, str) or name not in self.hosts:
+            raise NotFoundError(f"unknown host {name!r} (hosts: {', '.join(self.hosts)})")
+        return self.hosts[name]
+
+    def _spec(self, rec: VmRecord) -> VmSpec:
+        return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name))
+
+    def _vcpus(self, rec: VmRecord) -> list[dict]:
+        return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
+
+    def _summary(self, rec: VmRecord) -> dict:
+        c = rec.config
+        return {"name": rec.name, "host": rec.host, "state": rec.state, "accel": c.accel, "cpu": c.cpu,
+                "vcpus": c.vcpus, "memory": c.memory, "mte": c.mte,
+                "faults_per_s": round(rec.rate.value, 3) if rec.running else 0.0,
+                "pending": dict(rec.pending), "last_error": rec.last_error}
+
+    async def _detail(self, rec: VmRecord) -> dict:
+        c = rec.config
+        running = rec.running
+        return {**self._summary(rec),
+                "config": {"accel": c.accel, "cpu": c.cpu, "vcpus": c.vcpus, "memory": c.memory, "mte": c.mte,
+                           "secure": c.secure, "only_migratable": c.only_migratable},
+                "workload": rec.workload.to_dict(),
+                "vcpus": self._vcpus(rec),
+                "blocked_reasons": list(await running.blocked_reasons()) if running else [],
+                "last_faults": running.last_faults() if running else [],
+                "tag_memory": running.tag_memory() if running else None,
+                "stderr": running.stderr_tail() if running else list(rec.stderr)}
+
+    def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None) -> None:
+        rec.state = state
+        if persist:
+            self.store.set_state(rec.name, state, rec.last_error, runtime=runtime)
+        self.bus.publish("vm", vm=self._summary(rec))
+
+    # -- hosts ------------------------------------------------------------------------------------
+    async def hosts_info(self) -> list[dict]:
+        return [await asyncio.to_thread(h.info) for h in self.hosts.values()]
+
+    async def probe(self, host: str | None = None) -> list[dict]:
+        hosts = list(self.hosts.values()) if host is None else [self._host(host)]
+        return [await asyncio.to_thread(h.probe) for h in hosts]
+
+    # -- VM definitions ---------------------------------------------------------------------------
+    async def list(self) -> list[dict]:
+        return [self._summary(rec) for rec in self.vms.values()]
+
+    async def show(self, name: str) -> dict:
+        return await self._detail(self._vm(name))
+
+    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig]:
+        """A create() request -> (host name, machine config, workload), with the documented defaults."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"a VM definition must be a JSON object, not {type(config).__name__}")
+        unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown VM setting(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+        host_name = config.get("host", DEFAULT_HOST)
+        if host_name is None:
+            host_name = DEFAULT_HOST
+        if not isinstance(host_name, str) or host_name not in self.hosts:
+            raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
+        machine = {k: v for k, v in config.items() if k not in ("host", "workload") and v is not None}
+        machine.setdefault("accel", _default_accel(self.hosts[host_name]))
+        machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
+        try:
+            vm_config = VirtMachineConfig.from_dict(machine)  # validates, with the machine's own messages
+            workload = WorkloadConfig.from_dict(config.get("workload"))
+        except MtevmError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            raise ConfigError(f"invalid VM definition: {e}") from None
+        return host_name, vm_config, workload
+
+    async def create(self, config: dict, validate_only: bool = False) -> dict:
+        _check_bool("validate_only", validate_only)
+        if validate_only:
+            try:
+                host_name, vm_config, _ = self._parse_definition(config)
+                if vm_config.name in self.vms:
+                    raise ConfigError(f"a VM named {vm_config.name!r} already exists")
+                self.hosts[host_name].check_config(vm_config)
+            except MtevmError as e:
+                return {"ok": False, "error": str(e)}
+            return {"ok": True, "error": None}
+        host_name, vm_config, workload = self._parse_definition(config)
+        if vm_config.name in self.vms:
+            raise ConfigError(f"a VM named {vm_config.name!r} already exists")
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload)
+        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict()))
+        self.vms[rec.name] = rec
+        self.bus.publish("vm", vm=self._summary(rec))
+        return await self._detail(rec)
+
+    async def delete(self, name: str) -> None:
+        rec = self._vm(name)
+        if rec.state not in ("stopped", "crashed"):
+            raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
+        self.store.delete_vm(rec.name)
+        del self.vms[rec.name]
+        self.bus.publish("vm", deleted=rec.name)
+
+    # -- running ----------------------------------------------------------------------------------
+    async def start(self, name: str) -> dict:
+        rec = self._vm(name)
+        if rec.state not in ("stopped", "crashed"):
+            raise StateError(f"VM {rec.name!r} is {rec.state}")
+        if rec.pending:
+            self._apply_pending(rec)
+        rec.stderr = []
+        self._set_state(rec, "starting", persist=False)
+        host = self.hosts[rec.host]
+        try:
+            rec.running = await host.start(self._spec(rec))
+        except BaseException as e:
+            rec.running = None
+            rec.last_error = str(e) if isinstance(e, MtevmError) else f"start failed: {e!r}"
+            self._set_state(rec, "stopped", runtime={})
+            if isinstance(e, MtevmError) or not isinstance(e, Exception):
+                raise
+            raise RealizeError(rec.last_error) from e
+        rec.last_error = None
+        rec.rate.reset()
+        self._set_state(rec, "running", runtime=rec.running.runtime_info())
+        return await self._detail(rec)
+
+    def _apply_pending(self, rec: VmRecord) -> None:
+        """Pending changes become the definition at start (even if the start then fails, as a change
+        made while stopped would have)."""
+        d = rec.config.to_dict()
+        d.update(rec.pending)
+        rec.config = VirtMachineConfig.from_dict(d)
+        rec.pending = {}
+        self.store.update_vm(rec.name, config=rec.config.to_dict(), pending={})
+
+    async def stop(self, name: str) -> dict:
+        rec = self._vm(name)
+        if rec.state != "running":
+            raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
+        self._set_state(rec, "stopping", persist=False)
+        running, rec.running = rec.running, None
+        try:
+            await running.stop()
+        finally:
+            rec.rate.reset()
+            self._set_state(rec, "stopped", runtime={})
+        return await self._detail(rec)
+
+    async def set_mte(self, name: str, on: bool) -> dict:
+        rec = self._vm(name)
+        _check_bool("on", on)
+        if rec.state in ("stopped", "crashed"):
+            d = rec.config.to_dict()
+            d["mte"] = on
+            config = VirtMachineConfig.from_dict(d)
+            config.validate()
+            rec.config, rec.pending = config, {}
+            self.store.update_vm(rec.name, config=config.to_dict(), pending={})
+        else:
+            # A running machine cannot change its MTE setting (QEMU fixes it at machvirt_init): keep it
+            # for the next start. Toggling back to the current value cancels the change.
+            pending = {k: v for k, v in rec.pending.items() if k != "mte"}
+            if on != rec.config.mte:
+                pending["mte"] = on
+            rec.pending = pending
+            self.store.update_vm(rec.name, pending=pending)
+        self.bus.publish("vm", vm=self._summary(rec))
+        return await self._detail(rec)
+
+    async def set_tcf(self, name: str, vcpu: int | None, tcf: str) -> dict:
+        rec = self._vm(name)
+        if vcpu is not None and (not isinstance(vcpu, int) or isinstance(vcpu, bool)
+                                 or not 0 <= vcpu < rec.config.vcpus):
+            raise ConfigError(f"vcpu must be a vCPU index 0..{rec.config.vcpus - 1} or null (all), not {vcpu!r}")
+        if tcf not in TCF_NAMES:
+            raise ConfigError(f"tcf {tcf!r} is not one of {', '.join(TCF_NAMES)}")
+        if vcpu is None:
+            modes = [tcf]
+        else:
+            modes = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
+            modes[vcpu] = tcf
+        if rec.running is not None:
+            rec.running.set_tcf(vcpu, tcf)
+        rec.workload.tcf = modes
+        self.store.update_vm(rec.name, workload=rec.workload.to_dict())
+        self.bus.publish("vm", vm=self._summary(rec))
+        return await self._detail(rec)
+
+    # -- counters ---------------------------------------------------------------------------------
+    async def _sample(self, rec: VmRecord) -> list[dict]:
+        """Fresh counters of a running VM; updates faults/s and notices a VM that died."""
+        running = rec.running
+        vcpus = await running.sample()
+        total = sum(v["sync_faults"] + v["async_faults"] for v in vcpus)
+        rec.rate.update(time.monotonic(), total)
+        if running.state == "crashed" and rec.running is running and rec.state == "running":
+            rec.stderr = running.stderr_tail()
+            rec.last_error = rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly"
+            rec.running = None
+            rec.rate.reset()
+            self._set_state(rec, "crashed", runtime={})
+            try:
+                await running.stop()
+            except Exception:
+                log.exception("VM %s: cleanup after crash failed", rec.name)
+        return vcpus
+
+    async def vcpus(self, name: str) -> list[dict]:
+        rec = self._vm(name)
+        return await self._sample(rec) if rec.running else _stopped_vcpus(rec)
+
+    async def counters(self, name: str) -> dict:
+        return await self._counters(self._vm(name))
+
+    async def _counters(self, rec: VmRecord) -> dict:
+        vcpus = await self._sample(rec) if rec.running else _stopped_vcpus(rec)
+        return {"name": rec.name, "time": time.time(),
+                "vm": {k: sum(v[k] for v in vcpus) for k in COUNTER_KEYS}, "vcpus": vcpus}
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_PERIOD)
+            for rec in list(self.vms.values()):
+                if rec.running is not None and rec.state == "running":
+                    try:
+                        await self._sample(rec)
+                    except Exception:
+                        log.exception("VM %s: sampling failed", rec.name)
+
+    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+        """State changes and migration progress as they happen, plus a counters event per running
+        VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
+        if (not isinstance(rate_hz, (int, float)) or isinstance(rate_hz, bool) or not math.isfinite(rate_hz)
+                or not 0 < rate_hz <= MAX_EVENT_RATE):
+            raise ConfigError(f"event rate must be a number of samples per second in (0, {MAX_EVENT_RATE:g}], "
+                              f"not {rate_hz!r}")
+        return self._events(float(rate_hz))
+
+    async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+        q = self.bus.subscribe()
+        period = 1.0 / rate_hz
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        try:
+            while True:
+                timeout = next_tick - loop.time()
+                if timeout > 0:
+                    try:
+                        event = await asyncio.wait_for(q.get(), timeout)
+                    except TimeoutError:
+                        pass
+                    else:
+                        if event is None:  # the service is closing
+                            return
+                        yield event
+                        continue
+                next_tick = max(next_tick + period, loop.time())
+                for rec in list(self.vms.values()):
+                    if rec.running is not None and rec.state in ("running", "migrating"):
+                        try:
+                            counters = await self._counters(rec)
+                        except Exception:
+                            log.exception("VM %s: sampling failed", rec.name)
+                            continue
+                        yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
+        finally:
+            self.bus.unsubscribe(q)
+
+    # -- migration --------------------------------------------------------------------------------
+    async def migrations(self) -> list[dict]:
+        return [dict(m) for m in sorted(self._migrations.values(), key=lambda m: -m["id"])]
+
+    def _record_migration(self, rec: VmRecord, dst: str, with_tags: bool, state: str,
+                          reason: str | None = None) -> dict:
+        now = time.time()
+        m = {"id": 0, "vm": rec.name, "src": rec.host, "dst": dst, "with_tags": with_tags, "state": state,
+             "reason": reason, "progress": 0.0, "started": now,
+             "finished": now if state in ("blocked", "failed") else None, "stats": {}}
+        m["id"] = self.store.add_migration(m)
+        self._migrations[m["id"]] = m
+        self.bus.publish("migration", migration=dict(m))
+        return m
+
+    async def migrate(self, name: str, to_host: str, with_tags: bool = False) -> dict:
+        rec = self._vm(name)
+        _check_bool("with_tags", with_tags)
+        dst = self._host(to_host)
+        if rec.state != "running":
+            raise StateError(f"VM {rec.name!r} is {rec.state}: only a running VM can be migrated")
+        if dst.name == rec.host:
+            raise ConfigError(f"VM {rec.name!r} already runs on host {dst.name!r}")
+        src = self.hosts[rec.host]
+        # As libvirt does: ask for blocked-reasons first, so a refusal is reported (and recorded)
+        # with QEMU's own text before anything moves.
+        reasons = await rec.running.blocked_reasons()
+        refusal = reasons[0] if reasons else src.can_migrate_to(dst)
+        if refusal:
+            self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            raise MigrationError(refusal)
+        m = self._record_migration(rec, dst.name, with_tags, "setup")
+        self._set_state(rec, "migrating", persist=False)
+        task = asyncio.get_running_loop().create_task(self._run_migration(rec, dst, m))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return dict(m)
+
+    async def _run_migration(self, rec: VmRecord, dst: Host, m: dict) -> None:
+        last_event = 0.0
+
+        def progress(fraction: float, stats: dict) -> None:
+            nonlocal last_event
+            m.update(state="active", progress=max(0.0, min(1.0, float(fraction))), stats=dict(stats))
+            now = time.monotonic()
+            if now - last_event >= PROGRESS_EVENT_PERIOD:
+                last_event = now
+                self.bus.publish("migration", migration=dict(m))
+
+        spec = self._spec(rec)
+        try:
+            m["state"] = "active"
+            self.store.update_migration(m)
+            self.bus.publish("migration", migration=dict(m))
+            new_vm = await rec.running.migrate_to(dst, spec, m["with_tags"], progress)
+        except asyncio.CancelledError:
+            m.update(state="failed", reason="the daemon stopped during the migration", finished=time.time())
+            self.store.update_migration(m)
+            self._set_state(rec, "running", persist=False)
+            raise
+        except Exception as e:
+            reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
+            m.update(state="failed", reason=reason, finished=time.time())
+            self.store.update_migration(m)
+            self.bus.publish("migration", migration=dict(m))
+            self._set_state(rec, "running", persist=False)
+            return
+        rec.running = new_vm
+        rec.host = dst.name
+        self.store.update_vm(rec.name, host=dst.name)
+        m.update(state="completed", progress=1.0, finished=time.time())
+        self.store.update_migration(m)
+        self.bus.publish("migration", migration=dict(m))
+        self._set_state(rec, "running", runtime=new_vm.runtime_info())
+
+
+async def open_service(paths: Paths, hosts: dict[str, Host] | None = None) -> Service:
+    """A started Service (the store opened and reconciled)."""
+    service = Service(paths, hosts)
+    await service.open()
+    return service
+
+
+__all__ = ["Service", "open_service", "HOST_NAMES"]

@@ -1,0 +1,230 @@
+"""The daemon's persistent state: VM definitions, pending changes, runtime info, migration history.
+
+SQLite (stdlib) in the state dir, WAL + synchronous=FULL and one transaction per change, so a
+definition the user was told about survives ``kill -9`` of the daemon at any moment.
+
+A store that is corrupted or was written by a newer mtevm is never "repaired": it is checked
+read-only first and refused with a StoreError naming the file, which stays byte-for-byte as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from backend.errors import StoreError
+
+SCHEMA_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_SCHEMA = """
+CREATE TABLE vms (
+    name       TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    config     TEXT NOT NULL,            -- VirtMachineConfig.to_dict() as JSON
+    workload   TEXT NOT NULL,            -- WorkloadConfig.to_dict() as JSON
+    state      TEXT NOT NULL DEFAULT 'stopped',
+    last_error TEXT,
+    created    REAL NOT NULL
+);
+CREATE TABLE pending (                   -- changes to apply at the next start, e.g. {"mte": true}
+    vm    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (vm, key)
+);
+CREATE TABLE runtime (                   -- what a later daemon needs to reattach a VM that outlived it
+    vm   TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+    info TEXT NOT NULL
+);
+CREATE TABLE migrations (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm        TEXT NOT NULL,
+    src       TEXT NOT NULL,
+    dst       TEXT NOT NULL,
+    with_tags INTEGER NOT NULL,
+    state     TEXT NOT NULL,
+    reason    TEXT,
+    progress  REAL NOT NULL DEFAULT 0,
+    started   REAL NOT NULL,
+    finished  REAL,
+    stats     TEXT NOT NULL DEFAULT '{}'
+);
+"""
+_TABLES = {"vms", "pending", "runtime", "migrations"}
+
+
+@dataclass
+class VmRow:
+    """One stored VM definition (config and workload as plain dicts)."""
+
+    name: str
+    host: str
+    config: dict
+    workload: dict
+    state: str = "stopped"
+    last_error: str | None = None
+    created: float = 0.0
+    pending: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+
+
+def _check_existing(path: str) -> None:
+    """Read-only checks of an existing store; raise StoreError and touch nothing if it is not usable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise StoreError(f"cannot read the mtevm store {path}: {e.strerror}") from None
+    if head == b"":
+        return  # an empty file is an empty database (SQLite's own rule): nothing to lose
+    if head != SQLITE_MAGIC:
+        raise StoreError(f"the mtevm store {path} is not an SQLite database (corrupted?); "
+                         "it was left untouched: move it away to start with an empty store")
+    try:
+        # immutable=1: SQLite creates no -wal/-shm files and takes no locks, so nothing on disk changes.
+        # It is only safe when no writer is active, which holds here: we run before opening read-write,
+        # and a daemon on the same store would hold the pid lock. With a -wal file present we must let
+        # SQLite read it, so fall back to mode=ro (which may create a -shm index but never writes the db).
+        has_wal = os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0
+        uri = f"file:{path}?mode=ro" if has_wal else f"file:{path}?immutable=1"
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"the mtevm store {path} has schema version {version}, newer than this "
+                                 f"mtevm understands ({SCHEMA_VERSION}): upgrade mtevm; the file was left untouched")
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise StoreError(f"the mtevm store {path} is corrupted ({'; '.join(problems[:3])}); "
+                                 "it was left untouched: move it away to start with an empty store")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version == SCHEMA_VERSION and not _TABLES <= tables:
+                raise StoreError(f"the mtevm store {path} lacks tables {sorted(_TABLES - tables)} "
+                                 "(corrupted?); it was left untouched")
+            if version == 0 and tables - {"sqlite_sequence"}:
+                raise StoreError(f"{path} is an SQLite database but not an mtevm store "
+                                 f"(tables: {', '.join(sorted(tables))}); it was left untouched")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"the mtevm store {path} is corrupted ({e}); "
+                         "it was left untouched: move it away to start with an empty store") from None
+
+
+class Store:
+    """All reads and writes of the state database. Each mutating method is one transaction."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.exists(path):
+            _check_existing(path)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            with self._tx():
+                if self._db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    self._create_schema()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the mtevm store {path}: {e}") from None
+
+    def _create_schema(self) -> None:
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                self._db.execute(stmt)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One durable transaction; rolled back entirely if anything in it fails."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- VM definitions ---------------------------------------------------------------------------
+    def load_vms(self) -> list[VmRow]:
+        rows = {}
+        for name, host, config, workload, state, last_error, created in self._db.execute(
+                "SELECT name, host, config, workload, state, last_error, created FROM vms ORDER BY created, name"):
+            rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created)
+        for vm, key, value in self._db.execute("SELECT vm, key, value FROM pending"):
+            rows[vm].pending[key] = json.loads(value)
+        for vm, info in self._db.execute("SELECT vm, info FROM runtime"):
+            rows[vm].runtime = json.loads(info)
+        return list(rows.values())
+
+    def add_vm(self, row: VmRow) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
+                        row.state, row.last_error, row.created or time.time()))
+
+    def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
+                  workload: dict | None = None, pending: dict | None = None) -> None:
+        """Change a definition (and, when given, replace its pending changes) in one transaction."""
+        with self._tx() as db:
+            if host is not None:
+                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
+            if config is not None:
+                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
+            if workload is not None:
+                db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
+            if pending is not None:
+                db.execute("DELETE FROM pending WHERE vm=?", (name,))
+                db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
+                               [(name, k, json.dumps(v)) for k, v in pending.items()])
+
+    def set_state(self, name: str, state: str, last_error: str | None = None,
+                  runtime: dict | None = None) -> None:
+        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it."""
+        with self._tx() as db:
+            db.execute("UPDATE vms SET state=?, last_error=? WHERE name=?", (state, last_error, name))
+            if runtime is not None:
+                db.execute("DELETE FROM runtime WHERE vm=?", (name,))
+                if runtime:
+                    db.execute("INSERT INTO runtime (vm, info) VALUES (?, ?)", (name, json.dumps(runtime)))
+
+    def delete_vm(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- migration history ------------------------------------------------------------------------
+    def add_migration(self, m: dict) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO migrations (vm, src, dst, with_tags, state, reason, progress, started, finished, stats) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (m["vm"], m["src"], m["dst"], int(m["with_tags"]), m["state"], m["reason"], m["progress"],
+                 m["started"], m["finished"], json.dumps(m["stats"])))
+            return cur.lastrowid
+
+    def update_migration(self, m: dict) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE migrations SET state=?, reason=?, progress=?, finished=?, stats=? WHERE id=?",
+                       (m["state"], m["reason"], m["progress"], m["finished"], json.dumps(m["stats"]), m["id"]))
+
+    def load_migrations(self) -> list[dict]:
+        """Newest first."""
+        out = []
+        for (mid, vm, src, dst, with_tags, state, reason, progress, started, finished, stats) in self._db.execute(
+                "SELECT id, vm, src, dst, with_tags, state, reason, progress, started, finished, stats "
+                "FROM migrations ORDER BY id DESC"):
+            out.append({"id": mid, "vm": vm, "src": src, "dst": dst, "with_tags": bool(with_tags),
+                        "state": state, "reason": reason, "progress": progress, "started": started,
+                        "finished": finished, "stats": json.loads(stats)})
+        return out
