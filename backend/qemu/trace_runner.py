@@ -1,0 +1,209 @@
+"""Run `mtevm tagcheck replay` traces in a real QEMU guest, for conformance with the tag-check core.
+
+The mtevm guest (backend/qemu/guest) executes the trace ops on vCPU 0 of a fresh
+``qemu-system-aarch64 -M virt,mte=on -cpu max -accel tcg`` and records per op: the fault kind, the FAR
+of a synchronous fault, whether TFSR_EL1 became set (then the guest clears it, so an async fault
+belongs to the op whose access set TFSR -- the rule `mtevm tagcheck replay` follows), and LDG's tag.
+When it is done the guest powers off (PSCI SYSTEM_OFF); QEMU runs with ``-no-shutdown`` so the
+results stay in RAM and are read with QMP ``pmemsave``. The QEMU process is always stopped by PID.
+
+Several traces run in one boot (each after a reset of the arena's tags and of the config), which is
+what keeps the conformance suite fast.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from qemu.qmp import QMPClient
+
+from backend.errors import MtevmError
+from backend.qemu import guest_abi
+
+GUEST_ELF = Path(__file__).resolve().parent / "guest" / "build" / "mtevm-guest.elf"
+DEFAULT_QEMU = "qemu-system-aarch64"
+BOOT_TIMEOUT = 60.0        # seconds for the whole batch (TCG on a busy 2-core machine)
+
+
+class TraceRunError(MtevmError):
+    """QEMU or the guest failed to run a trace (the message says what happened)."""
+
+
+class _Workload:
+    """The parameter block's workload fields for trace mode: one vCPU, sync, no bugs."""
+
+    seed, tcf, uaf_rate, overflow_rate, wild_rate, rate, heap_size = 1, ["sync"], 0.0, 0.0, 0.0, 0, 4096
+
+
+def parse_ops(ops: Iterable[Mapping[str, Any] | str]) -> list[dict]:
+    """Trace ops as dicts; JSON Lines strings (the replay file format) are parsed, blank lines skipped."""
+    out = []
+    for n, op in enumerate(ops):
+        if isinstance(op, str):
+            if not op.strip():
+                continue
+            try:
+                op = json.loads(op)
+            except json.JSONDecodeError as e:
+                raise TraceRunError(f"line {n + 1}: not JSON: {e}") from None
+        if not isinstance(op, Mapping):
+            raise TraceRunError(f"line {n + 1}: {op!r} is not an object")
+        out.append(dict(op))
+    return out
+
+
+def qemu_argv(qemu: str, params: Path, qmp_sock: Path, serial_log: Path) -> list[str]:
+    """The QEMU command line for one trace batch (one vCPU, stays alive after the guest's power-off)."""
+    return [
+        qemu, "-M", "virt,mte=on", "-cpu", "max", "-accel", "tcg", "-nodefaults", "-display", "none",
+        "-smp", "1", "-m", "256M", "-kernel", str(GUEST_ELF), "-no-shutdown",
+        "-device", f"loader,file={params},addr={guest_abi.PARAM_ADDR:#x},force-raw=on",
+        "-serial", f"file:{serial_log}", "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+    ]
+
+
+def results_to_json(ops: Sequence[Mapping[str, Any]], results: Sequence[dict]) -> dict:
+    """The `mtevm tagcheck replay --json` shape from the guest's per-op results of one trace."""
+    faults, ldg = [], []
+    for i, (op, r) in enumerate(zip(ops, results)):
+        if r["kind"] == "sync":
+            faults.append({"i": i, "kind": "sync", "addr": f"{r['far'] & ((1 << 56) - 1):#x}"})
+        elif r["kind"] == "async":
+            faults.append({"i": i, "kind": "async", "addr": None})
+        if op.get("op") == "ldg":
+            ldg.append({"i": i, "tag": r["ldg"]})
+    counters = {
+        "sync_faults": sum(f["kind"] == "sync" for f in faults),
+        "async_faults": sum(f["kind"] == "async" for f in faults),
+    }
+    return {"faults": faults, "ldg": ldg, "counters": counters}
+
+
+async def _wait_for_poweroff(qmp: QMPClient, proc: subprocess.Popen, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        status = await qmp.execute("query-status")
+        if status["status"] == "shutdown":
+            return
+        if proc.poll() is not None:
+            raise TraceRunError(f"QEMU exited with status {proc.returncode} before the trace finished")
+        if loop.time() > deadline:
+            raise TraceRunError("the guest did not finish the trace in time")
+        await asyncio.sleep(0.02)
+
+
+async def _connect(sock: Path, proc: subprocess.Popen, deadline: float) -> QMPClient:
+    loop = asyncio.get_running_loop()
+    qmp = QMPClient("mtevm-trace")
+    while True:
+        if proc.poll() is not None:
+            raise TraceRunError(f"QEMU exited with status {proc.returncode} at start-up")
+        try:
+            await qmp.connect(str(sock))
+            return qmp
+        except Exception as e:  # socket not there yet; qemu.qmp wraps OSError in its own errors
+            if loop.time() > deadline:
+                raise TraceRunError(f"cannot connect to QEMU's QMP socket: {e}") from None
+            await asyncio.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the QEMU process we started, by PID, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def run_traces_in_qemu_async(traces: Sequence[Iterable[Mapping[str, Any] | str]], *,
+                                   qemu: str = DEFAULT_QEMU, timeout: float = BOOT_TIMEOUT) -> list[dict]:
+    """Run several traces in one QEMU boot; one replay-shaped dict per trace, in order."""
+    parsed = [parse_ops(t) for t in traces]
+    if not parsed:
+        return []
+    if not GUEST_ELF.exists():
+        raise TraceRunError(f"the guest is not built: {GUEST_ELF} (run make -C backend/qemu/guest)")
+    if shutil.which(qemu) is None:
+        raise TraceRunError(f"{qemu} not found")
+    params = guest_abi.pack_params(_Workload(), 1, mode="trace", trace=parsed)
+    total = sum(len(t) + 1 for t in parsed)          # each trace starts with a reset record
+    with tempfile.TemporaryDirectory(prefix="mtevm-trace-") as tmp:
+        d = Path(tmp)
+        (d / "params.bin").write_bytes(params)
+        sock, serial = d / "qmp.sock", d / "serial.log"
+        argv = qemu_argv(qemu, d / "params.bin", sock, serial)
+        with open(d / "stderr.log", "wb") as stderr_log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr_log, start_new_session=True)
+        qmp = None
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            qmp = await _connect(sock, proc, deadline)
+            await _wait_for_poweroff(qmp, proc, deadline)
+            await qmp.execute("pmemsave", {"val": guest_abi.STATUS_ADDR, "size": guest_abi.status_size(1),
+                                           "filename": str(d / "status.bin")})
+            await qmp.execute("pmemsave", {"val": guest_abi.RESULTS_ADDR, "size": total * guest_abi.RESULT_SIZE,
+                                           "filename": str(d / "results.bin")})
+        except TraceRunError as e:
+            stderr = (d / "stderr.log").read_bytes().decode(errors="replace").strip()
+            raise TraceRunError(f"{e}{': ' + stderr if stderr else ''}") from None
+        finally:
+            if qmp is not None:
+                await qmp.disconnect()
+            _stop(proc)
+        header = guest_abi.parse_status_header((d / "status.bin").read_bytes())
+        if header["state"] != "done" or header["ops_done"] != total:
+            err = header["error"] or {}
+            raise TraceRunError(
+                f"the guest stopped in state {header['state']} after {header['ops_done']} of {total} ops"
+                + (f" (ESR {err['esr']:#x} at {err['elr']:#x}, FAR {err['far']:#x})" if err else ""))
+        results = guest_abi.parse_results((d / "results.bin").read_bytes(), total)
+    out, pos = [], 0
+    for ops in parsed:
+        pos += 1                                     # the reset record
+        out.append(results_to_json(ops, results[pos:pos + len(ops)]))
+        pos += len(ops)
+    return out
+
+
+def run_traces_in_qemu(traces: Sequence[Iterable[Mapping[str, Any] | str]], *,
+                       qemu: str = DEFAULT_QEMU, timeout: float = BOOT_TIMEOUT) -> list[dict]:
+    """Blocking form of run_traces_in_qemu_async (not for use inside a running event loop)."""
+    return asyncio.run(run_traces_in_qemu_async(traces, qemu=qemu, timeout=timeout))
+
+
+def run_trace_in_qemu(ops: Iterable[Mapping[str, Any] | str], *, qemu: str = DEFAULT_QEMU,
+                      timeout: float = BOOT_TIMEOUT) -> dict:
+    """One trace in a fresh QEMU guest, as `mtevm tagcheck replay --json` would print it."""
+    return run_traces_in_qemu([ops], qemu=qemu, timeout=timeout)[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m backend.qemu.trace_runner TRACE.jsonl``: print the QEMU guest's replay JSON."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m backend.qemu.trace_runner", description=main.__doc__)
+    ap.add_argument("trace", help="a JSON Lines trace, as for `mtevm tagcheck replay`")
+    ap.add_argument("--qemu", default=DEFAULT_QEMU)
+    args = ap.parse_args(argv)
+    try:
+        with open(args.trace) as f:
+            print(json.dumps(run_trace_in_qemu(f.read().splitlines(), qemu=args.qemu)))
+    except (OSError, MtevmError) as e:
+        print(f"trace_runner: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, OSError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
