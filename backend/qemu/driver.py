@@ -113,6 +113,49 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
     return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
 
 
+def processes_mentioning(path: str) -> list[int]:
+    """Live processes whose command line contains ``path`` (a VM's runtime directory names every
+    QEMU mtevm started for that VM: its QMP socket and log are in it)."""
+    needle = os.fsencode(path)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+        except OSError:
+            continue
+        if proc_start_time(int(entry)) is not None:
+            found.append(int(entry))
+    return found
+
+
+async def kill_strays(path: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every live process that mentions ``path`` (QEMUs left by a crashed daemon), wait
+    until each is gone (reaping our own children) and return their PIDs."""
+    pids = processes_mentioning(path)
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while proc_start_time(pid) is not None and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        finally:
+            os.close(fd)
+    return pids
+
+
 class QemuProcess:
     """A running QEMU with its QMP session. Build it with ``launch`` or ``reattach``."""
 

@@ -19,7 +19,7 @@ from backend.hosts.base import VmSpec
 from backend.hosts.local import LocalHost
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.qemu.driver import proc_start_time
+from backend.qemu.driver import kill_strays, proc_start_time
 
 pytestmark = pytest.mark.qemu
 MIB = 1 << 20
@@ -27,23 +27,9 @@ MIB = 1 << 20
 
 @pytest.fixture
 async def host(tmp_path):
-    """A LocalHost whose VMs are all stopped after the test, each verified gone by its PID."""
-    h = LocalHost(str(tmp_path / "rt"))
-    started = []
-    real_launch = h._launch
-
-    async def tracking_launch(*args, **kwargs):
-        vm = await real_launch(*args, **kwargs)
-        started.append(vm.proc)
-        return vm
-
-    h._launch = tracking_launch
-    yield h
-    for proc in started:
-        if proc_start_time(proc.pid) == proc.start_time:
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait(5)
-        assert proc_start_time(proc.pid) != proc.start_time, f"QEMU {proc.pid} left running"
+    """A LocalHost for the test; afterwards no QEMU of its VMs may be left (killed by PID if so)."""
+    yield LocalHost(str(tmp_path / "rt"))
+    assert await kill_strays(str(tmp_path)) == [], "the test left QEMU processes running"
 
 
 def spec_for(tmp_path, name="vm1", *, vcpus=1, memory=128 * MIB, cpu="max", **workload) -> VmSpec:
