@@ -217,8 +217,7 @@ def _probe_qemu(report: ProbeReport, qemu_binary: str | None) -> tuple[int, ...]
     elif version is None:
         qemu["reason"] = f"{binary} --version printed no version: {info['version_text']!r}"
     elif version < QEMU_MIN_MTE:
-        qemu["reason"] = (f"QEMU {qemu['version']} stores MTE tags incorrectly: use 8.0 or newer "
-                          f"(fixed by commit 28fb921f02ef)")
+        qemu["reason"] = f"QEMU {version[0]}.{version[1]} stores MTE tags incorrectly: use 8.0 or newer"
     elif not info["mte"]:
         qemu["reason"] = f"QEMU {qemu['version']} at {binary} does not offer the virt machine's mte property"
     elif "tcg" not in info["accels"] and "kvm" not in info["accels"]:
