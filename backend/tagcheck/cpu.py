@@ -16,7 +16,7 @@ import random
 
 import numpy as np
 
-from backend.tagcheck.batch import check_batch
+from backend.tagcheck.batch import BatchChecker
 from backend.tagcheck.pointers import (MASK64, choose_nonexcluded_tag, fault_address, half, physical,
                                        ptr_tag, tcma_match, with_tag)
 from backend.tagcheck.ram import GuestRam
@@ -39,6 +39,7 @@ class TagCheckCpu:
         self.tfsr = 0                 # bit 0: TF0, bit 1: TF1 (sticky until software clears it)
         self.counters = VcpuCounters()
         self._rng = random.Random(seed)
+        self._checker = BatchChecker(ram.tags, ram.base, ram.size)
 
     @property
     def tcf(self) -> TCF:
@@ -129,9 +130,8 @@ class TagCheckCpu:
         ``ptrs`` uint64, ``sizes`` (>= 1) and ``is_store`` arrays or scalars. A bad batch
         (an access outside RAM, a size < 1) raises before anything is counted.
         """
-        result, tfsr = check_batch(self.ram.tags, self.ram.base, self.ram.size, tcf=self._tcf,
-                                   tcma0=self.tcma0, tcma1=self.tcma1, tco=self.tco,
-                                   ptrs=ptrs, sizes=sizes, is_store=is_store)
+        result, tfsr = self._checker.check(ptrs, sizes, is_store, tcf=self._tcf, tcma0=self.tcma0,
+                                           tcma1=self.tcma1, tco=self.tco)
         self.tfsr |= tfsr
         result.add_to(self.counters)
         return result

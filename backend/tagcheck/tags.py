@@ -7,8 +7,9 @@ Layout (chosen so that a batch lookup is three array gathers, no dict):
   every page never tagged, so untouched pages read tag 0 (as KVM guarantees) and cost nothing.
 * ``_table`` holds rows of 512 block numbers, one row per 2 MiB chunk of RAM that has a
   tagged page; row 0 is all zeros (points at block 0) and shared by untouched chunks.
-* ``_dir`` maps each 2 MiB chunk of RAM to its row: 4 bytes per 2 MiB, so a 64 GiB VM needs
-  128 KiB of index and is created in milliseconds.
+* ``_dir`` maps each 2 MiB chunk of RAM to its row: 8 bytes per 2 MiB, so a 64 GiB VM needs
+  256 KiB of index and is created in milliseconds. RAM up to 1 GiB gets a row for every chunk
+  up front (a dense index, at most 2 MiB), so its lookups skip the ``_dir`` gather.
 
 Writing tag 0 to a page that was never tagged allocates nothing (it already reads 0).
 ``bytes_used`` counts every array this object holds (pool and index capacity included).
@@ -24,6 +25,7 @@ from backend.tagcheck.layout import (GRANULE, GRANULES_PER_PAGE, PAGE, TAG_BYTES
                                      check_range, validate_region)
 
 CHUNK_PAGES = 512     # pages per index row (2 MiB of RAM)
+DENSE_INDEX_CHUNKS = 512   # RAM up to 1 GiB: index rows for every chunk up front (<= 2 MiB)
 _PAGE_SHIFT = 12
 _CHUNK_SHIFT = 9
 
@@ -54,9 +56,13 @@ class TagMemory:
         self.size = size
         self.n_pages = size // PAGE
         n_chunks = -(-self.n_pages // CHUNK_PAGES)
-        self._dir = np.zeros(n_chunks, dtype=np.int64)
-        self._table = np.zeros(CHUNK_PAGES, dtype=np.int64)     # row 0: the untouched chunk
-        self._rows = 1
+        # Up to DENSE_INDEX_CHUNKS every chunk gets its row now (chunk c -> row c + 1), which
+        # saves the lookup one gather; larger VMs get rows as their chunks are tagged.
+        self._dense = n_chunks <= DENSE_INDEX_CHUNKS
+        self._dir = np.arange(1, n_chunks + 1, dtype=np.int64) if self._dense else np.zeros(n_chunks, np.int64)
+        self._rows = n_chunks + 1 if self._dense else 1
+        self._table = np.zeros(self._rows * CHUNK_PAGES, dtype=np.int64)   # row 0: the untouched chunk
+        self._dense_table = self._table[CHUNK_PAGES:]      # dense: page p's block is at [p]
         self._blocks = np.zeros(TAG_BYTES_PER_PAGE, dtype=np.uint8)   # block 0: all tags 0
         self._n_blocks = 1
 
@@ -146,10 +152,38 @@ class TagMemory:
     # ---- vectorised ------------------------------------------------------------------------
     def lookup(self, offsets: np.ndarray) -> np.ndarray:
         """Tags (uint8) of the granules at byte ``offsets`` from base. Offsets must be in RAM."""
-        pages = (offsets >> _PAGE_SHIFT).astype(np.int64)
-        blocks = self._page_blocks(pages)
-        byte = self._blocks[blocks * TAG_BYTES_PER_PAGE + ((offsets >> 5) & (TAG_BYTES_PER_PAGE - 1)).astype(np.int64)]
-        return (byte >> ((offsets >> 2) & 4).astype(np.uint8)) & 0xF
+        off = np.asarray(offsets).astype(np.int64)
+        out = np.empty(len(off), dtype=np.uint8)
+        return self.lookup_into(off, out, np.empty_like(off), np.empty_like(off))
+
+    def lookup_into(self, off: np.ndarray, out: np.ndarray, s1: np.ndarray, s2: np.ndarray,
+                    low: np.ndarray | None = None) -> np.ndarray:
+        """``lookup`` without allocating: int64 ``off`` in RAM, uint8 ``out``, int64 scratch s1/s2
+        of the same length, optionally ``low`` = each offset's low byte (uint8, contiguous).
+        Gathers page -> block (through the chunk row unless the index is dense) and the tag
+        byte, then selects the nibble by address bit 4."""
+        if self._dense:
+            np.right_shift(off, _PAGE_SHIFT, out=s1)
+            np.take(self._dense_table, s1, out=s1)           # page -> block
+        else:
+            np.right_shift(off, _PAGE_SHIFT + _CHUNK_SHIFT, out=s1)
+            np.take(self._dir, s1, out=s1)                   # chunk -> row
+            np.left_shift(s1, _CHUNK_SHIFT, out=s1)
+            np.right_shift(off, _PAGE_SHIFT, out=s2)
+            np.bitwise_and(s2, CHUNK_PAGES - 1, out=s2)
+            np.add(s1, s2, out=s1)
+            np.take(self._table, s1, out=s1)                 # page -> block
+        np.left_shift(s1, 7, out=s1)                         # block * 128 bytes
+        np.right_shift(off, 5, out=s2)
+        np.bitwise_and(s2, TAG_BYTES_PER_PAGE - 1, out=s2)
+        np.add(s1, s2, out=s1)
+        np.take(self._blocks, s1, out=out)                   # the byte holding two tags
+        shift = s2.view(np.uint8)[:len(out)]
+        np.right_shift(off.view(np.uint8)[::8] if low is None else low, 2, out=shift)
+        np.bitwise_and(shift, 4, out=shift)                  # address bit 4 set: high nibble
+        np.right_shift(out, shift, out=out)
+        np.bitwise_and(out, 0xF, out=out)
+        return out
 
     def tags_of_granules(self, granule_addrs: np.ndarray) -> np.ndarray:
         """Tags of granules given by (any) address inside each; OutsideRamError if one is not in RAM."""
