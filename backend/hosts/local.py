@@ -236,7 +236,7 @@ class LocalVm(RunningVm):
         kvm_mte = self.spec.config.accel == "kvm" and self.spec.config.mte
         info = {"index": index, "kvm_mte": kvm_mte, "tcf": self.spec.workload.tcf_for(index),
                 "checked": 0, "unchecked": 0, "sync_faults": 0, "async_faults": 0, "last_fault": None,
-                "up": False, "boot_tags": None}
+                "up": False, "boot_tags": None, "boot_tag_checks": 0}
         if status.get("up"):   # before the guest is up its status block holds nothing meaningful
             info.update({k: v for k, v in status.items() if k in info and k not in ("index", "kvm_mte")})
         return info
