@@ -1,0 +1,208 @@
+"""The mtevm Textual app: a client of the daemon (``backend.client``), never of the hosts directly.
+
+``MtevmApp(client_factory=...)`` takes an async factory returning a connected client, so tests run
+the real app on the real in-process service and ``run_app`` connects to the daemon's socket.
+Quitting (or losing the terminal) closes the client only: VMs keep running in the daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from typing import Awaitable, Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from backend.config import UserConfig, check_refresh_rate, load_config
+from backend.errors import MtevmError
+from tui import keymap
+from tui.live import LiveModel, VmDeleted
+from tui.screens.help import HelpScreen
+from tui.screens.hosts import HostsScreen
+from tui.screens.migrations import MigrationsScreen
+from tui.screens.vm_list import VmListScreen
+
+ClientFactory = Callable[[], Awaitable["object"]]
+
+
+class MtevmApp(App):
+    """The VM manager. ``clock`` is used for every time shown (tests freeze it)."""
+
+    CSS_PATH = "mtevm.tcss"
+    TITLE = "mtevm"
+    BINDINGS = keymap.bindings(keymap.APP_KEYS)
+    MODES = {"vms": VmListScreen, "hosts": HostsScreen, "migrations": MigrationsScreen}
+
+    def __init__(self, client_factory: ClientFactory, *, rate_hz: float | None = None,
+                 clock: Callable[[], float] = time.time, config: UserConfig | None = None,
+                 live: bool = True, ansi_color: bool | None = None, watch_terminal: bool = False,
+                 connection_label: str = "daemon") -> None:
+        config = config or UserConfig()
+        keymap.check_keymap(config.keymap)
+        super().__init__(ansi_color=ansi_color)
+        self._client_factory = client_factory
+        self.client = None
+        self.rate_hz = check_refresh_rate(rate_hz if rate_hz is not None else config.refresh_rate, "--rate")
+        self.clock = clock
+        self.user_keymap = dict(config.keymap)
+        self.live = live
+        self.watch_terminal = watch_terminal
+        self.connection_label = connection_label
+        self.model = LiveModel()
+        if ansi_color:
+            self.theme = "ansi-dark"
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def on_mount(self) -> None:
+        self.set_keymap(self.user_keymap)
+        if self.watch_terminal:
+            from tui.terminal import TerminalWatch
+            TerminalWatch(self).install()
+        try:
+            self.client = await self._client_factory()
+            await self.refresh_model()
+        except (MtevmError, OSError) as e:
+            self.exit(return_code=1, message=f"mtevm: cannot reach the daemon: {e}")
+            return
+        await self.switch_mode("vms")
+        if self.live:
+            self.follow_events()
+
+    async def on_unmount(self) -> None:
+        """Close the connection only: the daemon keeps every VM running."""
+        client, self.client = self.client, None
+        if client is not None:
+            close = getattr(client, "close", None) or getattr(client, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def refresh_model(self) -> None:
+        """Re-read VMs and migrations (after an operation; events keep it current otherwise)."""
+        before = set(self.model.vms)
+        self.model.set_vms(await self.client.list())
+        self.model.set_migrations(await self.client.migrations())
+        for name in before - set(self.model.vms):
+            self.broadcast(VmDeleted(name))
+
+    def broadcast(self, message) -> None:
+        """Give a live-update message to every screen of the current stack (top first)."""
+        for screen in reversed(self.screen_stack):
+            screen.post_message(message)
+
+    @work(exclusive=True, group="events", exit_on_error=False)
+    async def follow_events(self) -> None:
+        """Fold the daemon's event stream into the model and tell the screens; reconnect on loss."""
+        while self.client is not None:
+            try:
+                async for event in self.client.events(self.rate_hz):
+                    message = self.model.apply(event)
+                    if message is not None:
+                        self.broadcast(message)
+                return
+            except (MtevmError, OSError, ConnectionError) as e:
+                self.notify(f"event stream lost ({e}); retrying", severity="warning")
+                await asyncio.sleep(2.0)
+
+    def set_rate(self, rate_hz: float) -> None:
+        """Change the counter refresh rate (restarts the event feed at the new rate)."""
+        self.rate_hz = check_refresh_rate(rate_hz, "refresh rate")
+        if self.live and self.client is not None:
+            self.follow_events()
+
+    # -- app-wide actions ----------------------------------------------------------------------
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_vms(self) -> None:
+        await self.switch_mode("vms")
+
+    async def action_hosts(self) -> None:
+        await self.switch_mode("hosts")
+
+    async def action_migrations(self) -> None:
+        await self.switch_mode("migrations")
+
+    def key_hint(self, *binding_ids: str) -> str:
+        """"d delete, h hosts": keys that do not fit the footer, as the user has them mapped."""
+        specs = {spec.id: spec for spec in keymap.ALL_KEYS}
+        return ", ".join(f"{keymap.display_key(specs[i], self.user_keymap)} {specs[i].description}"
+                         for i in binding_ids)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette: every action of the key table that the current screen offers."""
+        for spec in keymap.ALL_KEYS:
+            if spec.id == "app_commands":
+                continue
+            target = self if spec in keymap.APP_KEYS else screen
+            if not hasattr(target, f"action_{spec.action}"):
+                continue
+            key = keymap.display_key(spec, self.user_keymap)
+            yield SystemCommand(f"{spec.help} [{key}]", spec.id, _runner(target, spec.action))
+        yield SystemCommand("Theme", "Change the colour theme", self.action_change_theme)
+
+
+def _runner(target, action: str):
+    async def run() -> None:
+        await target.run_action(action)
+    return run
+
+
+# -- command line ------------------------------------------------------------------------------
+def wants_16_colours(env: dict | None = None) -> bool:
+    """The Linux console and *-16color terminals get the ANSI theme (16 colours, no RGB)."""
+    env = os.environ if env is None else env
+    term = env.get("TERM", "")
+    return term == "linux" or term.endswith("-16color") or env.get("TEXTUAL_COLOR_SYSTEM") == "standard"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mtevm", description="Terminal VM manager for Arm64 virt machines with MTE")
+    p.add_argument("--rate", type=float, default=None,
+                   help="live counter refreshes per second (default: config refresh_rate, else 4)")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="run the service inside the app (VMs stop when the app exits)")
+    p.add_argument("--state-dir", default=None, help="where VM definitions are kept")
+    p.add_argument("--runtime-dir", default=None, help="where the daemon's socket lives")
+    p.add_argument("--config", default=None, help="config.toml to read (default: the user config)")
+    p.add_argument("--colors", choices=["auto", "16", "full"], default="auto",
+                   help="16: ANSI colours only (automatic for TERM=linux)")
+    p.add_argument("--keys", action="store_true", help="print every binding id and its key, then exit")
+    return p.parse_args(argv)
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    """Entry point for ``mtevm`` / ``python -m tui``: returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        keymap.check_keymap(config.keymap)
+        if args.rate is not None:
+            check_refresh_rate(args.rate, "--rate")
+    except MtevmError as e:
+        print(f"mtevm: {e}", file=sys.stderr)
+        return 2
+    if args.keys:
+        for spec in keymap.ALL_KEYS:
+            print(f"{spec.id:16} {keymap.display_key(spec, config.keymap):14} {spec.help}")
+        return 0
+
+    async def connect_client():
+        from backend.client import connect
+        if args.no_daemon:
+            return await connect(in_process=True, state_dir=args.state_dir)
+        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+
+    ansi = {"16": True, "full": False, "auto": wants_16_colours() or None}[args.colors]
+    app = MtevmApp(connect_client, rate_hz=args.rate, config=config, ansi_color=ansi, watch_terminal=True,
+                   connection_label="in-process" if args.no_daemon else "daemon")
+    app.run()
+    return app.return_code or 0
+
+
+def main() -> None:
+    sys.exit(run_app(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""Every key binding of the app, as data.
+
+Each action has a stable binding id; users remap it in config.toml (``[keymap] vm_start = "S"``)
+and the app applies that with Textual's ``App.set_keymap``. The same id is used on every screen
+that offers the action, so one remapping changes it everywhere. The command palette and the help
+screen are built from this table, so nothing can be bound without being listed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    id: str            # the binding id users put in [keymap]
+    key: str           # default key(s), Textual syntax, comma-separated
+    action: str        # Textual action name on the screen/app that owns it
+    description: str   # short footer label
+    help: str          # one line for the help screen and the command palette
+    show: bool = True  # shown in the footer (at 80 columns only the main keys fit; the rest are in
+                       # the help screen, the command palette and the VM list's hint line)
+
+
+APP_KEYS = [
+    KeySpec("app_help", "question_mark", "help", "help", "Show every key and what it does"),
+    KeySpec("app_commands", "ctrl+p,colon", "command_palette", "cmds", "Open the command palette",
+            show=False),   # the footer shows it on its right edge
+    KeySpec("app_hosts", "h", "hosts", "hosts", "Hosts and their MTE capability probe", show=False),
+    KeySpec("app_migrations", "M", "migrations", "migrations", "Migrations: blocked, running, done, failed",
+            show=False),
+    KeySpec("app_vms", "v", "vms", "VMs", "The list of VMs", show=False),
+    KeySpec("app_quit", "q", "quit", "quit", "Quit the app (VMs keep running in the daemon)"),
+]
+
+VM_KEYS = [
+    KeySpec("vm_new", "n", "new_vm", "new", "Create a VM"),
+    KeySpec("vm_start", "s", "start_vm", "start", "Start the VM(s)"),
+    KeySpec("vm_stop", "x", "stop_vm", "stop", "Stop the VM(s) (asks first)"),
+    KeySpec("vm_delete", "d", "delete_vm", "delete", "Delete the VM(s) (asks first)", show=False),
+    KeySpec("vm_toggle_mte", "m", "toggle_mte", "MTE", "Toggle MTE (pending until restart if running)"),
+    KeySpec("vm_migrate", "g", "migrate_vm", "migrate", "Migrate the VM to another host"),
+    KeySpec("vm_edit", "e", "edit_vm", "edit", "Edit the VM's definition", show=False),
+]
+
+LIST_KEYS = [
+    KeySpec("vm_open", "enter", "open_vm", "open", "Open the VM's detail", show=False),
+    KeySpec("vm_filter", "slash", "filter", "filter", "Filter the list by name, host or state"),
+    KeySpec("vm_sort", "o", "sort", "sort", "Cycle the sort column", show=False),
+    KeySpec("vm_select", "space", "select", "select", "Select / unselect the VM for bulk start/stop", show=False),
+]
+
+FORM_KEYS = [
+    KeySpec("form_submit", "ctrl+s", "submit", "save", "Create the VM / apply the form"),
+]
+
+BACK_KEYS = [
+    KeySpec("back", "escape", "back", "back", "Go back"),
+]
+
+ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + LIST_KEYS + FORM_KEYS + BACK_KEYS
+BINDING_IDS = frozenset(k.id for k in ALL_KEYS)
+
+
+def bindings(*groups: list[KeySpec], hide: tuple[str, ...] = ()) -> list[Binding]:
+    """Textual Bindings (with ids) for the given groups of the table; ``hide``: ids kept out of the footer."""
+    return [Binding(k.key, k.action, k.description, show=k.show and k.id not in hide, id=k.id, tooltip=k.help)
+            for group in groups for k in group]
+
+
+def check_keymap(keymap: dict[str, str]) -> None:
+    """Reject binding ids the app does not have, so a typo in config.toml is not silently ignored."""
+    from backend.errors import ConfigError
+    unknown = sorted(set(keymap) - BINDING_IDS)
+    if unknown:
+        raise ConfigError(f"keymap: unknown binding id(s) {', '.join(unknown)}; "
+                          f"known ids: {', '.join(sorted(BINDING_IDS))}")
+
+
+def display_key(spec: KeySpec, keymap: dict[str, str]) -> str:
+    """The key a user presses for ``spec`` after their remapping, as shown in help and palette."""
+    keys = keymap.get(spec.id, spec.key)
+    names = {"question_mark": "?", "slash": "/", "colon": ":", "space": "space", "escape": "esc"}
+    return ", ".join(names.get(k.strip(), k.strip()) for k in keys.split(","))

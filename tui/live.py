@@ -1,0 +1,138 @@
+"""What the app knows between events: the VMs, their counter samples and rates, migrations.
+
+The app feeds every event from ``client.events(rate_hz)`` into one ``LiveModel`` and then posts
+a message to the screens; screens read what they show from here. Rates (accesses and faults per
+second) are derived from consecutive samples using the samples' own timestamps, so a late
+sample does not make a spike, and short histories feed the sparklines.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from textual.message import Message
+
+HISTORY = 60          # samples kept for a sparkline
+
+
+def faults_of(c: dict) -> int:
+    return int(c.get("sync_faults", 0)) + int(c.get("async_faults", 0))
+
+
+@dataclass
+class Rates:
+    """Per-second rates of one counter set, plus their recent history for a sparkline."""
+
+    checked_per_s: float = 0.0
+    faults_per_s: float = 0.0
+    checked_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    faults_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    _last: tuple[float, int, int] | None = None   # (time, checked, faults) of the previous sample
+
+    def add(self, t: float, counters: dict) -> None:
+        checked, faults = int(counters.get("checked", 0)), faults_of(counters)
+        if self._last is not None:
+            t0, c0, f0 = self._last
+            dt = t - t0
+            if dt > 0 and checked >= c0 and faults >= f0:
+                self.checked_per_s = (checked - c0) / dt
+                self.faults_per_s = (faults - f0) / dt
+                self.checked_history.append(self.checked_per_s)
+                self.faults_history.append(self.faults_per_s)
+            elif checked < c0 or faults < f0:     # the VM restarted: counters began again
+                self.checked_per_s = self.faults_per_s = 0.0
+        self._last = (t, checked, faults)
+
+
+@dataclass
+class VmLive:
+    """Everything live about one VM: its last counters sample and rates (VM total and per vCPU)."""
+
+    counters: dict | None = None
+    vm_rates: Rates = field(default_factory=Rates)
+    vcpu_rates: dict[int, Rates] = field(default_factory=dict)
+
+    def add_sample(self, counters: dict) -> None:
+        t = float(counters.get("time", 0.0))
+        self.counters = counters
+        self.vm_rates.add(t, counters.get("vm", {}))
+        for v in counters.get("vcpus", []):
+            self.vcpu_rates.setdefault(int(v["index"]), Rates()).add(t, v)
+
+
+class LiveModel:
+    """The app's picture of the daemon, kept current by events."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, dict] = {}           # name -> VmSummary
+        self.live: dict[str, VmLive] = {}        # name -> counters + rates
+        self.migrations: dict[int, dict] = {}    # id -> Migration
+
+    def vm_live(self, name: str) -> VmLive:
+        return self.live.setdefault(name, VmLive())
+
+    def set_vms(self, summaries: list[dict]) -> None:
+        self.vms = {s["name"]: s for s in summaries}
+        for gone in set(self.live) - set(self.vms):
+            del self.live[gone]
+
+    def set_migrations(self, migrations: list[dict]) -> None:
+        self.migrations = {m["id"]: m for m in migrations}
+
+    def apply(self, event: dict) -> Message | None:
+        """Fold one event into the model; return the message the screens should get (or None)."""
+        kind = event.get("type")
+        if kind == "vm":
+            if "deleted" in event:
+                name = event["deleted"]
+                self.vms.pop(name, None)
+                self.live.pop(name, None)
+                return VmDeleted(name)
+            summary = event["vm"]
+            self.vms[summary["name"]] = summary
+            return VmChanged(summary)
+        if kind == "counters":
+            name = event["vm"]
+            self.vm_live(name).add_sample(event["counters"])
+            return CountersSampled(name)
+        if kind == "migration":
+            m = event["migration"]
+            self.migrations[m["id"]] = m
+            return MigrationChanged(m)
+        if kind == "host":
+            return HostChanged(event)
+        return None
+
+
+class VmChanged(Message):
+    """A VM's summary changed (state, MTE, pending...)."""
+
+    def __init__(self, summary: dict) -> None:
+        super().__init__()
+        self.summary = summary
+
+
+class VmDeleted(Message):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+
+class CountersSampled(Message):
+    """A new counters sample for ``name`` is in the LiveModel."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+
+class MigrationChanged(Message):
+    def __init__(self, migration: dict) -> None:
+        super().__init__()
+        self.migration = migration
+
+
+class HostChanged(Message):
+    def __init__(self, event: dict) -> None:
+        super().__init__()
+        self.event = event

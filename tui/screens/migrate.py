@@ -1,0 +1,79 @@
+"""Choose where a VM goes. The daemon decides: a blocked migration comes back with QEMU's reason
+(e.g. "Live migration disabled due to MTE enabled") and is recorded; the app then shows the
+migrations screen, where every attempt is listed with its outcome."""
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, OptionList, Static
+from textual.widgets.option_list import Option
+
+from backend.errors import MtevmError
+from tui import keymap
+
+
+async def migrate(app, name: str, dst: str, with_tags: bool) -> None:
+    """Ask the daemon to migrate, then show the migrations screen (refusals are recorded there too)."""
+    try:
+        await app.client.migrate(name, dst, with_tags=with_tags)
+    except MtevmError as e:
+        app.notify(str(e), title=f"migration of {name} refused", severity="error", timeout=10)
+    await app.refresh_model()
+    await app.switch_mode("migrations")
+
+
+class MigrateScreen(ModalScreen[None]):
+    BINDINGS = keymap.bindings(keymap.BACK_KEYS) + [Binding("ctrl+s", "submit", "migrate", id="form_submit")]
+
+    def __init__(self, vm: dict) -> None:
+        super().__init__(classes="dialog-screen")
+        self.vm = vm
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(f"Migrate [b]{self.vm['name']}[/b] from {self.vm.get('host', '?')} to:")
+            yield OptionList(id="destinations")
+            yield Checkbox("copy MTE tags (KVM_ARM_MTE_COPY_TAGS)", id="with-tags")
+            with Horizontal(classes="buttons"):
+                yield Button("Migrate (ctrl+s)", id="migrate", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+        self.load_hosts()
+
+    @work(exclusive=True, group="migrate-hosts")
+    async def load_hosts(self) -> None:
+        hosts = await self.app.client.hosts()
+        options = self.query_one(OptionList)
+        for h in hosts:
+            if h["name"] != self.vm.get("host"):
+                note = "" if h.get("available", True) else f" (unavailable: {h.get('reason')})"
+                options.add_option(Option(f"{h['name']}  {h.get('description', '')}{note}", id=h["name"]))
+        if options.option_count:
+            options.highlighted = 0
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.action_submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "migrate":
+            self.action_submit()
+        else:
+            self.dismiss()
+
+    def action_submit(self) -> None:
+        options = self.query_one(OptionList)
+        if options.highlighted is None:
+            self.app.notify("Choose a destination host", severity="warning")
+            return
+        dst = options.get_option_at_index(options.highlighted).id
+        with_tags = self.query_one("#with-tags", Checkbox).value
+        self.dismiss()
+        self.app.run_worker(migrate(self.app, self.vm["name"], dst, with_tags), group="migrate")
+
+    def action_back(self) -> None:
+        self.dismiss()

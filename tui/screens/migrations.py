@@ -1,0 +1,82 @@
+"""Migrations, newest first: blocked, running with progress, completed and failed, each with why."""
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import DataTable, Header, Static
+
+from tui import format as fmt
+from tui import keymap
+from tui.components.live_table import LiveRows
+from tui.components.status import screen_bottom
+from tui.live import MigrationChanged
+
+COLUMNS = [("id", "#"), ("vm", "VM"), ("route", "from → to"), ("tags", "tags"), ("state", "state"),
+           ("progress", "progress"), ("reason", "reason")]
+
+
+def row_values(m: dict) -> dict[str, str]:
+    return {"id": str(m["id"]), "vm": m.get("vm", ""), "route": f"{m.get('src', '?')} → {m.get('dst', '?')}",
+            "tags": "yes" if m.get("with_tags") else "no", "state": m.get("state", "?"),
+            "progress": fmt.progress_bar(m.get("progress", 0.0), 6), "reason": m.get("reason") or ""}
+
+
+def explain(m: dict) -> str:
+    """The full story of one migration for the pane under the table."""
+    text = (f"migration #{m['id']}: {m.get('vm')} from {m.get('src')} to {m.get('dst')}"
+            f"{' with tags' if m.get('with_tags') else ''} is {m.get('state')}")
+    if m.get("state") in ("setup", "active"):
+        text += f" ({(m.get('progress') or 0) * 100:.0f}%)"
+    if m.get("reason"):
+        text += f"\nreason: {m['reason']}"
+    stats = m.get("stats") or {}
+    if stats:
+        text += "\n" + ", ".join(f"{k} {v}" for k, v in stats.items())
+    return text
+
+
+class MigrationsScreen(Screen):
+    BINDINGS = keymap.bindings(keymap.BACK_KEYS)
+    TITLE = "Migrations"
+
+    def __init__(self) -> None:
+        super().__init__(id="migrations")
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        table = DataTable(id="migration-table", cursor_type="row", zebra_stripes=True)
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield Static("", id="migration-detail")
+        yield from screen_bottom()
+
+    def on_mount(self) -> None:
+        self.rows = LiveRows(self.query_one("#migration-table", DataTable), [key for key, _ in COLUMNS])
+        self.query_one("#migration-table").focus()
+        self.sync_rows()
+
+    def on_screen_resume(self) -> None:
+        self.sync_rows()
+
+    def sync_rows(self) -> None:
+        migrations = sorted(self.app.model.migrations.values(), key=lambda m: -m["id"])
+        self.rows.sync([(str(m["id"]), row_values(m)) for m in migrations])
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        key = self.rows.cursor_key()
+        detail = self.query_one("#migration-detail", Static)
+        if key is None:
+            detail.update("no migrations yet: open a VM and press g to migrate it")
+        else:
+            detail.update(explain(self.app.model.migrations[int(key)]))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
+
+    def on_migration_changed(self, message: MigrationChanged) -> None:
+        self.sync_rows()
+
+    async def action_back(self) -> None:
+        await self.app.switch_mode("vms")

@@ -1,0 +1,206 @@
+"""Create a VM (or edit one's MTE and TCF), validated as the user types.
+
+Every change asks the daemon for a dry run (``client.create(cfg, validate_only=True)``), which
+runs the seed's decision tree on the chosen host; its message ("MTE requested, but not supported
+by KVM", ...) is shown under the form, never as a crash. The daemon stays the only judge: the
+form only checks that numbers are numbers.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
+
+from backend.errors import MtevmError
+from tui import keymap
+from tui.components.status import screen_bottom
+
+CPU_SUGGESTIONS = ["max", "host", "cortex-a710", "neoverse-n2", "cortex-a57", "cortex-a72", "cortex-a76"]
+TCF_CHOICES = ["sync", "async", "asymm", "none"]
+VALIDATE_DELAY = 0.15      # seconds of quiet typing before asking the daemon
+
+
+class FormError(Exception):
+    """A field the form itself can reject (not a number); the daemon judges everything else."""
+
+
+def _int_field(value: str, what: str) -> int:
+    try:
+        return int(value.strip(), 0)
+    except ValueError:
+        raise FormError(f"{what}: {value.strip()!r} is not a whole number") from None
+
+
+class VmFormScreen(Screen):
+    BINDINGS = keymap.bindings(keymap.FORM_KEYS, keymap.BACK_KEYS)
+    TITLE = "New VM"
+
+    def __init__(self, existing: dict | None = None) -> None:
+        super().__init__(classes="vm-form")
+        self.existing = existing
+        self.verdict: dict | None = None     # the last dry-run answer, {"ok","error"}
+
+    def compose(self) -> ComposeResult:
+        e = self.existing or {}
+        cfg = e.get("config", {})
+        workload = e.get("workload", {})
+        editing = self.existing is not None
+        yield Header(show_clock=False)
+        yield Static("", id="form-error")
+        with VerticalScroll(id="form-body"):
+            yield from self._row("name", Input(e.get("name", ""), placeholder="e.g. web1", id="name",
+                                               disabled=editing, compact=True))
+            yield from self._row("host", Select([], id="host", prompt="loading hosts…", compact=True)
+                                 if not editing else Input(e.get("host", ""), id="host", disabled=True, compact=True))
+            yield from self._row("accel", Select([("kvm", "kvm"), ("tcg", "tcg")], id="accel", allow_blank=False,
+                                                 value=cfg.get("accel", "kvm"), disabled=editing,
+                                                 compact=True))
+            yield from self._row("cpu", Input(cfg.get("cpu", ""), placeholder="default: host (kvm), max (tcg)",
+                                              suggester=SuggestFromList(CPU_SUGGESTIONS), id="cpu",
+                                              disabled=editing, compact=True))
+            yield from self._row("vCPUs", Input(str(cfg.get("vcpus", 2)), id="vcpus", type="integer",
+                                                disabled=editing, compact=True))
+            yield from self._row("memory", Input(_mem(cfg.get("memory")), id="memory", disabled=editing, compact=True))
+            yield from self._row("TCF", Select([(t, t) for t in TCF_CHOICES], id="tcf", allow_blank=False,
+                                               value=(workload.get("tcf") or ["sync"])[0], compact=True))
+            yield from self._row("seed", Input(str(workload.get("seed", 1)), id="seed", type="integer",
+                                               disabled=editing, compact=True))
+            with Horizontal(classes="checks"):
+                yield Checkbox("MTE", cfg.get("mte", True), id="mte")
+                yield Checkbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
+                yield Checkbox("only-migratable", cfg.get("only_migratable", False), id="only_migratable",
+                               disabled=editing)
+            if editing:
+                yield Static("Only MTE and TCF can change; MTE of a running VM is applied at its next start.",
+                             classes="hint")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (ctrl+s)" if editing else "Create (ctrl+s)", id="submit", variant="primary",
+                             compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+        yield from screen_bottom()
+
+    @staticmethod
+    def _row(label: str, widget) -> ComposeResult:
+        with Horizontal(classes="field"):
+            yield Label(label, classes="field-label")
+            yield widget
+
+    def on_mount(self) -> None:
+        if self.existing:
+            self.title = "Edit VM"
+            self.sub_title = self.existing["name"]
+            self.query_one("#tcf").focus()
+        else:
+            self.query_one("#name").focus()
+            self.load_hosts()
+
+    @work(exclusive=True, group="form-hosts")
+    async def load_hosts(self) -> None:
+        hosts = await self.app.client.hosts()
+        select = self.query_one("#host", Select)
+        select.set_options([(h["name"], h["name"]) for h in hosts])
+        names = [h["name"] for h in hosts]
+        select.value = "sim-mte" if "sim-mte" in names else names[0]
+        self.validate()
+
+    # -- reading the form -------------------------------------------------------------------------
+    def config(self) -> dict:
+        """The create() request the form describes (FormError when a number is not a number)."""
+        q = self.query_one
+        cfg = {"name": q("#name", Input).value.strip(), "host": q("#host").value,
+               "accel": q("#accel", Select).value, "vcpus": _int_field(q("#vcpus", Input).value, "vCPUs"),
+               "memory": q("#memory", Input).value.strip() or None,
+               "mte": q("#mte", Checkbox).value, "secure": q("#secure", Checkbox).value,
+               "only_migratable": q("#only_migratable", Checkbox).value,
+               "workload": {"seed": _int_field(q("#seed", Input).value, "seed"), "tcf": [q("#tcf", Select).value]}}
+        cpu = q("#cpu", Input).value.strip()
+        if cpu:
+            cfg["cpu"] = cpu
+        return cfg
+
+    def show_verdict(self, ok: bool, text: str) -> None:
+        self.verdict = {"ok": ok, "error": None if ok else text}
+        box = self.query_one("#form-error", Static)
+        box.set_class(not ok, "error")
+        box.set_class(ok, "ok")
+        box.update(Content(("✔ " if ok else "✘ ") + text))
+
+    # -- validation as you type -------------------------------------------------------------------
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.validate()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        self.validate()
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        self.validate()
+
+    @work(exclusive=True, group="form-validate")
+    async def validate(self) -> None:
+        await asyncio.sleep(VALIDATE_DELAY)      # a newer keystroke cancels this one (exclusive)
+        if self.existing:
+            self.show_verdict(True, "ready to save")
+            return
+        try:
+            cfg = self.config()
+            if not cfg["name"]:
+                raise FormError("name: give the VM a name")
+            if cfg["host"] is Select.BLANK:
+                raise FormError("host: loading hosts…")
+            answer = await self.app.client.create(cfg, validate_only=True)
+        except FormError as e:
+            self.show_verdict(False, str(e))
+            return
+        except MtevmError as e:
+            self.show_verdict(False, str(e))
+            return
+        self.show_verdict(bool(answer.get("ok")), "valid: ready to create" if answer.get("ok") else answer["error"])
+
+    # -- submit -----------------------------------------------------------------------------------
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "submit":
+            self.action_submit()
+        else:
+            self.dismiss()
+
+    def action_submit(self) -> None:
+        self.submit()
+
+    @work(exclusive=True, group="form-submit")
+    async def submit(self) -> None:
+        client = self.app.client
+        try:
+            if self.existing:
+                name = self.existing["name"]
+                mte = self.query_one("#mte", Checkbox).value
+                wanted_now = self.existing.get("pending", {}).get("mte", self.existing["mte"])
+                if mte != wanted_now:
+                    await client.set_mte(name, mte)
+                tcf = self.query_one("#tcf", Select).value
+                if tcf != (self.existing.get("workload", {}).get("tcf") or ["sync"])[0]:
+                    await client.set_tcf(name, None, tcf)
+            else:
+                name = (await client.create(self.config()))["name"]
+        except (FormError, MtevmError) as e:
+            self.show_verdict(False, str(e))
+            return
+        await self.app.refresh_model()
+        self.app.notify(f"VM {name!r} {'saved' if self.existing else 'created'}")
+        self.dismiss()
+
+    def action_back(self) -> None:
+        self.dismiss()
+
+
+def _mem(value) -> str:
+    if not value:
+        return "256M"
+    if isinstance(value, int) and value % (1 << 20) == 0:
+        return f"{value >> 20}M"
+    return str(value)
