@@ -211,6 +211,12 @@ class TagMemory:
         tags[:, 1::2] = packed >> 4
         return tags.reshape(-1)
 
+    def packed(self, addr: int, length: int) -> np.ndarray:
+        """Tags of the pages [addr, addr+length) as QEMU stores them: 2 per byte, granule with
+        address bit 4 = 0 in the low nibble (length/32 bytes)."""
+        pages = self._page_span(addr, length)
+        return self._blocks.reshape(-1, TAG_BYTES_PER_PAGE)[self._page_blocks(pages)].reshape(-1)
+
     def set_tags(self, addr: int, tags: np.ndarray) -> None:
         """Set the tags of the pages from ``addr``, one tag per byte per granule."""
         tags = np.asarray(tags)
