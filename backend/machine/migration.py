@@ -58,12 +58,17 @@ class MigrationState:
         if reason in self.blockers:
             self.blockers.remove(reason)
 
-    def check_can_migrate(self) -> None:
-        """migrate_prepare(): a running migration, then the newest blocker's own text."""
+    def check_can_migrate(self, lifted: tuple[str, ...] = ()) -> None:
+        """migrate_prepare(): a running migration, then the newest blocker's own text.
+
+        ``lifted`` names blockers this migration does not need to respect (mtevm's opt-in tag
+        migration lifts the MTE blocker; QEMU has no such option).
+        """
         if self.running:
             raise MigrationError("There's a migration process in progress")
-        if self.blockers:
-            raise MigrationError(self.blockers[0])
+        remaining = [b for b in self.blockers if b not in lifted]
+        if remaining:
+            raise MigrationError(remaining[0])
 
     def query_migrate(self) -> dict:
         """The ``query-migrate`` reply: {} before any migration with nothing blocking it."""

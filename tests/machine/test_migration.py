@@ -35,6 +35,18 @@ def test_blocked_reasons_newest_first_and_migrate_reports_the_newest():
     assert s.query_migrate() == {}
 
 
+def test_tag_migration_can_lift_only_the_mte_blocker():
+    s = MigrationState()
+    s.add_blocker(MTE_MIGRATION_BLOCKER)
+    s.check_can_migrate(lifted=(MTE_MIGRATION_BLOCKER,))
+    s.add_blocker("State blocked by non-migratable device 'ivshmem'")
+    s.remove_blocker(MTE_MIGRATION_BLOCKER)
+    s.add_blocker(MTE_MIGRATION_BLOCKER)
+    with pytest.raises(MigrationError, match=r"^State blocked by non-migratable device 'ivshmem'$"):
+        s.check_can_migrate(lifted=(MTE_MIGRATION_BLOCKER,))
+    assert s.query_migrate()["blocked-reasons"][0] == MTE_MIGRATION_BLOCKER
+
+
 def test_only_migratable_refuses_blockers():
     s = MigrationState(only_migratable=True)
     with pytest.raises(MigrationError) as e:
