@@ -1,0 +1,467 @@
+"""``mtevm``: the command line. With no command it opens the Textual app.
+
+Every command is a thin client of backend.client (the daemon, started on demand, or the Service
+in-process with ``--no-daemon``). Listings print rich tables, or JSON with ``--json``; errors go to
+stderr as ``mtevm: error: <message>`` (QEMU's own text where QEMU has one) so stdout stays
+parseable. Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from backend.errors import ConfigError, MtevmError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+COMMANDS = ("probe", "hosts", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
+            "migrate", "migrations", "daemon", "tagcheck", "serve")
+# Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+
+
+class UsageError(MtevmError):
+    """Bad command-line usage that argparse cannot see (e.g. delete without a terminal or --yes)."""
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+def _dir_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--runtime-dir", default=default,
+                        help="where the daemon's socket and pid file live (env MTEVM_RUNTIME_DIR)")
+    parser.add_argument("--state-dir", default=default,
+                        help="where VM definitions and the daemon log are kept (env MTEVM_STATE_DIR)")
+    parser.add_argument("--no-daemon", action="store_true", default=default,
+                        help="run the service in this process instead of talking to the daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtevm", description=(
+        "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
+        "Without a command, opens the app."))
+    _dir_options(parser, None)
+    # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _dir_options(common, argparse.SUPPRESS)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, *parents) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=[common, *parents])
+
+    p = add("probe", "what each host can do for MTE (KVM, QEMU, CPU) and the verdicts", as_json)
+    p.add_argument("--host", help="probe only this host")
+    add("hosts", "the hosts VMs can run on", as_json)
+    add("list", "all VMs", as_json)
+    p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
+    p.add_argument("name")
+
+    p = add("create", "define a VM (it starts stopped)", as_json)
+    p.add_argument("name")
+    p.add_argument("--host", help="sim-mte (default), sim-nomte or local")
+    p.add_argument("--accel", choices=["kvm", "tcg"], help="default: kvm on simulated hosts, tcg on local")
+    p.add_argument("--cpu", metavar="MODEL", help="default: host with kvm, max with tcg")
+    p.add_argument("--vcpus", type=int, metavar="N", help="default 2")
+    p.add_argument("--memory", metavar="SIZE", help="e.g. 256M (default), 1G")
+    mte = p.add_mutually_exclusive_group()
+    mte.add_argument("--mte", dest="mte", action="store_true", default=None, help="MTE on (default)")
+    mte.add_argument("--no-mte", dest="mte", action="store_false", help="MTE off")
+    p.add_argument("--secure", action="store_true", default=None, help="EL3 with secure tag memory")
+    p.add_argument("--only-migratable", action="store_true", default=None,
+                   help="refuse anything that blocks migration (QEMU's -only-migratable)")
+    p.add_argument("--workload", metavar="K=V,...", help="workload parameters, e.g. seed=3,tcf=sync,async,rate=0")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tcf", metavar="MODE[,MODE...]", help="none, sync, async or asymm, per vCPU")
+    p.add_argument("--rate", type=int, help="checked accesses per second per vCPU (0 = flat out)")
+    p.add_argument("--uaf-rate", type=float)
+    p.add_argument("--overflow-rate", type=float)
+    p.add_argument("--wild-rate", type=float)
+    p.add_argument("--heap-size", type=int)
+
+    for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
+        add(name, help_, as_json).add_argument("name")
+    p = add("delete", "delete a stopped VM's definition")
+    p.add_argument("name")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    p = add("mte", "turn MTE on or off (a running VM: at its next start)", as_json)
+    p.add_argument("name")
+    p.add_argument("state", choices=["on", "off"])
+    p = add("tcf", "set the tag check fault mode of a VM's workload", as_json)
+    p.add_argument("name")
+    p.add_argument("mode", choices=["none", "sync", "async", "asymm"])
+    p.add_argument("--vcpu", type=int, help="only this vCPU (default: all)")
+    p = add("counters", "tag-check counters of a VM", as_json)
+    p.add_argument("name")
+    p.add_argument("--watch", action="store_true", help="keep printing samples until Ctrl+C")
+    p.add_argument("--rate", type=float, default=1.0, help="samples per second with --watch (default 1)")
+    p = add("migrate", "live-migrate a running VM to another host", as_json)
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="HOST")
+    p.add_argument("--with-tags", action="store_true", help="also copy the MTE tags (KVM_ARM_MTE_COPY_TAGS)")
+    p.add_argument("--no-wait", action="store_true", help="return once the migration has started")
+    add("migrations", "the migration history, newest first", as_json)
+    p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
+    p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
+    p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The first word that is not an option or an option's value (None: open the app)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+        elif arg in ("-h", "--help"):
+            return arg
+    return None
+
+
+# -- output ---------------------------------------------------------------------------------------
+def _console(stderr: bool = False):
+    from rich.console import Console
+    width = None if sys.stdout.isatty() else 200  # no terminal: don't wrap at 80 columns
+    return Console(stderr=stderr, width=width, highlight=False)
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+    t = Table(title=title, title_justify="left", show_edge=False, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    _console().print(t)
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _size(n: int) -> str:
+    from backend.machine.config import format_size
+    return format_size(n)
+
+
+def _pending(p: dict) -> str:
+    return ", ".join(f"{k}={'on' if v is True else 'off' if v is False else v}" for k, v in p.items())
+
+
+def _onoff(b: bool | None) -> str:
+    return "on" if b else "off"
+
+
+def print_hosts(hosts: list[dict]) -> None:
+    _table(None, ["NAME", "KIND", "ARCH", "KVM MTE", "AVAILABLE", "DESCRIPTION"],
+           [[h["name"], h["kind"], h["arch"], "yes" if h["kvm_mte"] else "no",
+             "yes" if h["available"] else f"no: {h['reason']}", h["description"]] for h in hosts])
+
+
+def print_probe(reports: list[dict]) -> None:
+    for r in reports:
+        kvm, qemu, cpu = r["kvm"], r["qemu"], r["cpu"]
+        _table(f"host {r['host']}", ["WHAT", "VALUE"], [
+            ["KVM", f"{'present' if kvm['present'] else 'absent'} ({kvm.get('path')}), API version "
+                    f"{kvm.get('api_version')}, KVM_CAP_ARM_MTE = {kvm.get('cap_arm_mte')}"],
+            ["QEMU", f"{qemu.get('binary') or 'not found'} {qemu.get('version') or ''}, MTE {qemu.get('mte')}, "
+                     f"accels {', '.join(qemu.get('accels') or [])}"],
+            ["CPU", f"{cpu['arch']}, MTE {'yes' if cpu['mte'] else 'no'} ({cpu['source']})"],
+            *[[f["name"], f"{f['value']}  ({f['source']})"] for f in r.get("facts", [])],
+            *[[v["level"].upper(), v["text"]] for v in r["verdicts"]]])
+
+
+def print_list(vms: list[dict]) -> None:
+    _table(None, ["NAME", "HOST", "STATE", "ACCEL", "CPU", "VCPUS", "MEMORY", "MTE", "FAULTS/S", "PENDING",
+                  "LAST ERROR"],
+           [[v["name"], v["host"], v["state"], v["accel"], v["cpu"], v["vcpus"], _size(v["memory"]),
+             _onoff(v["mte"]), f"{v['faults_per_s']:.1f}", _pending(v["pending"]), v["last_error"]] for v in vms])
+
+
+def _vcpu_rows(vcpus: list[dict]) -> list[list]:
+    rows = []
+    for c in vcpus:
+        f = c.get("last_fault")
+        rows.append([c["index"], "yes" if c["kvm_mte"] else "no", c["tcf"], c["checked"], c["unchecked"],
+                     c["sync_faults"], c["async_faults"],
+                     f and f"{f['kind']} {f['access']} {f['addr']} ptr {f['ptr_tag']:x} mem {f['mem_tag']:x}"])
+    return rows
+
+
+_VCPU_COLUMNS = ["VCPU", "KVM_MTE", "TCF", "CHECKED", "UNCHECKED", "SYNC", "ASYNC", "LAST FAULT"]
+
+
+def print_detail(vm: dict) -> None:
+    c = vm["config"]
+    _table(f"VM {vm['name']}", ["", ""], [
+        ["host", vm["host"]], ["state", vm["state"]],
+        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
+        ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
+        ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
+        ["workload", ", ".join(f"{k}={v}" for k, v in vm["workload"].items())],
+        ["faults/s", f"{vm['faults_per_s']:.1f}"],
+        ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
+                                           f"{vm['tag_memory']['bytes']} bytes"],
+        ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
+        ["last error", vm["last_error"]]])
+    _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
+    if vm["last_faults"]:
+        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE"],
+               [[f["vcpu"], f["kind"], f["access"], f["addr"], f"{f['ptr_tag']:x}", f"{f['mem_tag']:x}", f["size"]]
+                for f in vm["last_faults"]])
+    if vm["stderr"]:
+        _table("stderr", ["LINE"], [[line] for line in vm["stderr"]])
+
+
+def print_migrations(ms: list[dict]) -> None:
+    _table(None, ["ID", "VM", "FROM", "TO", "TAGS", "STATE", "PROGRESS", "STARTED", "REASON"],
+           [[m["id"], m["vm"], m["src"], m["dst"], "yes" if m["with_tags"] else "no", m["state"],
+             f"{m['progress'] * 100:.0f}%", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["started"])),
+             m["reason"]] for m in ms])
+
+
+def print_counters(c: dict) -> None:
+    vm = c["vm"]
+    _table(f"VM {c['name']}: checked {vm['checked']}, unchecked {vm['unchecked']}, "
+           f"sync faults {vm['sync_faults']}, async faults {vm['async_faults']}", _VCPU_COLUMNS, _vcpu_rows(c["vcpus"]))
+
+
+# -- commands -------------------------------------------------------------------------------------
+def _number(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_workload(text: str | None) -> dict:
+    """"seed=3,tcf=sync,async,rate=0" -> {"seed": 3, "tcf": "sync,async", "rate": 0}.
+
+    A piece without "=" continues the previous value, so per-vCPU TCF lists need no quoting.
+    """
+    out: dict = {}
+    key = None
+    for piece in (text or "").split(","):
+        if "=" in piece:
+            key, value = piece.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if not key:
+                raise ConfigError(f"--workload: {piece!r} has no parameter name (use k=v,...)")
+            out[key] = value.strip()
+        elif key is not None and piece.strip():
+            out[key] += "," + piece.strip()
+        elif piece.strip():
+            raise ConfigError(f"--workload: {piece!r} is not k=v")
+    return {k: v if k == "tcf" else _number(v) for k, v in out.items()}
+
+
+def definition_from_args(args) -> dict:
+    config: dict = {"name": args.name}
+    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    workload = parse_workload(args.workload)
+    for key in ("seed", "tcf", "rate", "uaf_rate", "overflow_rate", "wild_rate", "heap_size"):
+        if getattr(args, key) is not None:
+            workload[key] = getattr(args, key)
+    if workload:
+        config["workload"] = workload
+    return config
+
+
+async def _watch_counters(client, args) -> int:
+    last: tuple[float, int] | None = None
+    async for event in client.events(rate_hz=args.rate):
+        if event["type"] == "vm" and event.get("deleted") == args.name:
+            return 0
+        if event["type"] != "counters" or event["vm"] != args.name:
+            continue
+        c = event["counters"]
+        if args.json:
+            print(json.dumps(c), flush=True)
+            continue
+        faults = c["vm"]["sync_faults"] + c["vm"]["async_faults"]
+        rate = (faults - last[1]) / (c["time"] - last[0]) if last and c["time"] > last[0] else 0.0
+        last = (c["time"], faults)
+        print(f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
+              f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
+              f"faults/s {rate:.1f}", flush=True)
+    return 0
+
+
+async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
+    """Follow a migration to its end: by events, re-reading the history if events go quiet."""
+    events = client.events(rate_hz=1.0)
+    m = migration
+    progress = None
+    if show_progress:
+        from rich.progress import Progress
+        progress = Progress(console=_console(stderr=True), transient=True)
+        task = progress.add_task(f"migrating {m['vm']} to {m['dst']}", total=1.0)
+        progress.start()
+    try:
+        while m["state"] in ("setup", "active"):
+            try:
+                event = await asyncio.wait_for(anext(events), 1.0)
+                if event["type"] == "migration" and event["migration"]["id"] == m["id"]:
+                    m = event["migration"]
+            except (TimeoutError, StopAsyncIteration):
+                m = next(x for x in await client.migrations() if x["id"] == m["id"])
+            if progress is not None:
+                progress.update(task, completed=m["progress"])
+    finally:
+        if progress is not None:
+            progress.stop()
+        await events.aclose()
+    return m
+
+
+async def run_command(args) -> int:
+    from backend.client import connect
+    from backend.paths import Paths
+    paths = Paths.resolve(args.runtime_dir, args.state_dir)
+    if args.no_daemon:
+        from backend.daemon.launch import daemon_pid
+        pid = daemon_pid(paths)
+        if pid is not None:
+            raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
+                             "drop --no-daemon, or stop it with 'mtevm daemon stop'")
+    if args.command == "delete" and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"refusing to delete VM {args.name!r} without confirmation: pass --yes")
+        answer = input(f"Delete VM {args.name!r}? This cannot be undone. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted", file=sys.stderr)
+            return EXIT_FAILED
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
+    async with client:
+        return await _dispatch(client, args)
+
+
+async def _dispatch(client, args) -> int:
+    cmd = args.command
+    as_json = getattr(args, "json", False)
+
+    def out(data, human) -> None:
+        _json(data) if as_json else human(data)
+
+    if cmd == "hosts":
+        out(await client.hosts(), print_hosts)
+    elif cmd == "probe":
+        out(await client.probe(args.host), print_probe)
+    elif cmd == "list":
+        out(await client.list(), print_list)
+    elif cmd == "show":
+        out(await client.show(args.name), print_detail)
+    elif cmd == "create":
+        vm = await client.create(definition_from_args(args))
+        out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
+                                f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
+                                f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+    elif cmd == "start":
+        out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
+    elif cmd == "stop":
+        out(await client.stop(args.name), lambda v: print(f"stopped VM {v['name']}"))
+    elif cmd == "delete":
+        await client.delete(args.name)
+        out({"deleted": args.name}, lambda d: print(f"deleted VM {args.name}"))
+    elif cmd == "mte":
+        vm = await client.set_mte(args.name, args.state == "on")
+        out(vm, lambda v: print(
+            f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
+            else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+    elif cmd == "tcf":
+        vm = await client.set_tcf(args.name, args.vcpu, args.mode)
+        out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))
+    elif cmd == "counters":
+        if args.watch:
+            return await _watch_counters(client, args)
+        out(await client.counters(args.name), print_counters)
+    elif cmd == "migrate":
+        m = await client.migrate(args.name, args.to, with_tags=args.with_tags)
+        if not args.no_wait:
+            m = await _wait_migration(client, m, show_progress=not as_json and sys.stderr.isatty())
+        out(m, lambda m: print(f"migration {m['id']} of VM {m['vm']} from {m['src']} to {m['dst']}: {m['state']}"
+                               + (f" ({m['reason']})" if m["reason"] else "")))
+        if m["state"] == "failed":
+            print(f"mtevm: error: {m['reason']}", file=sys.stderr)
+            return EXIT_FAILED
+    elif cmd == "migrations":
+        out(await client.migrations(), print_migrations)
+    return 0
+
+
+def run_daemon_command(args) -> int:
+    from backend.daemon import launch
+    from backend.daemon.main import run_daemon
+    from backend.paths import Paths
+    paths = Paths.resolve(args.runtime_dir, args.state_dir)
+    if args.action == "stop":
+        pid = launch.stop_daemon(paths)
+        print(json.dumps({"stopped": pid}) if args.json else f"mtevm daemon (pid {pid}) stopped")
+        return 0
+    pid = launch.daemon_pid(paths)
+    if pid is not None:
+        raise MtevmError(f"an mtevm daemon is already running (pid {pid or '?'}, socket {paths.socket})")
+    if args.foreground:
+        def report(msg: dict) -> None:
+            if "error" in msg:
+                print(f"mtevm: error: {msg['error']['message']}", file=sys.stderr, flush=True)
+            else:
+                print(f"mtevm daemon: pid {msg['pid']}, listening on {msg['socket']}", file=sys.stderr, flush=True)
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_daemon(paths, report)
+    pid = launch.start_background(paths)
+    print(json.dumps({"pid": pid, "socket": paths.socket}) if args.json
+          else f"mtevm daemon started (pid {pid}), listening on {paths.socket}; log: {paths.log_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = _command_word(argv)
+    if word is None:
+        from tui.app import run_app
+        return run_app(argv)
+    parser = build_parser()
+    if word == "tagcheck" or word == "serve":
+        # Their own argument parsers handle everything after the word (including --help).
+        rest = argv[argv.index(word) + 1:]
+        if word == "serve":
+            from tui.serve import main as serve_main
+            return serve_main(rest)
+        if not rest or rest[0] != "replay":
+            print("usage: mtevm tagcheck replay [options] TRACE  (see 'mtevm tagcheck replay --help')",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        from backend.tagcheck.replay import main as replay_main
+        return replay_main(rest[1:])
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
+    try:
+        if args.command == "daemon":
+            return run_daemon_command(args)
+        return asyncio.run(run_command(args))
+    except KeyboardInterrupt:
+        return 130
+    except MtevmError as e:
+        print(f"mtevm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, (ConfigError, UsageError)) else EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

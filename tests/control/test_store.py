@@ -1,0 +1,150 @@
+"""The SQLite store: round trips, durability under kill -9, and refusing bad files without touching them."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from backend.errors import StoreError
+from backend.store import SCHEMA_VERSION, Store, VmRow
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def sidecars(path) -> list[str]:
+    return [p for p in (str(path) + "-wal", str(path) + "-shm", str(path) + "-journal") if os.path.exists(p)]
+
+
+def test_definitions_pending_runtime_and_migrations_round_trip(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    s = Store(str(path))
+    s.add_vm(VmRow("a", "sim-mte", {"name": "a", "vcpus": 2}, {"seed": 3}))
+    s.add_vm(VmRow("b", "local", {"name": "b"}, {}))
+    s.update_vm("a", pending={"mte": False})
+    s.set_state("b", "running", runtime={"pid": 42})
+    mid = s.add_migration({"vm": "a", "src": "sim-mte", "dst": "sim-nomte", "with_tags": True, "state": "blocked",
+                           "reason": "Live migration disabled due to MTE enabled", "progress": 0.0,
+                           "started": 1.0, "finished": 1.0, "stats": {}})
+    s.close()
+
+    s = Store(str(path))
+    vms = {r.name: r for r in s.load_vms()}
+    assert vms["a"].config == {"name": "a", "vcpus": 2} and vms["a"].workload == {"seed": 3}
+    assert vms["a"].pending == {"mte": False} and vms["a"].state == "stopped"
+    assert vms["b"].state == "running" and vms["b"].runtime == {"pid": 42}
+    [m] = s.load_migrations()
+    assert m["id"] == mid and m["with_tags"] is True and m["reason"] == "Live migration disabled due to MTE enabled"
+    s.delete_vm("a")
+    assert [r.name for r in s.load_vms()] == ["b"]
+    # deleting a VM takes its pending changes with it (a new VM of that name starts clean)
+    s.add_vm(VmRow("a", "sim-mte", {"name": "a"}, {}))
+    assert {r.name: r.pending for r in s.load_vms()}["a"] == {}
+    s.close()
+
+
+def test_store_is_wal_with_full_sync_and_versioned(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    Store(str(path)).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_a_failed_change_leaves_nothing_behind(tmp_path):
+    s = Store(str(tmp_path / "s.sqlite3"))
+    s.add_vm(VmRow("a", "sim-mte", {"name": "a"}, {}))
+    with pytest.raises(sqlite3.IntegrityError):
+        s.add_vm(VmRow("a", "local", {"name": "a", "other": 1}, {}))
+    with pytest.raises(sqlite3.IntegrityError):  # pending of an unknown VM: the whole change is rolled back
+        s.update_vm("nosuch", host="x", pending={"mte": True})
+    [row] = s.load_vms()
+    assert row.host == "sim-mte" and row.config == {"name": "a"}
+    s.close()
+
+
+@pytest.mark.parametrize("content", [
+    b"this is not a database at all\n" * 10,
+    b"SQLite format 3\x00" + b"\xff" * 4080,
+])
+def test_corrupted_store_is_refused_and_left_untouched(tmp_path, content):
+    path = tmp_path / "s.sqlite3"
+    path.write_bytes(content)
+    with pytest.raises(StoreError) as e:
+        Store(str(path))
+    assert str(path) in str(e.value) and "untouched" in str(e.value)
+    assert path.read_bytes() == content
+    assert sidecars(path) == []
+
+
+def test_store_with_a_damaged_page_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    s = Store(str(path))
+    for i in range(200):
+        s.add_vm(VmRow(f"vm{i}", "sim-mte", {"name": f"vm{i}", "pad": "x" * 200}, {}))
+    s.close()
+    data = bytearray(path.read_bytes())
+    assert len(data) > 5 * 4096
+    data[3 * 4096:3 * 4096 + 200] = b"\x42" * 200  # scribble over a b-tree page
+    path.write_bytes(bytes(data))
+    before = digest(path)
+    with pytest.raises(StoreError, match="corrupted"):
+        Store(str(path))
+    assert digest(path) == before
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    Store(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.close()
+    before = digest(path)
+    with pytest.raises(StoreError) as e:
+        Store(str(path))
+    assert "newer" in str(e.value) and str(path) in str(e.value)
+    assert digest(path) == before and sidecars(path) == []
+
+
+def test_someone_elses_database_is_refused(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE photos (id INTEGER)")
+    db.commit()
+    db.close()
+    before = digest(path)
+    with pytest.raises(StoreError, match="not an mtevm store"):
+        Store(str(path))
+    assert digest(path) == before
+
+
+WRITER = """
+import sys
+from backend.store import Store, VmRow
+s = Store(sys.argv[1])
+i = 0
+while True:
+    s.add_vm(VmRow(f"vm{i}", "sim-mte", {"name": f"vm{i}"}, {}))
+    print(f"vm{i}", flush=True)   # only after add_vm returned: the user has been told
+    i += 1
+"""
+
+
+def test_every_acknowledged_definition_survives_kill_9(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    acknowledged = [proc.stdout.readline().strip() for _ in range(40)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = Store(str(path))
+    names = {r.name for r in s.load_vms()}
+    s.close()
+    assert set(acknowledged) <= names
