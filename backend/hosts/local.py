@@ -24,7 +24,7 @@ from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
 from backend.machine import VirtMachineConfig
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
-from backend.qemu.driver import QemuFiles, QemuProcess
+from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
 from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
@@ -55,6 +55,7 @@ class LocalHost(Host):
     """This machine. Its probe is real; its VMs are QEMU processes that outlive the daemon."""
 
     kind = "local"
+    reattach_timeout = REATTACH_TIMEOUT   # seconds a found QEMU gets to answer on QMP
 
     def __init__(self, runtime_dir: str | None = None, *, name: str = "local",
                  qemu_binary: str | None = None, guest_elf: str | None = None):
@@ -168,10 +169,15 @@ class LocalHost(Host):
 
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
-        proc = await QemuProcess.reattach(runtime["qemu"])
+        proc = await QemuProcess.reattach(runtime, self.reattach_timeout)
         if proc is None:
             _remove(runtime.get("params"))
             return None
+        if proc.unreachable:
+            # A QEMU mtevm cannot talk to is of no use and must not run on unseen: stop it.
+            await proc.stop()
+            _remove(runtime.get("params"))
+            raise StateError(f"QEMU pid {proc.pid} did not answer on QMP ({proc.unreachable}); it was stopped")
         vm = LocalVm(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
         self.vms.add(vm)
         return vm
@@ -210,7 +216,7 @@ class LocalVm(RunningVm):
     @property
     def state(self) -> str:
         if self.proc.alive():
-            return "crashed" if self.proc.unreachable else "running"
+            return "running"
         return "stopped" if self.proc.stopping else "crashed"
 
     def _on_exit(self, proc: QemuProcess) -> None:
@@ -220,16 +226,15 @@ class LocalVm(RunningVm):
 
     def stderr_tail(self) -> list[str]:
         lines = self.proc.stderr_tail()
-        if self.proc.unreachable:
-            lines.append(self.proc.unreachable)
-        elif not self.proc.alive() and not self.proc.stopping:
+        if not self.proc.alive() and not self.proc.stopping:
             lines.append(self.proc.exit_reason())
         return lines
 
     def runtime_info(self) -> dict:
         if not self.proc.alive():
             return {}
-        return {"qemu": self.proc.runtime_info(), "extra_args": self.extra_args, "params": self.params_file}
+        return {**self.proc.runtime_info(), "qmp_socket": self.proc.files.qmp_socket,
+                "extra_args": self.extra_args, "params": self.params_file}
 
     # --------------------------------------------------------------------------- counters
     def _vcpu_info(self, index: int, status: dict) -> dict:
@@ -259,7 +264,7 @@ class LocalVm(RunningVm):
 
     async def sample(self) -> list[dict]:
         from backend.qemu import guest_abi
-        if not self.proc.alive() or self.proc.unreachable:
+        if not self.proc.alive():
             return self.vcpus()
         try:
             cpus = await self.proc.qmp.execute("query-cpus-fast")
@@ -312,6 +317,8 @@ class LocalVm(RunningVm):
 
     # ------------------------------------------------------------------------ lifecycle
     async def blocked_reasons(self) -> list[str]:
+        if not self.proc.alive():
+            return []
         reply = await self.proc.qmp.execute("query-migrate")
         return list(reply.get("blocked-reasons", []))
 

@@ -306,9 +306,10 @@ class QemuProcess:
         if self.alive():
             try:
                 await asyncio.wait_for(self.qmp.execute("quit"), timeouts.quit)
+                quit_sent = True
             except (QmpError, asyncio.TimeoutError):
-                pass
-            if not await self.wait(timeouts.quit):
+                quit_sent = False   # no QMP: waiting for a quit that was never sent is pointless
+            if not (quit_sent and await self.wait(timeouts.quit)):
                 self._signal(signal.SIGTERM)
                 if not await self.wait(timeouts.term):
                     await self.kill(timeouts.kill)

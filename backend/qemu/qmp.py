@@ -46,14 +46,16 @@ class QmpConnection:
         deadline = loop.time() + timeout
         while True:
             try:
-                await self._client.connect(self.socket_path)
+                # Bounded: a QEMU whose one QMP connection is taken accepts but never greets.
+                await asyncio.wait_for(self._client.connect(self.socket_path),
+                                       max(deadline - loop.time(), POLL_INTERVAL))
                 return
-            except ConnectError as e:
+            except (ConnectError, asyncio.TimeoutError) as e:
                 if not alive():
                     raise QmpGone("QEMU exited before its QMP monitor was ready") from e
                 if loop.time() >= deadline:
                     raise QmpGone(f"QEMU's QMP socket {self.socket_path} did not answer within "
-                                  f"{timeout:.0f} s: {e}") from e
+                                  f"{timeout:g} s{': ' + str(e) if str(e) else ''}") from e
             await asyncio.sleep(POLL_INTERVAL)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:

@@ -111,7 +111,7 @@ async def test_stop_escalates_to_sigkill_when_qemu_does_not_answer(qemu):
     assert_gone(proc.pid)
 
 
-async def test_stop_of_a_qemu_that_ignores_quit_uses_sigterm(qemu):
+async def test_stop_without_qmp_uses_sigterm_at_once(qemu):
     proc = await qemu()
     await proc.qmp.close()                  # no QMP: quit cannot be sent, SIGTERM must do it
     await proc.stop(StopTimeouts(quit=0.3, term=10, kill=10))

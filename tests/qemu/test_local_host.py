@@ -145,14 +145,35 @@ async def test_a_new_daemon_reattaches_a_running_vm(host, tmp_path):
     seen = await sample_until(vm, lambda v: v[0]["checked"] > 0)
     runtime = vm.runtime_info()
     await host.close()                                       # the daemon exits; QEMU runs on
-    assert proc_start_time(runtime["qemu"]["pid"]) == runtime["qemu"]["start_time"]
+    assert proc_start_time(runtime["pid"]) == runtime["start_time"]
 
     new_daemon = LocalHost(host.runtime_dir)
-    stale = dict(runtime, qemu=dict(runtime["qemu"], start_time=runtime["qemu"]["start_time"] + 1))
+    stale = dict(runtime, start_time=runtime["start_time"] + 1)
     assert await new_daemon.reattach(spec, stale) is None    # a reused pid is not our QEMU
     again = await new_daemon.reattach(spec, runtime)
     assert again is not None and again.state == "running"
     await sample_until(again, lambda v: v[0]["checked"] > seen[0]["checked"])   # the same guest, still counting
     await again.stop()
-    assert not os.path.exists(f"/proc/{runtime['qemu']['pid']}")
+    assert not os.path.exists(f"/proc/{runtime['pid']}")
     assert await LocalHost(host.runtime_dir).reattach(spec, runtime) is None
+
+
+async def test_a_qemu_that_does_not_answer_on_reattach_is_stopped_not_left_running(host, tmp_path):
+    from qemu.qmp import QMPClient
+    spec = spec_for(tmp_path)
+    vm = await host.start(spec)
+    runtime = vm.runtime_info()
+    await host.close()
+    squatter = QMPClient("someone-else")                     # takes QEMU's one QMP connection
+    await squatter.connect(runtime["qmp_socket"])
+    try:
+        new_daemon = LocalHost(host.runtime_dir)
+        new_daemon.reattach_timeout = 0.5
+        with pytest.raises(StateError, match=rf"QEMU pid {runtime['pid']} did not answer on QMP .*it was stopped"):
+            await new_daemon.reattach(spec, runtime)
+        assert proc_start_time(runtime["pid"]) is None
+    finally:
+        try:
+            await squatter.disconnect()
+        except EOFError:
+            pass
