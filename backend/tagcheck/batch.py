@@ -89,7 +89,7 @@ class BatchChecker:
 
     def __init__(self, tags: TagMemory | None, base: int, size: int):
         self.tags, self.base, self.size = tags, base, size
-        self._cap = 0
+        self._cap = -1
 
     def _work(self, n: int):
         if n > self._cap:
