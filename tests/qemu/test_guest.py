@@ -140,11 +140,11 @@ def test_make_builds_once_then_is_a_noop(tmp_path):
 class GuestVm:
     """One qemu-system-aarch64 running the guest, its QMP client, and a way to read the status block."""
 
-    def __init__(self, tmp: Path, workload: WorkloadConfig, nvcpus: int):
+    def __init__(self, tmp: Path, workload: WorkloadConfig, nvcpus: int, machine: str):
         self.tmp, self.nvcpus = tmp, nvcpus
         (tmp / "params.bin").write_bytes(guest_abi.pack_params(workload, nvcpus))
         self.sock, self.serial = tmp / "qmp.sock", tmp / "serial.log"
-        argv = [QEMU, "-M", "virt,mte=on", "-cpu", "max", "-accel", "tcg", "-nodefaults", "-display", "none",
+        argv = [QEMU, "-M", machine, "-cpu", "max", "-accel", "tcg", "-nodefaults", "-display", "none",
                 "-smp", str(nvcpus), "-m", "256M", "-kernel", str(GUEST_ELF),
                 "-device", f"loader,file={tmp / 'params.bin'},addr={guest_abi.PARAM_ADDR:#x},force-raw=on",
                 "-serial", f"file:{self.serial}", "-qmp", f"unix:{self.sock},server=on,wait=off"]
@@ -191,10 +191,10 @@ class GuestVm:
 async def boot(tmp_path):
     vms: list[GuestVm] = []
 
-    async def start(workload: WorkloadConfig, nvcpus: int) -> GuestVm:
+    async def start(workload: WorkloadConfig, nvcpus: int, machine: str = "virt,mte=on") -> GuestVm:
         directory = tmp_path / f"vm{len(vms)}"
         directory.mkdir()
-        vm = GuestVm(directory, workload, nvcpus)
+        vm = GuestVm(directory, workload, nvcpus, machine)
         vms.append(vm)
         await vm.connect()
         return vm
@@ -246,6 +246,19 @@ async def test_no_bugs_no_faults_and_tcf_none_never_faults(boot):
     assert all(v["sync_faults"] == 0 and v["async_faults"] == 0 and v["last_fault"] is None for v in vcpus)
     vcpus = await unchecked.wait_for(lambda vs: _all(vs, lambda v: v["unchecked"] >= 30000), "unchecked accesses")
     assert all(v["checked"] == 0 and v["sync_faults"] == 0 and v["async_faults"] == 0 for v in vcpus)
+
+
+@needs_qemu
+@pytest.mark.parametrize("machine", ["virt,mte=on,secure=on", "virt,mte=on,virtualization=on"])
+async def test_guest_starts_all_vcpus_whatever_el_qemu_enters_at(boot, machine):
+    """secure=on enters at EL3 (no PSCI: spin table), virtualization=on at EL2 (PSCI over SMC)."""
+    w = WorkloadConfig(seed=9, tcf=["sync", "async"], uaf_rate=0.02, overflow_rate=0.0, wild_rate=0.0,
+                       rate=40000, heap_size=64 << 10)
+    vm = await boot(w, 2, machine)
+    vcpus = await vm.wait_for(lambda vs: vs[0]["sync_faults"] >= 5 and vs[1]["async_faults"] >= 5,
+                              "faults on both vCPUs")
+    assert vcpus[0]["async_faults"] == 0 and vcpus[1]["sync_faults"] == 0
+    assert all(v["boot_tags"] is True for v in vcpus)
 
 
 # --- real QEMU: trace mode (the rules measured on QEMU 10, see qemu-tcg-mte-notes.md) ----------------

@@ -25,6 +25,8 @@
 #define TFSR_EL1 "S3_0_C5_C6_0"
 
 extern void secondary_entry(void);
+extern uint32_t entry_el;                      /* 1: PSCI over HVC, 2: over SMC, 3: no PSCI (secure=on) */
+extern volatile uint64_t spin_release[MAX_VCPUS];
 
 static const struct params defaults = {
     .magic = PARAM_MAGIC, .version = ABI_VERSION, .mode = MODE_WORKLOAD, .nvcpus = 1, .seed = 1,
@@ -87,11 +89,25 @@ static void uart_print(const char *a, unsigned long num, const char *b)
     __atomic_store_n(&uart_lock, 0, __ATOMIC_RELEASE);
 }
 
+/* PSCI as QEMU's virt provides it: over HVC when the guest entered at EL1, over SMC when it
+ * entered at EL2 (virtualization=on). With secure=on QEMU has no PSCI (firmware's job): then the
+ * other vCPUs are already running in start.S's spin table and CPU_ON just releases one. */
 static uint64_t psci(uint64_t fn, uint64_t a1, uint64_t a2, uint64_t a3)
 {
+    if (entry_el == 3) {
+        if (fn == PSCI_CPU_ON && a1 < MAX_VCPUS) {
+            spin_release[a1] = 1;
+            __asm__ volatile("dsb sy\n sev" ::: "memory");
+            return 0;
+        }
+        return (uint64_t)-1;                   /* NOT_SUPPORTED: SYSTEM_OFF callers then park */
+    }
     register uint64_t x0 __asm__("x0") = fn, x1 __asm__("x1") = a1, x2 __asm__("x2") = a2,
                       x3 __asm__("x3") = a3;
-    __asm__ volatile("hvc #0" : "+r"(x0), "+r"(x1), "+r"(x2), "+r"(x3) : : "memory");
+    if (entry_el == 2)
+        __asm__ volatile("smc #0" : "+r"(x0), "+r"(x1), "+r"(x2), "+r"(x3) : : "memory");
+    else
+        __asm__ volatile("hvc #0" : "+r"(x0), "+r"(x1), "+r"(x2), "+r"(x3) : : "memory");
     return x0;
 }
 

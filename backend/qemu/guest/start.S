@@ -17,9 +17,21 @@
     .section .text.boot, "ax"
     .global _start
 _start:
+    /* -kernel ELF enters at EL1 on plain virt, at EL2 with virtualization=on and at EL3 with
+     * secure=on; every vCPU that enters here first drops to (non-secure) EL1. x19 = entry EL. */
+    mrs     x19, CurrentEL
+    lsr     x19, x19, #2
+    adr     x20, at_el1                 /* where the drop to EL1 returns */
+    cmp     x19, #3
+    b.eq    from_el3
+    cmp     x19, #2
+    b.eq    from_el2
+at_el1:
     mrs     x1, mpidr_el1
     and     x1, x1, #0xff
-    cbnz    x1, park                    /* only vCPU 0 comes here; others wait for CPU_ON */
+    cbnz    x1, spin_table              /* started at reset (secure=on: no PSCI): wait for vCPU 0 */
+    ldr     x1, =entry_el
+    str     w19, [x1]
     /* zero .bss before anything uses it (the stacks live there) */
     ldr     x1, =__bss_start
     ldr     x2, =__bss_end
@@ -30,8 +42,50 @@ _start:
 2:  mov     x0, #0
     b       common_entry
 
+from_el3:
+    ldr     x1, =((1 << 26) | (1 << 10) | (1 << 0))   /* SCR_EL3: ATA, RW (AArch64 below), NS */
+    msr     scr_el3, x1
+    mrs     x1, id_aa64pfr0_el1         /* EL2 implemented too (secure=on,virtualization=on)? */
+    ubfx    x1, x1, #8, #4
+    cbz     x1, 5f
+    ldr     x1, =((1 << 56) | (1 << 31))
+    msr     hcr_el2, x1                 /* then EL1 must be AArch64 and may use tags (as below) */
+    mov     x1, #3
+    msr     cnthctl_el2, x1
+    msr     cntvoff_el2, xzr
+5:  mov     x1, #0x3c5                  /* EL1h, DAIF masked */
+    msr     spsr_el3, x1
+    msr     elr_el3, x20
+    eret
+
+from_el2:
+    ldr     x1, =((1 << 56) | (1 << 31))  /* HCR_EL2: ATA (tags at EL1), RW (EL1 is AArch64) */
+    msr     hcr_el2, x1
+    mov     x1, #3                      /* CNTHCTL_EL2: EL1 may use the physical counter/timer */
+    msr     cnthctl_el2, x1
+    msr     cntvoff_el2, xzr
+    mov     x1, #0x3c5
+    msr     spsr_el2, x1
+    msr     elr_el2, x20
+    eret
+
+spin_table:                             /* x1 = this vCPU's index; vCPU 0 sets spin_release[x1] */
+    ldr     x2, =spin_release
+    add     x2, x2, x1, lsl #3
+3:  ldr     x3, [x2]
+    cbnz    x3, 4f
+    wfe
+    b       3b
+4:  mov     x0, x1
+    b       secondary_entry
+
     .global secondary_entry
 secondary_entry:                        /* x0 = vCPU index (PSCI CPU_ON context id) */
+    mrs     x1, CurrentEL               /* PSCI over SMC (virtualization=on) starts us at EL2 */
+    cmp     x1, #(2 << 2)
+    b.ne    common_entry
+    adr     x20, common_entry
+    b       from_el2
 common_entry:
     msr     daifset, #0xf
     ldr     x1, =stacks
@@ -123,6 +177,14 @@ page_table:
     .quad   0x40000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1       /* 1-2 GiB: RAM, Normal Tagged */
     .quad   0
     .quad   0
+
+    .section .data, "aw"
+    .balign 8
+    .global entry_el, spin_release
+entry_el:                               /* the EL -kernel entered at: 1, 2 or 3 (see psci() in guest.c) */
+    .word   1, 0
+spin_release:                           /* not in .bss: vCPU 0 zeroes .bss while others already spin */
+    .quad   0, 0, 0, 0, 0, 0, 0, 0
 
     .section .bss.stacks, "aw", %nobits
     .balign 16
