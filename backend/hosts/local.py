@@ -226,6 +226,9 @@ class LocalVm(RunningVm):
 
     def stderr_tail(self) -> list[str]:
         lines = self.proc.stderr_tail()
+        error = self._guest.get("error")
+        if error:   # the guest took an exception it does not handle (it reports, then parks)
+            lines.append("guest error: ESR {esr:#x} at ELR {elr:#x}, FAR {far:#x}".format(**error))
         if not self.proc.alive() and not self.proc.stopping:
             lines.append(self.proc.exit_reason())
         return lines

@@ -113,19 +113,20 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
     return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
 
 
-def processes_mentioning(path: str) -> list[int]:
-    """Live processes whose command line contains ``path`` (a VM's runtime directory names every
-    QEMU mtevm started for that VM: its QMP socket and log are in it)."""
+def qemus_mentioning(path: str) -> list[int]:
+    """Live QEMU processes whose command line contains ``path`` (a VM's runtime directory names
+    every QEMU mtevm started for that VM: its QMP socket and parameter file are in it)."""
     needle = os.fsencode(path)
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle not in f.read():
-                    continue
+                argv = f.read()
         except OSError:
+            continue
+        if needle not in argv or not os.path.basename(argv.split(b"\0", 1)[0]).startswith(b"qemu-system"):
             continue
         if proc_start_time(int(entry)) is not None:
             found.append(int(entry))
@@ -133,9 +134,9 @@ def processes_mentioning(path: str) -> list[int]:
 
 
 async def kill_strays(path: str, timeout: float = 5.0) -> list[int]:
-    """SIGKILL every live process that mentions ``path`` (QEMUs left by a crashed daemon), wait
+    """SIGKILL every live QEMU that mentions ``path`` (left by a crashed daemon or test), wait
     until each is gone (reaping our own children) and return their PIDs."""
-    pids = processes_mentioning(path)
+    pids = qemus_mentioning(path)
     for pid in pids:
         try:
             fd = os.pidfd_open(pid)

@@ -12,7 +12,7 @@ import pytest
 
 from backend.errors import ConfigError, RealizeError
 from backend.qemu.argv import build_argv, format_memory, validate_extra_args, LaunchFiles
-from backend.qemu.driver import QemuFiles, QemuProcess, StopTimeouts, proc_start_time, processes_mentioning
+from backend.qemu.driver import QemuFiles, QemuProcess, StopTimeouts, proc_start_time, qemus_mentioning
 
 pytestmark = pytest.mark.qemu
 
@@ -63,7 +63,7 @@ async def test_qemu_startup_error_reaches_the_user_verbatim(tmp_path):
     with pytest.raises(RealizeError) as err:
         await QemuProcess.launch(argv_for(files, "cortex-a57"), files)
     assert str(err.value) == "qemu-system-aarch64: MTE requested, but not supported by the guest CPU"
-    assert processes_mentioning(files.qmp_socket) == []
+    assert qemus_mentioning(files.qmp_socket) == []
     assert not os.path.exists(files.qmp_socket)
 
 
@@ -82,7 +82,7 @@ async def test_only_migratable_refusal_is_qemus_text(tmp_path):
         "disallowing migration blocker (--only-migratable) for: Migration is disabled when using "
         "feature 'peer mode' in device 'ivshmem'")
     assert str(err.value).startswith("qemu-system-aarch64: -device ivshmem-plain,memdev=shm: ")
-    assert processes_mentioning(files.qmp_socket) == []
+    assert qemus_mentioning(files.qmp_socket) == []
 
 
 async def test_a_missing_binary_is_a_clear_error(tmp_path):
@@ -161,7 +161,7 @@ async def test_a_cancelled_launch_leaves_no_qemu(tmp_path):
         proc = None
     if proc is not None:                    # it won the race: then stop must clean up
         await proc.stop()
-    assert processes_mentioning(files.qmp_socket) == []
+    assert qemus_mentioning(files.qmp_socket) == []
 
 
 def test_extra_args_are_validated():

@@ -8,6 +8,7 @@ VMs again. Every QEMU a test starts is stopped and verified gone by PID.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import signal
@@ -19,7 +20,7 @@ from backend.hosts.base import VmSpec
 from backend.hosts.local import LocalHost
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.qemu.driver import kill_strays, proc_start_time
+from backend.qemu.driver import kill_strays, proc_start_time, qemus_mentioning
 
 pytestmark = pytest.mark.qemu
 MIB = 1 << 20
@@ -177,3 +178,23 @@ async def test_a_qemu_that_does_not_answer_on_reattach_is_stopped_not_left_runni
             await squatter.disconnect()
         except EOFError:
             pass
+
+
+def test_a_real_vm_outlives_its_daemon_and_the_next_daemon_takes_it_back(run_mtevm, mtevm_paths):
+    """Through the real CLI and daemon: start a local VM, stop the daemon, and find the VM still
+    running (and counting) from a new daemon, which can then stop it."""
+    assert run_mtevm("create", "--host", "local", "--memory", "128M", "--vcpus", "1", "--rate", "0",
+                     "keeper").returncode == 0
+    started = run_mtevm("start", "keeper")
+    assert started.returncode == 0, started.stderr
+    first = json.loads(run_mtevm("counters", "keeper", "--json").stdout)
+    assert run_mtevm("daemon", "stop").returncode == 0
+    assert qemus_mentioning(mtevm_paths.runtime_dir), "QEMU did not outlive the daemon"
+
+    listed = json.loads(run_mtevm("list", "--json").stdout)        # a new daemon starts on demand
+    assert [(v["name"], v["state"]) for v in listed] == [("keeper", "running")]
+    later = json.loads(run_mtevm("counters", "keeper", "--json").stdout)
+    assert later["vm"]["checked"] > first["vm"]["checked"]             # the same guest, still counting
+    assert run_mtevm("stop", "keeper").returncode == 0
+    assert asyncio.run(kill_strays(mtevm_paths.runtime_dir)) == []
+
