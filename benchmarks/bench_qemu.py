@@ -112,14 +112,15 @@ async def guest_checks_per_s(tmp: str) -> float:
 def core_checks_per_s() -> float:
     """The tag-check core on the same workload parameters, flat out, one vCPU."""
     from backend.hosts.heap import TaggedHeapWorkload
+    from backend.hosts.sim import FLAT_OUT_BATCH
     from backend.tagcheck import GuestRam, TagCheckCpu
     ram = GuestRam(guest_abi.RAM_BASE, CONFIG.memory, mte=True)
     cpu = TagCheckCpu(ram, 0, seed=WORKLOAD.seed)
-    heap = TaggedHeapWorkload(cpu, WORKLOAD, base=guest_abi.HEAP_BASE)
+    heap = TaggedHeapWorkload(cpu, ram, WORKLOAD, 0)
     checked0 = cpu.counters.checked
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < MEASURE_S:
-        heap.step()
+        heap.step(FLAT_OUT_BATCH)   # the batch the simulated host uses at rate 0
     return (cpu.counters.checked - checked0) / (time.perf_counter() - t0)
 
 
