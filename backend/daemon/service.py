@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from backend.daemon.events import EventBus
-from backend.errors import (ConfigError, MigrationError, MtevmError, NotFoundError, RealizeError,
-                            StateError)
+from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
 from backend.hosts.workload import TCF_NAMES, WorkloadConfig
-from backend.machine import VirtMachineConfig
+from backend.machine import MTE_MIGRATION_BLOCKER, VirtMachineConfig
 from backend.paths import Paths
 from backend.store import Store, VmRow
 
@@ -327,7 +326,8 @@ class Service:
             self._set_state(rec, "stopped", runtime={})
             if isinstance(e, MtevmError) or not isinstance(e, Exception):
                 raise
-            raise RealizeError(rec.last_error) from e
+            log.exception("VM %s: start failed", rec.name)
+            raise MtevmError(rec.last_error) from e
         rec.last_error = None
         rec.rate.reset()
         self._set_state(rec, "running", runtime=rec.running.runtime_info())
@@ -496,12 +496,12 @@ class Service:
         dst = self._host(to_host)
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}: only a running VM can be migrated")
-        if dst.name == rec.host:
-            raise ConfigError(f"VM {rec.name!r} already runs on host {dst.name!r}")
         src = self.hosts[rec.host]
         # As libvirt does: ask for blocked-reasons first, so a refusal is reported (and recorded)
-        # with QEMU's own text before anything moves.
-        reasons = await rec.running.blocked_reasons()
+        # with QEMU's own text before anything moves. mtevm's opt-in tag migration (with_tags)
+        # lifts the MTE blocker, and only that one (QEMU has no such option).
+        reasons = [r for r in await rec.running.blocked_reasons()
+                   if not (with_tags and r == MTE_MIGRATION_BLOCKER)]
         refusal = reasons[0] if reasons else src.can_migrate_to(dst)
         if refusal:
             self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
