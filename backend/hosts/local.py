@@ -61,7 +61,7 @@ class LocalHost(Host):
                  qemu_binary: str | None = None, guest_elf: str | None = None):
         self.name = name
         self.description = "this machine: real qemu-system-aarch64 VMs (TCG, or KVM on an arm64 host with MTE)"
-        self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="mtevm-local-")
+        self.runtime_dir = runtime_dir   # None: a private temporary directory, made when first needed
         self.qemu_binary = qemu_binary
         self.guest_elf = guest_elf or os.environ.get(GUEST_ENV) or GUEST_ELF
         self._probe: dict | None = None
@@ -120,7 +120,11 @@ class LocalHost(Host):
 
     # ----------------------------------------------------------------------------- VMs
     def _vm_dir(self, spec: VmSpec) -> str:
-        return spec.runtime_dir or os.path.join(self.runtime_dir, "vms", spec.config.name)
+        if spec.runtime_dir:
+            return spec.runtime_dir
+        if self.runtime_dir is None:
+            self.runtime_dir = tempfile.mkdtemp(prefix="mtevm-local-")
+        return os.path.join(self.runtime_dir, "vms", spec.config.name)
 
     async def start(self, spec: VmSpec, extra_args: list[str] | None = None) -> "LocalVm":
         """Boot ``spec`` in a new QEMU. ``extra_args`` (``-object``/``-device`` pairs; also read
