@@ -138,7 +138,7 @@ def _ppm(name: str, value: float) -> int:
     return round(value * PPM)
 
 
-def _int(value: Any, what: str) -> int:
+def trace_int(value: Any, what: str = "value") -> int:
     """A trace integer: a JSON int or a "0x..." string (as `mtevm tagcheck replay` accepts)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what}: {value!r} is not an integer")
@@ -186,16 +186,16 @@ def encode_op(op: Mapping[str, Any], where: str = "trace op") -> bytes:
             tco = int(_bool(op["tco"], f"{where}: tco"))
         return struct.pack(TRACE_OP_FMT, code, 0, 0, mask, tcf, tcma, tco, 0)
     if name in ("load", "store"):
-        addr = _int(op.get("ptr"), f"{where}: ptr")
-        size = _int(op.get("size"), f"{where}: size")
+        addr = trace_int(op.get("ptr"), f"{where}: ptr")
+        size = trace_int(op.get("size"), f"{where}: size")
         if size not in ACCESS_SIZES:
             raise ConfigError(f"{where}: size {size} is not one of {ACCESS_SIZES}")
         tag = 0
         span = size
     else:
-        addr = _int(op.get("addr"), f"{where}: addr")
+        addr = trace_int(op.get("addr"), f"{where}: addr")
         size = 0
-        tag = _int(op.get("tag", 0), f"{where}: tag") if name != "ldg" else 0
+        tag = trace_int(op.get("tag", 0), f"{where}: tag") if name != "ldg" else 0
         if not 0 <= tag <= 15:
             raise ConfigError(f"{where}: tag {tag} is not 0..15")
         if name != "ldg" and addr % 16:

@@ -69,19 +69,46 @@ def qemu_argv(qemu: str, params: Path, qmp_sock: Path, serial_log: Path) -> list
     ]
 
 
+_OP_COUNTER = {"stg": "tag_stores", "st2g": "tag_stores", "stzg": "tag_stores", "ldg": "ldg",
+               "load": "loads", "store": "stores"}
+
+
+def _is_checked(ptr: int, tcf: str, tcma: bool, tco: bool) -> bool:
+    """Whether the architecture checks an access (lower half, Normal Tagged RAM): TCF not none,
+    PSTATE.TCO clear, and not a TCMA0 match-all pointer (bits 59:55 all zero)."""
+    return tcf != "none" and not tco and not (tcma and (ptr >> 55) & 0x1F == 0)
+
+
 def results_to_json(ops: Sequence[Mapping[str, Any]], results: Sequence[dict]) -> dict:
-    """The `mtevm tagcheck replay --json` shape from the guest's per-op results of one trace."""
+    """The `mtevm tagcheck replay --json` shape from the guest's per-op results of one trace.
+
+    Faults and LDG tags are what QEMU did. The counters are their totals, plus op counts and the
+    checked/unchecked split, which QEMU does not report: those follow from the config in force at
+    each access (``_is_checked``).
+    """
     faults, ldg = [], []
+    counts = {"checked": 0, "unchecked": 0, "ops": 0, "loads": 0, "stores": 0, "tag_stores": 0, "ldg": 0}
+    tcf, tcma, tco = "sync", False, False
     for i, (op, r) in enumerate(zip(ops, results)):
+        name = op.get("op")
+        counts["ops"] += 1
+        if name in _OP_COUNTER:
+            counts[_OP_COUNTER[name]] += 1
+        if name == "config":
+            tcf, tcma, tco = op.get("tcf", tcf), op.get("tcma", tcma), op.get("tco", tco)
+        elif name in ("load", "store"):
+            checked = _is_checked(guest_abi.trace_int(op["ptr"]), tcf, tcma, tco)
+            counts["checked" if checked else "unchecked"] += 1
         if r["kind"] == "sync":
             faults.append({"i": i, "kind": "sync", "addr": f"{r['far'] & ((1 << 56) - 1):#x}"})
         elif r["kind"] == "async":
             faults.append({"i": i, "kind": "async", "addr": None})
-        if op.get("op") == "ldg":
+        if name == "ldg":
             ldg.append({"i": i, "tag": r["ldg"]})
     counters = {
         "sync_faults": sum(f["kind"] == "sync" for f in faults),
         "async_faults": sum(f["kind"] == "async" for f in faults),
+        **counts,
     }
     return {"faults": faults, "ldg": ldg, "counters": counters}
 
