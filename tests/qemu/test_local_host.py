@@ -75,6 +75,16 @@ def test_check_config_applies_the_seed_rules_without_starting_qemu():
         h.check_config(VirtMachineConfig(name="big", vcpus=9))
 
 
+async def test_without_qemu_the_host_says_how_to_get_it(tmp_path):
+    h = LocalHost(str(tmp_path), qemu_binary="/nonexistent/qemu-system-aarch64")
+    info = h.info()
+    assert info["available"] is False and "install" in info["reason"]
+    with pytest.raises(RealizeError, match="install QEMU >= 8.0 with `bash scripts/install-deps.sh`"):
+        h.check_config(VirtMachineConfig(name="x"))
+    with pytest.raises(RealizeError, match="not found"):
+        await h.start(spec_for(tmp_path))
+
+
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="an arm64 host has KVM: the KVM rules apply there")
 def test_check_config_says_kvm_is_impossible_here_in_qemus_words():
     with pytest.raises(RealizeError) as err:
