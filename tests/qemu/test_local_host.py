@@ -118,6 +118,16 @@ async def test_a_real_vm_counts_tag_check_faults_per_vcpu(host, tmp_path):
     assert not os.path.exists(vm.params_file)
 
 
+async def test_a_secure_vm_boots_and_counts(host, tmp_path):
+    spec = spec_for(tmp_path, "sec")
+    spec.config.secure = True                                # -M virt,mte=on,secure=on: the guest starts at EL3
+    vm = await host.start(spec)
+    assert "virt,mte=on,secure=on" in vm.proc.argv
+    vcpus = await sample_until(vm, lambda v: v[0]["checked"] > 0 and v[0]["boot_tags"] is True)
+    assert vcpus[0]["up"] is True
+    await vm.stop()
+
+
 async def test_qemus_start_error_reaches_the_user_and_nothing_is_left(host, tmp_path):
     spec = spec_for(tmp_path, cpu="cortex-a57")
     with pytest.raises(RealizeError) as err:
