@@ -218,8 +218,6 @@ class SimVm(RunningVm):
     def _check_migration(self, dst: Host, with_tags: bool) -> None:
         if not isinstance(dst, SimHost):
             raise MigrationError(self.host.can_migrate_to(dst) or f"cannot migrate a simulated VM to host {dst.name}")
-        if dst is self.host:
-            raise MigrationError(f"VM '{self.spec.config.name}' already runs on host {dst.name}")
         if self._stopped or self.state != "running":
             raise StateError(f"VM '{self.spec.config.name}' is not running")
         if with_tags and self._tags_in_kvm() and not dst.host_mte:

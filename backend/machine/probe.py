@@ -101,18 +101,25 @@ def _probe_cpu(report: ProbeReport, arch: str) -> None:
 
 # --- KVM -----------------------------------------------------------------------------------------
 
-def _probe_kvm(report: ProbeReport, kvm, source: str, error: str | None) -> None:
+def _probe_kvm(report: ProbeReport, kvm, source: str, error: str | None) -> str | None:
+    """Fill report.kvm and the ioctl facts; returns why KVM cannot be used (None if it can)."""
     report.kvm = {"present": kvm.present, "api_version": None, "cap_arm_mte": None, "path": kvm.path}
-    if not kvm.present:
-        report.fact("kvm", error or f"no {kvm.path}", source)
-        return
-    report.kvm["api_version"] = kvm.api_version()
-    report.fact("KVM_GET_API_VERSION", report.kvm["api_version"], source)
-    for name, cap in PROBED_CAPS.items():
-        value = kvm.check_extension(cap)
-        if cap == KVM_CAP_ARM_MTE:
-            report.kvm["cap_arm_mte"] = value
-        report.fact(f"KVM_CHECK_EXTENSION({name}={cap})", value, source)
+    try:
+        if not kvm.present:
+            raise OSError(error or f"no {kvm.path}")
+        report.kvm["api_version"] = kvm.api_version()
+        report.fact("KVM_GET_API_VERSION", report.kvm["api_version"], source)
+        for name, cap in PROBED_CAPS.items():
+            value = kvm.check_extension(cap)
+            if cap == KVM_CAP_ARM_MTE:
+                report.kvm["cap_arm_mte"] = value
+            report.fact(f"KVM_CHECK_EXTENSION({name}={cap})", value, source)
+    except OSError as e:           # absent, unreadable, or not a KVM device: a fact, not a crash
+        reason = f"{kvm.path}: {e.strerror}" if e.strerror else str(e)
+        report.kvm.update(present=False, api_version=None, cap_arm_mte=None)
+        report.fact("kvm", reason, source)
+        return reason
+    return None
 
 
 def _kvm_verdicts(report: ProbeReport, arch: str, kvm_error: str | None,
@@ -120,12 +127,14 @@ def _kvm_verdicts(report: ProbeReport, arch: str, kvm_error: str | None,
     """The KVM half of the verdicts, the same for real and simulated hosts."""
     kvm = report.kvm
     if not kvm["present"]:
-        if kvm_error and "No such file" not in kvm_error:
-            report.verdict("warn", f"{kvm_error}: KVM cannot be used (check the kvm group or the device's "
-                                   f"permissions); MTE VMs use TCG here")
-        else:
+        if kvm_error is None or "No such file" in kvm_error:
             report.verdict("warn", f"no {kvm['path']}: KVM is not available here (kvm module not loaded, "
                                    f"or a container/VM without nested virtualisation); MTE VMs use TCG here")
+        elif "Permission denied" in kvm_error:
+            report.verdict("warn", f"{kvm_error}: add your user to the kvm group to use KVM; "
+                                   f"MTE VMs use TCG here")
+        else:
+            report.verdict("warn", f"{kvm_error}: KVM cannot be used; MTE VMs use TCG here")
         return
     if kvm["api_version"] != KVM_API_VERSION:
         report.verdict("error", f"{kvm['path']} reports KVM API {kvm['api_version']}, not {KVM_API_VERSION}: "
@@ -240,11 +249,11 @@ def probe_local(qemu_binary: str | None = None, kvm_path: str = "/dev/kvm") -> P
     _probe_cpu(report, arch)
     kvm = RealKvmDevice(kvm_path)
     try:
-        _probe_kvm(report, kvm, f"ioctl {kvm_path}", kvm.error)
+        kvm_error = _probe_kvm(report, kvm, f"ioctl {kvm_path}", kvm.error)
     finally:
         kvm.close()
     version = _probe_qemu(report, qemu_binary)
-    _kvm_verdicts(report, arch, kvm.error, version, simulated=False)
+    _kvm_verdicts(report, arch, kvm_error, version, simulated=False)
     return report
 
 

@@ -91,6 +91,17 @@ def test_missing_kvm_device_is_a_verdict(tmp_path):
     assert any(v["text"].startswith(f"no {tmp_path / 'kvm'}: KVM is not available here") for v in r["verdicts"])
 
 
+def test_a_file_that_is_not_a_kvm_device_is_a_verdict(tmp_path):
+    path = tmp_path / "kvm"
+    path.write_text("")
+    r = probe_local(kvm_path=str(path)).to_dict()
+    assert r["kvm"]["present"] is False and r["kvm"]["api_version"] is None
+    assert fact(r, "kvm") == {"name": "kvm", "value": f"{path}: Inappropriate ioctl for device",
+                              "source": f"ioctl {path}"}
+    assert {"level": "warn", "text": f"{path}: Inappropriate ioctl for device: KVM cannot be used; "
+            "MTE VMs use TCG here"} in r["verdicts"]
+
+
 # --- QEMU versions through a real stand-in executable --------------------------------------------------
 
 def test_qemu_7_2_is_not_usable_for_mte(tmp_path, monkeypatch):
