@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 from backend.daemon.api import ROUTES, format_query
+from backend.daemon.events import check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
 
@@ -115,6 +116,8 @@ class SocketTransport:
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
         import aiohttp
+        if "rate_hz" in kwargs:  # checked here as the Service would: a query string cannot carry its type
+            kwargs["rate_hz"] = check_event_rate(kwargs["rate_hz"])
         resp = await self._send(op, kwargs, None)
         async with resp:
             try:
@@ -190,7 +193,9 @@ class Client:
         return await self._t.call("migrations")
 
     def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
-        """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops."""
+        """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
+
+        A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
         return self._t.stream("events", rate_hz=rate_hz)
 
 

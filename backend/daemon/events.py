@@ -7,9 +7,22 @@ re-sent at the next tick anyway, and a front end can always re-read ``list()``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
+from backend.errors import ConfigError
+
 QUEUE_LIMIT = 1000
+MAX_EVENT_RATE = 50.0
+
+
+def check_event_rate(rate_hz) -> float:
+    """Counter samples per second for an event stream: a number in (0, 50]."""
+    if (isinstance(rate_hz, bool) or not isinstance(rate_hz, (int, float)) or not math.isfinite(rate_hz)
+            or not 0 < rate_hz <= MAX_EVENT_RATE):
+        shown = f"{rate_hz:g}" if isinstance(rate_hz, (int, float)) and not isinstance(rate_hz, bool) else repr(rate_hz)
+        raise ConfigError(f"event rate must be a number of samples per second in (0, {MAX_EVENT_RATE:g}], not {shown}")
+    return float(rate_hz)
 
 
 class EventBus:

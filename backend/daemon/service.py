@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from backend.daemon.events import EventBus
+from backend.daemon.events import EventBus, check_event_rate
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -34,7 +33,6 @@ CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
-MAX_EVENT_RATE = 50.0
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
 
 COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
@@ -439,11 +437,7 @@ class Service:
     def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
         """State changes and migration progress as they happen, plus a counters event per running
         VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
-        if (not isinstance(rate_hz, (int, float)) or isinstance(rate_hz, bool) or not math.isfinite(rate_hz)
-                or not 0 < rate_hz <= MAX_EVENT_RATE):
-            raise ConfigError(f"event rate must be a number of samples per second in (0, {MAX_EVENT_RATE:g}], "
-                              f"not {rate_hz!r}")
-        return self._events(float(rate_hz))
+        return self._events(check_event_rate(rate_hz))
 
     async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
         q = self.bus.subscribe()
