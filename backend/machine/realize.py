@@ -10,6 +10,8 @@ the create form's dry run go through it, so the messages a user sees are QEMU's 
          per VM ("Failed to enable KVM_CAP_ARM_MTE: <strerror>"), add the migration blocker
          "Live migration disabled due to MTE enabled" and set kvm_mte on every vCPU
   HVF    "mach-virt: HVF does not support providing MTE to the guest CPU" (the early check QEMU 9.2 keeps)
+  (and before all that, secure=on under KVM/HVF: "mach-virt: KVM does not support providing Security
+  extensions (TrustZone) to the guest CPU")
   other  "MTE requested, but not supported " (QEMU's trailing space kept)
 
 Two departures from QEMU, on purpose:
@@ -41,6 +43,7 @@ MSG_KVM_NO_MTE = "MTE requested, but not supported by KVM"
 MSG_OTHER_ACCEL = "MTE requested, but not supported "          # sic: QEMU's trailing space
 MSG_ENABLE_FAILED = "Failed to enable KVM_CAP_ARM_MTE"
 MSG_HVF = "mach-virt: HVF does not support providing MTE to the guest CPU"
+MSG_NO_TRUSTZONE = "mach-virt: {accel} does not support providing Security extensions (TrustZone) to the guest CPU"
 
 
 @dataclass
@@ -116,6 +119,9 @@ def realize(config: VirtMachineConfig, kvm: KvmDevice | None, migration: Migrati
     try:
         if config.accel == "kvm":
             machine.kvm_vm = _kvm_init(kvm)
+        # machvirt_init's early checks, before any CPU exists (accel names as current_accel_name()).
+        if config.secure and config.accel in ("kvm", "hvf"):
+            raise RealizeError(MSG_NO_TRUSTZONE.format(accel=config.accel.upper()))
         if config.mte and config.accel == "hvf":
             raise RealizeError(MSG_HVF)
         mte_state = _KvmMteEnableState()

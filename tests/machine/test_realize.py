@@ -235,6 +235,14 @@ def test_hvf_gets_the_early_machvirt_check():
     assert str(e.value) == "mach-virt: HVF does not support providing MTE to the guest CPU"
 
 
+@pytest.mark.parametrize("accel,mte", [("kvm", True), ("kvm", False), ("hvf", True)])
+def test_secure_needs_tcg(accel, mte):
+    kernel = RecordingKernel(host_mte=True)
+    assert_refused_cleanly(kernel, cfg(accel=accel, secure=True, mte=mte),
+                           f"mach-virt: {accel.upper()} does not support providing Security extensions "
+                           f"(TrustZone) to the guest CPU")
+
+
 def test_other_accelerator_without_mte_realizes():
     m = realize(cfg(accel="xen", mte=False), None, MigrationState())
     assert len(m.vcpus) == 2 and not m.tag_memory
