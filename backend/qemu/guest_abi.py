@@ -47,6 +47,7 @@ BOOT_TAG_SIZE = 0x1000            # per vCPU
 TRACE_ARENA_BASE = 0x4060_0000
 TRACE_ARENA_SIZE = 0x1_0000       # 64 KiB: the guest re-zeroes its tags between traces
 HEAP_BASE = 0x4100_0000
+MAPPED_END = 0x1_0000_0000        # the guest maps RAM (as Normal Tagged) up to 4 GiB
 DEFAULT_RAM_SIZE = 256 << 20
 
 PARAM_MAGIC = 0x314D_5241_5056_544D   # "MTVPARM1" little-endian
@@ -256,9 +257,9 @@ def pack_params(workload: "WorkloadConfig", nvcpus: int, mode: str = "workload",
     if not isinstance(heap_size, int) or heap_size < 4096 or heap_size % 4096:
         raise ConfigError(f"workload heap_size: {heap_size!r} is not a multiple of 4096 >= 4096")
     heap_end = HEAP_BASE + nvcpus * heap_size
-    if heap_end > RAM_BASE + ram_size:
+    if heap_end > min(RAM_BASE + ram_size, MAPPED_END):
         raise ConfigError(f"workload heap_size: {nvcpus} vCPUs x {heap_size} bytes do not fit in "
-                          f"{ram_size >> 20} MiB of RAM above {HEAP_BASE:#x}")
+                          f"{ram_size >> 20} MiB of RAM above {HEAP_BASE:#x} (the guest maps RAM up to {MAPPED_END:#x})")
     seed = workload.seed
     if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ConfigError(f"workload seed: {seed!r} is not an integer in 0..2^64-1")

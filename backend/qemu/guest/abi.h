@@ -18,6 +18,7 @@
 #define TRACE_ARENA_BASE   0x40600000UL
 #define TRACE_ARENA_SIZE   0x10000UL
 #define HEAP_BASE          0x41000000UL
+#define MAPPED_END         0x100000000UL   /* the identity map covers RAM up to here */
 
 #define PARAM_MAGIC        0x314D52415056544DUL   /* "MTVPARM1" */
 #define STATUS_MAGIC       0x3141545356544DUL     /* "MTVSTA1"  */

@@ -329,7 +329,8 @@ static void run_workload(struct percpu *c)
     h.nslots = (unsigned)(P->heap_size / 256 < SLOTS_MAX ? P->heap_size / 256 : SLOTS_MAX);
     h.slot_size = (P->heap_size / h.nslots) & ~15UL;
     h.max_granules = (unsigned)((h.slot_size - 16) / 16 < 16 ? (h.slot_size - 16) / 16 : 16);
-    tag_range(h.base, h.nslots * h.slot_size);        /* start from tag 0 everywhere (slack stays 0) */
+    for (unsigned i = 0; i < h.nslots; i++)           /* slot heads start at tag 0 (slack stays 0) */
+        tag_range(h.base + i * h.slot_size, (h.max_granules + 1) * 16);
     st->tcf = tcf;
     set_tcf(tcf);
     const uint64_t freq = HDR->cntfrq;

@@ -2,7 +2,7 @@
  *
  * vCPU 0 enters at _start (QEMU -kernel with an ELF starts it at EL1 on `-M virt,mte=on`); the others
  * are started by vCPU 0 with PSCI CPU_ON at secondary_entry, x0 = their index. Each vCPU turns on the
- * MMU with one identity map (0-1 GiB Device-nGnRnE for the UART, 1-2 GiB RAM as Normal Tagged, MAIR
+ * MMU with one identity map (0-1 GiB Device-nGnRnE for the UART, 1-4 GiB RAM as Normal Tagged, MAIR
  * attribute 0xF0), TBI0 and SCTLR_EL1.ATA, then calls cpu_main(index) in guest.c with tag checking
  * still off (TCF 0); guest.c sets TCF per vCPU.
  */
@@ -174,9 +174,9 @@ el1_other_\k:
     .balign 4096
 page_table:
     .quad   0x00000000 | (1 << 10) | (0 << 2) | (3 << 53) | 1      /* 0-1 GiB: Device-nGnRnE, XN */
-    .quad   0x40000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1       /* 1-2 GiB: RAM, Normal Tagged */
-    .quad   0
-    .quad   0
+    .quad   0x40000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1       /* 1-4 GiB: RAM, Normal Tagged */
+    .quad   0x80000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1
+    .quad   0xC0000000 | (1 << 10) | (1 << 2) | (3 << 8) | 1
 
     .section .data, "aw"
     .balign 8
