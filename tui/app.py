@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
+from textual.markup import escape
 from textual.screen import Screen
 
 from backend.config import UserConfig, check_refresh_rate, load_config
@@ -142,7 +143,8 @@ class MtevmApp(App):
             if not hasattr(target, f"action_{spec.action}"):
                 continue
             key = keymap.display_key(spec, self.user_keymap)
-            yield SystemCommand(f"{spec.help} [{key}]", spec.id, _runner(target, spec.action))
+            yield SystemCommand(escape(spec.help), escape(f"key {key}   binding id {spec.id}"),
+                                _runner(target, spec.action))
         yield SystemCommand("Theme", "Change the colour theme", self.action_change_theme)
 
 

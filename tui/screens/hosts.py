@@ -51,7 +51,10 @@ def probe_summary(report: dict) -> Content:
 
 
 def facts_table(report: dict) -> Table:
-    table = Table("fact", "value", "source", box=None, expand=True, pad_edge=False, header_style="bold")
+    table = Table(box=None, expand=True, pad_edge=False, header_style="bold")
+    table.add_column("fact", ratio=3, overflow="fold")
+    table.add_column("value", ratio=1, overflow="fold")
+    table.add_column("source", ratio=2, overflow="fold")
     for fact in report.get("facts", []):
         table.add_row(str(fact.get("name")), _value(fact.get("value")), str(fact.get("source", "")))
     return table

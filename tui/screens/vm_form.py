@@ -45,6 +45,8 @@ class VmFormScreen(Screen):
         super().__init__(classes="vm-form")
         self.existing = existing
         self.verdict: dict | None = None     # the last dry-run answer, {"ok","error"}
+        self.host_kinds: dict[str, str] = {}
+        self.auto_accel = "kvm"               # the accel the form chose itself (follows the host)
 
     def compose(self) -> ComposeResult:
         e = self.existing or {}
@@ -103,6 +105,7 @@ class VmFormScreen(Screen):
     @work(exclusive=True, group="form-hosts")
     async def load_hosts(self) -> None:
         hosts = await self.app.client.hosts()
+        self.host_kinds = {h["name"]: h.get("kind", "") for h in hosts}
         select = self.query_one("#host", Select)
         select.set_options([(h["name"], h["name"]) for h in hosts])
         names = [h["name"] for h in hosts]
@@ -136,6 +139,11 @@ class VmFormScreen(Screen):
         self.validate()
 
     def on_select_changed(self, event: Select.Changed) -> None:
+        accel = self.query_one("#accel", Select)
+        if event.select.id == "host" and event.value in self.host_kinds and accel.value == self.auto_accel:
+            # the daemon's default, until the user picks one: KVM on the simulated arm64 hosts, TCG here
+            self.auto_accel = "kvm" if self.host_kinds[event.value] == "simulated" else "tcg"
+            accel.value = self.auto_accel
         self.validate()
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
@@ -186,7 +194,14 @@ class VmFormScreen(Screen):
                 if tcf != (self.existing.get("workload", {}).get("tcf") or ["sync"])[0]:
                     await client.set_tcf(name, None, tcf)
             else:
-                name = (await client.create(self.config()))["name"]
+                cfg = self.config()
+                # The daemon would store a VM that cannot start (realize errors come at start);
+                # the form refuses it instead and keeps the user's input with the reason.
+                answer = await client.create(cfg, validate_only=True)
+                if not answer.get("ok"):
+                    self.show_verdict(False, answer.get("error") or "not valid")
+                    return
+                name = (await client.create(cfg))["name"]
         except (FormError, MtevmError) as e:
             self.show_verdict(False, str(e))
             return

@@ -1,0 +1,42 @@
+"""Helpers for the Pilot tests: wait for a condition, read the screen, set up VMs via the real client."""
+from __future__ import annotations
+
+import asyncio
+
+FROZEN_TIME = 1_767_225_600.0     # 2026-01-01 00:00:00 UTC: every displayed time in tests
+
+
+async def wait_for(pilot, condition, what: str, timeout: float = 30.0):
+    """Let the app run until ``condition()`` is truthy; fail saying ``what`` never happened."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await pilot.pause(0.05)
+
+
+def screen_text(app) -> str:
+    """The characters on the terminal right now, one line per row (what the user reads)."""
+    update = app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
+    return "\n".join("".join(seg.text for seg in strip) for strip in update.strips)
+
+
+async def started(pilot, app):
+    """Wait until the app has connected and shows its first screen."""
+    from tui.screens.vm_list import VmListScreen
+    await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
+
+
+async def create_vm(app, name: str, *, host: str = "sim-mte", mte: bool = True, start: bool = False,
+                    vcpus: int = 2, **extra) -> dict:
+    """Set-up through the app's own client (the real service); the stories drive the UI."""
+    cfg = {"name": name, "host": host, "mte": mte, "vcpus": vcpus, **extra}
+    vm = await app.client.create(cfg)
+    if start:
+        vm = await app.client.start(name)
+    await app.refresh_model()
+    return vm

@@ -1,0 +1,215 @@
+"""The app's own behaviour: keys, remapping, palette, confirmations, filter, bulk actions, colours, sizes."""
+from __future__ import annotations
+
+import pytest
+from rich.color import ColorType
+from textual.widgets import DataTable, Input
+
+from backend.config import UserConfig
+from backend.errors import ConfigError
+from tests.tui.pilot_helpers import create_vm, screen_text, started, wait_for
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.help import HelpScreen
+from tui.screens.hosts import HostsScreen
+from tui.screens.migrations import MigrationsScreen
+from tui.screens.vm_detail import VmDetailScreen
+from tui.screens.vm_form import VmFormScreen
+from tui.screens.vm_list import VmListScreen
+
+SIZE = (80, 24)
+
+
+def rows(app) -> list[str]:
+    return list(app.screen.rows.keys)
+
+
+async def test_stop_asks_first_and_no_keeps_the_vm_running(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", mte=False, start=True)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        assert "Stop VM 'web1'?" in screen_text(app)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "back to the list")
+        await pilot.pause(0.2)
+        assert (await app.client.show("web1"))["state"] == "running"
+        await pilot.press("x", "y")
+        await wait_for(pilot, lambda: app.model.vms["web1"]["state"] == "stopped", "web1 stopped")
+
+
+async def test_delete_asks_first_and_a_refusal_is_shown_not_raised(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", mte=False, start=True)
+        await pilot.press("d", "y")               # running: the daemon refuses, the app says why
+        await wait_for(pilot, lambda: any("stop it first" in str(n.message) for n in app._notifications),
+                       "the daemon's refusal as a notification")
+        assert "web1" in app.model.vms
+        await app.client.stop("web1")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "web1" not in app.model.vms and rows(app) == [], "web1 deleted")
+
+
+async def test_filter_sort_and_bulk_start(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        for name in ("web1", "web2", "db1"):
+            await create_vm(app, name, mte=False)
+        await wait_for(pilot, lambda: rows(app) == ["db1", "web1", "web2"], "three VMs sorted by name")
+        await pilot.press("slash", *"web")
+        await wait_for(pilot, lambda: rows(app) == ["web1", "web2"], "the filter applied")
+        await pilot.press("enter")                     # keep the filter, back to the table
+        assert app.screen.focused.id == "vms"
+        await pilot.press("space", "down", "space", "s")
+        await wait_for(pilot, lambda: all(app.model.vms[n]["state"] == "running" for n in ("web1", "web2")),
+                       "both selected VMs started")
+        assert app.model.vms["db1"]["state"] == "stopped"
+        await pilot.press("escape")                    # clears the filter
+        await wait_for(pilot, lambda: rows(app) == ["db1", "web1", "web2"], "the filter cleared")
+        await pilot.press("o")                         # sort by state: running before stopped
+        await wait_for(pilot, lambda: rows(app) == ["web1", "web2", "db1"], "sorted by state")
+
+
+async def test_remapped_keys_from_the_config_are_used_and_shown(make_app):
+    app = make_app(config=UserConfig(keymap={"vm_new": "N", "app_help": "f1"}))
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("n")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, VmListScreen)         # the old key does nothing
+        await pilot.press("N")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the form via the new key")
+        await pilot.press("escape", "f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help via f1")
+        table = app.screen.query_one("#help-keys", DataTable)
+        shown = {str(table.get_row_at(i)[2]): str(table.get_row_at(i)[0]) for i in range(table.row_count)}
+        assert shown["vm_new"] == "N" and shown["app_help"] == "f1" and shown["vm_start"] == "s"
+
+
+def test_unknown_binding_ids_are_refused_before_start(make_app):
+    with pytest.raises(ConfigError, match="vm_nwe"):
+        make_app(config=UserConfig(keymap={"vm_nwe": "N"}))
+
+
+@pytest.mark.parametrize("opener", [["ctrl+p"], ["colon"]])
+async def test_command_palette_runs_actions(make_app, opener):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press(*opener)
+        await wait_for(pilot, lambda: app.screen.__class__.__name__ == "CommandPalette", "the palette")
+        await pilot.press(*"probe")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostsScreen), "the hosts screen from the palette")
+
+
+async def test_palette_offers_every_action_of_the_screen(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        ids = {c.help.split()[-1] for c in app.get_system_commands(app.screen)}
+        assert {"vm_new", "vm_start", "vm_stop", "vm_delete", "vm_toggle_mte", "vm_migrate", "vm_filter",
+                "vm_select", "app_hosts", "app_migrations", "app_help", "app_quit"} <= ids
+
+
+async def test_navigation_and_help(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("h")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostsScreen), "hosts")
+        await pilot.press("M")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "migrations")
+        assert "no migrations yet" in screen_text(app)
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        await pilot.press("escape", "escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "back to the VM list")
+
+
+async def test_quitting_leaves_vms_to_the_daemon(make_app):
+    """q exits the app; it never stops a VM (in-process here, the service sees no stop call)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", mte=False, start=True)
+        service = app.client._t.service if hasattr(app.client, "_t") else None
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, "the app to exit")
+    if service is not None:
+        assert service.vms["web1"].state == "running"
+
+
+def non_ansi_colours(app) -> set[str]:
+    """Every colour on screen that is not one of the 16 ANSI colours (or the terminal default)."""
+    update = app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
+    bad = set()
+    for strip in update.strips:
+        for seg in strip:
+            for color in (seg.style.color, seg.style.bgcolor) if seg.style else ():
+                if color is None or color.type in (ColorType.DEFAULT, ColorType.STANDARD):
+                    continue
+                if color.type == ColorType.EIGHT_BIT and color.number < 16:
+                    continue
+                bad.add(f"{color.name}@{seg.text!r}")
+    return bad
+
+
+async def test_sixteen_colours_on_every_screen(make_app):
+    app = make_app(ansi_color=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        assert app.native_ansi_color and app.current_theme.ansi
+        await create_vm(app, "web1", start=True)
+        seen = {}
+        seen["list"] = non_ansi_colours(app)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen) and app.screen.detail, "detail")
+        seen["detail"] = non_ansi_colours(app)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm")
+        seen["confirm"] = non_ansi_colours(app)
+        await pilot.press("n", "escape", "n")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "form")
+        await pilot.press(*"x1")
+        await wait_for(pilot, lambda: app.screen.verdict, "the form's verdict")
+        seen["form"] = non_ansi_colours(app)
+        await pilot.press("escape", "h")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostsScreen) and app.screen.shown, "hosts")
+        seen["hosts"] = non_ansi_colours(app)
+        await pilot.press("M")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "migrations")
+        seen["migrations"] = non_ansi_colours(app)
+        await pilot.press("question_mark")
+        seen["help"] = non_ansi_colours(app)
+        assert seen == {k: set() for k in seen}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 60)])
+async def test_no_layout_breaks(make_app, size):
+    """Every screen keeps its status line and footer on the last two rows, and nothing overflows."""
+    app = make_app()
+    width, height = size
+    async with app.run_test(size=size) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        for keys, cls in ([], VmListScreen), (["enter"], VmDetailScreen), (["escape", "n"], VmFormScreen), \
+                (["escape", "h"], HostsScreen), (["M"], MigrationsScreen), (["question_mark"], HelpScreen):
+            await pilot.press(*keys)
+            await wait_for(pilot, lambda: isinstance(app.screen, cls), cls.__name__)
+            await pilot.pause(0.2)
+            lines = screen_text(app).split("\n")
+            assert len(lines) == height and all(len(line) == width for line in lines)
+            assert "UTC" in lines[-2], f"{cls.__name__}: status line not above the footer"
+            assert "help" in lines[-1] or "back" in lines[-1], f"{cls.__name__}: footer missing"
+            for widget in app.screen.query("*"):
+                region = widget.region
+                if widget.display and region.area:
+                    assert region.right <= width and region.bottom <= height, f"{widget!r} outside the screen"

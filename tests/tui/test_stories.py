@@ -1,0 +1,182 @@
+"""One test per user story of the issue, each driving the real app (Pilot) on the real service."""
+from __future__ import annotations
+
+import fcntl
+import os
+
+from textual.widgets import DataTable, Static
+
+from tests.tui.pilot_helpers import create_vm, screen_text, started, wait_for
+from tui.components.counters import VcpuTable
+from tui.screens.migrations import MigrationsScreen
+from tui.screens.vm_detail import VmDetailScreen
+from tui.screens.vm_form import VmFormScreen
+from tui.screens.vm_list import VmListScreen
+
+SIZE = (80, 24)
+
+
+def form_message(app) -> str:
+    return str(app.screen.query_one("#form-error", Static).render())
+
+
+def vm_cells(app, name: str) -> list[str]:
+    table = app.screen.query_one("#vms", DataTable)
+    return [str(c) for c in table.get_row(name)]
+
+
+def vcpu_column(app, column: str) -> list[str]:
+    table = app.screen.query_one(VcpuTable)
+    return [table.rows[i].cells[column].value for i in sorted(table.rows)]
+
+
+async def open_form_and_name(pilot, app, name: str):
+    await pilot.press("n")
+    await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the create form")
+    await wait_for(pilot, lambda: app.screen.query_one("#host").value == "sim-mte", "hosts loaded")
+    await pilot.press(*name)
+
+
+async def test_create_mte_vm_on_sim_mte_and_see_kvm_mte_on_every_vcpu(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "web1")
+        await wait_for(pilot, lambda: "ready to create" in form_message(app), "the dry run to accept it")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen) and "web1" in app.model.vms, "web1 listed")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: vm_cells(app, "web1")[2] == "running", "web1 running")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        await wait_for(pilot, lambda: vcpu_column(app, "kvm_mte") == ["yes", "yes"], "kvm_mte on both vCPUs")
+        assert "MTE on" in screen_text(app)
+
+
+async def test_mte_on_sim_nomte_shows_the_kvm_error_in_the_form(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "db1")
+        await pilot.press("tab", "enter", "down", "enter")          # host: sim-mte -> sim-nomte
+        await wait_for(pilot, lambda: app.screen.query_one("#host").value == "sim-nomte", "host sim-nomte")
+        await wait_for(pilot, lambda: "MTE requested, but not supported by KVM" in form_message(app),
+                       "the seed's KVM error in the form")
+        assert "MTE requested, but not supported by KVM" in screen_text(app)
+        await pilot.press("ctrl+s")                                  # submitting is refused, nothing made
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, VmFormScreen) and await app.client.list() == []
+        app.screen.query_one("#host").focus()
+        await pilot.press(*["tab"] * 7, "space")                   # host ... seed, then untick MTE
+        assert app.screen.focused.id == "mte"
+        await wait_for(pilot, lambda: "ready to create" in form_message(app), "valid without MTE")
+
+
+async def test_cortex_a57_with_tcg_shows_the_guest_cpu_error(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "old1")
+        await pilot.press("tab", "tab", "enter", "down", "enter")   # accel: kvm -> tcg
+        await wait_for(pilot, lambda: app.screen.query_one("#accel").value == "tcg", "accel tcg")
+        await pilot.press("tab", *"cortex-a57")
+        await wait_for(pilot, lambda: "MTE requested, but not supported by the guest CPU" in form_message(app),
+                       "the seed's guest CPU error in the form")
+
+
+async def test_toggle_mte_on_a_running_vm_shows_the_pending_change(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        await wait_for(pilot, lambda: vm_cells(app, "web1")[5] == "on", "web1 listed with MTE on")
+        await pilot.press("m")
+        await wait_for(pilot, lambda: vm_cells(app, "web1")[5] == "on→off", "the pending MTE change in the list")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "pending (applied at next start): mte → off" in screen_text(app),
+                       "the pending change in the detail")
+        assert vcpu_column(app, "kvm_mte") == ["yes", "yes"]      # still on until the next start
+
+
+async def test_counters_rise_and_only_changed_cells_repaint(make_app):
+    app = make_app(rate_hz=10)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True, workload={"seed": 7, "uaf_rate": 0.01})
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        table = app.screen.query_one(VcpuTable)
+        await wait_for(pilot, lambda: app.model.live.get("web1") and app.model.live["web1"].counters, "a sample")
+        first = app.model.live["web1"].counters["vm"]["checked"]
+        await wait_for(pilot, lambda: app.model.live["web1"].counters["vm"]["checked"] > first, "checked rising")
+        await wait_for(pilot, lambda: table.total.cells["checked"].updates >= 2, "the VM checked cell repainting")
+        shown = table.total.cells["checked"].value
+        assert shown not in ("", "0")
+        # static facts did not repaint on every sample
+        assert table.rows[0].cells["kvm_mte"].updates == 1 and table.rows[0].cells["index"].updates == 1
+        await wait_for(pilot, lambda: table.total.cells["sync"].value not in ("", "0"), "faults counted")
+        await wait_for(pilot, lambda: app.screen.query_one("#faults").rows[0].cells["addr"].value.startswith("0x"),
+                       "the last faults listed")
+
+
+async def test_migrating_an_mte_vm_is_blocked_with_the_reason(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        await wait_for(pilot, lambda: "Live migration disabled due to MTE enabled" in screen_text(app),
+                       "the blocker on the detail screen")
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                       app.screen.query_one("#destinations").option_count > 0, "destinations")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+        await wait_for(pilot, lambda: app.screen.query_one("#migration-table", DataTable).row_count == 1,
+                       "the attempt recorded")
+        row = [str(c) for c in app.screen.query_one("#migration-table", DataTable).get_row_at(0)]
+        assert row[1] == "web1" and row[4] == "blocked"
+        assert "reason: Live migration disabled due to MTE enabled" in screen_text(app)
+        assert (await app.client.show("web1"))["host"] == "sim-mte"
+
+
+async def test_migrating_a_non_mte_vm_completes(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "plain1", mte=False, start=True)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                       app.screen.query_one("#destinations").option_count > 0, "destinations")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+        table = app.screen.query_one("#migration-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1 and str(table.get_row_at(0)[4]) == "completed",
+                       "the migration completed")
+        assert "100%" in str(table.get_row_at(0)[5])
+        await pilot.press("v")
+        await wait_for(pilot, lambda: vm_cells(app, "plain1")[3] != "sim-mte", "the VM on its new host")
+
+
+def kvm_ioctl(request: int, arg: int = 0) -> int:
+    fd = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    finally:
+        os.close(fd)
+
+
+async def test_probe_screen_shows_the_real_kvm_api_version_and_mte_cap(make_app):
+    # What this machine's /dev/kvm says, read here independently of mtevm's probe.
+    api_version = kvm_ioctl(0xAE00)               # KVM_GET_API_VERSION
+    cap_mte = kvm_ioctl(0xAE03, 205)              # KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await started(pilot, app)
+        await pilot.press("h")
+        await wait_for(pilot, lambda: app.screen.id == "hosts" and app.screen.hosts, "the host list")
+        await pilot.press(*["down"] * [h["name"] for h in app.screen.hosts].index("local"))
+        await wait_for(pilot, lambda: "probe of local" in screen_text(app), "the local probe")
+        text = screen_text(app)
+        assert f"API version {api_version}, KVM_CAP_ARM_MTE {cap_mte}" in text
