@@ -312,8 +312,8 @@ def parse_status(raw: bytes, nvcpus: int) -> list[dict]:
     """VcpuInfo-like dicts (docs/contracts.md) for each vCPU from a status block dump.
 
     A vCPU that has not come up yet shows zero counters and ``up: False``. ``boot_tags`` is True
-    when the tags the vCPU stored at boot were verified (the last check), False if one was lost,
-    None before the first check. Counters are read word by word while the guest runs, so two
+    when the tags the vCPU stored at boot verified at every check so far, False once one was
+    found lost (it stays False), None before the first check. Counters are read word by word while the guest runs, so two
     counters may disagree by one.
     """
     _check_nvcpus(nvcpus)
