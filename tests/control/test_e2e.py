@@ -1,0 +1,212 @@
+"""End to end: a real daemon process driven through the real CLI, on the simulated hosts.
+
+The user's stories: create/start/toggle MTE/migrate/delete on both simulated hosts, the seed's
+error texts, kill -9 and SIGTERM of the daemon.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from backend.daemon.launch import daemon_pid
+
+MTE_BLOCKER = "Live migration disabled due to MTE enabled"
+
+
+@pytest.fixture
+def mtevm(run_mtevm):
+    """Run a command that must succeed; parse its --json output."""
+    def ok(*args: str):
+        r = run_mtevm(*args, "--json")
+        assert r.returncode == 0, f"mtevm {' '.join(args)}: {r.stderr}"
+        return json.loads(r.stdout)
+    return ok
+
+
+def fails(run_mtevm, code: int, *args: str) -> str:
+    """Run a command that must fail with ``code``; return its one error line (stdout stays empty)."""
+    r = run_mtevm(*args)
+    assert r.returncode == code, (args, r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.startswith("mtevm: error: ")
+    return r.stderr.strip().removeprefix("mtevm: error: ")
+
+
+def test_the_whole_story_on_sim_mte(mtevm, run_mtevm):
+    vm = mtevm("create", "web")
+    assert (vm["host"], vm["state"]) == ("sim-mte", "stopped")
+    assert vm["config"] == {"accel": "kvm", "cpu": "host", "vcpus": 2, "memory": 256 << 20, "mte": True,
+                            "secure": False, "only_migratable": False}
+    assert fails(run_mtevm, 2, "create", "web") == "a VM named 'web' already exists"
+
+    vm = mtevm("start", "web")
+    assert vm["state"] == "running"
+    vm = mtevm("show", "web")
+    assert [c["kvm_mte"] for c in vm["vcpus"]] == [True, True]
+    assert vm["blocked_reasons"] == [MTE_BLOCKER]
+    assert {"index", "kvm_mte", "tcf", "checked", "sync_faults", "async_faults"} <= set(vm["vcpus"][0])
+
+    # MTE cannot change under a running machine: the change waits for the next start.
+    vm = mtevm("mte", "web", "off")
+    assert vm["pending"] == {"mte": False} and vm["config"]["mte"] is True
+    assert mtevm("list")[0]["pending"] == {"mte": False}
+    assert mtevm("mte", "web", "on")["pending"] == {}      # back to the running value: nothing pending
+    mtevm("mte", "web", "off")
+
+    # The seed's blocker, verbatim, refuses the migration and is recorded as blocked.
+    assert fails(run_mtevm, 1, "migrate", "web", "--to", "sim-nomte") == MTE_BLOCKER
+    [m] = mtevm("migrations")
+    assert (m["vm"], m["src"], m["dst"], m["state"], m["reason"]) == ("web", "sim-mte", "sim-nomte", "blocked",
+                                                                       MTE_BLOCKER)
+    assert fails(run_mtevm, 1, "delete", "web", "--yes") == "VM 'web' is running: stop it first"
+
+    mtevm("stop", "web")
+    vm = mtevm("start", "web")                              # the pending change applies now
+    assert vm["config"]["mte"] is False and vm["pending"] == {}
+    assert [c["kvm_mte"] for c in vm["vcpus"]] == [False, False] and vm["blocked_reasons"] == []
+
+    before = mtevm("counters", "web")["vm"]["checked"]
+    m = mtevm("migrate", "web", "--to", "sim-nomte")        # waits for the end by default
+    assert (m["state"], m["progress"], m["src"], m["dst"]) == ("completed", 1.0, "sim-mte", "sim-nomte")
+    assert m["finished"] >= m["started"]
+    vm = mtevm("show", "web")
+    assert (vm["host"], vm["state"]) == ("sim-nomte", "running")
+    assert mtevm("counters", "web")["vm"]["checked"] >= before    # counters carry on after the move
+    assert [x["state"] for x in mtevm("migrations")] == ["completed", "blocked"]
+
+    assert fails(run_mtevm, 2, "delete", "web") == ("refusing to delete VM 'web' without confirmation: "
+                                                    "pass --yes")
+    mtevm("stop", "web")
+    assert mtevm("delete", "web", "--yes") == {"deleted": "web"}
+    assert mtevm("list") == []
+    assert fails(run_mtevm, 1, "show", "web") == "no VM named 'web'"
+
+
+def test_story_on_sim_nomte_and_tag_migration(mtevm, run_mtevm):
+    vm = mtevm("create", "plain", "--host", "sim-nomte", "--no-mte", "--vcpus", "3", "--memory", "512M",
+               "--workload", "seed=7,tcf=sync,async", "--rate", "5000")
+    assert vm["config"]["vcpus"] == 3 and vm["config"]["memory"] == 512 << 20 and not vm["config"]["mte"]
+    assert vm["workload"]["seed"] == 7 and vm["workload"]["tcf"] == ["sync", "async"]
+    assert vm["workload"]["rate"] == 5000
+    mtevm("start", "plain")
+    vm = mtevm("show", "plain")
+    assert [c["tcf"] for c in vm["vcpus"]] == ["sync", "async", "async"]
+    m = mtevm("migrate", "plain", "--to", "sim-mte")
+    assert m["state"] == "completed"
+    assert mtevm("show", "plain")["host"] == "sim-mte"
+
+    # An MTE VM under KVM can move only with mtevm's opt-in tag migration.
+    mtevm("create", "tagged")
+    mtevm("start", "tagged")
+    m = mtevm("migrate", "tagged", "--to", "sim-mte", "--with-tags")
+    assert (m["state"], m["with_tags"]) == ("completed", True)
+    vm = mtevm("show", "tagged")
+    assert vm["state"] == "running" and vm["blocked_reasons"] == [MTE_BLOCKER]
+
+
+def test_the_seeds_error_messages(mtevm, run_mtevm):
+    mtevm("create", "nokvm", "--host", "sim-nomte")
+    assert fails(run_mtevm, 1, "start", "nokvm") == "MTE requested, but not supported by KVM"
+    vm = mtevm("show", "nokvm")
+    assert vm["state"] == "stopped" and vm["last_error"] == "MTE requested, but not supported by KVM"
+
+    mtevm("create", "a57", "--accel", "tcg", "--cpu", "cortex-a57")
+    assert fails(run_mtevm, 1, "start", "a57") == "MTE requested, but not supported by the guest CPU"
+
+    mtevm("create", "strict", "--only-migratable")
+    assert fails(run_mtevm, 1, "start", "strict") == \
+        "disallowing migration blocker (--only-migratable) for: Live migration disabled due to MTE enabled"
+    assert [v["state"] for v in mtevm("list")] == ["stopped"] * 3
+
+
+def test_bad_usage_exits_2_and_operation_failures_exit_1(mtevm, run_mtevm):
+    assert "vcpus" in fails(run_mtevm, 2, "create", "x", "--vcpus", "0")
+    assert "memory" in fails(run_mtevm, 2, "create", "x", "--memory", "lots")
+    assert "colour" in fails(run_mtevm, 2, "create", "x", "--workload", "colour=red")
+    r = run_mtevm("create")                                  # argparse: usage on stderr, exit 2
+    assert r.returncode == 2 and "usage" in r.stderr and r.stdout == ""
+    assert fails(run_mtevm, 1, "stop", "nosuch") == "no VM named 'nosuch'"
+    mtevm("create", "x")
+    assert "unknown host 'mars'" in fails(run_mtevm, 1, "migrate", "x", "--to", "mars")
+    assert mtevm("list")[0]["name"] == "x"
+
+
+def test_kill_9_of_the_daemon_loses_no_definition(mtevm_paths, mtevm, run_mtevm):
+    mtevm("create", "a", "--vcpus", "4")
+    mtevm("create", "b", "--host", "sim-nomte", "--no-mte")
+    mtevm("start", "a")
+    mtevm("mte", "a", "off")
+    before = {v["name"]: v for v in mtevm("list")}
+    old = daemon_pid(mtevm_paths)
+    os.kill(old, signal.SIGKILL)
+    while daemon_pid(mtevm_paths) is not None:
+        time.sleep(0.02)
+
+    after = {v["name"]: v for v in mtevm("list")}           # a new daemon, started on demand
+    assert daemon_pid(mtevm_paths) not in (None, old)
+    assert set(after) == {"a", "b"}
+    assert after["a"]["state"] == "stopped"                   # simulated VMs died with their daemon
+    assert after["a"]["pending"] == {"mte": False}
+    for name in after:
+        for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "pending"):
+            assert after[name][key] == before[name][key]
+    assert mtevm("start", "a")["config"]["mte"] is False
+
+
+def test_sigterm_stops_cleanly_and_saves_sim_vms_stopped(mtevm_paths, mtevm, run_mtevm):
+    mtevm("create", "a")
+    mtevm("start", "a")
+    pid = daemon_pid(mtevm_paths)
+    os.kill(pid, signal.SIGTERM)
+    while daemon_pid(mtevm_paths) is not None:
+        time.sleep(0.02)
+    assert not os.path.exists(mtevm_paths.socket)
+    assert open(mtevm_paths.log_file).read().splitlines()[-1].endswith("stopped")
+    db = sqlite3.connect(f"file:{mtevm_paths.store}?mode=ro", uri=True)
+    assert db.execute("SELECT state FROM vms WHERE name='a'").fetchall() == [("stopped",)]
+    db.close()
+    assert mtevm("show", "a")["state"] == "stopped"
+
+
+def test_counters_watch_streams_samples(mtevm_paths, mtevm):
+    mtevm("create", "w", "--rate", "2000")
+    mtevm("start", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "counters", "w", "--watch", "--json",
+                             "--rate", "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        samples = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert [s["name"] for s in samples] == ["w"] * 3
+    assert samples[0]["time"] < samples[1]["time"] < samples[2]["time"]
+    assert samples[2]["vm"]["checked"] >= samples[0]["vm"]["checked"]
+
+
+def test_delete_asks_on_a_terminal(mtevm_paths, mtevm):
+    mtevm("create", "d")
+
+    def delete_answering(answer: str) -> tuple[int, str]:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "delete", "d"], stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(slave)
+        os.write(master, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=30)
+        os.close(master)
+        return proc.returncode, out + err
+
+    code, text = delete_answering("n")
+    assert code == 1 and "not deleted" in text
+    assert [v["name"] for v in mtevm("list")] == ["d"]
+    code, text = delete_answering("y")
+    assert code == 0 and "deleted VM d" in text
+    assert mtevm("list") == []
