@@ -34,7 +34,8 @@ def server(tmp_path):
     """A running `mtevm serve` on a free loopback port; stopped by PID afterwards."""
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([*SERVE, "--port", str(port)], stdin=subprocess.DEVNULL,
+    # --no-daemon: each tab's app runs its own service, so no daemon outlives the test.
+    proc = subprocess.Popen([*SERVE, "--port", str(port), "--", "--no-daemon"], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path))
     try:
         yield proc, port, log
@@ -59,6 +60,35 @@ def test_serve_gives_the_app_page_on_loopback(server):
     for addr in _non_loopback_addresses():
         with pytest.raises(OSError):
             socket.create_connection((addr, port), timeout=1).close()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the app processes textual-serve started for browser tabs)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+async def test_a_browser_tab_runs_the_app_and_closing_it_ends_the_app(server):
+    """The websocket the page opens runs the real app (its screen arrives); closing the tab ends it."""
+    import aiohttp
+
+    proc, port, log = server
+    wait_until(lambda: _fetch(f"http://127.0.0.1:{port}/"), 30, "the server to answer")
+    screen = ""
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/ws?width=100&height=30") as ws:
+            await ws.send_json(["resize", {"width": 100, "height": 30}])
+            # The VM list's header, and the status bar saying the app got `--no-daemon` from serve.
+            while "faults/s" not in screen or "in-process" not in screen:
+                msg = await ws.receive(timeout=60)
+                assert msg.type == aiohttp.WSMsgType.BINARY, (msg, screen[-2000:], open(log.name).read())
+                screen += msg.data.decode(errors="replace")
+            assert len(_children(proc.pid)) == 1          # one app process for this tab
+    # The tab is gone: textual-serve tells the app to quit and the app process ends.
+    wait_until(lambda: not _children(proc.pid), 30, "the app process of the closed tab to exit")
 
 
 def _non_loopback_addresses() -> list[str]:
