@@ -315,3 +315,23 @@ def test_trace_runner_refuses_ops_outside_the_arena_before_starting_qemu():
         run_trace_in_qemu([{"op": "ldg", "addr": "0x40080000"}])
     with pytest.raises(TraceRunError, match="line 1: not JSON"):
         run_trace_in_qemu(["{not json"])
+
+
+def _qemu_children() -> list[int]:
+    """PIDs of qemu-system-aarch64 processes whose parent is this test process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if "qemu-system" in comm and int(rest.split()[1]) == os.getpid():   # comm: 15 chars at most
+            found.append(int(entry))
+    return found
+
+
+@needs_qemu
+def test_trace_runner_leaves_no_qemu_behind():
+    assert run_trace_in_qemu([{"op": "ldg", "addr": f"{A:#x}"}])["ldg"] == [{"i": 0, "tag": 0}]
+    assert _qemu_children() == []
