@@ -28,8 +28,13 @@ from backend.qemu.trace_runner import GUEST_ELF, TraceRunError, run_trace_in_qem
 
 GUEST_DIR = GUEST_ELF.parent.parent
 QEMU = shutil.which("qemu-system-aarch64")
-needs_qemu = pytest.mark.skipif(QEMU is None or not GUEST_ELF.exists(),
-                                reason="needs qemu-system-aarch64 (scripts/install-deps.sh) and the built guest")
+_skip_without_qemu = pytest.mark.skipif(QEMU is None or not GUEST_ELF.exists(),
+                                        reason="needs qemu-system-aarch64 (scripts/install-deps.sh) and the built guest")
+
+
+def needs_qemu(test):
+    """Marks a test that runs real QEMU (marker ``qemu``), skipped where QEMU is not installed."""
+    return pytest.mark.qemu(_skip_without_qemu(test))
 
 
 # --- the ABI without QEMU ---------------------------------------------------------------------------
