@@ -145,6 +145,35 @@ class TagMemory:
         self._store(off, tag)
         self._store(off + GRANULE, tag)
 
+    def stg_many(self, addrs: np.ndarray, tags: np.ndarray) -> None:
+        """STG on many granules at once (16-aligned addresses; if one repeats, its last tag wins).
+        Checked before anything changes: TagAlignmentError / OutsideRamError / ValueError."""
+        addrs = np.asarray(addrs, dtype=np.uint64).reshape(-1)
+        tags = np.broadcast_to(np.asarray(tags), addrs.shape)
+        if not len(addrs):
+            return
+        if (addrs & np.uint64(15)).any():
+            bad = int(addrs[np.argmax((addrs & np.uint64(15)) != 0)])
+            raise TagAlignmentError(f"tag store address {bad:#x} is not 16-byte aligned (alignment fault)")
+        check_range(self.base, self.size, int(addrs.min()), GRANULE)
+        check_range(self.base, self.size, int(addrs.max()), GRANULE)
+        if tags.min() < 0 or tags.max() > 15:
+            raise ValueError("allocation tags must be 0..15")
+        off = (addrs - np.uint64(self.base)).astype(np.int64)
+        last = len(off) - 1 - np.unique(off[::-1], return_index=True)[1]     # last write of each granule
+        off, tags = off[last], tags[last].astype(np.uint8)
+        pages = off >> _PAGE_SHIFT
+        blocks = self._page_blocks(pages)
+        need = (blocks != 0) | (tags != 0)          # tag 0 into a never-tagged page: nothing to do
+        if not need.all():
+            off, tags, pages = off[need], tags[need], pages[need]
+        blocks = self._allocate(pages)
+        index = blocks * TAG_BYTES_PER_PAGE + ((off >> 5) & (TAG_BYTES_PER_PAGE - 1))
+        high = (off & 16) != 0
+        for sel, keep, shift in ((~high, 0xF0, 0), (high, 0x0F, 4)):   # each byte at most once per pass
+            i = index[sel]
+            self._blocks[i] = (self._blocks[i] & keep) | (tags[sel] << shift)
+
     def ldg(self, addr: int) -> int:
         """LDG: the tag of the granule holding ``addr`` (any address in RAM)."""
         return self.tag_at(check_range(self.base, self.size, addr, 1))

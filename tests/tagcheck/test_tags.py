@@ -1,6 +1,8 @@
 """TagMemory and GuestRam: the sparse 2-tags-per-byte storage, tag stores, bulk copies, errors."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.errors import MtevmError
 from backend.tagcheck import GuestRam, NoTagStorageError, OutsideRamError, TagAlignmentError, TagMemory
@@ -200,3 +202,26 @@ def test_stzg_without_mte_is_refused():
     ram = GuestRam(BASE, MiB, mte=False)
     with pytest.raises(NoTagStorageError, match="no MTE"):
         ram.stzg(BASE, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * 256 - 1), st.integers(0, 15)), max_size=300))
+def test_stg_many_equals_one_stg_after_another(writes):
+    one, many = TagMemory(BASE, MiB), TagMemory(BASE, MiB)
+    for g, t in writes:
+        one.stg(BASE + 16 * g, t)
+    many.stg_many(np.array([BASE + 16 * g for g, _ in writes], dtype=np.uint64),
+                  np.array([t for _, t in writes], dtype=np.uint8))
+    assert np.array_equal(one.get_tags(BASE, 3 * 4096), many.get_tags(BASE, 3 * 4096))
+    assert one.tagged_pages == many.tagged_pages
+
+
+def test_stg_many_checks_everything_before_writing():
+    tm = TagMemory(BASE, MiB)
+    with pytest.raises(TagAlignmentError):
+        tm.stg_many(np.array([BASE, BASE + 8], dtype=np.uint64), 1)
+    with pytest.raises(OutsideRamError):
+        tm.stg_many(np.array([BASE, BASE + MiB], dtype=np.uint64), 1)
+    with pytest.raises(ValueError):
+        tm.stg_many(np.array([BASE, BASE + 16], dtype=np.uint64), np.array([1, 16]))
+    assert tm.tagged_pages == 0
