@@ -200,6 +200,7 @@ async def test_a_qemu_that_does_not_answer_on_reattach_is_stopped_not_left_runni
             pass
 
 
+@pytest.mark.slow
 def test_a_real_vm_outlives_its_daemon_and_the_next_daemon_takes_it_back(run_mtevm, mtevm_paths):
     """Through the real CLI and daemon: start a local VM, stop the daemon, and find the VM still
     running (and counting) from a new daemon, which can then stop it."""
