@@ -338,6 +338,11 @@ static void run_workload(struct percpu *c)
     const unsigned batch = P->rate == 0 || P->rate >= 25600 ? 256 : (P->rate >= 100 ? P->rate / 100 : 1);
     const int wfit = wfxt_supported();
     uint64_t checked = 0, async = 0, start = now(), next_check = start;
+    /* the pacing deadline advances by batch/rate seconds per batch, carrying the remainder, so it
+     * never overflows (checked * freq would after a few hours at high rates) */
+    const uint64_t step = P->rate ? (uint64_t)batch * freq / P->rate : 0;
+    const uint64_t step_rem = P->rate ? (uint64_t)batch * freq % P->rate : 0;
+    uint64_t deadline = start, carry = 0;
     for (;;) {
         for (unsigned n = 0; n < batch; ) n += heap_step(c, &h, &async);
         checked += batch;
@@ -346,7 +351,13 @@ static void run_workload(struct percpu *c)
         st->cntvct = t;
         st->heartbeat++;
         if (t >= next_check) { boot_tags_verify(c); next_check = t + freq / BOOT_CHECK_HZ; }
-        if (P->rate) sleep_until(start + (checked * freq) / P->rate, wfit);
+        if (P->rate) {
+            deadline += step;
+            carry += step_rem;
+            if (carry >= P->rate) { deadline++; carry -= P->rate; }
+            if (t > deadline + freq) deadline = t;   /* paused (e.g. migrating): no catch-up burst */
+            sleep_until(deadline, wfit);
+        }
     }
 }
 
