@@ -164,6 +164,10 @@ def _onoff(b: bool | None) -> str:
     return "on" if b else "off"
 
 
+def _yes_no(b: bool | None) -> str:
+    return "unknown" if b is None else "yes" if b else "no"
+
+
 def print_hosts(hosts: list[dict]) -> None:
     _table(None, ["NAME", "KIND", "ARCH", "KVM MTE", "AVAILABLE", "DESCRIPTION"],
            [[h["name"], h["kind"], h["arch"], "yes" if h["kvm_mte"] else "no",
@@ -176,8 +180,10 @@ def print_probe(reports: list[dict]) -> None:
         _table(f"host {r['host']}", ["WHAT", "VALUE"], [
             ["KVM", f"{'present' if kvm['present'] else 'absent'} ({kvm.get('path')}), API version "
                     f"{kvm.get('api_version')}, KVM_CAP_ARM_MTE = {kvm.get('cap_arm_mte')}"],
-            ["QEMU", f"{qemu.get('binary') or 'not found'} {qemu.get('version') or ''}, MTE {qemu.get('mte')}, "
-                     f"accels {', '.join(qemu.get('accels') or [])}"],
+            ["QEMU", f"{qemu.get('binary') or '-'} {qemu.get('version') or ''}, mte property "
+                     f"{_yes_no(qemu.get('mte'))}, accels {', '.join(qemu.get('accels') or []) or '-'}, "
+                     f"usable for MTE {_yes_no(qemu.get('usable_for_mte'))}"
+                     + (f" ({qemu['reason']})" if qemu.get("reason") else "")],
             ["CPU", f"{cpu['arch']}, MTE {'yes' if cpu['mte'] else 'no'} ({cpu['source']})"],
             *[[f["name"], f"{f['value']}  ({f['source']})"] for f in r.get("facts", [])],
             *[[v["level"].upper(), v["text"]] for v in r["verdicts"]]])

@@ -73,8 +73,8 @@ class SocketTransport:
             if not isinstance(name, str):
                 raise ConfigError(f"a VM name must be a string, not {type(name).__name__}")
             path = path[:path.index("{name")] + quote(name, safe="") + path[path.index("}") + 1:]
-        params = {key: format_query(kwargs.pop(kw)) for kw, (key, _) in route.query.items()
-                  if kwargs.get(kw) is not None}
+        query = {key: kwargs.pop(kw, None) for kw, (key, _) in route.query.items()}
+        params = {key: format_query(value) for key, value in query.items() if value is not None}
         opts: dict = {"params": params}
         if route.body_whole:
             opts["data"] = self._encode(kwargs.pop(route.body_whole))

@@ -52,7 +52,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def total_checked(client, names: list[str]) -> int:
-    return sum((await client.counters(n))["vm"]["checked"] for n in names)
+    return sum([(await client.counters(n))["vm"]["checked"] for n in names])
 
 
 async def run(paths: Paths) -> dict:

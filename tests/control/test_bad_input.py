@@ -162,6 +162,10 @@ async def test_both_transports_raise_the_same_errors(mtevm_paths):
     try:
         await populate(local)
         await populate(remote)
+        # and the good calls agree too (defaulted arguments included)
+        assert await local.hosts() == await remote.hosts()
+        assert [r["host"] for r in await local.probe()] == [r["host"] for r in await remote.probe()]
+        assert await local.list() == await remote.list()
         for op, args in PARITY_CASES:
             results = []
             for client in (local, remote):

@@ -210,3 +210,22 @@ def test_delete_asks_on_a_terminal(mtevm_paths, mtevm):
     code, text = delete_answering("y")
     assert code == 0 and "deleted VM d" in text
     assert mtevm("list") == []
+
+
+def test_hosts_and_probe_as_json(mtevm, run_mtevm):
+    hosts = {h["name"]: h for h in mtevm("hosts")}
+    assert set(hosts) == {"sim-mte", "sim-nomte", "local"}
+    assert hosts["sim-mte"]["kvm_mte"] is True and hosts["sim-nomte"]["kvm_mte"] is False
+    assert hosts["sim-mte"]["kind"] == "simulated" and hosts["local"]["kind"] == "local"
+    reports = {r["host"]: r for r in mtevm("probe")}
+    assert set(reports) == set(hosts)
+    for r in reports.values():
+        assert {"present", "api_version", "cap_arm_mte"} <= set(r["kvm"])
+        assert {"binary", "version", "usable_for_mte"} <= set(r["qemu"])
+        assert r["verdicts"] and all(v["level"] in ("ok", "warn", "error") for v in r["verdicts"])
+    assert reports["sim-mte"]["kvm"]["cap_arm_mte"] == 1 and not reports["sim-nomte"]["kvm"]["cap_arm_mte"]
+    [only] = mtevm("probe", "--host", "sim-nomte")
+    assert only["host"] == "sim-nomte"
+    assert "unknown host 'mars'" in fails(run_mtevm, 1, "probe", "--host", "mars")
+    human = run_mtevm("probe")
+    assert human.returncode == 0 and "KVM_CAP_ARM_MTE" in human.stdout
