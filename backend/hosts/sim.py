@@ -25,7 +25,8 @@ from backend.machine import (MTE_MIGRATION_BLOCKER, MigrationState, RamMigration
                              SimulatedArm64Kvm, VirtMachineConfig, dry_run, probe_simulated, realize)
 from backend.tagcheck import TagCheckCpu
 
-TICKS_PER_S = 15              # a paced VM's task wakes this often (batches = rate / TICKS_PER_S)
+TICKS_PER_S = 10              # a paced VM's task wakes this often (batches = rate / TICKS_PER_S): each
+                              # batch has a fixed cost, so fewer, larger batches keep a daemon with VMs cheap
 MAX_CATCH_UP_S = 0.5          # after a stall, at most this much missed work is made up
 FLAT_OUT_BATCH = 4096         # rate 0: accesses per vCPU per batch, then yield to the event loop
 MIGRATION_SECONDS = 0.6       # how long a migration's progress takes, so front ends can show it
@@ -293,10 +294,9 @@ class SimVm(RunningVm):
                               gcr_exclude=old.gcr_exclude)
             cpu.tfsr = old.tfsr
             cpu.counters = old.counters
-            cpu._rng = old._rng        # IRG's random sequence continues where it was (deterministic runs)
             self.cpus.append(cpu)
-        self.workloads = src.workloads
+        self.workloads = src.workloads     # the heap (slots, tags' owners, its seeded generator) goes on
         for workload, cpu in zip(self.workloads, self.cpus):
-            workload.move_to(cpu, ram)
+            workload.cpu, workload.ram = cpu, ram
         self._last_fault = src._last_fault
         self._faults = src._faults

@@ -221,9 +221,9 @@ class RealKvmVm:
                            pack_copy_mte_tags(ipa, length, buf.ctypes.data, to_guest))
 
     def close(self) -> None:
-        for fd in self._vcpu_fds + [self.fd]:
+        for fd in self._vcpu_fds + ([self.fd] if self.fd >= 0 else []):
             os.close(fd)
-        self._vcpu_fds = []
+        self._vcpu_fds, self.fd = [], -1
         for area in self._maps:
             area.close()
         self._maps = []
