@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
         add(name, help_, as_json).add_argument("name")
-    p = add("delete", "delete a stopped VM's definition")
+    p = add("delete", "delete a stopped VM's definition", as_json)
     p.add_argument("name")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     p = add("mte", "turn MTE on or off (a running VM: at its next start)", as_json)

@@ -5,6 +5,7 @@ error texts, kill -9 and SIGTERM of the daemon.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -229,3 +230,79 @@ def test_hosts_and_probe_as_json(mtevm, run_mtevm):
     assert "unknown host 'mars'" in fails(run_mtevm, 1, "probe", "--host", "mars")
     human = run_mtevm("probe")
     assert human.returncode == 0 and "KVM_CAP_ARM_MTE" in human.stdout
+
+
+async def _next_matching(events, predicate, limit: float = 30.0) -> dict:
+    """The next event that satisfies ``predicate`` (the bound only stops a broken daemon hanging the test)."""
+    async def scan():
+        async for event in events:
+            if predicate(event):
+                return event
+        raise AssertionError("the event stream ended")
+    return await asyncio.wait_for(scan(), limit)
+
+
+async def test_events_over_the_socket(mtevm_paths):
+    from backend.client import connect
+    async with await connect() as client:
+        assert not client.in_process
+        await client.create({"name": "ev1", "workload": {"rate": 5000}})
+        await client.start("ev1")
+        events = client.events(rate_hz=20)
+        try:
+            first = await _next_matching(events, lambda e: e["type"] == "counters")
+            assert first["vm"] == "ev1" and first["counters"]["name"] == "ev1"
+            assert len(first["counters"]["vcpus"]) == 2
+            # from here on the stream is subscribed: every change shows up in it
+            await client.create({"name": "ev2", "host": "sim-nomte", "mte": False})
+            e = await _next_matching(events, lambda e: e["type"] == "vm" and e.get("vm", {}).get("name") == "ev2")
+            assert e["vm"]["state"] == "stopped" and e["vm"]["host"] == "sim-nomte"
+            await client.set_mte("ev1", False)
+            e = await _next_matching(events, lambda e: e["type"] == "vm" and e.get("vm", {}).get("name") == "ev1")
+            assert e["vm"]["pending"] == {"mte": False}
+            await client.start("ev2")
+            states = []
+            while states[-2:] != ["starting", "running"]:
+                e = await _next_matching(events, lambda e: e["type"] == "vm" and e.get("vm", {}).get("name") == "ev2")
+                states.append(e["vm"]["state"])
+
+            m = await client.migrate("ev2", "sim-mte")
+            progress = []
+            while True:
+                e = await _next_matching(events, lambda e: e["type"] == "migration" and e["migration"]["id"] == m["id"])
+                progress.append(e["migration"]["progress"])
+                if e["migration"]["state"] in ("completed", "failed"):
+                    break
+            assert e["migration"]["state"] == "completed", e["migration"]["reason"]
+            assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > 2
+            e = await _next_matching(events, lambda e: e["type"] == "vm" and e.get("vm", {}).get("name") == "ev2")
+            assert (e["vm"]["host"], e["vm"]["state"]) == ("sim-mte", "running")
+            await _next_matching(events, lambda e: e["type"] == "counters" and e["vm"] == "ev2")
+
+            await client.stop("ev2")
+            await client.delete("ev2")
+            await _next_matching(events, lambda e: e.get("deleted") == "ev2")
+        finally:
+            await events.aclose()
+        # faults/s comes from successive samples of a VM that takes faults (ev1's workload injects bugs)
+        for _ in range(100):
+            if [v for v in await client.list() if v["name"] == "ev1"][0]["faults_per_s"] > 0:
+                break
+            await asyncio.sleep(0.1)
+        assert [v for v in await client.list() if v["name"] == "ev1"][0]["faults_per_s"] > 0
+
+
+async def test_validate_only_dry_runs_the_seed_without_storing(inproc_client):
+    c = inproc_client
+    assert await c.create({"name": "ok1"}, validate_only=True) == {"ok": True, "error": None}
+    assert await c.create({"name": "n", "host": "sim-nomte"}, validate_only=True) == \
+        {"ok": False, "error": "MTE requested, but not supported by KVM"}
+    assert await c.create({"name": "n", "accel": "tcg", "cpu": "cortex-a57"}, validate_only=True) == \
+        {"ok": False, "error": "MTE requested, but not supported by the guest CPU"}
+    assert (await c.create({"name": "n", "vcpus": 0}, validate_only=True))["ok"] is False
+    assert await c.list() == []
+
+
+def test_no_command_opens_the_app(run_mtevm):
+    r = run_mtevm("--keys")          # the app's own option: proves the app, not the CLI, got the arguments
+    assert r.returncode == 0 and r.stdout.strip()
