@@ -2,22 +2,24 @@
 
 It mirrors the real bare-metal guest (backend/qemu/guest/guest.c) so simulated and real VMs
 give comparable counters: each vCPU owns the heap slice [heap_base, heap_base + heap_size) at the
-same place in RAM as the real guest's, cut into slots (up to 1024; objects of 1..16 granules
-with untagged slack behind them).
+same place in RAM as the real guest's, cut into slots (up to 1024) that each hold one object of
+1..16 granules with untagged slack behind it.
 
-* allocate = IRG + STG over the object. IRG excludes tag 0, the slot's previous tag and the tag
-  of the granule just past the object, so a use-after-free or an overflow always mismatches;
-* free = retag the object with a fresh IRG tag (excluding its old tag and 0);
-* ``step(n)`` is one time step: dead slots are allocated, use-after-free victims are freed, then
-  n accesses run as ONE vectorised batch through ``cpu.run_batch`` -- mostly valid accesses of
-  1..16 bytes inside live objects; with the configured probabilities a use-after-free (an
-  8-byte access through the stale pointer), an overflow (8 bytes just past the object) or a
-  wild pointer (anywhere in the heap, random tag) -- and afterwards about 1 in 64 objects
-  accessed is freed (churn).
+* allocate = IRG + STG over the object; free = retag the object with a fresh IRG tag. IRG
+  excludes tag 0 (as the guest's GCR_EL1 does), the freed object's tag, the free tag and the
+  tag of the granule just past the new object, so every use-after-free and every overflow
+  mismatches (wild pointers still match 1 time in 16, as on hardware);
+* ``step(n)`` is one time step: n accesses run as ONE vectorised batch through
+  ``cpu.run_batch`` -- mostly valid accesses of 1, 2, 4, 8 or 16 bytes inside live objects; with
+  the configured probabilities a use-after-free (8 bytes through the pointer of the slot's
+  previously freed object), an overflow (8 bytes just past the object) or a wild pointer
+  (anywhere in the heap, random tag). Then the objects hit by a use-after-free and about 1 in
+  64 of the objects used are freed and their slots get new objects (churn) -- all tag stores
+  of a step in one vectorised STG, so a step costs little more than its batch.
 
 A sync fault stops only its access; the workload goes on (like a guest kernel that kills the
-task). Everything random comes from a generator seeded with (seed, vCPU), so the same seed
-gives the same counters.
+task). Everything random comes from a generator seeded with (seed, vCPU): the same seed gives
+the same counters.
 """
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ HEAP_OFFSET = HEAP_BASE - RAM_BASE     # where the real guest's heaps start, fro
 MAX_SLOTS = 1024
 MAX_OBJECT_GRANULES = 16
 VALID_SIZES = np.array([1, 2, 4, 8, 8, 8, 16, 16])     # the real guest's mix of access sizes
-FREE_AFTER_USE = 1 / 64                 # chance that a valid access's object is freed afterwards
 BUG_SIZE = 8                            # use-after-free, overflow and wild accesses are 8 bytes
 UAF, OVERFLOW, WILD, VALID = 0, 1, 2, 3
+_TAG = np.uint64(56)
+
+
+def _tag_of(ptrs: np.ndarray) -> np.ndarray:
+    return (ptrs >> _TAG).astype(np.int64) & 0xF
 
 
 class TaggedHeapWorkload:
@@ -53,93 +59,78 @@ class TaggedHeapWorkload:
         self._rng = np.random.default_rng([config.seed, vcpu_index])
         self._thresholds = np.cumsum([config.uaf_rate, config.overflow_rate, config.wild_rate])
         self.slot_base = self.heap_base + np.arange(self.nslots, dtype=np.uint64) * np.uint64(self.slot_size)
-        self.slot_ptr = self.slot_base.copy()                 # tagged pointer of the current object
-        self.slot_granules = np.ones(self.nslots, dtype=np.int64)
-        self.slot_live = np.zeros(self.nslots, dtype=bool)
+        # the live object of each slot (tagged pointer, granules) and the one freed before it
+        self.slot_ptr = self.slot_base.copy()
+        self.slot_granules = np.zeros(self.nslots, dtype=np.int64)
+        self.stale_ptr = self.slot_base.copy()
+        self.stale_granules = np.zeros(self.nslots, dtype=np.int64)
         self.allocations = self.frees = 0
+        everything = np.arange(self.nslots)
+        self.recycle(everything)          # the first objects (nothing to free yet) ...
+        self.recycle(everything)          # ... and a freed one behind each, for use-after-free
+
+    @property
+    def live_objects(self) -> int:
+        return self.nslots
 
     # ---- heap management --------------------------------------------------------------------
-    def _tag_objects(self, slots: np.ndarray, tags: np.ndarray) -> None:
-        """STG every granule of the objects in ``slots`` with their new ``tags``."""
-        if self.ram.tags is None or not len(slots):
-            return
-        counts = self.slot_granules[slots]
-        starts = np.repeat(self.slot_base[slots], counts)
-        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.ram.tags.stg_many(starts + (within * 16).astype(np.uint64), np.repeat(tags, counts))
-
     def _irg(self, exclude: np.ndarray) -> np.ndarray:
         """IRG for many objects: random tags, stepped past ``exclude | GCR_EL1.Exclude``."""
-        return choose_nonexcluded_tags(self._rng.integers(0, 16, len(exclude)), exclude | self.cpu.gcr_exclude)
+        tags = choose_nonexcluded_tags(self._rng.integers(0, 16, len(exclude)), exclude | self.cpu.gcr_exclude)
+        return tags.astype(np.int64)
 
-    def _current_tags(self, addrs: np.ndarray) -> np.ndarray:
+    def _memory_tags(self, addrs: np.ndarray) -> np.ndarray:
         if self.ram.tags is None:
             return np.zeros(len(addrs), dtype=np.int64)
         return self.ram.tags.tags_of_granules(addrs).astype(np.int64)
 
-    def allocate(self, slots: np.ndarray) -> None:
-        """Allocate a fresh object (1..max granules) in each dead slot of ``slots``."""
+    def recycle(self, slots: np.ndarray) -> None:
+        """Free the object in each of ``slots`` (retag it) and allocate a new one there (IRG +
+        STG over 1..max granules), with one vectorised STG for all of them."""
         slots = np.unique(slots)
-        slots = slots[~self.slot_live[slots]]
         if not len(slots):
             return
-        self.slot_granules[slots] = self._rng.integers(1, self.max_granules + 1, len(slots))
-        after = self.slot_base[slots] + (self.slot_granules[slots] * 16).astype(np.uint64)
-        exclude = 1 | (1 << self._current_tags(self.slot_base[slots])) | (1 << self._current_tags(after))
-        tags = self._irg(exclude)
-        self._tag_objects(slots, tags)
-        self.slot_ptr[slots] = self.slot_base[slots] | (tags.astype(np.uint64) << np.uint64(56))
-        self.slot_live[slots] = True
+        old_g = self.slot_granules[slots]
+        old_tag = _tag_of(self.slot_ptr[slots])
+        free_tag = self._irg(1 | (1 << old_tag))
+        new_g = self._rng.integers(1, self.max_granules + 1, len(slots))
+        after = self.slot_base[slots] + (new_g * 16).astype(np.uint64)
+        after_tag = np.where(new_g < old_g, free_tag, self._memory_tags(after))
+        new_tag = self._irg(1 | (1 << old_tag) | (1 << free_tag) | (1 << after_tag))
+        if self.ram.tags is not None:
+            # granule k of the slot: the new object's tag below new_g, the free tag up to old_g
+            count = np.maximum(old_g, new_g)
+            k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+            tags = np.where(k < np.repeat(new_g, count), np.repeat(new_tag, count), np.repeat(free_tag, count))
+            self.ram.tags.stg_many(np.repeat(self.slot_base[slots], count) + (k * 16).astype(np.uint64), tags)
+        freed = old_g > 0
+        self.stale_ptr[slots[freed]] = self.slot_ptr[slots[freed]]
+        self.stale_granules[slots[freed]] = old_g[freed]
+        self.slot_ptr[slots] = self.slot_base[slots] | (new_tag.astype(np.uint64) << _TAG)
+        self.slot_granules[slots] = new_g
+        self.frees += int(freed.sum())
         self.allocations += len(slots)
-
-    def free(self, slots: np.ndarray) -> None:
-        """Free the live objects in ``slots``: retag them so stale pointers fault."""
-        slots = np.unique(slots)
-        slots = slots[self.slot_live[slots]]
-        if not len(slots):
-            return
-        old = (self.slot_ptr[slots] >> np.uint64(56)).astype(np.int64) & 0xF
-        self._tag_objects(slots, self._irg(1 | (1 << old)))
-        self.slot_live[slots] = False
-        self.frees += len(slots)
-
-    @property
-    def live_objects(self) -> int:
-        return int(self.slot_live.sum())
 
     # ---- one time step ------------------------------------------------------------------------
     def step(self, n: int) -> BatchResult:
-        """Run ``n`` accesses (one vectorised batch) plus this step's allocations and frees."""
+        """Run ``n`` accesses (one vectorised batch), then this step's frees and allocations."""
         rng = self._rng
-        self.allocate(np.flatnonzero(~self.slot_live))
         kind = np.searchsorted(self._thresholds, rng.random(n), side="right")   # UAF..VALID
-        slot = rng.integers(0, self.nslots, n)
-        r = rng.integers(0, 1 << 62, n, dtype=np.int64)
-        ptrs = np.empty(n, dtype=np.uint64)
-        sizes = np.full(n, BUG_SIZE, dtype=np.int64)
-
-        uaf = np.flatnonzero(kind == UAF)             # stale pointers, taken before the free
-        ptrs[uaf] = self.slot_ptr[slot[uaf]] + ((r[uaf] % (self.slot_granules[slot[uaf]] * 2)) * 8).astype(np.uint64)
-        self.free(slot[uaf])
-        others = np.flatnonzero((kind != UAF) & ~self.slot_live[slot])
-        if len(others) and not self.slot_live.any():    # every object was a victim: refill first
-            self.allocate(np.arange(self.nslots))
-        live = np.flatnonzero(self.slot_live)
-        slot[others] = live[rng.integers(0, len(live), len(others))]      # objects freed just now
-
-        over = np.flatnonzero(kind == OVERFLOW)       # the granule just past the object
-        ptrs[over] = self.slot_ptr[slot[over]] + (self.slot_granules[slot[over]] * 16).astype(np.uint64)
-
+        bits = rng.integers(0, 1 << 62, n, dtype=np.int64)     # the rest of each access's dice
+        slot = bits % self.nslots
+        valid, uaf = kind == VALID, kind == UAF
+        sizes = np.where(valid, VALID_SIZES[(bits >> 41) & 7], BUG_SIZE)
+        base = np.where(uaf, self.stale_ptr[slot], self.slot_ptr[slot])
+        span = np.where(uaf, self.stale_granules[slot], self.slot_granules[slot]) * 16
+        # valid and use-after-free: a random naturally aligned place in the (old) object;
+        # overflow: the granule just past the object
+        offset = np.where(kind == OVERFLOW, span, ((bits >> 8) % (span // sizes)) * sizes)
+        ptrs = base + offset.astype(np.uint64)
         wild = np.flatnonzero(kind == WILD)           # anywhere in the heap, any tag
-        ptrs[wild] = (np.uint64(self.heap_base) + ((r[wild] % (self.heap_size // 8)) * 8).astype(np.uint64)) | \
-            (rng.integers(0, 16, len(wild)).astype(np.uint64) << np.uint64(56))
-
-        valid = np.flatnonzero(kind == VALID)         # inside the object, naturally aligned
-        vs = VALID_SIZES[r[valid] & 7]
-        sizes[valid] = vs
-        ptrs[valid] = self.slot_ptr[slot[valid]] + \
-            (((r[valid] >> 3) % (self.slot_granules[slot[valid]] * 16 // vs)) * vs).astype(np.uint64)
-
-        result = self.cpu.run_batch(ptrs, sizes, rng.random(n) < 0.5)
-        self.free(slot[valid[rng.random(len(valid)) < FREE_AFTER_USE]])
+        if len(wild):
+            ptrs[wild] = (np.uint64(self.heap_base) + ((bits[wild] >> 8) % (self.heap_size // 8) * 8).astype(np.uint64)) \
+                | (((bits[wild] >> 56) & 0xF).astype(np.uint64) << _TAG)
+        result = self.cpu.run_batch(ptrs, sizes, ((bits >> 40) & 1).astype(bool))
+        # churn: objects hit by a use-after-free and ~1 in 64 of those used are freed and replaced
+        self.recycle(slot[uaf | (valid & (((bits >> 44) & 63) == 0))])
         return result

@@ -91,16 +91,18 @@ class TagMemory:
     def _allocate(self, pages: np.ndarray) -> np.ndarray:
         """Block numbers of page numbers, giving a fresh zero block to pages that have none."""
         pages = np.asarray(pages, dtype=np.int64)
-        chunks = np.unique(pages >> _CHUNK_SHIFT)
-        new_chunks = chunks[self._dir[chunks] == 0]
-        if len(new_chunks):
-            self._table = _grown(self._table, self._rows + len(new_chunks), CHUNK_PAGES)
-            self._dir[new_chunks] = np.arange(self._rows, self._rows + len(new_chunks))
-            self._rows += len(new_chunks)
+        if not self._dense:                       # dense: every chunk has its row already
+            chunks = np.unique(pages >> _CHUNK_SHIFT)
+            new_chunks = chunks[self._dir[chunks] == 0]
+            if len(new_chunks):
+                self._table = _grown(self._table, self._rows + len(new_chunks), CHUNK_PAGES)
+                self._dir[new_chunks] = np.arange(self._rows, self._rows + len(new_chunks))
+                self._rows += len(new_chunks)
         slots = self._dir[pages >> _CHUNK_SHIFT] * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))
         blocks = self._table[slots]
-        missing = np.unique(slots[blocks == 0])
-        if len(missing):
+        fresh = blocks == 0
+        if fresh.any():
+            missing = np.unique(slots[fresh])
             self._blocks = _grown(self._blocks, self._n_blocks + len(missing), TAG_BYTES_PER_PAGE)
             self._table[missing] = np.arange(self._n_blocks, self._n_blocks + len(missing))
             self._n_blocks += len(missing)
@@ -152,22 +154,26 @@ class TagMemory:
         tags = np.broadcast_to(np.asarray(tags), addrs.shape)
         if not len(addrs):
             return
-        if (addrs & np.uint64(15)).any():
-            bad = int(addrs[np.argmax((addrs & np.uint64(15)) != 0)])
+        misaligned = addrs & np.uint64(15)
+        if misaligned.any():
+            bad = int(addrs[np.argmax(misaligned != 0)])
             raise TagAlignmentError(f"tag store address {bad:#x} is not 16-byte aligned (alignment fault)")
         check_range(self.base, self.size, int(addrs.min()), GRANULE)
         check_range(self.base, self.size, int(addrs.max()), GRANULE)
         if tags.min() < 0 or tags.max() > 15:
             raise ValueError("allocation tags must be 0..15")
         off = (addrs - np.uint64(self.base)).astype(np.int64)
-        last = len(off) - 1 - np.unique(off[::-1], return_index=True)[1]     # last write of each granule
-        off, tags = off[last], tags[last].astype(np.uint8)
+        if len(off) > 1 and not (off[1:] > off[:-1]).all():     # repeats possible: keep each one's last
+            last = len(off) - 1 - np.unique(off[::-1], return_index=True)[1]
+            off, tags = off[last], tags[last]
+        tags = tags.astype(np.uint8)
         pages = off >> _PAGE_SHIFT
         blocks = self._page_blocks(pages)
-        need = (blocks != 0) | (tags != 0)          # tag 0 into a never-tagged page: nothing to do
-        if not need.all():
+        fresh = blocks == 0
+        if fresh.any():
+            need = ~fresh | (tags != 0)             # tag 0 into a never-tagged page: nothing to do
             off, tags, pages = off[need], tags[need], pages[need]
-        blocks = self._allocate(pages)
+            blocks = self._allocate(pages)
         index = blocks * TAG_BYTES_PER_PAGE + ((off >> 5) & (TAG_BYTES_PER_PAGE - 1))
         high = (off & 16) != 0
         for sel, keep, shift in ((~high, 0xF0, 0), (high, 0x0F, 4)):   # each byte at most once per pass

