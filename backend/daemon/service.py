@@ -329,6 +329,7 @@ class Service:
         rec.last_error = None
         rec.rate.reset()
         self._set_state(rec, "running", runtime=rec.running.runtime_info())
+        log.info("VM %s: started on %s", rec.name, rec.host)
         return await self._detail(rec)
 
     def _apply_pending(self, rec: VmRecord) -> None:
@@ -351,6 +352,7 @@ class Service:
         finally:
             rec.rate.reset()
             self._set_state(rec, "stopped", runtime={})
+            log.info("VM %s: stopped", rec.name)
         return await self._detail(rec)
 
     async def set_mte(self, name: str, on: bool) -> dict:
@@ -499,6 +501,7 @@ class Service:
         refusal = reasons[0] if reasons else src.can_migrate_to(dst)
         if refusal:
             self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            log.info("VM %s: migration to %s refused: %s", rec.name, dst.name, refusal)
             raise MigrationError(refusal)
         m = self._record_migration(rec, dst.name, with_tags, "setup")
         self._set_state(rec, "migrating", persist=False)
@@ -535,6 +538,7 @@ class Service:
             self.store.update_migration(m)
             self.bus.publish("migration", migration=dict(m))
             self._set_state(rec, "running", persist=False)
+            log.warning("VM %s: migration %d to %s failed: %s", rec.name, m["id"], dst.name, reason)
             return
         rec.running = new_vm
         rec.host = dst.name
@@ -543,6 +547,7 @@ class Service:
         self.store.update_migration(m)
         self.bus.publish("migration", migration=dict(m))
         self._set_state(rec, "running", runtime=new_vm.runtime_info())
+        log.info("VM %s: migrated to %s (migration %d)", rec.name, dst.name, m["id"])
 
 
 async def open_service(paths: Paths, hosts: dict[str, Host] | None = None) -> Service:

@@ -91,7 +91,15 @@ def test_the_whole_story_on_sim_mte(mtevm, run_mtevm):
     assert fails(run_mtevm, 1, "show", "web") == "no VM named 'web'"
 
 
-def test_story_on_sim_nomte_and_tag_migration(mtevm, run_mtevm):
+def stored_host(paths, name: str) -> str:
+    db = sqlite3.connect(f"file:{paths.store}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT host FROM vms WHERE name=?", (name,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_story_on_sim_nomte_and_tag_migration(mtevm_paths, mtevm, run_mtevm):
     vm = mtevm("create", "plain", "--host", "sim-nomte", "--no-mte", "--vcpus", "3", "--memory", "512M",
                "--workload", "seed=7,tcf=sync,async", "--rate", "5000")
     assert vm["config"]["vcpus"] == 3 and vm["config"]["memory"] == 512 << 20 and not vm["config"]["mte"]
@@ -103,6 +111,7 @@ def test_story_on_sim_nomte_and_tag_migration(mtevm, run_mtevm):
     m = mtevm("migrate", "plain", "--to", "sim-mte")
     assert m["state"] == "completed"
     assert mtevm("show", "plain")["host"] == "sim-mte"
+    assert stored_host(mtevm_paths, "plain") == "sim-mte"     # persisted, not only in the daemon's memory
 
     # An MTE VM under KVM can move only with mtevm's opt-in tag migration.
     mtevm("create", "tagged")
@@ -306,3 +315,18 @@ async def test_validate_only_dry_runs_the_seed_without_storing(inproc_client):
 def test_no_command_opens_the_app(run_mtevm):
     r = run_mtevm("--keys")          # the app's own option: proves the app, not the CLI, got the arguments
     assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_sigterm_during_a_migration_records_it_failed(mtevm_paths, mtevm):
+    mtevm("create", "mover", "--no-mte")
+    mtevm("start", "mover")
+    m = mtevm("migrate", "mover", "--to", "sim-nomte", "--no-wait")
+    assert m["state"] in ("setup", "active")
+    os.kill(daemon_pid(mtevm_paths), signal.SIGTERM)     # a simulated migration takes ~0.6 s: still running
+    while daemon_pid(mtevm_paths) is not None:
+        time.sleep(0.02)
+    [after] = mtevm("migrations")
+    assert (after["id"], after["state"]) == (m["id"], "failed")
+    assert after["reason"] == "the daemon stopped during the migration" and after["finished"]
+    vm = mtevm("show", "mover")
+    assert (vm["host"], vm["state"]) == ("sim-mte", "stopped")
