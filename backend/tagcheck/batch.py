@@ -99,6 +99,41 @@ class BatchChecker:
             self._b = [np.empty(self._cap, dtype=bool) for _ in range(2)]
         return [a[:n] for a in self._i64], [a[:n] for a in self._u8], [a[:n] for a in self._b]
 
+    def _later_granules(self, off, sizes, ptag, mem, fail, more, scratch) -> np.ndarray:
+        """Check the granules after the first for the accesses that have them (``more``) and
+        did not fail yet; update ``fail``/``mem``; return each access's first failing granule."""
+        granule = np.zeros(len(off), dtype=np.int64)
+        if isinstance(sizes, int) and sizes <= 16:    # at most one more granule: the next one
+            np.logical_and(more, ~fail, out=more)
+            sel = np.flatnonzero(more)
+            if len(sel):
+                nxt = (off[sel] | 15) + 1
+                m = self.tags.lookup_into(nxt, np.empty(len(sel), np.uint8), scratch[:len(sel)],
+                                          np.empty_like(nxt))
+                hit = sel[m != ptag[sel]]
+                fail[hit] = True
+                granule[hit] = 1
+                mem[hit] = m[m != ptag[sel]]
+            return granule
+        extra = ((off + (np.asarray(sizes) - 1)) >> 4) - (off >> 4)
+        huge = extra >= VECTOR_GRANULES
+        for k in range(1, VECTOR_GRANULES):
+            sel = np.flatnonzero((extra >= k) & ~fail & ~huge)
+            if not len(sel):
+                break
+            m = self.tags.lookup(((off[sel] >> 4) + k) << 4)
+            bad = m != ptag[sel]
+            hit = sel[bad]
+            fail[hit] = True
+            granule[hit] = k
+            mem[hit] = m[bad]
+        for i in np.flatnonzero(huge & ~fail):
+            found = _first_mismatch_huge(self.tags, int(off[i]), int(extra[i]) + 1, int(ptag[i]))
+            if found:
+                fail[i] = True
+                granule[i], mem[i] = found
+        return granule
+
     def offsets(self, ptrs: np.ndarray, sizes, out: np.ndarray) -> np.ndarray:
         """Each access's offset from RAM base (int64); OutsideRamError if one is not all in RAM."""
         np.bitwise_and(ptrs.view(np.int64), LOW56, out=out)
@@ -146,25 +181,7 @@ class BatchChecker:
             np.subtract(s1, s2, out=s1)
             np.greater(s1, 0, out=more)
         if more.any():
-            extra = ((off + (np.asarray(sizes) - 1)) >> 4) - (off >> 4)
-            granule = np.zeros(checked, dtype=np.int64)
-            huge = extra >= VECTOR_GRANULES
-            for k in range(1, VECTOR_GRANULES):
-                sel = np.flatnonzero((extra >= k) & ~fail & ~huge)
-                if not len(sel):
-                    break
-                m = self.tags.lookup(((off[sel] >> 4) + k) << 4)
-                bad = m != ptag[sel]
-                hit = sel[bad]
-                fail[hit] = True
-                granule[hit] = k
-                mem[hit] = m[bad]
-            for i in np.flatnonzero(huge & ~fail):
-                found = _first_mismatch_huge(self.tags, int(off[i]), int(extra[i]) + 1, int(ptag[i]))
-                if found:
-                    fail[i] = True
-                    granule[i], mem[i] = found
-
+            granule = self._later_granules(off, sizes, ptag, mem, fail, more, s1)
         fi = np.flatnonzero(fail)
         if tcf == TCF.SYNC:
             kind = np.full(len(fi), SYNC, dtype=np.uint8)
