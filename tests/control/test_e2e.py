@@ -108,6 +108,9 @@ def test_story_on_sim_nomte_and_tag_migration(mtevm_paths, mtevm, run_mtevm):
     mtevm("start", "plain")
     vm = mtevm("show", "plain")
     assert [c["tcf"] for c in vm["vcpus"]] == ["sync", "async", "async"]
+    vm = mtevm("tcf", "plain", "asymm", "--vcpu", "1")          # live, and kept in the definition
+    assert [c["tcf"] for c in vm["vcpus"]] == ["sync", "asymm", "async"]
+    assert vm["workload"]["tcf"] == ["sync", "asymm", "async"]
     m = mtevm("migrate", "plain", "--to", "sim-mte")
     assert m["state"] == "completed"
     assert mtevm("show", "plain")["host"] == "sim-mte"
