@@ -144,6 +144,7 @@ def test_bad_usage_exits_2_and_operation_failures_exit_1(mtevm, run_mtevm):
     assert "vcpus" in fails(run_mtevm, 2, "create", "x", "--vcpus", "0")
     assert "memory" in fails(run_mtevm, 2, "create", "x", "--memory", "lots")
     assert "colour" in fails(run_mtevm, 2, "create", "x", "--workload", "colour=red")
+    assert "'rate' is not k=v" in fails(run_mtevm, 2, "create", "x", "--workload", "rate")
     r = run_mtevm("create")                                  # argparse: usage on stderr, exit 2
     assert r.returncode == 2 and "usage" in r.stderr and r.stdout == ""
     assert fails(run_mtevm, 1, "stop", "nosuch") == "no VM named 'nosuch'"
