@@ -9,11 +9,14 @@ on its own, still vectorised over its granules.
 Faults never change later accesses' outcome (a sync fault only stops its own access, TFSR
 only accumulates), so the batch gives exactly what the per-access path gives in order.
 
-Speed: the work arrays are kept between batches (``BatchChecker``) and every step writes
-into them, because allocating fresh 64k-element arrays costs page faults that would
-otherwise double the time of a batch.
+Speed: the work arrays are kept between batches and every step writes into them, because
+allocating fresh 64k-element arrays costs page faults that would otherwise double the time
+of a batch. They are shared by all vCPUs of a thread (a check never runs inside another),
+so a fleet of vCPUs holds one set, sized for the largest batch seen.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -84,20 +87,24 @@ def _first_mismatch_huge(tags: TagMemory, off: int, count: int, ptag: int) -> tu
     return None
 
 
+_workspace = threading.local()     # this thread's work arrays (see the module docstring)
+
+
 class BatchChecker:
-    """Checks batches against one RAM's tags, reusing its work arrays between batches."""
+    """Checks batches against one RAM's tags, with the thread's reused work arrays."""
 
     def __init__(self, tags: TagMemory | None, base: int, size: int):
         self.tags, self.base, self.size = tags, base, size
-        self._cap = -1
 
-    def _work(self, n: int):
-        if n > self._cap:
-            self._cap = max(n, 1024)
-            self._i64 = [np.empty(self._cap, dtype=np.int64) for _ in range(3)]
-            self._u8 = [np.empty(self._cap, dtype=np.uint8) for _ in range(3)]
-            self._b = [np.empty(self._cap, dtype=bool) for _ in range(2)]
-        return [a[:n] for a in self._i64], [a[:n] for a in self._u8], [a[:n] for a in self._b]
+    @staticmethod
+    def _work(n: int):
+        ws = _workspace
+        if n > getattr(ws, "cap", -1):
+            ws.cap = max(n, 1024)
+            ws.i64 = [np.empty(ws.cap, dtype=np.int64) for _ in range(3)]
+            ws.u8 = [np.empty(ws.cap, dtype=np.uint8) for _ in range(3)]
+            ws.b = [np.empty(ws.cap, dtype=bool) for _ in range(2)]
+        return [a[:n] for a in ws.i64], [a[:n] for a in ws.u8], [a[:n] for a in ws.b]
 
     def _later_granules(self, off, sizes, ptag, mem, fail, more, scratch) -> np.ndarray:
         """Check the granules after the first for the accesses that have them (``more``) and

@@ -263,6 +263,16 @@ def test_batch_accepts_scalar_size_and_store_flag(ram):
     assert res.fault_addr[0] == tagged(BASE + 0x40, 5)
 
 
+def test_batch_takes_the_contracts_dtypes(ram):
+    """uint64 pointers, uint8 sizes, bool is_store (docs/contracts.md)."""
+    cpu = TagCheckCpu(ram)
+    res = cpu.run_batch(np.array([tagged(BASE + 0x3C, 5), tagged(BASE + 0x60, 5)], dtype=np.uint64),
+                        np.array([8, 200], dtype=np.uint8), np.array([False, True]))
+    assert list(res.fault_index) == [0] and res.checked == 2
+    assert cpu.run_batch(np.array([tagged(BASE + 0x50, 5)], dtype=np.uint64),
+                         np.array([255], dtype=np.uint8), np.array([True])).faults == 0
+
+
 def test_empty_batch_counts_nothing(ram):
     res = TagCheckCpu(ram).run_batch(np.zeros(0, dtype=np.uint64), 8, False)
     assert (res.checked, res.unchecked, res.faults) == (0, 0, 0)

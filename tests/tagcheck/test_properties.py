@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.tagcheck import TCF, GuestRam, TagCheckCpu
+from backend.tagcheck.pointers import choose_nonexcluded_tag, choose_nonexcluded_tags
 
 BASE = 0x40000000
 RAM = 3 * 4096            # three pages: plenty of page crossings
@@ -108,7 +109,7 @@ def model_counters(m):
     return (m.checked, m.unchecked, m.sync, m.async_, m.tfsr)
 
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -188,3 +189,28 @@ def test_batch_equals_per_access_on_a_sparse_large_vm(tag_writes, probes):
     assert [i for i, f in enumerate(per_access) if f] == list(res.fault_index)
     assert [f.addr for f in per_access if f] == [int(x) for x in res.fault_addr]
     assert counters(a) == counters(b)
+
+
+def model_choose(tag, offset, exclude):
+    """Arm ARM ChooseNonExcludedTag, written out."""
+    if exclude & 0xFFFF == 0xFFFF:
+        return 0
+    if offset == 0:
+        while (exclude >> tag) & 1:
+            tag = (tag + 1) % 16
+    while offset:
+        tag = (tag + 1) % 16
+        while (exclude >> tag) & 1:
+            tag = (tag + 1) % 16
+        offset -= 1
+    return tag
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 15), st.integers(0, 15), st.integers(0, 0xFFFF)), min_size=1, max_size=30))
+def test_tag_choice_matches_the_architecture_scalar_and_vectorised(cases):
+    for tag, offset, exclude in cases:
+        assert choose_nonexcluded_tag(tag, offset, exclude) == model_choose(tag, offset, exclude)
+    tags = np.array([t for t, _, _ in cases])
+    excl = np.array([e for _, _, e in cases])
+    assert list(choose_nonexcluded_tags(tags, excl)) == [model_choose(t, 0, e) for t, _, e in cases]
