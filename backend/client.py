@@ -120,10 +120,16 @@ class SocketTransport:
             kwargs["rate_hz"] = check_event_rate(kwargs["rate_hz"])
         resp = await self._send(op, kwargs, None)
         async with resp:
+            buffer = b""
             try:
-                async for line in resp.content:
-                    if line.strip():
-                        yield json.loads(line)
+                # Split lines ourselves: aiohttp's line iterator refuses a line longer than its
+                # buffer limit, and an event's size grows with the VM's vCPUs and faults.
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield json.loads(line)
             except aiohttp.ClientPayloadError:
                 return  # the daemon stopped: the stream simply ends
 

@@ -334,3 +334,19 @@ def test_sigterm_during_a_migration_records_it_failed(mtevm_paths, mtevm):
     assert after["reason"] == "the daemon stopped during the migration" and after["finished"]
     vm = mtevm("show", "mover")
     assert (vm["host"], vm["state"]) == ("sim-mte", "stopped")
+
+
+async def test_events_carry_the_counters_of_a_512_vcpu_vm(mtevm_paths):
+    """A counters event of the biggest VM (512 vCPUs, each with a last fault) arrives whole."""
+    from backend.client import connect
+    async with await connect() as client:
+        await client.create({"name": "big", "vcpus": 512, "workload": {"rate": 500, "uaf_rate": 0.2,
+                                                                       "heap_size": 65536}})
+        await client.start("big")
+        events = client.events(rate_hz=4)
+        try:
+            e = await _next_matching(events, lambda e: e["type"] == "counters" and all(
+                c["last_fault"] for c in e["counters"]["vcpus"]))
+        finally:
+            await events.aclose()
+        assert [c["index"] for c in e["counters"]["vcpus"]] == list(range(512))
