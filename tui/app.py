@@ -21,7 +21,7 @@ from textual.screen import Screen
 from backend.config import UserConfig, check_refresh_rate, load_config
 from backend.errors import MtevmError
 from tui import keymap
-from tui.live import LiveModel, VmDeleted
+from tui.live import LiveModel, ModelRefreshed, VmDeleted
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.migrations import MigrationsScreen
@@ -88,6 +88,7 @@ class MtevmApp(App):
         self.model.set_migrations(await self.client.migrations())
         for name in before - set(self.model.vms):
             self.broadcast(VmDeleted(name))
+        self.broadcast(ModelRefreshed())
 
     def broadcast(self, message) -> None:
         """Give a live-update message to every screen of the current stack (top first)."""

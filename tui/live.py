@@ -104,6 +104,10 @@ class LiveModel:
         return None
 
 
+class ModelRefreshed(Message):
+    """The app re-read VMs and migrations (after an operation); screens re-sync what they show."""
+
+
 class VmChanged(Message):
     """A VM's summary changed (state, MTE, pending...)."""
 

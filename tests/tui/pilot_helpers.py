@@ -19,10 +19,15 @@ async def wait_for(pilot, condition, what: str, timeout: float = 30.0):
         await pilot.pause(0.05)
 
 
+def screen_rows(app) -> list[list]:
+    """The terminal right now as rows of Rich segments (what the driver would write)."""
+    update = app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
+    return [[seg for strip in row for seg in strip] for row in update.strips]
+
+
 def screen_text(app) -> str:
     """The characters on the terminal right now, one line per row (what the user reads)."""
-    update = app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
-    return "\n".join("".join(seg.text for seg in strip) for strip in update.strips)
+    return "\n".join("".join(seg.text for seg in row) for row in screen_rows(app))
 
 
 async def started(pilot, app):

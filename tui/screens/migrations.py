@@ -9,7 +9,7 @@ from tui import format as fmt
 from tui import keymap
 from tui.components.live_table import LiveRows
 from tui.components.status import screen_bottom
-from tui.live import MigrationChanged
+from tui.live import ModelRefreshed, MigrationChanged
 
 COLUMNS = [("id", "#"), ("vm", "VM"), ("route", "from → to"), ("tags", "tags"), ("state", "state"),
            ("progress", "progress"), ("reason", "reason")]
@@ -74,6 +74,9 @@ class MigrationsScreen(Screen):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self.show_detail()
+
+    def on_model_refreshed(self, message: ModelRefreshed) -> None:
+        self.sync_rows()
 
     def on_migration_changed(self, message: MigrationChanged) -> None:
         self.sync_rows()

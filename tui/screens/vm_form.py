@@ -152,6 +152,8 @@ class VmFormScreen(Screen):
     @work(exclusive=True, group="form-validate")
     async def validate(self) -> None:
         await asyncio.sleep(VALIDATE_DELAY)      # a newer keystroke cancels this one (exclusive)
+        if not self.is_current:                   # the form was closed meanwhile
+            return
         if self.existing:
             self.show_verdict(True, "ready to save")
             return

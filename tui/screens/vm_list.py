@@ -13,7 +13,7 @@ from tui import format as fmt
 from tui import keymap
 from tui.components.live_table import LiveRows
 from tui.components.status import screen_bottom
-from tui.live import CountersSampled, VmChanged, VmDeleted
+from tui.live import ModelRefreshed, CountersSampled, VmChanged, VmDeleted
 from tui.screens.vm_actions import VmActions
 
 COLUMNS = [("sel", " "), ("name", "name"), ("state", "state"), ("host", "host"), ("accel", "accel"),
@@ -97,6 +97,9 @@ class VmListScreen(VmActions, Screen):
 
     # -- live updates --------------------------------------------------------------------------
     def on_vm_changed(self, message: VmChanged) -> None:
+        self.sync_rows()
+
+    def on_model_refreshed(self, message: ModelRefreshed) -> None:
         self.sync_rows()
 
     def on_vm_deleted(self, message: VmDeleted) -> None:
