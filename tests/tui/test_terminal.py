@@ -1,10 +1,12 @@
-"""When its terminal goes away (ssh dropped: pty hang-up or SIGHUP) the app exits by itself.
+"""When its terminal goes away (ssh dropped: pty hang-up or SIGHUP) the app exits by itself,
+and the VMs it showed keep running in the daemon.
 
-The app runs as a real process on a real pty, with the service in-process (--no-daemon) so the
-test needs no daemon; the process is stopped by PID if it does not leave on its own.
+The app runs as a real process on a real pty; the process is stopped by PID if it does not leave
+on its own, and the daemon by the shared ``mtevm_daemon`` fixture.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -21,14 +23,13 @@ import pytest
 WAIT = 30.0      # an upper bound for a hang, not a speed goal
 
 
-def spawn_app(tmp_path):
+def spawn_app(tmp_path, *app_args: str):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "MTEVM_CONFIG": str(tmp_path / "none.toml")}
     env.pop("CI", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui", "--no-daemon", "--state-dir", str(tmp_path / "state"),
-         "--runtime-dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "tui", *app_args],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True, close_fds=True)
     os.close(slave)
     return proc, master
@@ -49,11 +50,12 @@ def read_until(master: int, needle: bytes) -> bytes:
     return seen
 
 
-@pytest.fixture
-def app_process(tmp_path):
-    proc, master = spawn_app(tmp_path)
+@contextlib.contextmanager
+def running_app(tmp_path, *app_args: str, shows: bytes = b"UTC"):
+    """The app in a pty, once it has drawn ``shows`` (default: its status line)."""
+    proc, master = spawn_app(tmp_path, *app_args)
     try:
-        read_until(master, b"UTC")            # the status line: the app is up and drawing
+        read_until(master, shows)
         yield proc, master
     finally:
         if proc.poll() is None:
@@ -63,6 +65,13 @@ def app_process(tmp_path):
             os.close(master)
         except OSError:
             pass
+
+
+@pytest.fixture
+def app_process(tmp_path):
+    with running_app(tmp_path, "--no-daemon", "--state-dir", str(tmp_path / "state"),
+                     "--runtime-dir", str(tmp_path / "run")) as proc_master:
+        yield proc_master
 
 
 def wait_exit(proc) -> int:
@@ -82,3 +91,35 @@ def test_exits_on_sighup(app_process):
     proc, master = app_process
     os.kill(proc.pid, signal.SIGHUP)
     assert wait_exit(proc) == 0
+
+
+async def test_vms_keep_running_in_the_daemon_when_the_ssh_terminal_drops(tmp_path, mtevm_paths, mtevm_daemon):
+    from backend.client import connect
+    async with await connect(runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir,
+                             start_daemon=False) as client:
+        await client.create({"name": "web1", "host": "sim-mte"})
+        await client.start("web1")
+        with running_app(tmp_path, shows=b"running") as (proc, master):   # web1 listed as running
+            os.close(master)
+            assert wait_exit(proc) == 0
+        assert (await client.show("web1"))["state"] == "running"
+
+
+async def test_quitting_the_app_leaves_vms_running_in_the_daemon(mtevm_paths, mtevm_daemon):
+    from backend.client import connect
+    from tests.tui.pilot_helpers import started, wait_for
+    from tui.app import MtevmApp
+
+    async def factory():
+        return await connect(runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir,
+                             start_daemon=False)
+    app = MtevmApp(factory)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot, app)
+        await app.client.create({"name": "web1", "host": "sim-mte"})
+        await app.client.start("web1")
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, "the app to exit")
+    async with await connect(runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir,
+                             start_daemon=False) as client:
+        assert (await client.show("web1"))["state"] == "running"
