@@ -310,8 +310,16 @@ async def _watch_counters(client, args) -> int:
 
 
 async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
-    """Follow a migration to its end: by events, re-reading the history if events go quiet."""
-    events = client.events(rate_hz=1.0)
+    """Follow a migration to its end by events; re-read the history when they go quiet (an event
+    sent before our stream was subscribed is not lost that way)."""
+    updates: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        async for event in client.events(rate_hz=1.0):
+            if event["type"] == "migration" and event["migration"]["id"] == migration["id"]:
+                updates.put_nowait(event["migration"])
+
+    pumping = asyncio.get_running_loop().create_task(pump())
     m = migration
     progress = None
     if show_progress:
@@ -322,17 +330,16 @@ async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
     try:
         while m["state"] in ("setup", "active"):
             try:
-                event = await asyncio.wait_for(anext(events), 1.0)
-                if event["type"] == "migration" and event["migration"]["id"] == m["id"]:
-                    m = event["migration"]
-            except (TimeoutError, StopAsyncIteration):
+                m = await asyncio.wait_for(updates.get(), 1.0)
+            except TimeoutError:
                 m = next(x for x in await client.migrations() if x["id"] == m["id"])
             if progress is not None:
                 progress.update(task, completed=m["progress"])
     finally:
         if progress is not None:
             progress.stop()
-        await events.aclose()
+        pumping.cancel()
+        await asyncio.gather(pumping, return_exceptions=True)
     return m
 
 
