@@ -31,6 +31,22 @@ VECTOR_GRANULES = 4          # accesses touching more granules are checked one a
 _HUGE_STEP = 1 << 16         # granules looked up at once for a block access
 
 
+_LONGEST = 1 << 62         # any size beyond this is longer than every RAM: clamped to it
+
+
+def _int64_sizes(sizes: np.ndarray) -> np.ndarray:
+    """Sizes as int64; sizes beyond int64 (they arrive as uint64, float or object arrays) are
+    clamped to _LONGEST, so they give OutsideRamError rather than wrap around."""
+    if sizes.dtype.kind == "f" and not np.array_equal(sizes, np.floor(sizes)):
+        raise ValueError("access sizes must be whole numbers of bytes")
+    if sizes.dtype.kind in "iub":
+        big = sizes > _LONGEST
+        out = sizes.astype(np.int64)
+        out[big] = _LONGEST
+        return out
+    return np.minimum(sizes.astype(np.float64), float(_LONGEST)).astype(np.int64)
+
+
 def as_batch(ptrs, sizes, is_store) -> tuple[np.ndarray, np.ndarray | int, np.ndarray | bool]:
     """Normalise a batch: uint64 pointers, int64 sizes (>= 1) and bool is_store, where a
     scalar size or is_store (one for all accesses) stays a Python scalar."""
@@ -41,7 +57,7 @@ def as_batch(ptrs, sizes, is_store) -> tuple[np.ndarray, np.ndarray | int, np.nd
         if sizes < 1:
             raise ValueError(f"access size {sizes} is not >= 1")
     else:
-        sizes = np.asarray(sizes).astype(np.int64).reshape(-1)
+        sizes = _int64_sizes(np.asarray(sizes).reshape(-1))
         if len(sizes) != n:
             raise ValueError(f"{len(sizes)} sizes for {n} pointers")
         if n and sizes.min() < 1:
@@ -66,8 +82,7 @@ def _pick(values, fi: np.ndarray, dtype) -> np.ndarray:
 def _raise_outside(ptrs: np.ndarray, sizes, base: int, size: int) -> None:
     """Find the first access not entirely in RAM (with the exact address rule) and raise."""
     off = physical_array(ptrs).astype(np.int64) - base      # below base: negative
-    sz = sizes if isinstance(sizes, int) else sizes
-    bad = (off < 0) | (off > size - np.asarray(sz))
+    bad = (off < 0) | (off > size - np.asarray(sizes))
     if bad.any():
         i = int(np.argmax(bad))
         n = sizes if isinstance(sizes, int) else int(sizes[i])
@@ -147,7 +162,9 @@ class BatchChecker:
         np.subtract(out, self.base, out=out)
         # Unsigned view: below base wraps to huge. Upper-half pointers land far above RAM
         # here; they take the exact (slower) address rule.
-        if (out.view(np.uint64) > np.uint64(self.size) - np.asarray(sizes, dtype=np.uint64)).any():
+        longest = sizes if isinstance(sizes, int) else (int(sizes.max()) if len(sizes) else 0)
+        if longest > self.size or \
+                (out.view(np.uint64) > np.uint64(self.size) - np.asarray(sizes, dtype=np.uint64)).any():
             _raise_outside(ptrs, sizes, self.base, self.size)
             out[:] = physical_array(ptrs).astype(np.int64) - self.base
         return out

@@ -210,7 +210,8 @@ def test_accesses_outside_ram_raise_and_count_nothing(ram):
     cpu = TagCheckCpu(ram)
     for ptr, size in [(BASE - 8, 8), (BASE + (1 << 20) - 4, 8), (0x1234, 1),
                       (tagged(BASE, 5) | (1 << 50), 8),            # non-canonical lower half
-                      ((5 << 56) | (0xFE << 48) | BASE, 8)]:  # non-canonical upper half
+                      ((5 << 56) | (0xFE << 48) | BASE, 8),   # non-canonical upper half
+                      (tagged(BASE, 5), (1 << 20) + 16), (tagged(BASE, 5), 1 << 63)]:   # longer than RAM
         with pytest.raises(OutsideRamError, match="outside guest RAM"):
             cpu.load(ptr, size)
         with pytest.raises(OutsideRamError, match="access 1: .*outside guest RAM"):
