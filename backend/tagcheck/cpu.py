@@ -93,8 +93,9 @@ class TagCheckCpu:
         return (int(bad[0]), int(mem[bad[0]])) if len(bad) else None
 
     def _access(self, ptr: int, size: int, is_store: bool) -> FaultRecord | None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"access size {size!r} is not >= 1")
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"access size {size!r} is not a whole number >= 1")
+        ptr, size = int(ptr), int(size)
         off = self.ram.check_range(physical(ptr), size)
         kind = self._fault_kind(is_store)
         if kind is None or tcma_match(ptr, self.tcma0, self.tcma1):

@@ -221,13 +221,19 @@ def test_accesses_outside_ram_raise_and_count_nothing(ram):
 
 def test_bad_sizes_are_refused(ram):
     cpu = TagCheckCpu(ram)
-    with pytest.raises(ValueError):
-        cpu.load(tagged(BASE, 5), 0)
+    for bad in (0, -8, 8.0, True, "8"):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            cpu.load(tagged(BASE, 5), bad)
     with pytest.raises(ValueError, match="access 1: size 0"):
         cpu.run_batch(np.array([BASE, BASE], dtype=np.uint64), np.array([8, 0]), False)
     with pytest.raises(ValueError):
         cpu.run_batch(np.array([BASE, BASE], dtype=np.uint64), np.array([8]), False)
     assert cpu.counters.checked == 0
+
+
+def test_numpy_scalars_work_on_the_per_access_path(ram):
+    fault = TagCheckCpu(ram).load(np.uint64(tagged(BASE + 0x3C, 5)), np.int64(8))
+    assert fault.addr == tagged(BASE + 0x40, 5) and type(fault.addr) is int
 
 
 def test_tcf_accepts_names_and_rejects_others(ram):
