@@ -32,14 +32,19 @@ FLEET = [
     {"name": "build-03", "host": "sim-mte", "accel": "tcg", "cpu": "max", "vcpus": 2, "memory": "512M",
      "workload": {"seed": 3, "tcf": ["async"]}},
     {"name": "db-02", "host": "sim-mte", "accel": "kvm", "vcpus": 8, "memory": "4G",
-     "workload": {"seed": 2, "tcf": ["sync", "async", "asymm", "none"], "uaf_rate": 0.004}},
+     "workload": {"seed": 2, "tcf": ["sync", "async", "asymm", "none", "sync", "async", "sync", "asymm"],
+                  "uaf_rate": 0.004}},
     {"name": "legacy-04", "host": "sim-nomte", "accel": "kvm", "vcpus": 2, "memory": "1G", "mte": True},
     {"name": "nomte-05", "host": "sim-nomte", "accel": "kvm", "vcpus": 2, "memory": "1G", "mte": False},
     {"name": "web-01", "host": "sim-mte", "accel": "kvm", "vcpus": 4, "memory": "2G",
      "workload": {"seed": 1, "tcf": ["sync"]}},
 ]
 STAY_STOPPED = {"legacy-04"}          # started once so its error shows, then left stopped
-MIGRATIONS = [("web-01", "sim-nomte", False)]   # refused: KVM MTE adds a migration blocker
+MIGRATIONS = [
+    ("web-01", "sim-nomte", False),   # refused: KVM MTE adds the blocker "Live migration disabled ..."
+    ("build-03", "sim-mte", True),    # TCG MTE, tags copied and verified
+    ("nomte-05", "sim-mte", False),   # no MTE, nothing blocks it
+]
 
 
 @dataclass
@@ -52,9 +57,10 @@ class Shot:
 SHOTS = [
     Shot("vm-list", [], "VM list: state, host, accel, MTE, vCPUs, faults/s"),
     Shot("vm-detail", ["down", "enter"], "VM detail: config, vCPUs with kvm_mte and TCF, live counters, last faults"),
+    Shot("vm-detail-error", ["down", "down", "enter"], "A VM whose start failed, with QEMU's message"),
     Shot("vm-form", ["n"], "Create form: validated while typing, with the seed's errors"),
-    Shot("confirm-stop", ["down", "x"], "A destructive action asks first"),
-    Shot("migrate", ["end", "g"], "Migrate dialog: destination host, with or without tags"),
+    Shot("confirm-stop", ["down"] * 4 + ["x"], "A destructive action asks first"),
+    Shot("migrate", ["down"] * 4 + ["g"], "Migrate dialog: destination host, with or without tags"),
     Shot("hosts", ["h"], "Hosts and their MTE capability probe"),
     Shot("migrations", ["M"], "Migrations: blocked (with QEMU's reason), running, done"),
     Shot("help", ["question_mark"], "Help: every key and what it does"),
@@ -80,6 +86,8 @@ async def seed(client) -> None:
 
 
 async def back_to_list(app, pilot) -> None:
+    """Every shot starts from the VM list with the cursor on the first VM."""
+    from textual.widgets import DataTable
     from tui.screens.vm_list import VmListScreen
 
     while len(app.screen_stack) > 1:
@@ -88,6 +96,8 @@ async def back_to_list(app, pilot) -> None:
     await app.switch_mode("vms")
     while not isinstance(app.screen, VmListScreen):
         await pilot.pause(0.05)
+    app.screen.query_one(DataTable).move_cursor(row=0)
+    await pilot.pause()
 
 
 async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[str]) -> list[Path]:
@@ -101,7 +111,7 @@ async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[s
 
         async def factory():
             return client
-        app = MtevmApp(factory, rate_hz=4.0)
+        app = MtevmApp(factory, rate_hz=4.0, connection_label="in-process")
         async with app.run_test(size=size) as pilot:
             await back_to_list(app, pilot)
             await pilot.pause(LIVE_SECONDS)
@@ -122,9 +132,23 @@ async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[s
     return made
 
 
+# Glyphs Textual uses that DejaVu Sans Mono (Debian's monospace) lacks, and a look-alike it has.
+GLYPH_FALLBACK = {"\u2b58": "\u25cb"}     # the header's circle icon
+
+
+def prepare_svg(text: str) -> str:
+    """Make Textual's SVG render in rsvg as in a browser: keep runs of spaces, use glyphs we have."""
+    # Without xml:space="preserve" rsvg drops the leading spaces of each text run, gluing columns.
+    text = text.replace("<svg ", '<svg xml:space="preserve" ', 1)
+    for missing, present in GLYPH_FALLBACK.items():
+        text = text.replace(missing, present)
+    return text
+
+
 def to_png(svg: Path, keep_svg: bool) -> Path:
     """SVG -> PNG with rsvg-convert (fonts: the system monospace, DejaVu Sans Mono on Debian)."""
     png = svg.with_suffix(".png")
+    svg.write_text(prepare_svg(svg.read_text()))
     subprocess.run(["rsvg-convert", "--format", "png", "--output", str(png), str(svg)], check=True)
     if not keep_svg:
         svg.unlink()
