@@ -34,8 +34,8 @@ from backend.tagcheck.pointers import choose_nonexcluded_tags
 HEAP_OFFSET = HEAP_BASE - RAM_BASE     # where the real guest's heaps start, from the RAM base
 MAX_SLOTS = 1024
 MAX_OBJECT_GRANULES = 16
-VALID_SIZES = np.array([1, 2, 4, 8, 8, 8, 16, 16])     # the real guest's mix of access sizes
-BUG_SIZE = 8                            # use-after-free, overflow and wild accesses are 8 bytes
+VALID_SHIFTS = np.array([0, 1, 2, 3, 3, 3, 4, 4])   # log2 of the real guest's mix of access sizes
+BUG_SHIFT = 3                           # use-after-free, overflow and wild accesses are 8 bytes
 UAF, OVERFLOW, WILD, VALID = 0, 1, 2, 3
 _TAG = np.uint64(56)
 
@@ -115,22 +115,33 @@ class TaggedHeapWorkload:
     def step(self, n: int) -> BatchResult:
         """Run ``n`` accesses (one vectorised batch), then this step's frees and allocations."""
         rng = self._rng
-        kind = np.searchsorted(self._thresholds, rng.random(n), side="right")   # UAF..VALID
-        bits = rng.integers(0, 1 << 62, n, dtype=np.int64)     # the rest of each access's dice
+        bits = rng.integers(0, 1 << 62, n, dtype=np.int64)     # each access's dice, in bit fields
         slot = bits % self.nslots
-        valid, uaf = kind == VALID, kind == UAF
-        sizes = np.where(valid, VALID_SIZES[(bits >> 41) & 7], BUG_SIZE)
-        base = np.where(uaf, self.stale_ptr[slot], self.slot_ptr[slot])
-        span = np.where(uaf, self.stale_granules[slot], self.slot_granules[slot]) * 16
-        # valid and use-after-free: a random naturally aligned place in the (old) object;
-        # overflow: the granule just past the object
-        offset = np.where(kind == OVERFLOW, span, ((bits >> 8) % (span // sizes)) * sizes)
+        t_uaf, t_over, t_wild = self._thresholds
+        if t_wild > 0:                                          # which bug, if any (UAF..VALID)
+            u = rng.random(n)
+            kind = VALID - (u < t_wild).view(np.int8) - (u < t_over).view(np.int8) - (u < t_uaf).view(np.int8)
+            valid, uaf, over = kind == VALID, kind == UAF, kind == OVERFLOW
+        else:
+            valid, uaf, over = np.ones(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        # valid accesses: a naturally aligned 1..16 bytes; bugs: 8 bytes
+        shift = np.where(valid, VALID_SHIFTS[(bits >> 41) & 7], BUG_SHIFT)
+        if uaf.any():                                 # through the slot's previously freed object
+            base = np.where(uaf, self.stale_ptr[slot], self.slot_ptr[slot])
+            granules = np.where(uaf, self.stale_granules[slot], self.slot_granules[slot])
+        else:
+            base, granules = self.slot_ptr[slot], self.slot_granules[slot]
+        # a random place inside the object (place = (rand32 * count) >> 32, no division) ...
+        places = (granules << 4) >> shift
+        offset = ((((bits >> 8) & 0xFFFFFFFF) * places) >> 32) << shift
+        if over.any():                                # ... or, for an overflow, just past its end
+            offset = np.where(over, granules << 4, offset)
         ptrs = base + offset.astype(np.uint64)
-        wild = np.flatnonzero(kind == WILD)           # anywhere in the heap, any tag
-        if len(wild):
+        if t_wild > t_over:
+            wild = np.flatnonzero(kind == WILD)       # anywhere in the heap, any tag
             ptrs[wild] = (np.uint64(self.heap_base) + ((bits[wild] >> 8) % (self.heap_size // 8) * 8).astype(np.uint64)) \
                 | (((bits[wild] >> 56) & 0xF).astype(np.uint64) << _TAG)
-        result = self.cpu.run_batch(ptrs, sizes, ((bits >> 40) & 1).astype(bool))
+        result = self.cpu.run_batch(ptrs, np.left_shift(1, shift), ((bits >> 40) & 1).astype(bool))
         # churn: objects hit by a use-after-free and ~1 in 64 of those used are freed and replaced
         self.recycle(slot[uaf | (valid & (((bits >> 44) & 63) == 0))])
         return result

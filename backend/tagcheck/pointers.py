@@ -105,15 +105,15 @@ def tcma_match_array(ptrs: np.ndarray, tcma0: bool, tcma1: bool) -> np.ndarray:
 
 def choose_nonexcluded_tags(tags: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     """``choose_nonexcluded_tag(tag, 0, exclude)`` element-wise (IRG's rule): the tag, or the
-    next one up that is not excluded; 0 where all 16 are excluded."""
+    next one up that is not excluded; 0 where all 16 are excluded. No loop: the exclude mask
+    is rotated so that bit i says whether tag + i is excluded, and the answer is tag + the
+    number of trailing ones."""
     tags = np.asarray(tags).astype(np.int64) & 0xF
     exclude = np.broadcast_to(np.asarray(exclude).astype(np.int64) & 0xFFFF, tags.shape)
-    for _ in range(16):
-        hit = ((exclude >> tags) & 1).astype(bool)
-        if not hit.any():
-            break
-        tags = np.where(hit, (tags + 1) & 0xF, tags)
-    return np.where(exclude == 0xFFFF, 0, tags).astype(np.uint8)
+    rotated = ((exclude | (exclude << 16)) >> tags) & 0xFFFF
+    first_free = ~rotated & (rotated + 1)              # lowest clear bit, as a power of two
+    step = np.frexp(first_free.astype(np.float64))[1] - 1
+    return np.where(exclude == 0xFFFF, 0, (tags + step) & 0xF).astype(np.uint8)
 
 
 def fault_address_array(ptrs: np.ndarray, granule: np.ndarray) -> np.ndarray:
