@@ -1,6 +1,6 @@
 """Sparse allocation-tag storage: 4 bits per 16-byte granule, two tags per byte, per page.
 
-Layout (chosen so that a batch lookup is three array gathers, no dict):
+Layout (chosen so that a batch lookup is two or three array gathers, no dict):
 
 * ``_blocks`` is a pool of 128-byte blocks, one per tagged page, in QEMU's packing (the
   granule with address bit 4 = 0 in the low nibble). Block 0 is all zeros and shared by
@@ -31,7 +31,7 @@ _CHUNK_SHIFT = 9
 
 
 def _check_tag(tag: int) -> int:
-    if not isinstance(tag, (int, np.integer)) or not 0 <= tag <= 15:
+    if not isinstance(tag, (int, np.integer)) or isinstance(tag, bool) or not 0 <= tag <= 15:
         raise ValueError(f"allocation tag {tag!r} is not an integer 0..15")
     return int(tag)
 
