@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import urllib.request
 
 import pytest
 
+from tests.helpers import mtevm_executable
 from tests.helpers.sshd import free_port, stop_pid, wait_until
 
-SERVE = [sys.executable, "-m", "tui.serve"]
+SERVE = [mtevm_executable(), "serve"]
 
 
 def _env(tmp_path) -> dict:

@@ -10,27 +10,18 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import mtevm_executable
 from tests.helpers.sshd import SshServer, TmuxServer, pid_alive, stop_pid, wait_until
 
 pytestmark = pytest.mark.slow
 
 VM = "remote-01"
-
-
-def mtevm_executable() -> str:
-    """This checkout's `mtevm` console script (installed next to the interpreter by pip -e)."""
-    beside = Path(sys.executable).with_name("mtevm")
-    found = str(beside) if beside.exists() else shutil.which("mtevm")
-    assert found, "the mtevm console script is not installed: pip install -e ."
-    return found
 
 
 class Remote:
