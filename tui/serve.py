@@ -56,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.app_args[:1] == ["--"]:
         args.app_args = args.app_args[1:]
+    # Check the app's arguments now, not in every browser tab later (exits 2 with the app's usage).
+    from tui.app import parse_args as parse_app_args
+    parse_app_args(args.app_args)
     return args
 
 

@@ -116,3 +116,12 @@ def test_serve_says_clearly_when_the_port_is_taken(tmp_path):
                            env=_env(tmp_path), stdin=subprocess.DEVNULL)
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_serve_checks_the_app_arguments_before_listening(tmp_path):
+    port = free_port()
+    r = subprocess.run([*SERVE, "--port", str(port), "--", "--rate", "fast"], capture_output=True,
+                       text=True, timeout=60, env=_env(tmp_path), stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert "--rate" in r.stderr and "'fast'" in r.stderr
+    assert _fetch(f"http://127.0.0.1:{port}/") is None          # nothing was started
