@@ -21,7 +21,8 @@ from textual.screen import Screen
 from backend.config import UserConfig, check_refresh_rate, load_config
 from backend.errors import MtevmError
 from tui import keymap
-from tui.live import LiveModel, ModelRefreshed, VmDeleted
+from tui.components.status import StatusBar
+from tui.live import CountersSampled, LiveModel, ModelRefreshed, VmDeleted
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.migrations import MigrationsScreen
@@ -94,6 +95,10 @@ class MtevmApp(App):
         """Give a live-update message to every screen of the current stack (top first)."""
         for screen in reversed(self.screen_stack):
             screen.post_message(message)
+        if not isinstance(message, CountersSampled):      # the VM count may have changed
+            for screen in self.screen_stack:
+                for bar in screen.query(StatusBar):
+                    bar.tick()
 
     @work(exclusive=True, group="events", exit_on_error=False)
     async def follow_events(self) -> None:
@@ -132,7 +137,7 @@ class MtevmApp(App):
     def key_hint(self, *binding_ids: str) -> str:
         """"d delete, h hosts": keys that do not fit the footer, as the user has them mapped."""
         specs = {spec.id: spec for spec in keymap.ALL_KEYS}
-        return ", ".join(f"{keymap.display_key(specs[i], self.user_keymap)} {specs[i].description}"
+        return "  ".join(f"{keymap.display_key(specs[i], self.user_keymap)} {specs[i].description}"
                          for i in binding_ids)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

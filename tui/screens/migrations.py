@@ -30,8 +30,14 @@ def explain(m: dict) -> str:
     if m.get("reason"):
         text += f"\nreason: {m['reason']}"
     stats = m.get("stats") or {}
-    if stats:
-        text += "\n" + ", ".join(f"{k} {v}" for k, v in stats.items())
+    moved = [f"{stats[k]} {label}" for k, label in (("pages", "RAM pages"), ("tag_pages", "tagged pages"))
+             if stats.get(k)]
+    if stats.get("bytes"):
+        moved.append(fmt.size(stats["bytes"]))
+    if moved:
+        text += "\nmoved " + ", ".join(moved)
+    if stats.get("tags") and m.get("state") == "completed":
+        text += f"\ntags: {stats['tags']}"
     return text
 
 

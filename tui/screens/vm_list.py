@@ -88,7 +88,7 @@ class VmListScreen(VmActions, Screen):
         if self.filter_text:
             parts.append(f"filter {self.filter_text!r}: {len(self.rows.keys)} of {len(self.app.model.vms)}")
         if self.selected:
-            parts.append(f"{len(self.selected)} selected (s/x/d act on all)")
+            parts.append(f"{len(self.selected)} selected")
         if not self.app.model.vms:
             parts.append("no VMs yet: press n to create one")
         else:
