@@ -100,7 +100,20 @@ async def back_to_list(app, pilot) -> None:
     await pilot.pause()
 
 
-async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[str]) -> list[Path]:
+@dataclass
+class Pass:
+    """One run of the app: a terminal size and colour mode, and the shots taken in it."""
+    size: tuple[int, int]
+    ansi: bool = False          # 16 colours (what `mtevm --colors 16` and TERM=linux give)
+    suffix: str = ""            # added to each file name
+    shots: tuple[str, ...] = () # empty: all of SHOTS
+
+
+# Besides every screen at the chosen size: the small, 16-colour terminal the app also supports.
+SMALL_16_COLOURS = Pass((80, 24), ansi=True, suffix="-80x24-16colours", shots=("vm-list", "vm-detail"))
+
+
+async def take_all(out: Path, run: Pass, keep_svg: bool, only: set[str]) -> list[Path]:
     from backend.client import connect
     from tui.app import MtevmApp
 
@@ -111,24 +124,26 @@ async def take_all(out: Path, size: tuple[int, int], keep_svg: bool, only: set[s
 
         async def factory():
             return client
-        app = MtevmApp(factory, rate_hz=4.0, connection_label="in-process")
-        async with app.run_test(size=size) as pilot:
-            await back_to_list(app, pilot)
-            await pilot.pause(LIVE_SECONDS)
-            for shot in SHOTS:
-                if only and shot.name not in only:
-                    continue
+        app = MtevmApp(factory, rate_hz=4.0, connection_label="in-process", ansi_color=run.ansi or None)
+        try:
+            async with app.run_test(size=run.size) as pilot:
                 await back_to_list(app, pilot)
-                await pilot.press(*shot.keys)
-                await pilot.pause(1.0)          # a few live samples on the new screen
-                await pilot.wait_for_scheduled_animations()
-                svg = out / f"{shot.name}.svg"
-                app.save_screenshot(filename=svg.name, path=str(out))
-                made.append(to_png(svg, keep_svg))
-                print(f"{made[-1].relative_to(ROOT) if made[-1].is_relative_to(ROOT) else made[-1]}: {shot.about}")
-        close = getattr(client, "close", None)
-        if close is not None and app.client is not None:
-            await close()
+                await pilot.pause(LIVE_SECONDS)
+                for shot in SHOTS:
+                    if (only and shot.name not in only) or (run.shots and shot.name not in run.shots):
+                        continue
+                    await back_to_list(app, pilot)
+                    await pilot.press(*shot.keys)
+                    await pilot.pause(1.0)          # a few live samples on the new screen
+                    await pilot.wait_for_scheduled_animations()
+                    svg = out / f"{shot.name}{run.suffix}.svg"
+                    app.save_screenshot(filename=svg.name, path=str(out))
+                    made.append(to_png(svg, keep_svg))
+                    shown = made[-1].relative_to(ROOT) if made[-1].is_relative_to(ROOT) else made[-1]
+                    print(f"{shown}: {shot.about}")
+        finally:
+            if app.client is not None:      # the app closes its client when it unmounts
+                await client.close()
     return made
 
 
@@ -177,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    asyncio.run(take_all(out, (cols, rows), args.keep_svg, set(args.only)))
+    for run in (Pass((cols, rows)), SMALL_16_COLOURS):
+        asyncio.run(take_all(out, run, args.keep_svg, set(args.only)))
     return 0
 
 
