@@ -182,6 +182,11 @@ class TmuxServer:
         self.server_pid = int(self.tmux("display-message", "-p", "#{pid}").stdout.strip())
         return self.pane_pid()
 
+    def respawn(self, argv: list[str]) -> int:
+        """Run ``argv`` again in the (dead) pane, as a user reconnecting; return its PID."""
+        self.tmux("respawn-pane", "-k", "-t", self.session, "exec " + shlex.join(argv))
+        return self.pane_pid()
+
     def pane_pid(self) -> int:
         return int(self.tmux("display-message", "-p", "-t", self.session, "#{pane_pid}").stdout.strip())
 

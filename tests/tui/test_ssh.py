@@ -114,3 +114,13 @@ def test_app_over_ssh_keeps_vms_running_after_the_link_drops(tmp_path):
         assert remote.vms()[VM]["state"] == "running"
         before = remote.checked(VM)
         wait_until(lambda: remote.checked(VM) > before, 20, "counters to keep rising after the drop")
+
+        # Coming back: a new ssh session shows the same VM, still running, on the same daemon.
+        app_pidfile.unlink()
+        ssh_pid = tmux.respawn(sshd.ssh_argv(remote.remote_command(app_pidfile)))
+        cleanup.callback(stop_pid, ssh_pid)
+        screen = tmux.wait_for("daemon", timeout=60)
+        assert re.search(rf"{VM}\s+.*running", tmux.wait_for(VM, timeout=30)), screen
+        tmux.send_keys("q")                      # quitting the app leaves the VM running too
+        wait_until(lambda: not pid_alive(int(app_pidfile.read_text())), 20, "the app to quit on q")
+        assert remote.vms()[VM]["state"] == "running"
