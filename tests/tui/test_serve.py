@@ -40,8 +40,11 @@ def server(tmp_path):
     try:
         yield proc, port, log
     finally:
+        tabs = _children(proc.pid) if proc.poll() is None else []
         stop_pid(proc.pid)
         proc.wait()
+        for pid in tabs:          # an app a failed test left behind
+            stop_pid(pid)
         log.close()
 
 
