@@ -49,6 +49,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; others need %s)" % UNSAFE_FLAG)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
+    parser.add_argument("--public-url", default=None, metavar="URL",
+                        help="the address the browser uses, when it differs from http://HOST:PORT "
+                             "(an ssh tunnel to another local port: ssh -L 9000:127.0.0.1:8000 host "
+                             "-> --public-url http://127.0.0.1:9000)")
     parser.add_argument(UNSAFE_FLAG, dest="unsafe", action="store_true",
                         help="allow a non-loopback --host: anyone who reaches it controls your VMs")
     parser.add_argument("app_args", nargs=argparse.REMAINDER,
@@ -56,16 +60,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.app_args[:1] == ["--"]:
         args.app_args = args.app_args[1:]
+    if args.public_url:
+        args.public_url = args.public_url.rstrip("/")     # textual-serve appends "/ws" etc.
     # Check the app's arguments now, not in every browser tab later (exits 2 with the app's usage).
     from tui.app import parse_args as parse_app_args
     parse_app_args(args.app_args)
     return args
 
 
-def check_address(host: str, port: int, unsafe: bool) -> None:
+def check_address(host: str, port: int, unsafe: bool, public_url: str | None = None) -> None:
     """Refuse what would expose the VMs by accident; raise ServeError with what to do instead."""
     if not 0 < port < 65536:
         raise ServeError(f"mtevm serve: bad port {port}: use 1..65535")
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise ServeError(f"mtevm serve: bad --public-url {public_url!r}: give http://HOST:PORT "
+                         "(or https:// behind a proxy)")
     if not is_loopback(host) and not unsafe:
         raise ServeError(
             f"mtevm serve: refusing to listen on {host}: the web app has no authentication, so anyone "
@@ -74,7 +83,7 @@ def check_address(host: str, port: int, unsafe: bool) -> None:
             "if you really mean it.")
 
 
-def _make_server(command: str, host: str, port: int):
+def _make_server(command: str, host: str, port: int, public_url: str | None):
     """textual-serve's server, announcing itself in mtevm's words (not its logo and raw command)."""
     from textual_serve.server import Server   # imported late: `mtevm --help` stays fast
 
@@ -83,18 +92,18 @@ def _make_server(command: str, host: str, port: int):
             self.console.print(f"mtevm: starting the web app on {self.public_url}/ (no authentication: "
                                "loopback only; see docs/remote.md). Ctrl+C stops it.", highlight=False)
 
-    return MtevmServer(command, host=host, port=port, title="mtevm")
+    return MtevmServer(command, host=host, port=port, title="mtevm", public_url=public_url)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the web server until Ctrl+C or SIGTERM; return the process exit code."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        check_address(args.host, args.port, args.unsafe)
+        check_address(args.host, args.port, args.unsafe, args.public_url)
     except ServeError as e:
         print(e, file=sys.stderr)
         return 2
-    server = _make_server(app_command(args.app_args), args.host, args.port)
+    server = _make_server(app_command(args.app_args), args.host, args.port, args.public_url)
     try:
         server.serve()
     except OSError as e:           # port in use, address not on this machine

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -29,14 +30,14 @@ def _fetch(url: str) -> tuple[int, str] | None:
         return None
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextmanager
+def running_server(tmp_path, *options: str):
     """A running `mtevm serve` on a free loopback port; stopped by PID afterwards."""
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     # --no-daemon: each tab's app runs its own service, so no daemon outlives the test.
-    proc = subprocess.Popen([*SERVE, "--port", str(port), "--", "--no-daemon"], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path))
+    proc = subprocess.Popen([*SERVE, "--port", str(port), *options, "--", "--no-daemon"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path))
     try:
         yield proc, port, log
     finally:
@@ -48,8 +49,13 @@ def server(tmp_path):
         log.close()
 
 
-def test_serve_gives_the_app_page_on_loopback(server):
-    proc, port, log = server
+@pytest.fixture
+def server(tmp_path):
+    with running_server(tmp_path) as s:
+        yield s
+
+
+def _page(proc, port: int, log) -> str:
     url = f"http://127.0.0.1:{port}/"
 
     def page():
@@ -57,12 +63,25 @@ def test_serve_gives_the_app_page_on_loopback(server):
         return _fetch(url)
     status, html = wait_until(page, 30, f"{url} to answer")
     assert status == 200
+    return html
+
+
+def test_serve_gives_the_app_page_on_loopback(server):
+    proc, port, log = server
+    html = _page(proc, port, log)
     assert "mtevm" in html                     # the page names the app it runs
     assert f"ws://127.0.0.1:{port}/ws" in html  # and the browser's terminal connects back here
     # It listens on loopback only: the machine's other addresses get nothing.
     for addr in _non_loopback_addresses():
         with pytest.raises(OSError):
             socket.create_connection((addr, port), timeout=1).close()
+
+
+def test_public_url_points_the_browser_through_a_tunnel_port(tmp_path):
+    """ssh -L 9000:127.0.0.1:8000: the page must tell the browser to connect back to 9000."""
+    with running_server(tmp_path, "--public-url", "http://127.0.0.1:9000/") as (proc, port, log):
+        html = _page(proc, port, log)
+    assert "ws://127.0.0.1:9000/ws" in html and f":{port}/ws" not in html
 
 
 def _children(pid: int) -> list[int]:
