@@ -128,13 +128,18 @@ class SshServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
 
-    def ssh_argv(self, remote_command: str, *, tty: bool = True) -> list[str]:
-        """The ssh client command line that logs in to this server as the current user."""
+    def ssh_argv(self, remote_command: str | None, *, tty: bool = True, forward: str | None = None) -> list[str]:
+        """The ssh client command line that logs in to this server as the current user.
+
+        ``remote_command`` None runs nothing (-N), e.g. for a tunnel: ``forward="9000:127.0.0.1:8000"``.
+        """
         return ["ssh", *(["-tt"] if tty else ["-T"]), "-F", "/dev/null",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+                "-o", "ExitOnForwardFailure=yes",
                 "-i", str(self.user_key), "-p", str(self.port),
-                f"{_user()}@127.0.0.1", remote_command]
+                *(["-L", forward] if forward else []),
+                f"{_user()}@127.0.0.1", *([remote_command] if remote_command is not None else ["-N"])]
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,6 +1,7 @@
 """`mtevm serve`: the app in a browser, as a real server process on a real port."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.helpers import mtevm_executable
-from tests.helpers.sshd import free_port, stop_pid, wait_until
+from tests.helpers.sshd import SshServer, free_port, stop_pid, wait_until
 
 SERVE = [mtevm_executable(), "serve"]
 
@@ -84,6 +85,24 @@ def test_public_url_points_the_browser_through_a_tunnel_port(tmp_path):
     assert "ws://127.0.0.1:9000/ws" in html and f":{port}/ws" not in html
 
 
+def test_the_documented_ssh_tunnel_reaches_the_app(tmp_path):
+    """docs/remote.md's recipe, for real: ssh -L to a real sshd, then page and app through it."""
+    local = free_port()
+    with running_server(tmp_path, "--public-url", f"http://127.0.0.1:{local}") as (proc, port, log), \
+            SshServer(tmp_path / "ssh") as sshd:
+        tunnel = subprocess.Popen(sshd.ssh_argv(None, tty=False, forward=f"{local}:127.0.0.1:{port}"),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            status, html = wait_until(lambda: _fetch(f"http://127.0.0.1:{local}/"), 30, "the page through the tunnel")
+            assert status == 200 and f"ws://127.0.0.1:{local}/ws" in html
+            screen = asyncio.run(_app_screen(f"ws://127.0.0.1:{local}/ws", log))
+            assert "faults/s" in screen
+        finally:
+            stop_pid(tunnel.pid)
+            tunnel.wait()
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (the app processes textual-serve started for browser tabs)."""
     kids = []
@@ -93,22 +112,30 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-async def test_a_browser_tab_runs_the_app_and_closing_it_ends_the_app(server):
-    """The websocket the page opens runs the real app (its screen arrives); closing the tab ends it."""
+async def _app_screen(ws_url: str, log, while_open=None) -> str:
+    """Open a browser tab's websocket and read the app's screen until the VM list is drawn."""
     import aiohttp
 
-    proc, port, log = server
-    wait_until(lambda: _fetch(f"http://127.0.0.1:{port}/"), 30, "the server to answer")
     screen = ""
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"ws://127.0.0.1:{port}/ws?width=100&height=30") as ws:
+        async with session.ws_connect(f"{ws_url}?width=100&height=30") as ws:
             await ws.send_json(["resize", {"width": 100, "height": 30}])
             # The VM list's header, and the status bar saying the app got `--no-daemon` from serve.
             while "faults/s" not in screen or "in-process" not in screen:
                 msg = await ws.receive(timeout=60)
                 assert msg.type == aiohttp.WSMsgType.BINARY, (msg, screen[-2000:], open(log.name).read())
                 screen += msg.data.decode(errors="replace")
-            assert len(_children(proc.pid)) == 1          # one app process for this tab
+            if while_open is not None:
+                assert while_open()
+    return screen
+
+
+async def test_a_browser_tab_runs_the_app_and_closing_it_ends_the_app(server):
+    """The websocket the page opens runs the real app (its screen arrives); closing the tab ends it."""
+    proc, port, log = server
+    wait_until(lambda: _fetch(f"http://127.0.0.1:{port}/"), 30, "the server to answer")
+    await _app_screen(f"ws://127.0.0.1:{port}/ws", log,
+                      while_open=lambda: len(_children(proc.pid)) == 1)   # one app process for this tab
     # The tab is gone: textual-serve tells the app to quit and the app process ends.
     wait_until(lambda: not _children(proc.pid), 30, "the app process of the closed tab to exit")
 
