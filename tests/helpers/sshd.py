@@ -169,13 +169,15 @@ class TmuxServer:
         self.server_pid: int | None = None
 
     def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["tmux", "-S", str(self.socket), *args], check=check, text=True,
+        # -u: UTF-8 whatever the locale (CI may have none), so the app's text comes back as drawn.
+        return subprocess.run(["tmux", "-u", "-S", str(self.socket), *args], check=check, text=True,
                               capture_output=True, stdin=subprocess.DEVNULL, env=self._env())
 
     @staticmethod
     def _env() -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
         env.setdefault("TERM", "xterm-256color")
+        env.setdefault("LANG", "C.UTF-8")
         return env
 
     def start(self, argv: list[str]) -> int:

@@ -142,8 +142,11 @@ async def test_a_browser_tab_runs_the_app_and_closing_it_ends_the_app(server):
 
 def _non_loopback_addresses() -> list[str]:
     """This machine's IPv4 addresses other than 127.x (may be none in a bare container)."""
-    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
-    return [a for a in out if "." in a and not a.startswith("127.")]
+    try:
+        found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    except FileNotFoundError:
+        found = [ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    return [a for a in found if "." in a and not a.startswith("127.")]
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "example.org"])
