@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 from textual import work
@@ -18,7 +19,8 @@ from textual.app import App, SystemCommand
 from textual.markup import escape
 from textual.screen import Screen
 
-from backend.config import UserConfig, check_refresh_rate, load_config
+from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, check_refresh_rate,
+                            load_config)
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import StatusBar
@@ -29,12 +31,13 @@ from tui.screens.migrations import MigrationsScreen
 from tui.screens.vm_list import VmListScreen
 
 ClientFactory = Callable[[], Awaitable["object"]]
+RETRY_SECONDS = 2.0           # between attempts to resume a lost event stream
 
 
 class MtevmApp(App):
     """The VM manager. ``clock`` is used for every time shown (tests freeze it)."""
 
-    CSS_PATH = "mtevm.tcss"
+    CSS_PATH = str(Path(__file__).with_name("mtevm.tcss"))   # absolute: subclasses elsewhere find it too
     TITLE = "mtevm"
     BINDINGS = keymap.bindings(keymap.APP_KEYS)
     MODES = {"vms": VmListScreen, "hosts": HostsScreen, "migrations": MigrationsScreen}
@@ -96,23 +99,34 @@ class MtevmApp(App):
         for screen in reversed(self.screen_stack):
             screen.post_message(message)
         if not isinstance(message, CountersSampled):      # the VM count may have changed
-            for screen in self.screen_stack:
-                for bar in screen.query(StatusBar):
-                    bar.tick()
+            self.refresh_status()
+
+    def refresh_status(self) -> None:
+        """Redraw the status lines now (VM count or rate changed) rather than at their next tick."""
+        for screen in self.screen_stack:
+            for bar in screen.query(StatusBar):
+                bar.tick()
 
     @work(exclusive=True, group="events", exit_on_error=False)
     async def follow_events(self) -> None:
-        """Fold the daemon's event stream into the model and tell the screens; reconnect on loss."""
+        """Fold the daemon's event stream into the model and tell the screens; resume after a loss."""
         while self.client is not None:
             try:
                 async for event in self.client.events(self.rate_hz):
                     message = self.model.apply(event)
                     if message is not None:
                         self.broadcast(message)
+                reason = "the daemon ended the event stream"
+            except Exception as e:          # whatever broke the stream, the app stays up and retries
+                reason = f"event stream lost: {e}"
+            if self.client is None:
                 return
-            except (MtevmError, OSError, ConnectionError) as e:
-                self.notify(f"event stream lost ({e}); retrying", severity="warning")
-                await asyncio.sleep(2.0)
+            self.notify(f"{reason}; retrying", severity="warning")
+            await asyncio.sleep(RETRY_SECONDS)
+            try:
+                await self.refresh_model()
+            except Exception:
+                pass
 
     def set_rate(self, rate_hz: float) -> None:
         """Change the counter refresh rate (restarts the event feed at the new rate)."""
@@ -121,6 +135,19 @@ class MtevmApp(App):
             self.follow_events()
 
     # -- app-wide actions ----------------------------------------------------------------------
+    def action_rate_faster(self) -> None:
+        self._change_rate(2.0)
+
+    def action_rate_slower(self) -> None:
+        self._change_rate(0.5)
+
+    def _change_rate(self, factor: float) -> None:
+        rate = min(MAX_REFRESH_RATE, max(MIN_REFRESH_RATE, self.rate_hz * factor))
+        if rate != self.rate_hz:
+            self.set_rate(rate)
+        self.refresh_status()
+        self.notify(f"live counters: {self.rate_hz:g} updates per second", timeout=2)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())

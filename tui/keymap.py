@@ -31,6 +31,8 @@ APP_KEYS = [
     KeySpec("app_migrations", "M", "migrations", "migrations", "Migrations: blocked, running, done, failed",
             show=False),
     KeySpec("app_vms", "v", "vms", "VMs", "The list of VMs", show=False),
+    KeySpec("app_faster", "plus", "rate_faster", "faster", "Refresh live counters twice as often", show=False),
+    KeySpec("app_slower", "minus", "rate_slower", "slower", "Refresh live counters half as often", show=False),
     KeySpec("app_quit", "q", "quit", "quit", "Quit the app (VMs keep running in the daemon)"),
 ]
 
@@ -81,5 +83,6 @@ def check_keymap(keymap: dict[str, str]) -> None:
 def display_key(spec: KeySpec, keymap: dict[str, str]) -> str:
     """The key a user presses for ``spec`` after their remapping, as shown in help and palette."""
     keys = keymap.get(spec.id, spec.key)
-    names = {"question_mark": "?", "slash": "/", "colon": ":", "space": "space", "escape": "esc"}
+    names = {"question_mark": "?", "slash": "/", "colon": ":", "space": "space", "escape": "esc",
+             "plus": "+", "minus": "-"}
     return ", ".join(names.get(k.strip(), k.strip()) for k in keys.split(","))

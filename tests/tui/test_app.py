@@ -199,3 +199,53 @@ async def test_no_layout_breaks(make_app, size):
                 region = widget.region
                 if widget.display and region.area:
                     assert region.right <= width and region.bottom <= height, f"{widget!r} outside the screen"
+
+
+async def test_edit_form_changes_tcf_of_a_running_vm(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen) and app.screen.detail, "detail")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the edit form")
+        assert app.screen.query_one("#name").disabled and app.screen.focused.id == "tcf"
+        await pilot.press("enter", "down", "enter", "ctrl+s")        # sync -> async
+        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "back on the detail")
+        await wait_for(pilot, lambda: [v["tcf"] for v in app.screen.detail["vcpus"]] == ["async", "async"],
+                       "both vCPUs in async mode")
+        table = app.screen.query_one("#vcpus")
+        await wait_for(pilot, lambda: [table.rows[i].cells["tcf"].value for i in (0, 1)] == ["async", "async"],
+                       "the vCPU table shows async")
+
+
+async def test_a_failed_migration_is_listed_with_its_reason(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "plain1", mte=False, start=True)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                       app.screen.query_one("#destinations").option_count > 0, "destinations")
+        names = [app.screen.query_one("#destinations").get_option_at_index(i).id
+                 for i in range(app.screen.query_one("#destinations").option_count)]
+        await pilot.press(*["down"] * names.index("local"), "enter")   # a simulated VM cannot go to QEMU
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+        table = app.screen.query_one("#migration-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
+        assert str(table.get_row_at(0)[4]) == "failed"
+        reason = app.model.migrations[1]["reason"]
+        assert reason and f"reason: {reason}" in screen_text(app)
+
+
+async def test_refresh_rate_keys(make_app):
+    app = make_app(rate_hz=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("plus")
+        assert app.rate_hz == 8 and "8 Hz" in screen_text(app)
+        await pilot.press("minus", "minus", "minus", "minus", "minus")
+        assert app.rate_hz == 0.5                 # never below the slowest rate
+        with pytest.raises(ConfigError):
+            app.set_rate(100)

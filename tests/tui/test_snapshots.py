@@ -124,6 +124,8 @@ def scenario(name):
     async def confirm(pilot, hosts):
         await fleet(pilot, hosts)
         await pilot.press("x")
+        await wait_for(pilot, lambda: pilot.app.screen.focused is not None and pilot.app.screen.focused.id == "no",
+                       "the confirmation, its safe answer focused")
 
     async def migrate_dialog(pilot, hosts):
         await one_buggy_vm(pilot, hosts)
@@ -134,11 +136,14 @@ def scenario(name):
     async def help_screen(pilot, hosts):
         await wait_for(pilot, lambda: pilot.app.screen.id == "vm-list", "the VM list")
         await pilot.press("question_mark")
+        await wait_for(pilot, lambda: pilot.app.screen.query("#help-keys") and
+                       pilot.app.screen.query_one("#help-keys").row_count, "the help table")
 
     async def palette(pilot, hosts):
         await wait_for(pilot, lambda: pilot.app.screen.id == "vm-list", "the VM list")
         await pilot.press("colon", *"migr")
-        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: pilot.app.screen.query("CommandList") and
+                       pilot.app.screen.query_one("CommandList").option_count == 3, "the matching commands")
 
     return locals()[name]
 

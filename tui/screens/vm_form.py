@@ -4,6 +4,10 @@ Every change asks the daemon for a dry run (``client.create(cfg, validate_only=T
 runs the seed's decision tree on the chosen host; its message ("MTE requested, but not supported
 by KVM", ...) is shown under the form, never as a crash. The daemon stays the only judge: the
 form only checks that numbers are numbers.
+
+This is one of mtevm's deliberate departures from QEMU 9.2: QEMU prints these messages and exits
+(or aborts, where the seed passes &error_abort), ending every VM of the process; mtevm turns them
+into a per-VM error, shown here before the VM even exists, and the manager keeps running.
 """
 from __future__ import annotations
 
