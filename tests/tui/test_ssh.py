@@ -54,10 +54,17 @@ class Remote:
                 f"PATH={shlex.quote(bindir)}:\"$PATH\" mtevm")
 
     def daemon_pid(self) -> int | None:
+        """The daemon of this installation, if it runs (its pid file outlives it: check the PID)."""
         try:
-            return int((self.run_dir / "mtevm.pid").read_text().strip())
-        except (FileNotFoundError, ValueError):
+            pid = int((self.run_dir / "mtevm.pid").read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except (FileNotFoundError, ValueError, ProcessLookupError):
             return None
+        ours = str(self.run_dir).encode()
+        return pid if ours in cmdline or b"MTEVM_RUNTIME_DIR=" + ours in environ else None
 
 
 def screen_number(text: str) -> float:
