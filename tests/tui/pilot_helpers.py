@@ -45,3 +45,27 @@ async def create_vm(app, name: str, *, host: str = "sim-mte", mte: bool = True, 
         vm = await app.client.start(name)
     await app.refresh_model()
     return vm
+
+
+async def open_detail(pilot, app):
+    """enter on the list's current row; returns the VM detail screen once its definition is loaded."""
+    from tui.screens.vm_detail import VmDetailScreen
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen) and app.screen.detail, "the VM detail")
+    await pilot.pause(0.1)
+    assert [type(s).__name__ for s in app.screen_stack][-2:] == ["VmListScreen", "VmDetailScreen"]
+    return app.screen
+
+
+async def migrate_via_dialog(pilot, app, to: str | None = None):
+    """g, choose ``to`` (default: the first destination), enter; returns the migrations table."""
+    from textual.widgets import DataTable
+    from tui.screens.migrations import MigrationsScreen
+    await pilot.press("g")
+    await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                   app.screen.query_one("#destinations").option_count > 0, "the destinations")
+    options = app.screen.query_one("#destinations")
+    names = [options.get_option_at_index(i).id for i in range(options.option_count)]
+    await pilot.press(*["down"] * (names.index(to) if to else 0), "enter")
+    await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+    return app.screen.query_one("#migration-table", DataTable)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 from rich.color import ColorType
-from textual.widgets import DataTable, Input
+from textual.widgets import DataTable
 
 from backend.config import UserConfig
 from backend.errors import ConfigError
-from tests.tui.pilot_helpers import create_vm, screen_rows, screen_text, started, wait_for
+from tests.tui.pilot_helpers import (create_vm, migrate_via_dialog, open_detail, screen_rows, screen_text,
+                                     started, wait_for)
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
@@ -156,8 +157,7 @@ async def test_sixteen_colours_on_every_screen(make_app):
         await create_vm(app, "web1", start=True)
         seen = {}
         seen["list"] = non_ansi_colours(app)
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen) and app.screen.detail, "detail")
+        await open_detail(pilot, app)
         seen["detail"] = non_ansi_colours(app)
         await pilot.press("x")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm")
@@ -206,8 +206,7 @@ async def test_edit_form_changes_tcf_of_a_running_vm(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "web1", start=True)
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen) and app.screen.detail, "detail")
+        await open_detail(pilot, app)
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the edit form")
         assert app.screen.query_one("#name").disabled and app.screen.focused.id == "tcf"
@@ -225,14 +224,7 @@ async def test_a_failed_migration_is_listed_with_its_reason(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "plain1", mte=False, start=True)
-        await pilot.press("g")
-        await wait_for(pilot, lambda: app.screen.query("#destinations") and
-                       app.screen.query_one("#destinations").option_count > 0, "destinations")
-        names = [app.screen.query_one("#destinations").get_option_at_index(i).id
-                 for i in range(app.screen.query_one("#destinations").option_count)]
-        await pilot.press(*["down"] * names.index("local"), "enter")   # a simulated VM cannot go to QEMU
-        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
-        table = app.screen.query_one("#migration-table", DataTable)
+        table = await migrate_via_dialog(pilot, app, "local")      # a simulated VM cannot go to QEMU
         await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
         assert str(table.get_row_at(0)[4]) == "failed"
         reason = app.model.migrations[1]["reason"]

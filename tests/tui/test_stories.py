@@ -6,10 +6,8 @@ import os
 
 from textual.widgets import DataTable, Static
 
-from tests.tui.pilot_helpers import create_vm, screen_text, started, wait_for
+from tests.tui.pilot_helpers import create_vm, migrate_via_dialog, open_detail, screen_text, started, wait_for
 from tui.components.counters import VcpuTable
-from tui.screens.migrations import MigrationsScreen
-from tui.screens.vm_detail import VmDetailScreen
 from tui.screens.vm_form import VmFormScreen
 from tui.screens.vm_list import VmListScreen
 
@@ -48,8 +46,7 @@ async def test_create_mte_vm_on_sim_mte_and_see_kvm_mte_on_every_vcpu(make_app):
         await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen) and "web1" in app.model.vms, "web1 listed")
         await pilot.press("s")
         await wait_for(pilot, lambda: vm_cells(app, "web1")[2:3] == ["running"], "web1 running")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        await open_detail(pilot, app)
         await wait_for(pilot, lambda: vcpu_column(app, "kvm_mte") == ["yes", "yes"], "kvm_mte on both vCPUs")
         assert "MTE on" in screen_text(app)
 
@@ -104,8 +101,7 @@ async def test_counters_rise_and_only_changed_cells_repaint(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "web1", start=True, workload={"seed": 7, "uaf_rate": 0.01})
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        await open_detail(pilot, app)
         table = app.screen.query_one(VcpuTable)
         await wait_for(pilot, lambda: app.model.live.get("web1") and app.model.live["web1"].counters, "a sample")
         first = app.model.live["web1"].counters["vm"]["checked"]
@@ -125,18 +121,12 @@ async def test_migrating_an_mte_vm_is_blocked_with_the_reason(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "web1", start=True)
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, VmDetailScreen), "the detail screen")
+        await open_detail(pilot, app)
         await wait_for(pilot, lambda: "Live migration disabled due to MTE enabled" in screen_text(app),
                        "the blocker on the detail screen")
-        await pilot.press("g")
-        await wait_for(pilot, lambda: app.screen.query("#destinations") and
-                       app.screen.query_one("#destinations").option_count > 0, "destinations")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
-        await wait_for(pilot, lambda: app.screen.query_one("#migration-table", DataTable).row_count == 1,
-                       "the attempt recorded")
-        row = [str(c) for c in app.screen.query_one("#migration-table", DataTable).get_row_at(0)]
+        table = await migrate_via_dialog(pilot, app)
+        await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
+        row = [str(c) for c in table.get_row_at(0)]
         assert row[1] == "web1" and row[4] == "blocked"
         assert "reason: Live migration disabled due to MTE enabled" in screen_text(app)
         assert (await app.client.show("web1"))["host"] == "sim-mte"
@@ -147,14 +137,9 @@ async def test_migrating_a_non_mte_vm_completes(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "plain1", mte=False, start=True)
-        await pilot.press("g")
-        await wait_for(pilot, lambda: app.screen.query("#destinations") and
-                       app.screen.query_one("#destinations").option_count > 0, "destinations")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
-        table = app.screen.query_one("#migration-table", DataTable)
+        table = await migrate_via_dialog(pilot, app, "sim-nomte")
         await wait_for(pilot, lambda: table.row_count == 1 and str(table.get_row_at(0)[4]) == "completed",
-                       f"the migration completed {app.model.migrations} {[table.get_row_at(i) for i in range(table.row_count)]}")
+                       f"the migration completed ({app.model.migrations})")
         assert "100%" in str(table.get_row_at(0)[5])
         await pilot.press("v")
         await wait_for(pilot, lambda: vm_cells(app, "plain1")[3:4] == ["sim-nomte"], "the VM on its new host")
