@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from textual.message import Message
 
 HISTORY = 60          # samples kept for a sparkline
+RATE_WINDOW = 1.0     # seconds of samples a rate is computed over
 
 
 def faults_of(c: dict) -> int:
@@ -21,27 +22,34 @@ def faults_of(c: dict) -> int:
 
 @dataclass
 class Rates:
-    """Per-second rates of one counter set, plus their recent history for a sparkline."""
+    """Per-second rates of one counter set over the last ``RATE_WINDOW`` seconds, plus their history.
+
+    A window rather than the last two samples: the simulated vCPUs run in ticks of their own, so
+    two samples close together may straddle zero or two ticks and a per-sample rate would flicker.
+    """
 
     checked_per_s: float = 0.0
     faults_per_s: float = 0.0
     checked_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     faults_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
-    _last: tuple[float, int, int] | None = None   # (time, checked, faults) of the previous sample
+    _samples: deque = field(default_factory=deque)     # (time, checked, faults), oldest first
 
     def add(self, t: float, counters: dict) -> None:
         checked, faults = int(counters.get("checked", 0)), faults_of(counters)
-        if self._last is not None:
-            t0, c0, f0 = self._last
-            dt = t - t0
-            if dt > 0 and checked >= c0 and faults >= f0:
-                self.checked_per_s = (checked - c0) / dt
-                self.faults_per_s = (faults - f0) / dt
-                self.checked_history.append(self.checked_per_s)
-                self.faults_history.append(self.faults_per_s)
-            elif checked < c0 or faults < f0:     # the VM restarted: counters began again
-                self.checked_per_s = self.faults_per_s = 0.0
-        self._last = (t, checked, faults)
+        if self._samples and (checked < self._samples[-1][1] or faults < self._samples[-1][2]):
+            self._samples.clear()                      # the VM restarted: counters began again
+            self.checked_per_s = self.faults_per_s = 0.0
+        if self._samples and t <= self._samples[-1][0]:
+            return                                     # a repeated or late sample adds nothing
+        self._samples.append((t, checked, faults))
+        while len(self._samples) > 2 and t - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        if len(self._samples) >= 2:
+            t0, c0, f0 = self._samples[0]
+            self.checked_per_s = (checked - c0) / (t - t0)
+            self.faults_per_s = (faults - f0) / (t - t0)
+            self.checked_history.append(self.checked_per_s)
+            self.faults_history.append(self.faults_per_s)
 
 
 @dataclass
