@@ -1,28 +1,36 @@
 """The vectorised tag check: a whole batch of loads/stores in one numpy pass.
 
-No Python loop runs over accesses. Every access's first granule is looked up at once; then,
-for k = 1, 2, 3, the accesses that touch a (k+1)-th granule and have not failed yet look it
-up (an 8- or 16-byte access touches at most 2 granules, so this is one extra pass at most).
-Only an access touching more than ``VECTOR_GRANULES`` granules (a block copy) is checked
-on its own, still vectorised over its granules.
+No Python loop runs over accesses. Every access's first granule is looked up at once. When no
+access is longer than a granule (16 bytes, so it touches at most the next granule too), the
+accesses that cross into the next granule and passed their first are checked in one more step
+that mostly needs no gather: two granules share a tag byte, so the next tag is usually in the
+byte just loaded, else in the byte after it (``TagMemory.next_tags_into``). Longer accesses
+take the general path: for k = 1, 2, 3 the accesses that touch a (k+1)-th granule and have
+not failed yet look it up. Only an access touching more than ``VECTOR_GRANULES`` granules (a
+block copy) is checked on its own, still vectorised over its granules.
 
 Faults never change later accesses' outcome (a sync fault only stops its own access, TFSR
 only accumulates), so the batch gives exactly what the per-access path gives in order.
 
-Speed: the work arrays are kept between batches and every step writes into them, because
-allocating fresh 64k-element arrays costs page faults that would otherwise double the time
-of a batch. They are shared by all vCPUs of a thread (a check never runs inside another),
-so a fleet of vCPUs holds one set, sized for the largest batch seen.
+Speed: the work arrays are kept between batches and every step writes into them (``out=``),
+because a fresh 64k-element int64 array costs page faults (about 2 us per 4 KiB page on this
+kind of host) that would otherwise double the time of a batch; for the same reason no chained
+expression builds whole-batch temporaries. Per access the check uses 1-byte values (tags,
+low address byte, flags) wherever it can, and reads a pointer's tag byte in place. The work
+arrays are shared by all vCPUs of a thread (a check never runs inside another), so a fleet
+of vCPUs holds one set, sized for the largest batch seen.
 """
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
 from backend.tagcheck.errors import OutsideRamError
-from backend.tagcheck.pointers import (LOW56, LOW60, fault_address_array, physical_array,
-                                       tcma_match_array)
+from backend.tagcheck.layout import GRANULE
+from backend.tagcheck.pointers import (LOW56, fault_address_array, halves_array, physical_array,
+                                       ptr_tags_array, tcma_match_array)
 from backend.tagcheck.results import ASYNC, SYNC, BatchResult
 from backend.tagcheck.tags import TagMemory
 from backend.tagcheck.tcf import TCF
@@ -40,6 +48,8 @@ def _int64_sizes(sizes: np.ndarray) -> np.ndarray:
     if sizes.dtype.kind == "f" and not np.array_equal(sizes, np.floor(sizes)):
         raise ValueError("access sizes must be whole numbers of bytes")
     if sizes.dtype.kind in "iub":
+        if not len(sizes) or sizes.max() <= _LONGEST:        # the usual case: no copy if int64
+            return sizes.astype(np.int64, copy=False)
         big = sizes > _LONGEST
         out = sizes.astype(np.int64)
         out[big] = _LONGEST
@@ -104,6 +114,26 @@ def _first_mismatch_huge(tags: TagMemory, off: int, count: int, ptag: int) -> tu
 
 _workspace = threading.local()     # this thread's work arrays (see the module docstring)
 
+_WORK_ARRAYS = (
+    ("off", np.int64), ("pos", np.int64), ("scratch", np.int64),   # offsets from base, tag-byte positions
+    ("ptag", np.uint8), ("mem", np.uint8),      # pointer tags; tag of each access's first failing granule
+    ("raw", np.uint8), ("low", np.uint8),       # packed tag bytes; each offset's low byte
+    ("second", np.uint8), ("small", np.uint8),  # tags of the next granules; scratch
+    ("fail", bool), ("crosses", bool), ("fail2", bool))   # failed; needs its 2nd granule; failed on it
+
+
+def _work(n: int) -> SimpleNamespace:
+    """This thread's work arrays cut to ``n`` (made anew only for a longer batch than before)."""
+    ws = _workspace
+    if n > getattr(ws, "cap", -1):
+        ws.cap = max(n, 1024)
+        ws.arrays = {name: np.empty(ws.cap, dtype) for name, dtype in _WORK_ARRAYS}
+    return _head(ws.arrays, n)
+
+
+def _head(arrays: dict, n: int) -> SimpleNamespace:
+    return SimpleNamespace(**{name: a[:n] for name, a in arrays.items()})
+
 
 class BatchChecker:
     """Checks batches against one RAM's tags, with the thread's reused work arrays."""
@@ -111,32 +141,57 @@ class BatchChecker:
     def __init__(self, tags: TagMemory | None, base: int, size: int):
         self.tags, self.base, self.size = tags, base, size
 
-    @staticmethod
-    def _work(n: int):
-        ws = _workspace
-        if n > getattr(ws, "cap", -1):
-            ws.cap = max(n, 1024)
-            ws.i64 = [np.empty(ws.cap, dtype=np.int64) for _ in range(3)]
-            ws.u8 = [np.empty(ws.cap, dtype=np.uint8) for _ in range(3)]
-            ws.b = [np.empty(ws.cap, dtype=bool) for _ in range(2)]
-        return [a[:n] for a in ws.i64], [a[:n] for a in ws.u8], [a[:n] for a in ws.b]
+    def _offsets(self, ptrs: np.ndarray, sizes, longest: int, w: SimpleNamespace) -> np.ndarray:
+        """Each access's offset from RAM base (int64, in ``w.off``); OutsideRamError if one is
+        not all in RAM."""
+        out = w.off
+        np.bitwise_and(ptrs.view(np.int64), LOW56, out=out)
+        np.subtract(out, self.base, out=out)
+        # Unsigned view: below base wraps to huge. Upper-half pointers land far above RAM
+        # here; they take the exact (slower) address rule.
+        unsigned = out.view(np.uint64)
+        if longest > self.size:
+            outside = True
+        elif isinstance(sizes, int):
+            outside = len(out) > 0 and int(unsigned.max()) > self.size - sizes
+        else:
+            limit = w.scratch.view(np.uint64)
+            np.subtract(self.size, sizes, out=w.scratch)                # >= 0: longest <= size
+            outside = bool(np.greater(unsigned, limit, out=w.fail).any())
+        if outside:
+            _raise_outside(ptrs, sizes, self.base, self.size)
+            out[:] = physical_array(ptrs).astype(np.int64) - self.base
+        return out
 
-    def _later_granules(self, off, sizes, ptag, mem, fail, more, scratch) -> np.ndarray:
-        """Check the granules after the first for the accesses that have them (``more``) and
-        did not fail yet; update ``fail``/``mem``; return each access's first failing granule."""
+    def _second_granules(self, off: np.ndarray, sizes, w: SimpleNamespace) -> np.ndarray | None:
+        """For accesses of at most a granule: check the next granule of those that cross into
+        it and passed their first; update ``w.fail``/``w.mem``. Returns which accesses failed
+        on their second granule (bool), or None when no access needed one."""
+        np.bitwise_and(w.low, GRANULE - 1, out=w.small)           # offset within the granule
+        if isinstance(sizes, int):
+            np.greater(w.small, GRANULE - sizes, out=w.crosses)
+        else:
+            np.add(w.small, sizes, out=w.small, casting="unsafe")   # <= 15 + 16: fits a byte
+            np.greater(w.small, GRANULE, out=w.crosses)
+        np.logical_not(w.fail, out=w.fail2)
+        np.logical_and(w.crosses, w.fail2, out=w.crosses)          # crosses, first granule passed
+        if not w.crosses.any():
+            return None
+        second = self.tags.next_tags_into(off, w.low, w.raw, w.pos, w.crosses, w.second)
+        np.not_equal(second, w.ptag, out=w.fail2)
+        np.logical_and(w.fail2, w.crosses, out=w.fail2)
+        np.logical_or(w.fail, w.fail2, out=w.fail)
+        # mem = second where fail2 (copyto(where=) is 10x slower than this byte blend)
+        np.bitwise_xor(w.mem, second, out=w.small)
+        np.multiply(w.small, w.fail2.view(np.uint8), out=w.small)
+        np.bitwise_xor(w.mem, w.small, out=w.mem)
+        return w.fail2
+
+    def _later_granules(self, off, sizes, ptag, mem, fail) -> np.ndarray:
+        """The general path (some access longer than a granule): check the granules after the
+        first for the accesses that have them and did not fail yet; update ``fail``/``mem``;
+        return each access's first failing granule (int64)."""
         granule = np.zeros(len(off), dtype=np.int64)
-        if isinstance(sizes, int) and sizes <= 16:    # at most one more granule: the next one
-            np.logical_and(more, ~fail, out=more)
-            sel = np.flatnonzero(more)
-            if len(sel):
-                nxt = (off[sel] | 15) + 1
-                m = self.tags.lookup_into(nxt, np.empty(len(sel), np.uint8), scratch[:len(sel)],
-                                          np.empty_like(nxt))
-                hit = sel[m != ptag[sel]]
-                fail[hit] = True
-                granule[hit] = 1
-                mem[hit] = m[m != ptag[sel]]
-            return granule
         extra = ((off + (np.asarray(sizes) - 1)) >> 4) - (off >> 4)
         huge = extra >= VECTOR_GRANULES
         for k in range(1, VECTOR_GRANULES):
@@ -156,26 +211,14 @@ class BatchChecker:
                 granule[i], mem[i] = found
         return granule
 
-    def offsets(self, ptrs: np.ndarray, sizes, out: np.ndarray) -> np.ndarray:
-        """Each access's offset from RAM base (int64); OutsideRamError if one is not all in RAM."""
-        np.bitwise_and(ptrs.view(np.int64), LOW56, out=out)
-        np.subtract(out, self.base, out=out)
-        # Unsigned view: below base wraps to huge. Upper-half pointers land far above RAM
-        # here; they take the exact (slower) address rule.
-        longest = sizes if isinstance(sizes, int) else (int(sizes.max()) if len(sizes) else 0)
-        if longest > self.size or \
-                (out.view(np.uint64) > np.uint64(self.size) - np.asarray(sizes, dtype=np.uint64)).any():
-            _raise_outside(ptrs, sizes, self.base, self.size)
-            out[:] = physical_array(ptrs).astype(np.int64) - self.base
-        return out
-
     def check(self, ptrs, sizes, is_store, *, tcf: TCF, tcma0: bool, tcma1: bool,
               tco: bool) -> tuple[BatchResult, int]:
         """Check a batch; return its result and the TFSR bits its async faults set."""
         ptrs, sizes, is_store = as_batch(ptrs, sizes, is_store)
         n = len(ptrs)
-        (off, s1, s2), (ptag, mem, low), (fail, more) = self._work(n)
-        self.offsets(ptrs, sizes, off)
+        w = _work(n)
+        longest = sizes if isinstance(sizes, int) else (int(sizes.max()) if n else 0)
+        off = self._offsets(ptrs, sizes, longest, w)
         if self.tags is None or tcf == TCF.NONE or tco or n == 0:
             return BatchResult(unchecked=n), 0
 
@@ -185,28 +228,18 @@ class BatchChecker:
             ptrs, off = ptrs[index], off[index]
             sizes = sizes if isinstance(sizes, int) else sizes[index]
             is_store = is_store if isinstance(is_store, bool) else is_store[index]
-            s1, s2, ptag, mem, low, fail, more = (a[:len(index)] for a in (s1, s2, ptag, mem, low, fail, more))
-        checked = len(ptrs)
+            w = _head(vars(w), len(index))
 
-        np.bitwise_and(ptrs.view(np.uint8)[7::8], 0xF, out=ptag)   # pointer tag: top byte's low nibble
-        np.copyto(low, off.view(np.uint8)[::8])                 # each offset's low byte (little endian)
-        self.tags.lookup_into(off, mem, s1, s2, low)            # first granule of every access
-        np.not_equal(mem, ptag, out=fail)
-        granule = None                                          # first mismatching granule (None: all 0)
-        if isinstance(sizes, int) and sizes <= 16:
-            # One size for all: an access crosses into a 2nd granule iff (off & 15) + size > 16.
-            np.bitwise_and(low, 15, out=low)
-            np.greater(low, 16 - sizes, out=more)
+        ptr_tags_array(ptrs, out=w.ptag)
+        np.copyto(w.low, off, casting="unsafe")                    # each offset's low byte
+        self.tags.lookup_into(off, w.mem, w.pos, w.scratch, w.low, raw=w.raw)   # first granules
+        np.not_equal(w.mem, w.ptag, out=w.fail)
+        if longest <= GRANULE:
+            granule = self._second_granules(off, sizes, w)          # None: all failed on granule 0
         else:
-            # Extra granules touched: ((off + size - 1) >> 4) - (off >> 4)
-            np.add(off, np.asarray(sizes) - 1, out=s1)
-            np.right_shift(s1, 4, out=s1)
-            np.right_shift(off, 4, out=s2)
-            np.subtract(s1, s2, out=s1)
-            np.greater(s1, 0, out=more)
-        if more.any():
-            granule = self._later_granules(off, sizes, ptag, mem, fail, more, s1)
-        fi = np.flatnonzero(fail)
+            granule = self._later_granules(off, sizes, w.ptag, w.mem, w.fail)
+
+        fi = np.flatnonzero(w.fail)
         if tcf == TCF.SYNC:
             kind = np.full(len(fi), SYNC, dtype=np.uint8)
         elif tcf == TCF.ASYNC:
@@ -217,15 +250,13 @@ class BatchChecker:
         n_async = int(np.count_nonzero(kind))
         tfsr = 0
         if n_async:
-            halves = (fptrs[kind == ASYNC] >> np.uint64(55)) & np.uint64(1)
+            halves = halves_array(fptrs if n_async == len(fi) else fptrs[kind == ASYNC])
             tfsr = (1 if (halves == 0).any() else 0) | (2 if halves.any() else 0)
-        if granule is None:                            # all failed on their first granule: FAR = ptr
-            fault_addr = fptrs & np.uint64(LOW60)
-        else:
-            fault_addr = fault_address_array(fptrs, granule[fi])
         result = BatchResult(
-            checked=checked, unchecked=n - checked, sync_faults=len(fi) - n_async, async_faults=n_async,
-            fault_index=fi if index is None else index[fi], fault_addr=fault_addr,
-            fault_kind=kind, fault_ptr_tag=ptag[fi], fault_mem_tag=mem[fi],
-            fault_is_store=_pick(is_store, fi, bool), fault_size=_pick(sizes, fi, np.int64))
+            checked=len(ptrs), unchecked=n - len(ptrs), sync_faults=len(fi) - n_async, async_faults=n_async,
+            fault_index=fi if index is None else index[fi],
+            fault_addr=fault_address_array(fptrs, None if granule is None else granule[fi]),
+            fault_kind=kind, fault_ptr_tag=ptr_tags_array(fptrs),
+            fault_mem_tag=w.mem[fi], fault_is_store=_pick(is_store, fi, bool),
+            fault_size=_pick(sizes, fi, np.int64))
         return result, tfsr

@@ -81,8 +81,19 @@ def choose_nonexcluded_tag(tag: int, offset: int, exclude: int) -> int:
 
 # ---- the same rules over numpy uint64 arrays (the batch path) --------------------------------
 
-def ptr_tags_array(ptrs: np.ndarray) -> np.ndarray:
-    return ((ptrs >> TAG_SHIFT) & 0xF).astype(np.uint8)
+def ptr_tags_array(ptrs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The logical tags (bits 59:56) of uint64 pointers, as uint8 (into ``out`` if given).
+    Shifting straight into bytes avoids a whole-batch uint64 temporary."""
+    out = np.empty(len(ptrs), np.uint8) if out is None else out
+    np.right_shift(ptrs, np.uint64(TAG_SHIFT), out=out, casting="unsafe")
+    return np.bitwise_and(out, 0xF, out=out)
+
+
+def halves_array(ptrs: np.ndarray) -> np.ndarray:
+    """``half`` (pointer bit 55) of uint64 pointers, as uint8 0/1."""
+    out = np.empty(len(ptrs), np.uint8)
+    np.right_shift(ptrs, np.uint64(55), out=out, casting="unsafe")     # bits 62:55
+    return np.bitwise_and(out, 1, out=out)
 
 
 def physical_array(ptrs: np.ndarray) -> np.ndarray:
@@ -116,8 +127,19 @@ def choose_nonexcluded_tags(tags: np.ndarray, exclude: np.ndarray) -> np.ndarray
     return np.where(exclude == 0xFFFF, 0, (tags + step) & 0xF).astype(np.uint8)
 
 
-def fault_address_array(ptrs: np.ndarray, granule: np.ndarray) -> np.ndarray:
-    """``fault_address`` for arrays of pointers and first-mismatch granule numbers."""
-    granule = granule.astype(np.uint64)
-    later = (((ptrs & (LOW56 & ~0xF)) + granule * 16) & LOW56) | (ptrs & (0xF << TAG_SHIFT))
-    return np.where(granule == 0, ptrs & LOW60, later)
+def fault_address_array(ptrs: np.ndarray, granule: np.ndarray | None) -> np.ndarray:
+    """``fault_address`` for arrays of pointers and first-mismatch granule numbers (None: all 0),
+    in whole-array steps (no subset: most faults of unaligned accesses are on a later granule).
+    The pointers are of accesses inside RAM (below 2^48), so stepping to a later granule never
+    carries out of bit 55."""
+    far = np.bitwise_and(ptrs, np.uint64(LOW60))
+    if granule is None:
+        return far
+    step = granule.astype(np.uint64)
+    low = np.minimum(step, np.uint64(1))
+    low *= np.uint64(15)                 # 15 where the fault is on a later granule, else 0
+    far |= low
+    np.left_shift(step, np.uint64(4), out=step)
+    far += step
+    far -= low                           # (ptr & ~15) + 16 * granule, tag bits kept
+    return far

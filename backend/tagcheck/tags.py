@@ -192,32 +192,62 @@ class TagMemory:
         return self.lookup_into(off, out, np.empty_like(off), np.empty_like(off))
 
     def lookup_into(self, off: np.ndarray, out: np.ndarray, s1: np.ndarray, s2: np.ndarray,
-                    low: np.ndarray | None = None) -> np.ndarray:
+                    low: np.ndarray | None = None, raw: np.ndarray | None = None) -> np.ndarray:
         """``lookup`` without allocating: int64 ``off`` in RAM, uint8 ``out``, int64 scratch s1/s2
         of the same length, optionally ``low`` = each offset's low byte (uint8, contiguous).
         Gathers page -> block (through the chunk row unless the index is dense) and the tag
-        byte, then selects the nibble by address bit 4."""
+        byte, then selects the nibble by address bit 4. Given a uint8 ``raw``, the packed bytes
+        are kept there and s1 keeps their positions in the pool, for ``next_tags_into``.
+
+        The gathers use mode="clip": the positions are in range by construction, and numpy's
+        default mode buffers the whole output to check them (a third of a batch's time)."""
         if self._dense:
             np.right_shift(off, _PAGE_SHIFT, out=s1)
-            np.take(self._dense_table, s1, out=s1)           # page -> block
+            np.take(self._dense_table, s1, out=s1, mode="clip")          # page -> block
         else:
             np.right_shift(off, _PAGE_SHIFT + _CHUNK_SHIFT, out=s1)
-            np.take(self._dir, s1, out=s1)                   # chunk -> row
+            np.take(self._dir, s1, out=s1, mode="clip")                  # chunk -> row
             np.left_shift(s1, _CHUNK_SHIFT, out=s1)
             np.right_shift(off, _PAGE_SHIFT, out=s2)
             np.bitwise_and(s2, CHUNK_PAGES - 1, out=s2)
             np.add(s1, s2, out=s1)
-            np.take(self._table, s1, out=s1)                 # page -> block
+            np.take(self._table, s1, out=s1, mode="clip")                # page -> block
         np.left_shift(s1, 7, out=s1)                         # block * 128 bytes
         np.right_shift(off, 5, out=s2)
         np.bitwise_and(s2, TAG_BYTES_PER_PAGE - 1, out=s2)
         np.add(s1, s2, out=s1)
-        np.take(self._blocks, s1, out=out)                   # the byte holding two tags
+        packed = out if raw is None else raw
+        np.take(self._blocks, s1, out=packed, mode="clip")   # the byte holding two tags
         shift = s2.view(np.uint8)[:len(out)]
-        np.right_shift(off.view(np.uint8)[::8] if low is None else low, 2, out=shift)
+        if low is None:                                      # the low byte: a cast wraps to it
+            np.copyto(shift, off, casting="unsafe")
+            low = shift
+        np.right_shift(low, 2, out=shift)
         np.bitwise_and(shift, 4, out=shift)                  # address bit 4 set: high nibble
-        np.right_shift(out, shift, out=out)
+        np.right_shift(packed, shift, out=out)
         np.bitwise_and(out, 0xF, out=out)
+        return out
+
+    def next_tags_into(self, off: np.ndarray, low: np.ndarray, raw: np.ndarray, pos: np.ndarray,
+                       wanted: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Tags of the granules right after those at ``off``, where ``wanted`` (elsewhere ``out``
+        is undefined), from ``lookup_into``'s ``raw`` bytes and positions ``pos``.
+
+        Two granules share a tag byte, so the granule after one with address bit 4 = 0 is the
+        same byte's high nibble: no gather. After one with bit 4 = 1 it is the next byte's low
+        nibble, a gather next to one just made; only a page's last granule goes through the
+        index again (its successor's block is anywhere in the pool)."""
+        np.right_shift(raw, 4, out=out)
+        odd = np.flatnonzero(np.logical_and(wanted, np.bitwise_and(low, 16)))
+        if len(odd):
+            where = pos[odd]
+            page_last = np.flatnonzero((where & (TAG_BYTES_PER_PAGE - 1)) == TAG_BYTES_PER_PAGE - 1)
+            where += 1                           # past the pool's end only for a page's last byte
+            tags = np.take(self._blocks, where, mode="clip")
+            tags &= 0xF
+            if len(page_last):
+                tags[page_last] = self.lookup((off[odd[page_last]] | 15) + 1)
+            out[odd] = tags
         return out
 
     def tags_of_granules(self, granule_addrs: np.ndarray) -> np.ndarray:
