@@ -8,7 +8,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 . /etc/os-release
-PKGS_COMMON="gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu tmux openssh-server openssh-client librsvg2-bin gcc"
+PKGS_COMMON="gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu tmux openssh-server openssh-client librsvg2-bin gcc make python3-venv"
 QEMU_PKG="qemu-system-arm"
 
 need_qemu() {

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh Debian 12/13 machine: installs what it needs (apt + pip),
-# builds the bare-metal MTE guest, then runs pytest. `.ci/run` calls exactly this.
+# The whole test suite on a fresh Debian 12/13 machine: installs what it needs (apt packages,
+# then the Python package and its test extras into ./.venv), builds the bare-metal MTE guest,
+# then runs pytest. `.ci/run` calls exactly this. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
 make -s -C backend/qemu/guest
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -75,3 +75,29 @@ async def inproc_client(mtevm_paths):
     client = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
     yield client
     await client.close()
+
+
+# --- The skip policy -------------------------------------------------------------------------
+# A skip hides a missing install step: on a fresh machine `scripts/test.sh` installs QEMU, the
+# cross compiler, sshd and tmux, so a test that finds one missing must fail, not pass quietly.
+# The only hardware that cannot exist on the machines this runs on is an arm64 host whose KVM has
+# KVM_CAP_ARM_MTE; tests that need it carry the marker below and are the only ones allowed to skip.
+NEEDS_ARM64_KVM_MTE = "needs_arm64_kvm_mte"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{NEEDS_ARM64_KVM_MTE}: needs an arm64 host whose /dev/kvm has KVM_CAP_ARM_MTE "
+        "(the only reason a test may skip)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not item.get_closest_marker(NEEDS_ARM64_KVM_MTE) \
+            and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"skipped for a reason other than missing arm64 KVM MTE hardware: {reason}\n"
+                           "run `bash scripts/test.sh`, which installs what the tests need")
