@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -18,6 +20,7 @@ from backend.errors import ConfigError, MtevmError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
             "migrate", "migrations", "daemon", "tagcheck", "serve")
@@ -30,6 +33,14 @@ class UsageError(MtevmError):
 
 
 # -- argument parsing -----------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``mtevm: error: ...`` line on stderr (exit 2), like every
+    other mtevm error, so scripts can read it the same way."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"mtevm: error: {message} (see '{self.prog} --help')\n")
+
+
 def _dir_options(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--runtime-dir", default=default,
                         help="where the daemon's socket and pid file live (env MTEVM_RUNTIME_DIR)")
@@ -40,14 +51,14 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtevm", description=(
+    parser = OneLineParser(prog="mtevm", description=(
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
     # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     _dir_options(common, argparse.SUPPRESS)
-    as_json = argparse.ArgumentParser(add_help=False)
+    as_json = OneLineParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -82,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overflow-rate", type=float)
     p.add_argument("--wild-rate", type=float)
     p.add_argument("--heap-size", type=int)
+    p.add_argument("--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
+                   help="local host only, repeatable: extra QEMU arguments, -object/-device and a value, "
+                        "split like a shell would, e.g. --qemu-arg='-device ivshmem-plain,memdev=shm' "
+                        "(or one word per --qemu-arg=...); kept with the VM and used at every start")
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
         add(name, help_, as_json).add_argument("name")
@@ -216,6 +231,7 @@ def print_detail(vm: dict) -> None:
         ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
+        ["qemu args", shlex.join(vm.get("qemu_args") or [])],
         ["workload", ", ".join(f"{k}={v}" for k, v in vm["workload"].items())],
         ["faults/s", f"{vm['faults_per_s']:.1f}"],
         ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
@@ -286,7 +302,20 @@ def definition_from_args(args) -> dict:
             workload[key] = getattr(args, key)
     if workload:
         config["workload"] = workload
+    if args.qemu_args:
+        config["qemu_args"] = split_qemu_args(args.qemu_args)
     return config
+
+
+def split_qemu_args(values: list[str]) -> list[str]:
+    """The --qemu-arg values, each split with shell rules, as one argument list."""
+    out: list[str] = []
+    for value in values:
+        try:
+            out += shlex.split(value)
+        except ValueError as e:
+            raise ConfigError(f"--qemu-arg {value!r}: {e}") from None
+    return out
 
 
 async def _watch_counters(client, args) -> int:
@@ -464,11 +493,21 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         from backend.tagcheck.replay import main as replay_main
         return replay_main(rest[1:])
-    args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
+    args = parser.parse_args(argv)  # exits 2 with a one-line error on bad usage
     try:
         if args.command == "daemon":
-            return run_daemon_command(args)
-        return asyncio.run(run_command(args))
+            code = run_daemon_command(args)
+        else:
+            code = asyncio.run(run_command(args))
+        sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest
+        return code
+    except BrokenPipeError:
+        # `mtevm list --json | head -c 100`: the reader has what it wanted. Python would print a
+        # traceback when it flushes stdout at exit, so point stdout at /dev/null and go quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
     except MtevmError as e:

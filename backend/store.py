@@ -18,7 +18,7 @@ from typing import Iterator
 
 from backend.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -29,7 +29,8 @@ CREATE TABLE vms (
     workload   TEXT NOT NULL,            -- WorkloadConfig.to_dict() as JSON
     state      TEXT NOT NULL DEFAULT 'stopped',
     last_error TEXT,
-    created    REAL NOT NULL
+    created    REAL NOT NULL,
+    qemu_args  TEXT NOT NULL DEFAULT '[]' -- extra QEMU arguments (local host), a JSON list
 );
 CREATE TABLE pending (                   -- changes to apply at the next start, e.g. {"mte": true}
     vm    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
@@ -56,6 +57,11 @@ CREATE TABLE migrations (
 );
 """
 _TABLES = {"vms", "pending", "runtime", "migrations"}
+# How to bring a store of version N-1 to N, applied in order in one transaction when it is opened.
+# (Version 1 stores, written before qemu_args existed, still open: their VMs get no extra arguments.)
+_UPGRADES = {
+    2: ["ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'"],
+}
 
 
 @dataclass
@@ -71,6 +77,7 @@ class VmRow:
     created: float = 0.0
     pending: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
+    qemu_args: list = field(default_factory=list)
 
 
 def _check_existing(path: str) -> None:
@@ -103,7 +110,7 @@ def _check_existing(path: str) -> None:
                 raise StoreError(f"the mtevm store {path} is corrupted ({'; '.join(problems[:3])}); "
                                  "it was left untouched: move it away to start with an empty store")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if version == SCHEMA_VERSION and not _TABLES <= tables:
+            if version >= 1 and not _TABLES <= tables:
                 raise StoreError(f"the mtevm store {path} lacks tables {sorted(_TABLES - tables)} "
                                  "(corrupted?); it was left untouched")
             if version == 0 and tables - {"sqlite_sequence"}:
@@ -130,14 +137,23 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             with self._tx():
-                if self._db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
                     self._create_schema()
+                elif version < SCHEMA_VERSION:
+                    self._upgrade(version)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the mtevm store {path}: {e}") from None
 
     def _create_schema(self) -> None:
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
+                self._db.execute(stmt)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _upgrade(self, version: int) -> None:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for stmt in _UPGRADES[target]:
                 self._db.execute(stmt)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -158,9 +174,11 @@ class Store:
     # -- VM definitions ---------------------------------------------------------------------------
     def load_vms(self) -> list[VmRow]:
         rows = {}
-        for name, host, config, workload, state, last_error, created in self._db.execute(
-                "SELECT name, host, config, workload, state, last_error, created FROM vms ORDER BY created, name"):
-            rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created)
+        for name, host, config, workload, state, last_error, created, qemu_args in self._db.execute(
+                "SELECT name, host, config, workload, state, last_error, created, qemu_args FROM vms "
+                "ORDER BY created, name"):
+            rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created,
+                               qemu_args=json.loads(qemu_args))
         for vm, key, value in self._db.execute("SELECT vm, key, value FROM pending"):
             rows[vm].pending[key] = json.loads(value)
         for vm, info in self._db.execute("SELECT vm, info FROM runtime"):
@@ -169,10 +187,10 @@ class Store:
 
     def add_vm(self, row: VmRow) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
-                        row.state, row.last_error, row.created or time.time()))
+                        row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args)))
 
     def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
                   workload: dict | None = None, pending: dict | None = None) -> None:

@@ -29,7 +29,8 @@ from backend.store import Store, VmRow
 
 log = logging.getLogger("mtevm.daemon")
 
-CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload")
+CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
+               "qemu_args")
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
@@ -77,6 +78,7 @@ class VmRecord:
     running: RunningVm | None = None
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
+    qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
 
 
 def _check_name(name) -> str:
@@ -140,7 +142,8 @@ class Service:
             log.error("VM %s: stored definition is not valid any more (%s); it is kept in the store "
                       "but not shown", row.name, e)
             return
-        rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending))
+        rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
+                       qemu_args=list(row.qemu_args))
         self.vms[rec.name] = rec
         if row.state not in ACTIVE_STATES:
             rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
@@ -208,7 +211,8 @@ class Service:
         return self.hosts[name]
 
     def _spec(self, rec: VmRecord) -> VmSpec:
-        return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name))
+        return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
+                      extra_args=list(rec.qemu_args))
 
     def _vcpus(self, rec: VmRecord) -> list[dict]:
         return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
@@ -227,6 +231,7 @@ class Service:
                 "config": {"accel": c.accel, "cpu": c.cpu, "vcpus": c.vcpus, "memory": c.memory, "mte": c.mte,
                            "secure": c.secure, "only_migratable": c.only_migratable},
                 "workload": rec.workload.to_dict(),
+                "qemu_args": list(rec.qemu_args),
                 "vcpus": self._vcpus(rec),
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
@@ -254,8 +259,9 @@ class Service:
     async def show(self, name: str) -> dict:
         return await self._detail(self._vm(name))
 
-    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig]:
-        """A create() request -> (host name, machine config, workload), with the documented defaults."""
+    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
+        """A create() request -> (host name, machine config, workload, qemu_args), with the documented
+        defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass them to."""
         if not isinstance(config, dict):
             raise ConfigError(f"a VM definition must be a JSON object, not {type(config).__name__}")
         unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
@@ -266,7 +272,8 @@ class Service:
             host_name = DEFAULT_HOST
         if not isinstance(host_name, str) or host_name not in self.hosts:
             raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
-        machine = {k: v for k, v in config.items() if k not in ("host", "workload") and v is not None}
+        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
+        machine = {k: v for k, v in config.items() if k not in ("host", "workload", "qemu_args") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -276,24 +283,24 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
-        return host_name, vm_config, workload
+        return host_name, vm_config, workload, qemu_args
 
     async def create(self, config: dict, validate_only: bool = False) -> dict:
         _check_bool("validate_only", validate_only)
         if validate_only:
             try:
-                host_name, vm_config, _ = self._parse_definition(config)
+                host_name, vm_config, _, _ = self._parse_definition(config)
                 if vm_config.name in self.vms:
                     raise ConfigError(f"a VM named {vm_config.name!r} already exists")
                 self.hosts[host_name].check_config(vm_config)
             except MtevmError as e:
                 return {"ok": False, "error": str(e)}
             return {"ok": True, "error": None}
-        host_name, vm_config, workload = self._parse_definition(config)
+        host_name, vm_config, workload, qemu_args = self._parse_definition(config)
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload)
-        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict()))
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
+        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)

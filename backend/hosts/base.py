@@ -24,6 +24,7 @@ class VmSpec:
     config: VirtMachineConfig
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
+    extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
 
 
 class Host(abc.ABC):
@@ -42,6 +43,16 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def check_config(self, config: VirtMachineConfig) -> None:
         """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
+
+    def check_extra_args(self, extra_args) -> list[str]:
+        """Validate a definition's ``qemu_args``; hosts without a QEMU process refuse any."""
+        from backend.errors import ConfigError
+        if extra_args:
+            raise ConfigError(f"qemu_args: host {self.name} is {self.kind}: it runs no QEMU process, so extra "
+                              "QEMU arguments only apply to VMs on the local host")
+        if extra_args is not None and not isinstance(extra_args, (list, tuple)):
+            raise ConfigError("qemu_args must be a list of strings")
+        return []
 
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> "RunningVm":

@@ -23,6 +23,7 @@ from collections import deque
 from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
 from backend.machine import VirtMachineConfig
+from backend.machine.migration import ram_stats
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
 from backend.qemu.qmp import QmpError
@@ -118,6 +119,10 @@ class LocalHost(Host):
             if kvm is not None:
                 kvm.close()
 
+    def check_extra_args(self, extra_args) -> list[str]:
+        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device)."""
+        return validate_extra_args(extra_args)
+
     # ----------------------------------------------------------------------------- VMs
     def _vm_dir(self, spec: VmSpec) -> str:
         if spec.runtime_dir:
@@ -127,10 +132,10 @@ class LocalHost(Host):
         return os.path.join(self.runtime_dir, "vms", spec.config.name)
 
     async def start(self, spec: VmSpec, extra_args: list[str] | None = None) -> "LocalVm":
-        """Boot ``spec`` in a new QEMU. ``extra_args`` (``-object``/``-device`` pairs; also read
-        from ``spec.extra_args`` if the spec has one) go on QEMU's command line."""
+        """Boot ``spec`` in a new QEMU. ``extra_args`` (``-object``/``-device`` pairs; by default
+        ``spec.extra_args``, the definition's qemu_args) go on QEMU's command line."""
         if extra_args is None:
-            extra_args = getattr(spec, "extra_args", None)
+            extra_args = spec.extra_args
         return await self._launch(spec, validate_extra_args(extra_args))
 
     async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
@@ -373,8 +378,7 @@ class LocalVm(RunningVm):
             info = await self.proc.qmp.execute("query-migrate")
             status = info.get("status", "none")
             ram = info.get("ram", {})
-            stats = {"status": status, "ram_total": ram.get("total", 0),
-                     "ram_transferred": ram.get("transferred", 0),
+            stats = {"status": status, **ram_stats(ram),
                      "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
             if status == "completed":
                 break

@@ -23,6 +23,7 @@ from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
 from backend.hosts.workload import TCF_NAMES
 from backend.machine import (MTE_MIGRATION_BLOCKER, MigrationState, RamMigration, RealizedMachine,
                              SimulatedArm64Kvm, VirtMachineConfig, dry_run, probe_simulated, realize)
+from backend.machine.migration import PAGE, ram_stats
 from backend.tagcheck import TagCheckCpu
 
 TICKS_PER_S = 10              # a paced VM's task wakes this often (batches = rate / TICKS_PER_S): each
@@ -77,6 +78,7 @@ class SimHost(Host):
     async def start(self, spec: VmSpec, *, run: bool = True) -> "SimVm":
         """Realize ``spec`` here and start its vCPUs. ``run=False``: no background task (the caller
         steps the VM with ``step``, e.g. for a deterministic number of batches)."""
+        self.check_extra_args(spec.extra_args)    # no QEMU here: extra QEMU arguments are refused
         spec.workload.validate()
         machine = self._realize(spec.config)      # RealizeError: realize has already undone itself
         try:
@@ -265,25 +267,27 @@ class SimVm(RunningVm):
         return vm
 
     async def _copy(self, target: RealizedMachine, copy_tags: bool, progress: ProgressCallback) -> dict:
-        """RamMigration in small chunks with short awaits: about MIGRATION_SECONDS in all."""
-        job = RamMigration(self.machine, target, with_tags=copy_tags)
-        job.chunk_pages = math.ceil(max(len(job.data_pages), len(job.tag_pages), 1) / MIGRATION_STEPS)
-        n_steps = sum(math.ceil(len(p) / job.chunk_pages) for p in (job.data_pages, job.tag_pages, job.tag_pages))
-        ram = self.machine.migration.ram
-        if n_steps == 0:               # nothing written yet: still show the migration happening
-            for i in range(MIGRATION_STEPS):
-                await _report(progress, i / MIGRATION_STEPS, {"status": "active", "ram_total": 0, "ram_transferred": 0})
-                await asyncio.sleep(MIGRATION_SECONDS / MIGRATION_STEPS)
+        """RamMigration over the whole guest RAM in MIGRATION_STEPS slices with short awaits (about
+        MIGRATION_SECONDS in all). Progress and figures are query-migrate's: RAM total = the VM's
+        memory, zero pages count as "duplicate", written ones as "normal"; then tags, then verify."""
+        job = RamMigration(self.machine, target, with_tags=copy_tags, ram_slices=MIGRATION_STEPS)
+        job.chunk_pages = math.ceil(max(len(job.tag_pages), 1) / MIGRATION_STEPS)
+        state = self.machine.migration        # its ram dict is replaced when the migration begins
+        ram_pages = self.machine.ram.size // PAGE
+        tag_units = 2 * len(job.tag_pages)          # copy each tag page, then verify it
+        n_steps = MIGRATION_STEPS + 2 * math.ceil(len(job.tag_pages) / job.chunk_pages)
         steps = job.steps()
         try:
-            for done, total in steps:
-                await _report(progress, 0.99 * done / total, {"status": "active", "ram_total": ram.get("total", 0),
-                                                             "ram_transferred": ram.get("transferred", 0)})
-                await asyncio.sleep(MIGRATION_SECONDS / max(n_steps, 1))
+            for done, _ in steps:
+                ram = state.ram
+                ram_done = (ram["total"] - ram["remaining"]) // PAGE
+                tags_done = max(0, done - len(job.data_pages))
+                await _report(progress, 0.99 * (ram_done + tags_done) / (ram_pages + tag_units),
+                              {"status": "active", **ram_stats(ram)})
+                await asyncio.sleep(MIGRATION_SECONDS / n_steps)
         finally:
             steps.close()             # cancelled midway: the source's status says "cancelled"
-        return {"status": "completed", "ram_total": ram.get("total", 0),
-                "ram_transferred": ram.get("transferred", 0), **job.stats}
+        return {"status": "completed", **ram_stats(state.ram), **job.stats}
 
     def _take_over(self, src: "SimVm") -> None:
         """Carry the source's vCPU state, counters, fault history and workload onto this machine."""

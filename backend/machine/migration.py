@@ -13,6 +13,7 @@ have MTE (the caller decides: see backend.hosts.sim).
 """
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Callable, Iterator
 
@@ -104,6 +105,14 @@ class MigrationState:
             self.ram["mbps"] = round(self.ram["transferred"] * 8 / seconds / 1e6, 3)
 
 
+def ram_stats(ram: dict) -> dict:
+    """A ``query-migrate`` ``ram`` dict (QEMU's, or MigrationState's) as the flat figures mtevm
+    records with a migration: bytes total/transferred/remaining, zero ("duplicate") and normal pages."""
+    return {"ram_total": ram.get("total", 0), "ram_transferred": ram.get("transferred", 0),
+            "ram_remaining": ram.get("remaining", 0), "ram_duplicate": ram.get("duplicate", 0),
+            "ram_normal": ram.get("normal", 0), "ram_page_size": ram.get("page-size", PAGE)}
+
+
 def _machine_has_tags(machine) -> bool:
     return machine.ram is not None and machine.ram.tags is not None
 
@@ -134,7 +143,7 @@ class RamMigration:
     MigrationState goes setup -> active -> completed | failed; ``stats`` holds the figures.
     """
 
-    def __init__(self, src, dst, *, with_tags: bool, chunk_pages: int = 64):
+    def __init__(self, src, dst, *, with_tags: bool, chunk_pages: int = 64, ram_slices: int = 0):
         if src.ram.size != dst.ram.size or src.ram.base != dst.ram.base:
             raise MigrationError(f"destination RAM 0x{dst.ram.base:x}+{dst.ram.size} does not match "
                                  f"source RAM 0x{src.ram.base:x}+{src.ram.size}")
@@ -145,6 +154,7 @@ class RamMigration:
                                  f"has no MTE tag storage")
         self.src, self.dst, self.with_tags = src, dst, with_tags
         self.chunk_pages = max(1, chunk_pages)
+        self.ram_slices = ram_slices   # > 0: the RAM phase yields after each 1/ram_slices of guest RAM
         self.data_pages = sorted(src.ram.pages())
         self.tag_pages = sorted(src.ram.tags.pages()) if with_tags else []
         # Units of work: copy each data page, copy each tag page, verify each tag page.
@@ -161,7 +171,7 @@ class RamMigration:
         state = self.src.migration
         if state.running:
             raise MigrationError("There's a migration process in progress")
-        state.begin(len(self.data_pages) * PAGE)
+        state.begin(self.src.ram.size)
         started = time.monotonic()
         try:
             state.status = "active"
@@ -190,20 +200,56 @@ class RamMigration:
             yield pages[i:i + self.chunk_pages]
 
     def _copy_data(self, state: MigrationState) -> Iterator[tuple[int, int]]:
+        """Walk guest RAM in address order as QEMU's RAM migration does. A page never written is
+        zero and, as in QEMU, counts as a "duplicate" (zero) page that is not sent; a written page
+        is sent ("normal") unless it is all zeros. ``transferred`` is the bytes of normal pages
+        sent, so at completion transferred + duplicate * page-size == total."""
+        ram = self.src.ram
         done = 0
-        for chunk in self._chunks(self.data_pages):
+        walked = ram.base               # RAM below this address is accounted for
+
+        def account(upto: int) -> None:
+            nonlocal walked
+            state.ram["duplicate"] += (upto - walked) // PAGE
+            walked = upto
+
+        def send(chunk: list[int]) -> None:
+            nonlocal walked
             for addr in chunk:
-                data = self.src.ram.read(addr, PAGE)
+                account(addr)
+                data = ram.read(addr, PAGE)
                 self.dst.ram.write(addr, data)
                 if data.count(0) == PAGE:
                     state.ram["duplicate"] += 1
                 else:
                     state.ram["normal"] += 1
                     state.ram["normal-bytes"] += PAGE
-            done += len(chunk)
-            state.ram["transferred"] = done * PAGE
-            state.ram["remaining"] = state.ram["total"] - done * PAGE
-            yield done, self.total
+                walked = addr + PAGE
+
+        def report() -> None:
+            state.ram["transferred"] = state.ram["normal-bytes"]
+            state.ram["remaining"] = ram.base + ram.size - walked
+
+        if self.ram_slices > 0:
+            end = ram.base
+            i = 0
+            for s in range(1, self.ram_slices + 1):
+                end = ram.base + (ram.size // PAGE * s // self.ram_slices) * PAGE
+                j = bisect.bisect_left(self.data_pages, end, lo=i)
+                send(self.data_pages[i:j])
+                done += j - i
+                i = j
+                account(end)
+                report()
+                yield done, self.total
+        else:
+            for chunk in self._chunks(self.data_pages):
+                send(chunk)
+                done += len(chunk)
+                report()
+                yield done, self.total
+        account(ram.base + ram.size)
+        report()
 
     def _copy_tags(self) -> Iterator[tuple[int, int]]:
         done = len(self.data_pages)

@@ -263,11 +263,11 @@ class QemuProcess:
             self.returncode = self._popen.wait()
             return
         try:   # a reattached QEMU may still be our child (same process, new driver object)
-            _, status = os.waitpid(self.pid, os.WNOHANG)
-            if status:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
-            pass
+            pass   # another process's child (an earlier daemon started it): its status is lost
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -286,7 +286,8 @@ class QemuProcess:
         """How QEMU ended, in words (for a crashed VM)."""
         rc = self.returncode
         if rc is None:
-            return "QEMU exited"
+            # Only a parent learns the exit status; a QEMU reattached from an earlier daemon is not ours.
+            return f"QEMU (pid {self.pid}) exited while reattached; its exit status is unknown"
         if rc < 0:
             return f"QEMU was killed by {signal.Signals(-rc).name}"
         return f"QEMU exited with status {rc}"
