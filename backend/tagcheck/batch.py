@@ -82,11 +82,21 @@ def as_batch(ptrs, sizes, is_store) -> tuple[np.ndarray, np.ndarray | int, np.nd
     return ptrs, sizes, is_store
 
 
-def _pick(values, fi: np.ndarray, dtype) -> np.ndarray:
-    """``values[fi]``, where a scalar stands for the same value at every position."""
+def _pick_into(values, fi: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``values[fi]`` into ``out``, where a scalar stands for the same value at every position."""
     if isinstance(values, np.ndarray):
-        return values[fi].astype(dtype, copy=False)
-    return np.full(len(fi), values, dtype=dtype)
+        return np.take(values, fi, out=out, mode="clip")
+    out.fill(values)
+    return out
+
+
+def _fault_arrays(k: int) -> SimpleNamespace:
+    """Fresh arrays for the fields of k faults, views of one buffer (see the module docstring)."""
+    buf = np.empty(28 * k, np.uint8)
+    wide = buf[:24 * k].view(np.int64)
+    return SimpleNamespace(index=wide[:k], addr=wide[k:2 * k].view(np.uint64), size=wide[2 * k:],
+                           kind=buf[24 * k:25 * k], ptr_tag=buf[25 * k:26 * k],
+                           mem_tag=buf[26 * k:27 * k], is_store=buf[27 * k:].view(bool))
 
 
 def _raise_outside(ptrs: np.ndarray, sizes, base: int, size: int) -> None:
@@ -239,24 +249,36 @@ class BatchChecker:
         else:
             granule = self._later_granules(off, sizes, w.ptag, w.mem, w.fail)
 
-        fi = np.flatnonzero(w.fail)
-        if tcf == TCF.SYNC:
-            kind = np.full(len(fi), SYNC, dtype=np.uint8)
-        elif tcf == TCF.ASYNC:
-            kind = np.full(len(fi), ASYNC, dtype=np.uint8)
-        else:                                          # ASYMM: loads sync, stores async
-            kind = _pick(is_store, fi, np.uint8)
-        fptrs = ptrs[fi]
-        n_async = int(np.count_nonzero(kind))
+        return self._result(ptrs, sizes, is_store, tcf, w.fail, w.mem, granule, index, n)
+
+    @staticmethod
+    def _result(ptrs, sizes, is_store, tcf: TCF, fail, mem, granule, index, n: int) -> tuple[BatchResult, int]:
+        """The BatchResult of the checked accesses ``ptrs`` (positions ``index`` in a batch of n;
+        None: all of it) that ``fail`` with memory tags ``mem`` on granule ``granule`` (None:
+        all on their first), and the TFSR bits their async faults set."""
+        fi = np.flatnonzero(fail)
+        f = _fault_arrays(len(fi))
+        if index is None:
+            np.copyto(f.index, fi)
+        else:
+            _pick_into(index, fi, f.index)
+        _pick_into(is_store, fi, f.is_store)
+        if tcf == TCF.ASYMM:                           # loads sync, stores async
+            np.copyto(f.kind, f.is_store)
+        else:
+            f.kind.fill(ASYNC if tcf == TCF.ASYNC else SYNC)
+        np.take(ptrs, fi, out=f.addr, mode="clip")     # the pointers, made FARs in place below
+        ptr_tags_array(f.addr, out=f.ptr_tag)
+        n_async = int(np.count_nonzero(f.kind))
         tfsr = 0
         if n_async:
-            halves = halves_array(fptrs if n_async == len(fi) else fptrs[kind == ASYNC])
+            halves = halves_array(f.addr if n_async == len(fi) else f.addr[f.kind == ASYNC])
             tfsr = (1 if (halves == 0).any() else 0) | (2 if halves.any() else 0)
+        fault_address_array(f.addr, None if granule is None else granule[fi], out=f.addr)
+        np.take(mem, fi, out=f.mem_tag, mode="clip")
+        _pick_into(sizes, fi, f.size)
         result = BatchResult(
             checked=len(ptrs), unchecked=n - len(ptrs), sync_faults=len(fi) - n_async, async_faults=n_async,
-            fault_index=fi if index is None else index[fi],
-            fault_addr=fault_address_array(fptrs, None if granule is None else granule[fi]),
-            fault_kind=kind, fault_ptr_tag=ptr_tags_array(fptrs),
-            fault_mem_tag=w.mem[fi], fault_is_store=_pick(is_store, fi, bool),
-            fault_size=_pick(sizes, fi, np.int64))
+            fault_index=f.index, fault_addr=f.addr, fault_kind=f.kind, fault_ptr_tag=f.ptr_tag,
+            fault_mem_tag=f.mem_tag, fault_is_store=f.is_store, fault_size=f.size)
         return result, tfsr

@@ -127,12 +127,13 @@ def choose_nonexcluded_tags(tags: np.ndarray, exclude: np.ndarray) -> np.ndarray
     return np.where(exclude == 0xFFFF, 0, (tags + step) & 0xF).astype(np.uint8)
 
 
-def fault_address_array(ptrs: np.ndarray, granule: np.ndarray | None) -> np.ndarray:
+def fault_address_array(ptrs: np.ndarray, granule: np.ndarray | None,
+                        out: np.ndarray | None = None) -> np.ndarray:
     """``fault_address`` for arrays of pointers and first-mismatch granule numbers (None: all 0),
-    in whole-array steps (no subset: most faults of unaligned accesses are on a later granule).
-    The pointers are of accesses inside RAM (below 2^48), so stepping to a later granule never
-    carries out of bit 55."""
-    far = np.bitwise_and(ptrs, np.uint64(LOW60))
+    in whole-array steps (no subset: most faults of unaligned accesses are on a later granule);
+    ``out`` may be ``ptrs``. The pointers are of accesses inside RAM (below 2^48), so stepping
+    to a later granule never carries out of bit 55."""
+    far = np.bitwise_and(ptrs, np.uint64(LOW60), out=out)
     if granule is None:
         return far
     step = granule.astype(np.uint64)
