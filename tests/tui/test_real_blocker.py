@@ -1,0 +1,50 @@
+"""The app on a real QEMU VM whose ivshmem device blocks migration: the user reads QEMU's own
+blocker text on the VM's detail screen and, after trying to migrate, in the migrations screen.
+
+The app runs on the real in-process service (tests/tui/conftest.py) with the real ``local`` host:
+a real qemu-system-aarch64 process, stopped by the test and checked gone by PID at the end.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backend.qemu.driver import kill_strays
+from tests.tui.pilot_helpers import create_vm, migrate_via_dialog, open_detail, screen_text, started, wait_for
+
+pytestmark = pytest.mark.qemu
+IVSHMEM_BLOCKER = "Migration is disabled when using feature 'peer mode' in device 'ivshmem'"
+SIZE = (160, 50)     # wide enough that the blocker text is on one line
+
+
+@pytest.fixture
+async def shm_args(tmp_path):
+    path = f"/dev/shm/mtevm-test-{os.getpid()}-{tmp_path.name}"
+    yield ["-object", f"memory-backend-file,id=shm,mem-path={path},size=1M,share=on",
+           "-device", "ivshmem-plain,memdev=shm"]
+    left = await kill_strays(str(tmp_path))
+    if os.path.exists(path):
+        os.unlink(path)
+    assert left == [], f"the test left QEMU processes running: {left}"
+
+
+async def test_a_real_qemu_blocker_is_shown_verbatim(make_app, shm_args):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "shared", host="local", vcpus=1, memory="128M", qemu_args=shm_args, start=True)
+        try:
+            await open_detail(pilot, app)
+            await wait_for(pilot, lambda: IVSHMEM_BLOCKER in screen_text(app), "the blocker on the detail screen")
+            # The dialog offers the other hosts only; the service asks QEMU for blocked-reasons before
+            # anything else, so QEMU's blocker is what refuses the attempt whatever the destination.
+            table = await migrate_via_dialog(pilot, app, "sim-mte")
+            await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
+            row = [str(c) for c in table.get_row_at(0)]
+            assert row[1] == "shared" and row[4] == "blocked"
+            await wait_for(pilot, lambda: f"reason: {IVSHMEM_BLOCKER}" in screen_text(app),
+                           "the blocker as the migration's reason")
+            assert (await app.client.show("shared"))["state"] == "running"
+        finally:
+            await app.client.stop("shared")
