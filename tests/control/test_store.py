@@ -148,3 +148,44 @@ def test_every_acknowledged_definition_survives_kill_9(tmp_path):
     names = {r.name for r in s.load_vms()}
     s.close()
     assert set(acknowledged) <= names
+
+
+# The vms table as mtevm wrote it with schema version 1 (before qemu_args), verbatim.
+_V1_SCHEMA = """
+CREATE TABLE vms (name TEXT PRIMARY KEY, host TEXT NOT NULL, config TEXT NOT NULL, workload TEXT NOT NULL,
+                  state TEXT NOT NULL DEFAULT 'stopped', last_error TEXT, created REAL NOT NULL);
+CREATE TABLE pending (vm TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE, key TEXT NOT NULL,
+                      value TEXT NOT NULL, PRIMARY KEY (vm, key));
+CREATE TABLE runtime (vm TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE, info TEXT NOT NULL);
+CREATE TABLE migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, src TEXT NOT NULL,
+                         dst TEXT NOT NULL, with_tags INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
+                         progress REAL NOT NULL DEFAULT 0, started REAL NOT NULL, finished REAL,
+                         stats TEXT NOT NULL DEFAULT '{}');
+PRAGMA user_version=1;
+"""
+
+
+def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
+    """A store written before qemu_args existed: its VMs, pending changes and history are kept and
+    its VMs get no extra QEMU arguments; new VMs can carry them."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.execute("INSERT INTO vms VALUES ('old', 'sim-mte', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0)")
+    db.execute("INSERT INTO pending VALUES ('old', 'mte', 'false')")
+    db.execute("INSERT INTO migrations (vm, src, dst, with_tags, state, reason, started) "
+               "VALUES ('old', 'sim-mte', 'sim-nomte', 0, 'blocked', 'why', 2.0)")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    [old] = s.load_vms()
+    assert (old.name, old.config, old.pending, old.qemu_args) == ("old", {"name": "old"}, {"mte": False}, [])
+    assert [m["reason"] for m in s.load_migrations()] == ["why"]
+    s.add_vm(VmRow("new", "local", {"name": "new"}, {}, qemu_args=["-device", "ivshmem-plain,memdev=shm"]))
+    s.close()
+    s = Store(str(path))
+    assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
