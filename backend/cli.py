@@ -2,8 +2,10 @@
 
 Every command is a thin client of backend.client (the daemon, started on demand, or the Service
 in-process with ``--no-daemon``). Listings print rich tables, or JSON with ``--json``; errors go to
-stderr as ``mtevm: error: <message>`` (QEMU's own text where QEMU has one) so stdout stays
-parseable. Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input.
+stderr as one ``mtevm: error: <message>`` line (QEMU's own text where QEMU has one; usage errors
+too) so stdout stays parseable. Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad
+input, 141 stdout's reader went away (``mtevm list --json | head``: no traceback, as a shell
+reports a writer stopped by SIGPIPE).
 """
 from __future__ import annotations
 

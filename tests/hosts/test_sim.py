@@ -324,3 +324,14 @@ async def test_async_progress_callbacks_are_awaited(hosts):
 
     await src.migrate_to(hosts["sim-nomte"], src.spec, False, progress)
     assert calls and calls[-1] == 1.0
+
+
+async def test_a_simulated_host_refuses_extra_qemu_arguments(hosts):
+    """There is no QEMU process on a simulated host to pass them to: a clear error, nothing started."""
+    host = hosts["sim-mte"]
+    s = spec()
+    s.extra_args = ["-device", "ivshmem-plain,memdev=shm"]
+    with pytest.raises(ConfigError, match=r"^qemu_args: host sim-mte is simulated: it runs no QEMU process"):
+        await host.start(s)
+    assert host.vms == set()
+    assert host.check_extra_args([]) == [] and host.check_extra_args(None) == []
