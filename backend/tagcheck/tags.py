@@ -63,6 +63,7 @@ class TagMemory:
         self._rows = n_chunks + 1 if self._dense else 1
         self._table = np.zeros(self._rows * CHUNK_PAGES, dtype=np.int64)   # row 0: the untouched chunk
         self._dense_table = self._table[CHUNK_PAGES:]      # dense: page p's block is at [p]
+        self._row_used = np.zeros(n_chunks if self._dense else 0, dtype=bool)   # dense rows written
         self._blocks = np.zeros(TAG_BYTES_PER_PAGE, dtype=np.uint8)   # block 0: all tags 0
         self._n_blocks = 1
 
@@ -73,7 +74,12 @@ class TagMemory:
 
     @property
     def bytes_used(self) -> int:
-        return self._dir.nbytes + self._table.nbytes + self._blocks.nbytes
+        """Bytes of memory these tags occupy. The dense index is allocated zeroed (calloc: the
+        kernel maps its 4 KiB rows on first write), so only rows that hold a tagged page count."""
+        table = self._table.nbytes
+        if self._dense:
+            table = (1 + int(np.count_nonzero(self._row_used))) * CHUNK_PAGES * self._table.itemsize
+        return self._dir.nbytes + table + self._blocks.nbytes
 
     def pages(self) -> Iterator[int]:
         """Addresses of the pages that hold tags, ascending (what a migration must copy)."""
@@ -103,6 +109,8 @@ class TagMemory:
         fresh = blocks == 0
         if fresh.any():
             missing = np.unique(slots[fresh])
+            if self._dense:
+                self._row_used[(missing // CHUNK_PAGES) - 1] = True
             self._blocks = _grown(self._blocks, self._n_blocks + len(missing), TAG_BYTES_PER_PAGE)
             self._table[missing] = np.arange(self._n_blocks, self._n_blocks + len(missing))
             self._n_blocks += len(missing)
