@@ -95,17 +95,20 @@ class MtevmApp(App):
         self.broadcast(ModelRefreshed())
 
     def broadcast(self, message) -> None:
-        """Give a live-update message to every screen of the current stack (top first)."""
-        for screen in reversed(self.screen_stack):
-            screen.post_message(message)
+        """Give a live-update message to the screen the user sees.
+
+        Only that one: Textual repaints, on the top screen, every region that changes on the
+        screen beneath it, so updating a hidden VM list would resend the whole terminal each
+        tick. Screens catch up from the model when they are shown again (on_screen_resume).
+        """
+        self.screen.post_message(message)
         if not isinstance(message, CountersSampled):      # the VM count may have changed
             self.refresh_status()
 
     def refresh_status(self) -> None:
         """Redraw the status lines now (VM count or rate changed) rather than at their next tick."""
-        for screen in self.screen_stack:
-            for bar in screen.query(StatusBar):
-                bar.tick()
+        for bar in self.screen.query(StatusBar):
+            bar.tick()
 
     @work(exclusive=True, group="events", exit_on_error=False)
     async def follow_events(self) -> None:

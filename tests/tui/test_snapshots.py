@@ -15,7 +15,7 @@ from textual.widgets import Input
 from backend.client import connect
 from backend.errors import MigrationError
 from backend.hosts.sim import SimHost
-from tests.tui.pilot_helpers import wait_for
+from tests.tui.pilot_helpers import screen_text, wait_for
 from tui.app import MtevmApp
 
 SIZES = [(80, 24), (160, 50)]
@@ -68,7 +68,8 @@ async def fleet(pilot, hosts) -> None:
     await c.set_mte("web2", False)
     step_all(hosts, 2000)
     await app.refresh_model()
-    await wait_for(pilot, lambda: app.screen.rows.keys == ["db1", "tcg1", "web1", "web2"], "the fleet listed")
+    await wait_for(pilot, lambda: app.screen.rows.keys == ["db1", "tcg1", "web1", "web2"]
+                   and "sim-nomte" in screen_text(app), "the fleet listed, columns sized")
 
 
 async def one_buggy_vm(pilot, hosts) -> None:
@@ -78,7 +79,8 @@ async def one_buggy_vm(pilot, hosts) -> None:
     await app.client.start("web1")
     step_all(hosts, 4000)
     await app.refresh_model()
-    await wait_for(pilot, lambda: app.screen.rows.keys == ["web1"], "web1 listed")
+    await wait_for(pilot, lambda: app.screen.rows.keys == ["web1"] and "running" in screen_text(app),
+                   "web1 listed, columns sized")
 
 
 def scenario(name):

@@ -7,7 +7,7 @@ from textual.widgets import DataTable, Header, Static
 
 from tui import format as fmt
 from tui import keymap
-from tui.components.live_table import LiveRows
+from tui.components.live_table import LiveDataTable, LiveRows
 from tui.components.status import screen_bottom
 from tui.live import ModelRefreshed, MigrationChanged
 
@@ -50,15 +50,13 @@ class MigrationsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
-        table = DataTable(id="migration-table", cursor_type="row", zebra_stripes=True)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        table = LiveDataTable(id="migration-table", cursor_type="row", zebra_stripes=True)
         yield table
         yield Static("", id="migration-detail")
         yield from screen_bottom()
 
     def on_mount(self) -> None:
-        self.rows = LiveRows(self.query_one("#migration-table", DataTable), [key for key, _ in COLUMNS])
+        self.rows = LiveRows(self.query_one("#migration-table", DataTable), COLUMNS, {"state": len("completed")})
         self.query_one("#migration-table").focus()
         self.sync_rows()
 

@@ -60,6 +60,8 @@ class VmDetailScreen(VmActions, Screen):
         self.vm_name = name
         self.detail: dict | None = None
         self.faults: list[dict] = []
+        self._last_summary: dict | None = None
+        self._config_text = ""
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -77,7 +79,8 @@ class VmDetailScreen(VmActions, Screen):
         self.reload()
 
     def on_screen_resume(self) -> None:
-        self.show_sample()
+        if self.detail is not None:
+            self.reload()          # catch up: live messages only go to the visible screen
 
     def target_vms(self) -> list[str]:
         return [self.vm_name]
@@ -88,13 +91,17 @@ class VmDetailScreen(VmActions, Screen):
         try:
             vm = await self.app.client.show(self.vm_name)
         except NotFoundError:
-            self.query_one("#vm-config", Static).update(f"VM {self.vm_name!r} no longer exists")
+            self.app.notify(f"VM {self.vm_name!r} no longer exists")
+            self.dismiss()
             return
         except MtevmError as e:
             self.app.notify(str(e), severity="error")
             return
         self.detail = vm
-        self.query_one("#vm-config", Static).update(describe(vm))
+        text = describe(vm)
+        if text != self._config_text:          # a Static update means a new layout: only on change
+            self._config_text = text
+            self.query_one("#vm-config", Static).update(text)
         self.query_one(VcpuTable).set_vcpus(vm.get("vcpus", []))
         self.merge_faults(vm.get("last_faults", []))
         live = self.app.model.live.get(self.vm_name)
@@ -123,7 +130,13 @@ class VmDetailScreen(VmActions, Screen):
             self.show_sample()
 
     def on_vm_changed(self, message: VmChanged) -> None:
-        if message.summary.get("name") == self.vm_name:
+        """Fetch the definition again, unless only the faults/s figure moved (the daemon says so
+        every second; this screen computes its own rates from the samples)."""
+        if message.summary.get("name") != self.vm_name:
+            return
+        summary = {k: v for k, v in message.summary.items() if k != "faults_per_s"}
+        if summary != self._last_summary:
+            self._last_summary = summary
             self.reload()
 
     def on_vm_deleted(self, message: VmDeleted) -> None:

@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Header, Input, Static
 
 from tui import format as fmt
 from tui import keymap
-from tui.components.live_table import LiveRows
+from tui.components.live_table import LiveDataTable, LiveRows
 from tui.components.status import screen_bottom
 from tui.live import ModelRefreshed, CountersSampled, VmChanged, VmDeleted
 from tui.screens.vm_actions import VmActions
@@ -43,15 +43,14 @@ class VmListScreen(VmActions, Screen):
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
         yield Input(placeholder="filter: name, host or state (enter to keep, esc to clear)", id="filter")
-        table = DataTable(id="vms", cursor_type="row", zebra_stripes=True)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        table = LiveDataTable(id="vms", cursor_type="row", zebra_stripes=True)
         yield table
         yield Static("", id="list-hint")
         yield from screen_bottom()
 
     def on_mount(self) -> None:
-        self.rows = LiveRows(self.query_one("#vms", DataTable), [key for key, _ in COLUMNS])
+        self.rows = LiveRows(self.query_one("#vms", DataTable), COLUMNS,
+                             {"state": len("migrating"), "mte": len("on→off"), "faults": 6})
         self.query_one("#filter").display = False
         self.sync_rows()
         self.query_one("#vms").focus()
