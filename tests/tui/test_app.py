@@ -241,3 +241,25 @@ async def test_refresh_rate_keys(make_app):
         assert app.rate_hz == 0.5                 # never below the slowest rate
         with pytest.raises(ConfigError):
             app.set_rate(100)
+
+
+async def test_only_the_visible_screen_is_updated_live(make_app):
+    """Textual repaints a hidden screen's changes through the visible one: the VM list must stay
+    still while the detail is open, and catch up when it is shown again."""
+    app = make_app(rate_hz=10)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True, workload={"uaf_rate": 0.05})
+        vm_list = app.screen
+        await wait_for(pilot, lambda: vm_list.rows.keys == ["web1"], "web1 listed")
+        detail = await open_detail(pilot, app)
+        before = vm_list.rows.cell_updates
+        total = detail.query_one("#vcpus").total
+        seen = total.cells["checked"].updates
+        await wait_for(pilot, lambda: total.cells["checked"].updates >= seen + 3, "three samples on the detail")
+        assert vm_list.rows.cell_updates == before
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is vm_list, "back on the list")
+        live = app.model.live["web1"].vm_rates.faults_per_s
+        assert vm_list.row_values(app.model.vms["web1"])["faults"] == vm_list.rows._cells[("web1", "faults")]
+        assert live > 0
