@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import re
 import select
 import signal
 import struct
@@ -23,10 +24,11 @@ import pytest
 WAIT = 30.0      # an upper bound for a hang, not a speed goal
 
 
-def spawn_app(tmp_path, *app_args: str):
+def spawn_app(tmp_path, *app_args: str, term: str = "xterm-256color"):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "MTEVM_CONFIG": str(tmp_path / "none.toml")}
+    env = {**os.environ, "TERM": term, "MTEVM_CONFIG": str(tmp_path / "none.toml")}
+    env.pop("COLORTERM", None)
     env.pop("CI", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tui", *app_args],
@@ -51,12 +53,12 @@ def read_until(master: int, needle: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def running_app(tmp_path, *app_args: str, shows: bytes = b"UTC"):
-    """The app in a pty, once it has drawn ``shows`` (default: its status line)."""
-    proc, master = spawn_app(tmp_path, *app_args)
+def running_app(tmp_path, *app_args: str, shows: bytes = b"UTC", term: str = "xterm-256color"):
+    """The app in a pty, once it has drawn ``shows`` (default: its status line); yields what it wrote."""
+    proc, master = spawn_app(tmp_path, *app_args, term=term)
     try:
-        read_until(master, shows)
-        yield proc, master
+        drawn = read_until(master, shows)
+        yield proc, master, drawn
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -70,8 +72,8 @@ def running_app(tmp_path, *app_args: str, shows: bytes = b"UTC"):
 @pytest.fixture
 def app_process(tmp_path):
     with running_app(tmp_path, "--no-daemon", "--state-dir", str(tmp_path / "state"),
-                     "--runtime-dir", str(tmp_path / "run")) as proc_master:
-        yield proc_master
+                     "--runtime-dir", str(tmp_path / "run")) as (proc, master, _drawn):
+        yield proc, master
 
 
 def wait_exit(proc) -> int:
@@ -99,7 +101,7 @@ async def test_vms_keep_running_in_the_daemon_when_the_ssh_terminal_drops(tmp_pa
                              start_daemon=False) as client:
         await client.create({"name": "web1", "host": "sim-mte"})
         await client.start("web1")
-        with running_app(tmp_path, shows=b"running") as (proc, master):   # web1 listed as running
+        with running_app(tmp_path, shows=b"running") as (proc, master, _):   # web1 listed as running
             os.close(master)
             assert wait_exit(proc) == 0
         assert (await client.show("web1"))["state"] == "running"
@@ -123,3 +125,12 @@ async def test_quitting_the_app_leaves_vms_running_in_the_daemon(mtevm_paths, mt
     async with await connect(runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir,
                              start_daemon=False) as client:
         assert (await client.show("web1"))["state"] == "running"
+
+
+def test_linux_console_gets_only_the_16_ansi_colours(tmp_path):
+    """TERM=linux: the app picks the ANSI theme by itself; no 256-colour or RGB escape is written."""
+    with running_app(tmp_path, "--no-daemon", "--state-dir", str(tmp_path / "state"), "--runtime-dir",
+                     str(tmp_path / "run"), term="linux") as (proc, master, drawn):
+        drawn += read_until(master, b"quit")               # the footer: the whole screen is drawn
+    assert b"\x1b[" in drawn
+    assert not re.search(rb"\x1b\[[0-9;]*[34]8;[25];", drawn), "256-colour or RGB escapes on a 16-colour console"
