@@ -168,3 +168,34 @@ async def test_probe_screen_shows_the_real_kvm_api_version_and_mte_cap(make_app)
         await pilot.press(*["down"] * [h["name"] for h in app.screen.hosts].index("local"))
         await wait_for(pilot, lambda: "probe of local" in screen_text(app), "the local probe")
         assert expected in screen_text(app)
+
+
+async def test_migrating_an_mte_vm_to_its_own_host_with_tags_completes(make_app):
+    # Like QEMU to localhost: the dialog offers the VM's own host; on a simulated host the daemon
+    # re-realizes the machine and copies RAM and tags (KVM_ARM_MTE_COPY_TAGS), lifting the MTE blocker.
+    app = make_app()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                       app.screen.query_one("#destinations").option_count > 0, "the destinations")
+        options = app.screen.query_one("#destinations")
+        names = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert names[-1] == "sim-mte" and "same host" in str(options.get_option_at_index(len(names) - 1).prompt)
+        await pilot.press(*["down"] * (len(names) - 1), "tab", "space")     # own host, tick "copy MTE tags"
+        assert app.screen.query_one("#with-tags").value
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.screen.id == "migrations", "the migrations screen")
+        table = app.screen.query_one("#migration-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1 and str(table.get_row_at(0)[4]) == "completed",
+                       f"the migration completed ({app.model.migrations})")
+        row = [str(c) for c in table.get_row_at(0)]
+        assert row[1:4] == ["web1", "sim-mte → sim-mte", "yes"]
+        text = screen_text(app)
+        assert "RAM: total 256M, transferred" in text
+        tag_pages = app.model.migrations[1]["stats"]["tag_pages"]
+        assert tag_pages > 0 and f"({tag_pages} tagged pages copied, {tag_pages * 256} granule tags verified)" in text
+        vm = await app.client.show("web1")
+        assert (vm["host"], vm["state"]) == ("sim-mte", "running")
+        await app.client.stop("web1")

@@ -1,6 +1,10 @@
 """Choose where a VM goes. The daemon decides: a blocked migration comes back with QEMU's reason
 (e.g. "Live migration disabled due to MTE enabled") and is recorded; the app then shows the
-migrations screen, where every attempt is listed with its outcome."""
+migrations screen, where every attempt is listed with its outcome.
+
+The VM's own host is offered too (last, marked "same host"): like QEMU migrating to localhost,
+the daemon runs a real migration within a host (a second QEMU on ``local``; a re-realize plus
+RAM/tag copy on a simulated host)."""
 from __future__ import annotations
 
 from textual import work
@@ -49,10 +53,11 @@ class MigrateScreen(ModalScreen[None]):
     async def load_hosts(self) -> None:
         hosts = await self.app.client.hosts()
         options = self.query_one(OptionList)
-        for h in hosts:
-            if h["name"] != self.vm.get("host"):
-                note = "" if h.get("available", True) else f" (unavailable: {h.get('reason')})"
-                options.add_option(Option(f"{h['name']}  {h.get('description', '')}{note}", id=h["name"]))
+        own = self.vm.get("host")
+        for h in sorted(hosts, key=lambda h: h["name"] == own):      # other hosts first, the own one last
+            note = "" if h.get("available", True) else f" (unavailable: {h.get('reason')})"
+            same = "  (same host)" if h["name"] == own else ""
+            options.add_option(Option(f"{h['name']}{same}  {h.get('description', '')}{note}", id=h["name"]))
         if options.option_count:
             options.highlighted = 0
 

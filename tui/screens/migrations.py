@@ -30,16 +30,33 @@ def explain(m: dict) -> str:
     if m.get("reason"):
         text += f"\nreason: {m['reason']}"
     stats = m.get("stats") or {}
-    moved = [f"{stats[k]} {label}" for k, label in (("pages", "RAM pages"), ("tag_pages", "tagged pages"))
-             if stats.get(k)]
-    if stats.get("bytes"):
-        moved.append(fmt.size(stats["bytes"]))
-    if moved:
-        text += "\nmoved " + ", ".join(moved)
+    if "ram_total" in stats:
+        text += "\n" + ram_figures(stats)
+    else:          # a record without query-migrate's figures: what was moved
+        moved = [f"{stats[k]} {label}" for k, label in (("pages", "RAM pages"), ("tag_pages", "tagged pages"))
+                 if stats.get(k)]
+        if stats.get("bytes"):
+            moved.append(fmt.size(stats["bytes"]))
+        if moved:
+            text += "\nmoved " + ", ".join(moved)
+    counts = ""
+    if m.get("with_tags") and (stats.get("tag_pages") or stats.get("tags_verified")):
+        counts = (f"{stats.get('tag_pages', 0)} tagged pages copied, "
+                  f"{stats.get('tags_verified', 0)} granule tags verified")
     if stats.get("tags") and m.get("state") == "completed":
-        text += f"\ntags: {stats['tags']}"
+        text += f"\ntags: {stats['tags']}" + (f" ({counts})" if counts else "")
+    elif counts:
+        text += f"\ntags: {counts}"
     return text
 
+
+def ram_figures(stats: dict) -> str:
+    """The RAM figures as ``info migrate`` words them: sizes in bytes, zero ("duplicate") pages
+    counted but not sent, normal pages sent."""
+    return (f"RAM: total {fmt.size(stats['ram_total'])}, transferred {fmt.size(stats.get('ram_transferred', 0))}, "
+            f"remaining {fmt.size(stats.get('ram_remaining', 0))}; "
+            f"duplicate {stats.get('ram_duplicate', 0)} pages, normal {stats.get('ram_normal', 0)} pages "
+            f"of {fmt.size(stats.get('ram_page_size', 4096))}")
 
 class MigrationsScreen(Screen):
     BINDINGS = keymap.bindings(keymap.BACK_KEYS)
