@@ -57,11 +57,16 @@ FORM_KEYS = [
     KeySpec("form_submit", "ctrl+s", "submit", "save", "Create the VM / apply the form"),
 ]
 
+CONFIRM_KEYS = [   # the yes/no question before stop and delete
+    KeySpec("confirm_yes", "y", "answer(True)", "yes", "Answer yes to a stop/delete question"),
+    KeySpec("confirm_no", "n,escape", "answer(False)", "no", "Answer no to a stop/delete question"),
+]
+
 BACK_KEYS = [
     KeySpec("back", "escape", "back", "back", "Go back"),
 ]
 
-ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + LIST_KEYS + FORM_KEYS + BACK_KEYS
+ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + LIST_KEYS + FORM_KEYS + CONFIRM_KEYS + BACK_KEYS
 BINDING_IDS = frozenset(k.id for k in ALL_KEYS)
 
 

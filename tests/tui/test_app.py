@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 from rich.color import ColorType
-from textual.widgets import DataTable
+from textual.widgets import Button, DataTable
 
 from backend.config import UserConfig
 from backend.errors import ConfigError
@@ -263,3 +263,20 @@ async def test_only_the_visible_screen_is_updated_live(make_app):
         live = app.model.live["web1"].vm_rates.faults_per_s
         assert vm_list.row_values(app.model.vms["web1"])["faults"] == vm_list.rows._cells[("web1", "faults")]
         assert live > 0
+
+
+async def test_a_remapped_confirm_yes_answers_the_stop_question(make_app):
+    app = make_app(config=UserConfig(keymap={"confirm_yes": "j"}))
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", start=True)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the stop question")
+        assert "Stop (j)" in str(app.screen.query_one("#yes", Button).label)
+        await pilot.press("y")                        # the old key no longer answers
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        assert (await app.client.show("web1"))["state"] == "running"
+        await pilot.press("j")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the question answered")
+        await wait_for(pilot, lambda: app.model.vms["web1"]["state"] == "stopped", "web1 stopped")

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from tui import keymap
+
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Dismisses with True only on "y" / the Yes button; esc, "n" and No all cancel."""
+    """Dismisses with True only on confirm_yes ("y") / the Yes button; confirm_no (esc, "n") and No
+    cancel. The keys come from the key table, so a [keymap] remapping changes them and the buttons."""
 
-    BINDINGS = [
-        Binding("y", "answer(True)", "yes", id="confirm_yes"),
-        Binding("n,escape", "answer(False)", "no", id="confirm_no"),
-    ]
+    BINDINGS = keymap.bindings(keymap.CONFIRM_KEYS)
 
     def __init__(self, question: str, yes_label: str = "Yes") -> None:
         super().__init__(classes="dialog-screen")
@@ -25,8 +24,13 @@ class ConfirmScreen(ModalScreen[bool]):
         with Vertical(classes="dialog"):
             yield Static(self.question, id="question")
             with Horizontal(classes="buttons"):
-                yield Button(f"{self.yes_label} (y)", id="yes", variant="error")
-                yield Button("No (n)", id="no")
+                yield Button(f"{self.yes_label} ({self._key('confirm_yes')})", id="yes", variant="error")
+                yield Button(f"No ({self._key('confirm_no')})", id="no")
+
+    def _key(self, binding_id: str) -> str:
+        """The first key the user has for ``binding_id`` (after remapping), for the button label."""
+        spec = next(k for k in keymap.CONFIRM_KEYS if k.id == binding_id)
+        return keymap.display_key(spec, getattr(self.app, "user_keymap", {})).split(", ")[0]
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()     # the safe choice has the focus

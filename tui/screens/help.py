@@ -14,6 +14,7 @@ SECTIONS = [
     ("VMs (list and detail)", keymap.VM_KEYS),
     ("VM list", keymap.LIST_KEYS),
     ("Forms", keymap.FORM_KEYS),
+    ("Stop/delete questions", keymap.CONFIRM_KEYS),
     ("Other screens", keymap.BACK_KEYS),
 ]
 
