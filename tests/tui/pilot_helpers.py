@@ -47,6 +47,20 @@ async def create_vm(app, name: str, *, host: str = "sim-mte", mte: bool = True, 
     return vm
 
 
+async def open_form_and_name(pilot, app, name: str):
+    """n, wait for the form and its hosts (sim-mte chosen), type ``name``."""
+    from tui.screens.vm_form import VmFormScreen
+    await pilot.press("n")
+    await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the create form")
+    await wait_for(pilot, lambda: app.screen.query_one("#host").value == "sim-mte", "hosts loaded")
+    await pilot.press(*name)
+
+
+def form_message(app) -> str:
+    """The form's verdict line (the dry run's answer, or what the form itself refuses)."""
+    return str(app.screen.query_one("#form-error").render())
+
+
 async def open_detail(pilot, app):
     """enter on the list's current row; returns the VM detail screen once its definition is loaded."""
     from tui.screens.vm_detail import VmDetailScreen

@@ -7,8 +7,8 @@ from textual.widgets import Button, DataTable
 
 from backend.config import UserConfig
 from backend.errors import ConfigError
-from tests.tui.pilot_helpers import (create_vm, migrate_via_dialog, open_detail, screen_rows, screen_text,
-                                     started, wait_for)
+from tests.tui.pilot_helpers import (create_vm, form_message, migrate_via_dialog, open_detail,
+                                     open_form_and_name, screen_rows, screen_text, started, wait_for)
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
@@ -280,3 +280,45 @@ async def test_a_remapped_confirm_yes_answers_the_stop_question(make_app):
         await pilot.press("j")
         await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the question answered")
         await wait_for(pilot, lambda: app.model.vms["web1"]["state"] == "stopped", "web1 stopped")
+
+
+async def test_qemu_args_for_a_local_vm_are_split_like_the_cli_and_kept(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "shm1")
+        row = app.screen.query_one("#qemu-args-row")
+        assert not row.display                                  # a simulated host runs no QEMU
+        hosts = [h["name"] for h in await app.client.hosts()]
+        await pilot.press("tab", "enter", *["down"] * (hosts.index("local") - hosts.index("sim-mte")), "enter")
+        await wait_for(pilot, lambda: app.screen.query_one("#host").value == "local", "host local")
+        await wait_for(pilot, lambda: row.display, "the QEMU args field for host local")
+        app.screen.query_one("#qemu_args").focus()
+        await pilot.press(*"-object 'memory-backend-ram,id=m,size=1M")
+        await wait_for(pilot, lambda: "No closing quotation" in form_message(app), "the unbalanced quote refused")
+        await pilot.press(*"' -device")
+        await wait_for(pilot, lambda: "'-device' has no value" in form_message(app), "the daemon's pair check")
+        await pilot.press(*" ivshmem-plain,memdev=m")
+        await wait_for(pilot, lambda: "ready to create" in form_message(app), "valid QEMU args")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen) and "shm1" in app.model.vms, "shm1 made")
+        vm = await app.client.show("shm1")
+        assert vm["qemu_args"] == ["-object", "memory-backend-ram,id=m,size=1M", "-device", "ivshmem-plain,memdev=m"]
+
+
+async def test_checkbox_state_is_readable_in_sixteen_colours(make_app):
+    app = make_app(ansi_color=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "web1")
+
+        def checks_line() -> str:
+            return next(line for line in screen_text(app).splitlines() if "secure" in line)
+        before = checks_line()
+        assert "MTE: on" in before and "secure: off" in before and "only-migratable: off" in before
+        app.screen.query_one("#mte").focus()
+        await pilot.press("space")
+        app.screen.query_one("#name").focus()                   # same focus as before: only the state differs
+        await wait_for(pilot, lambda: "MTE: off" in checks_line(), "MTE shown off")
+        assert not app.screen.query_one("#mte").value and checks_line() != before
+        assert non_ansi_colours(app) == set()

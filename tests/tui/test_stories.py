@@ -4,18 +4,15 @@ from __future__ import annotations
 import fcntl
 import os
 
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable
 
-from tests.tui.pilot_helpers import create_vm, migrate_via_dialog, open_detail, screen_text, started, wait_for
+from tests.tui.pilot_helpers import (create_vm, form_message, migrate_via_dialog, open_detail, open_form_and_name,
+                                     screen_text, started, wait_for)
 from tui.components.counters import VcpuTable
 from tui.screens.vm_form import VmFormScreen
 from tui.screens.vm_list import VmListScreen
 
 SIZE = (80, 24)
-
-
-def form_message(app) -> str:
-    return str(app.screen.query_one("#form-error", Static).render())
 
 
 def vm_cells(app, name: str) -> list[str]:
@@ -27,13 +24,6 @@ def vm_cells(app, name: str) -> list[str]:
 def vcpu_column(app, column: str) -> list[str]:
     table = app.screen.query_one(VcpuTable)
     return [table.rows[i].cells[column].value for i in sorted(table.rows)]
-
-
-async def open_form_and_name(pilot, app, name: str):
-    await pilot.press("n")
-    await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the create form")
-    await wait_for(pilot, lambda: app.screen.query_one("#host").value == "sim-mte", "hosts loaded")
-    await pilot.press(*name)
 
 
 async def test_create_mte_vm_on_sim_mte_and_see_kvm_mte_on_every_vcpu(make_app):

@@ -12,6 +12,7 @@ into a per-VM error, shown here before the VM even exists, and the manager keeps
 from __future__ import annotations
 
 import asyncio
+import shlex
 
 from textual import work
 from textual.app import ComposeResult
@@ -21,8 +22,10 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
+from backend.cli import split_qemu_args
 from backend.errors import MtevmError
 from tui import keymap
+from tui.components.onoff import OnOffCheckbox
 from tui.components.status import screen_bottom
 
 CPU_SUGGESTIONS = ["max", "host", "cortex-a710", "neoverse-n2", "cortex-a57", "cortex-a72", "cortex-a76"]
@@ -77,11 +80,14 @@ class VmFormScreen(Screen):
                                                value=(workload.get("tcf") or ["sync"])[0], compact=True))
             yield from self._row("seed", Input(str(workload.get("seed", 1)), id="seed", type="integer",
                                                disabled=editing, compact=True))
+            yield from self._row("QEMU args", Input(shlex.join(e.get("qemu_args") or []), id="qemu_args",
+                                                    placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
+                                                    disabled=editing, compact=True), row_id="qemu-args-row")
             with Horizontal(classes="checks"):
-                yield Checkbox("MTE", cfg.get("mte", True), id="mte")
-                yield Checkbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
-                yield Checkbox("only-migratable", cfg.get("only_migratable", False), id="only_migratable",
-                               disabled=editing)
+                yield OnOffCheckbox("MTE", cfg.get("mte", True), id="mte")
+                yield OnOffCheckbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
+                yield OnOffCheckbox("only-migratable", cfg.get("only_migratable", False), id="only_migratable",
+                                    disabled=editing)
             if editing:
                 yield Static("Only MTE and TCF can change; MTE of a running VM is applied at its next start.",
                              classes="hint")
@@ -92,12 +98,13 @@ class VmFormScreen(Screen):
         yield from screen_bottom()
 
     @staticmethod
-    def _row(label: str, widget) -> ComposeResult:
-        with Horizontal(classes="field"):
+    def _row(label: str, widget, row_id: str | None = None) -> ComposeResult:
+        with Horizontal(classes="field", id=row_id):
             yield Label(label, classes="field-label")
             yield widget
 
     def on_mount(self) -> None:
+        self.show_qemu_args(self.existing.get("host") if self.existing else None)
         if self.existing:
             self.title = "Edit VM"
             self.sub_title = self.existing["name"]
@@ -129,7 +136,19 @@ class VmFormScreen(Screen):
         cpu = q("#cpu", Input).value.strip()
         if cpu:
             cfg["cpu"] = cpu
+        if self.takes_qemu_args(cfg["host"]):
+            # the CLI's own --qemu-arg splitting (shell rules), so the form and `mtevm create` agree
+            qemu_args = split_qemu_args([q("#qemu_args", Input).value])
+            if qemu_args:
+                cfg["qemu_args"] = qemu_args
         return cfg
+
+    def takes_qemu_args(self, host) -> bool:
+        """Only a host that runs a real QEMU (kind ``local``) takes extra QEMU arguments."""
+        return self.host_kinds.get(host) == "local" or (self.existing is not None and host == "local")
+
+    def show_qemu_args(self, host) -> None:
+        self.query_one("#qemu-args-row").display = self.takes_qemu_args(host)
 
     def show_verdict(self, ok: bool, text: str) -> None:
         self.verdict = {"ok": ok, "error": None if ok else text}
@@ -144,6 +163,8 @@ class VmFormScreen(Screen):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         accel = self.query_one("#accel", Select)
+        if event.select.id == "host":
+            self.show_qemu_args(event.value)
         if event.select.id == "host" and event.value in self.host_kinds and accel.value == self.auto_accel:
             # the daemon's default, until the user picks one: KVM on the simulated arm64 hosts, TCG here
             self.auto_accel = "kvm" if self.host_kinds[event.value] == "simulated" else "tcg"
@@ -168,10 +189,7 @@ class VmFormScreen(Screen):
             if cfg["host"] is Select.BLANK:
                 raise FormError("host: loading hosts…")
             answer = await self.app.client.create(cfg, validate_only=True)
-        except FormError as e:
-            self.show_verdict(False, str(e))
-            return
-        except MtevmError as e:
+        except (FormError, MtevmError) as e:      # MtevmError: the daemon's verdict, or unbalanced quotes
             self.show_verdict(False, str(e))
             return
         self.show_verdict(bool(answer.get("ok")), "valid: ready to create" if answer.get("ok") else answer["error"])
