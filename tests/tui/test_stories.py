@@ -175,6 +175,7 @@ async def test_migrating_an_mte_vm_to_its_own_host_with_tags_completes(make_app)
         assert names[-1] == "sim-mte" and "same host" in str(options.get_option_at_index(len(names) - 1).prompt)
         await pilot.press(*["down"] * (len(names) - 1), "tab", "space")     # own host, tick "copy MTE tags"
         assert app.screen.query_one("#with-tags").value
+        await wait_for(pilot, lambda: "copy MTE tags (KVM_ARM_MTE_COPY_TAGS): on" in screen_text(app), "tags: on")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen.id == "migrations", "the migrations screen")
         table = app.screen.query_one("#migration-table", DataTable)

@@ -17,6 +17,7 @@ from textual.widgets.option_list import Option
 
 from backend.errors import MtevmError
 from tui import keymap
+from tui.components.onoff import OnOffCheckbox
 
 
 async def migrate(app, name: str, dst: str, with_tags: bool) -> None:
@@ -40,7 +41,7 @@ class MigrateScreen(ModalScreen[None]):
         with Vertical(classes="dialog"):
             yield Static(f"Migrate [b]{self.vm['name']}[/b] from {self.vm.get('host', '?')} to:")
             yield OptionList(id="destinations")
-            yield Checkbox("copy MTE tags (KVM_ARM_MTE_COPY_TAGS)", id="with-tags")
+            yield OnOffCheckbox("copy MTE tags (KVM_ARM_MTE_COPY_TAGS)", id="with-tags")
             with Horizontal(classes="buttons"):
                 yield Button("Migrate (ctrl+s)", id="migrate", variant="primary")
                 yield Button("Cancel (esc)", id="cancel")
