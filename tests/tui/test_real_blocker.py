@@ -37,8 +37,8 @@ async def test_a_real_qemu_blocker_is_shown_verbatim(make_app, shm_args):
         try:
             await open_detail(pilot, app)
             await wait_for(pilot, lambda: IVSHMEM_BLOCKER in screen_text(app), "the blocker on the detail screen")
-            # The dialog offers the other hosts only; the service asks QEMU for blocked-reasons before
-            # anything else, so QEMU's blocker is what refuses the attempt whatever the destination.
+            # The service asks QEMU for blocked-reasons before anything else, so QEMU's blocker is
+            # what refuses the attempt whatever the destination (here a simulated host).
             table = await migrate_via_dialog(pilot, app, "sim-mte")
             await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
             row = [str(c) for c in table.get_row_at(0)]
@@ -48,3 +48,30 @@ async def test_a_real_qemu_blocker_is_shown_verbatim(make_app, shm_args):
             assert (await app.client.show("shared"))["state"] == "running"
         finally:
             await app.client.stop("shared")
+
+
+@pytest.fixture
+async def no_strays(tmp_path):
+    yield
+    assert await kill_strays(str(tmp_path)) == [], "the test left QEMU processes running"
+
+
+async def test_a_real_local_to_local_migration_from_the_app_completes(make_app, no_strays):
+    # `mtevm migrate NAME --to local` from the dialog: a second QEMU with -incoming on this machine.
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "mig", host="local", vcpus=1, memory="128M", start=True)
+        try:
+            table = await migrate_via_dialog(pilot, app, "local")
+            await wait_for(pilot, lambda: table.row_count == 1 and str(table.get_row_at(0)[4]) == "completed",
+                           f"the migration completed ({app.model.migrations})", timeout=60)
+            assert str(table.get_row_at(0)[2]) == "local → local"
+            stats = app.model.migrations[1]["stats"]       # QEMU's query-migrate figures
+            assert stats["ram_normal"] > 0 and stats["ram_total"] >= 128 << 20
+            await wait_for(pilot, lambda: f"normal {stats['ram_normal']} pages" in screen_text(app),
+                           "QEMU's RAM figures in the detail pane")
+            vm = await app.client.show("mig")
+            assert (vm["host"], vm["state"]) == ("local", "running")
+        finally:
+            await app.client.stop("mig")
