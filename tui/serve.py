@@ -3,8 +3,8 @@
 Why a separate entry point: textual-serve runs one app process per browser tab (each one a client
 of the same daemon, like another terminal), so the VMs outlive the tab exactly as they outlive an
 ssh session. There is NO authentication: anyone who can reach the port controls the VMs. So the
-server binds to the loopback address only, unless the user says explicitly that they know; the safe
-way to reach it from another machine is an ssh tunnel (see docs/remote.md).
+server binds to a loopback address only, and has no switch to do otherwise: the way to reach it from
+another machine is an ssh tunnel, which brings ssh's authentication with it (see docs/remote.md).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import shlex
 import sys
 
 DEFAULT_PORT = 8000
-UNSAFE_FLAG = "--i-know-it-is-unauthenticated"
 
 # The command textual-serve runs (through a shell) for each browser tab: this interpreter, this
 # checkout's app, with whatever app arguments were given after `--`.
@@ -47,14 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "binds to 127.0.0.1; reach it from elsewhere with "
                     "`ssh -L 8000:127.0.0.1:8000 host` and open http://127.0.0.1:8000/.")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; others need %s)" % UNSAFE_FLAG)
+                        help="loopback address to listen on (default 127.0.0.1; ::1 or localhost also work)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     parser.add_argument("--public-url", default=None, metavar="URL",
                         help="the address the browser uses, when it differs from http://HOST:PORT "
                              "(an ssh tunnel to another local port: ssh -L 9000:127.0.0.1:8000 host "
                              "-> --public-url http://127.0.0.1:9000)")
-    parser.add_argument(UNSAFE_FLAG, dest="unsafe", action="store_true",
-                        help="allow a non-loopback --host: anyone who reaches it controls your VMs")
     parser.add_argument("app_args", nargs=argparse.REMAINDER,
                         help="after `--`: arguments for the app each browser tab runs")
     args = parser.parse_args(argv)
@@ -68,19 +65,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def check_address(host: str, port: int, unsafe: bool, public_url: str | None = None) -> None:
+def check_address(host: str, port: int, public_url: str | None = None) -> None:
     """Refuse what would expose the VMs by accident; raise ServeError with what to do instead."""
     if not 0 < port < 65536:
         raise ServeError(f"mtevm serve: bad port {port}: use 1..65535")
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise ServeError(f"mtevm serve: bad --public-url {public_url!r}: give http://HOST:PORT "
                          "(or https:// behind a proxy)")
-    if not is_loopback(host) and not unsafe:
+    if not is_loopback(host):
         raise ServeError(
             f"mtevm serve: refusing to listen on {host}: the web app has no authentication, so anyone "
             f"who can reach {host}:{port} could control your VMs. Keep the default 127.0.0.1 and use "
-            f"an ssh tunnel (ssh -L {port}:127.0.0.1:{port} this-host), or pass {UNSAFE_FLAG} "
-            "if you really mean it.")
+            f"an ssh tunnel (ssh -L {port}:127.0.0.1:{port} this-host).")
 
 
 def _make_server(command: str, host: str, port: int, public_url: str | None):
@@ -99,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the web server until Ctrl+C or SIGTERM; return the process exit code."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        check_address(args.host, args.port, args.unsafe, args.public_url)
+        check_address(args.host, args.port, args.public_url)
     except ServeError as e:
         print(e, file=sys.stderr)
         return 2
