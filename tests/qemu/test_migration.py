@@ -82,7 +82,8 @@ async def test_a_running_vm_migrates_with_its_counters_and_tags(hosts, tmp_path)
     # every granule it tagged at boot) on the destination: they came over with the migration.
     after = await running_guest(dst)
     for _ in range(200):
-        if all(a["boot_tag_checks"] > b["boot_tag_checks"] for a, b in zip(after, before)):
+        if all(a["boot_tag_checks"] > b["boot_tag_checks"] and a["checked"] > b["checked"]
+               for a, b in zip(after, before)):     # `checked` is published once per batch
             break
         await asyncio.sleep(0.1)
         after = await dst.sample()
