@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from backend.qemu.driver import proc_start_time
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -39,12 +41,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+    """True while ``pid`` exists and is not a zombie (the daemon's own /proc check, not a second parser)."""
+    return proc_start_time(pid) is not None
 
 
 def stop_pid(pid: int, timeout: float = 5.0) -> None:
