@@ -11,7 +11,7 @@ Counting rule (the same on the per-access and the batch path):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -33,21 +33,29 @@ class FaultRecord:
     size: int
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "kind": self.kind, "addr": f"{self.addr:#x}",
-                "ptr_tag": self.ptr_tag, "mem_tag": self.mem_tag, "access": self.access, "size": self.size}
+        return {**asdict(self), "addr": f"{self.addr:#x}"}
 
 
 @dataclass
-class VcpuCounters:
+class TagCheckCounts:
+    """The four counts of the counting rule above, shared by a batch's outcome and a vCPU's
+    running totals so the two cannot drift apart."""
+
     checked: int = 0
     unchecked: int = 0
     sync_faults: int = 0
     async_faults: int = 0
+
+
+COUNT_NAMES = tuple(f.name for f in fields(TagCheckCounts))
+
+
+@dataclass
+class VcpuCounters(TagCheckCounts):
     last_fault: FaultRecord | None = None
 
     def to_dict(self) -> dict:
-        return {"checked": self.checked, "unchecked": self.unchecked, "sync_faults": self.sync_faults,
-                "async_faults": self.async_faults,
+        return {**{name: getattr(self, name) for name in COUNT_NAMES},
                 "last_fault": self.last_fault.to_dict() if self.last_fault else None}
 
 
@@ -56,13 +64,9 @@ def _empty(dtype) -> np.ndarray:
 
 
 @dataclass
-class BatchResult:
+class BatchResult(TagCheckCounts):
     """The outcome of ``TagCheckCpu.run_batch``; the fault arrays are in batch order."""
 
-    checked: int = 0
-    unchecked: int = 0
-    sync_faults: int = 0
-    async_faults: int = 0
     fault_index: np.ndarray = field(default_factory=lambda: _empty(np.int64))
     fault_addr: np.ndarray = field(default_factory=lambda: _empty(np.uint64))
     fault_kind: np.ndarray = field(default_factory=lambda: _empty(np.uint8))     # 0 sync, 1 async
@@ -88,9 +92,7 @@ class BatchResult:
         return [self.record(j) for j in range(start, self.faults)]
 
     def add_to(self, counters: VcpuCounters) -> None:
-        counters.checked += self.checked
-        counters.unchecked += self.unchecked
-        counters.sync_faults += self.sync_faults
-        counters.async_faults += self.async_faults
+        for name in COUNT_NAMES:
+            setattr(counters, name, getattr(counters, name) + getattr(self, name))
         if self.faults:
             counters.last_fault = self.record(self.faults - 1)
