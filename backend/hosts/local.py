@@ -24,13 +24,13 @@ from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import ram_stats
+from backend.qemu import guest_abi
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
 from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
-GUEST_ELF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "qemu", "guest", "build",
-                         "mtevm-guest.elf")
+GUEST_ELF = str(guest_abi.GUEST_ELF)
 PAGE = 4096
 TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
@@ -102,7 +102,6 @@ class LocalHost(Host):
         backend.machine.dry_run (KVM ones against the real /dev/kvm), QEMU's own text when this
         QEMU has no such accelerator, and the guest's limits."""
         from backend.machine import RealKvmDevice, dry_run
-        from backend.qemu import guest_abi
         config.validate()
         if config.vcpus > guest_abi.MAX_VCPUS:
             raise ConfigError(f"the mtevm guest runs on 1 to {guest_abi.MAX_VCPUS} vCPUs, not {config.vcpus}")
@@ -139,7 +138,6 @@ class LocalHost(Host):
         return await self._launch(spec, validate_extra_args(extra_args))
 
     async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
-        from backend.qemu import guest_abi
         config = spec.config
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
@@ -267,7 +265,6 @@ class LocalVm(RunningVm):
 
     async def read_status(self) -> bytes:
         """The guest's raw status block, read over QMP (``xp``: works running, paused or migrated)."""
-        from backend.qemu import guest_abi
         text = await self.proc.qmp.hmp(guest_abi.xp_command(self.spec.config.vcpus))
         try:
             return guest_abi.parse_xp(text)
@@ -275,7 +272,6 @@ class LocalVm(RunningVm):
             raise MtevmError(f"QEMU could not read the guest's status block: {text.strip()[:200]}") from None
 
     async def sample(self) -> list[dict]:
-        from backend.qemu import guest_abi
         if not self.proc.alive():
             return self.vcpus()
         try:
@@ -316,7 +312,6 @@ class LocalVm(RunningVm):
     def tag_memory(self) -> dict | None:
         """Under TCG QEMU keeps RAM/32 bytes of tags (the ``mach-virt.tag`` RAM block). The pages
         that hold non-zero tags are the ones the guest tags: each vCPU's heap and boot-tag page."""
-        from backend.qemu import guest_abi
         config = self.spec.config
         if not config.mte or config.accel != "tcg":
             return None

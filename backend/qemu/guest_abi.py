@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import re
 import struct
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from backend.errors import ConfigError
 
 if TYPE_CHECKING:  # backend/qemu sits below backend/hosts: use the workload by its attributes only
     from backend.hosts.workload import WorkloadConfig
+
+# The committed guest build (backend/qemu/guest/Makefile): the one place its path is spelled.
+GUEST_ELF = Path(__file__).resolve().parent / "guest" / "build" / "mtevm-guest.elf"
 
 ABI_VERSION = 1
 MAX_VCPUS = 8

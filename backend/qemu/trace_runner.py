@@ -26,9 +26,8 @@ from qemu.qmp import QMPClient
 
 from backend.errors import MtevmError
 from backend.qemu import guest_abi
-
-GUEST_ELF = Path(__file__).resolve().parent / "guest" / "build" / "mtevm-guest.elf"
-DEFAULT_QEMU = "qemu-system-aarch64"
+from backend.qemu.argv import QEMU_BINARY as DEFAULT_QEMU
+from backend.qemu.guest_abi import GUEST_ELF
 BOOT_TIMEOUT = 60.0        # seconds for the whole batch (TCG on a busy 2-core machine)
 
 
