@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.tagcheck import TCF, GuestRam, TagCheckCpu
-from tests.tagcheck.test_properties import Model
+from tests.tagcheck.test_properties import Model, run_batch_against_model
 
 BASE = 0x40000000
 PAGES = 3                   # accesses land in the last PAGES pages of RAM
@@ -36,17 +36,8 @@ def tagged_ram(size: int, page_tags: list[np.ndarray | None]) -> tuple[GuestRam,
 
 
 def check_against_model(cpu: TagCheckCpu, model: Model, accesses, sizes, is_store) -> None:
-    """Run one batch and compare it, fault by fault, with the model run access by access."""
-    ptrs = np.array([p for p, _, _ in accesses], dtype=np.uint64)
-    res = cpu.run_batch(ptrs, sizes, is_store)
-    expected = [(i, model.access(*a)) for i, a in enumerate(accesses)]
-    expected = [(i, f) for i, f in expected if f is not None]
-    got = [(int(res.fault_index[j]), (("sync", "async")[res.fault_kind[j]], int(res.fault_addr[j]),
-                                      int(res.fault_ptr_tag[j]), int(res.fault_mem_tag[j])))
-           for j in range(res.faults)]
-    assert got == expected
-    assert list(res.fault_size) == [accesses[i][1] for i, _ in expected]
-    assert list(res.fault_is_store) == [accesses[i][2] for i, _ in expected]
+    """Run one batch and compare it, fault by fault and then its counters, with the model."""
+    run_batch_against_model(cpu, model, accesses, sizes, is_store)
     c = cpu.counters
     assert (c.checked, c.unchecked, c.sync_faults, c.async_faults, cpu.tfsr) == \
         (model.checked, model.unchecked, model.sync, model.async_, model.tfsr)

@@ -109,6 +109,22 @@ def model_counters(m):
     return (m.checked, m.unchecked, m.sync, m.async_, m.tfsr)
 
 
+def run_batch_against_model(cpu, model, accesses, sizes, is_store):
+    """Run ``accesses`` ((ptr, size, is_store) each) as one batch, compare every fault field with
+    the model run access by access, and return the batch's result."""
+    ptrs = np.array([p for p, _, _ in accesses], dtype=np.uint64)
+    res = cpu.run_batch(ptrs, sizes, is_store)
+    expected = [(i, model.access(*a)) for i, a in enumerate(accesses)]
+    expected = [(i, f) for i, f in expected if f is not None]
+    got = [(int(res.fault_index[j]), (("sync", "async")[res.fault_kind[j]], int(res.fault_addr[j]),
+                                      int(res.fault_ptr_tag[j]), int(res.fault_mem_tag[j])))
+           for j in range(res.faults)]
+    assert got == expected
+    assert list(res.fault_size) == [accesses[i][1] for i, _ in expected]
+    assert list(res.fault_is_store) == [accesses[i][2] for i, _ in expected]
+    return res
+
+
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -142,19 +158,9 @@ def test_batch_path_matches_the_model(ops):
     def flush():
         if not pending:
             return
-        ptrs = np.array([p for p, _, _ in pending], dtype=np.uint64)
-        sizes = np.array([s for _, s, _ in pending])
-        stores = np.array([w for _, _, w in pending])
-        res = cpu.run_batch(ptrs, sizes, stores)
-        expected = [(i, model.access(*a)) for i, a in enumerate(pending)]
-        expected = [(i, f) for i, f in expected if f is not None]
-        got = [(int(res.fault_index[j]), (("sync", "async")[res.fault_kind[j]], int(res.fault_addr[j]),
-                                          int(res.fault_ptr_tag[j]), int(res.fault_mem_tag[j])))
-               for j in range(res.faults)]
-        assert got == expected
+        res = run_batch_against_model(cpu, model, pending, np.array([s for _, s, _ in pending]),
+                                      np.array([w for _, _, w in pending]))
         assert res.checked + res.unchecked == len(pending)
-        assert list(res.fault_size) == [pending[i][1] for i, _ in expected]
-        assert list(res.fault_is_store) == [pending[i][2] for i, _ in expected]
         pending.clear()
 
     for op in ops:
