@@ -50,11 +50,12 @@ def vm_name(i: int) -> str:
     return f"bench-{i:02d}"
 
 
-async def seed_fleet() -> None:
-    """N_VMS simulated MTE VMs of N_VCPUS vCPUs in the daemon (MTEVM_RUNTIME_DIR), all running."""
+async def seed_fleet(env: dict) -> None:
+    """N_VMS simulated MTE VMs of N_VCPUS vCPUs in the daemon of ``env``'s dirs, all running."""
     from backend.client import connect
 
-    async with await connect(in_process=False) as client:
+    async with await connect(in_process=False, runtime_dir=env["MTEVM_RUNTIME_DIR"],
+                             state_dir=env["MTEVM_STATE_DIR"]) as client:
         for i in range(N_VMS):
             await client.create({"name": vm_name(i), "host": "sim-mte", "accel": "kvm", "cpu": "host",
                                  "vcpus": N_VCPUS, "memory": "256M", "mte": True,
@@ -104,10 +105,7 @@ def mtevm_app(client, open_detail: bool = True):
     from tui.screens.vm_detail import VmDetailScreen
     from tui.screens.vm_list import VmListScreen
 
-    class Measured(MtevmApp):
-        # Textual finds CSS next to the subclass's file: point it back at the app's own.
-        CSS_PATH = str(Path(sys.modules[MtevmApp.__module__].__file__).parent / MtevmApp.CSS_PATH)
-
+    class Measured(MtevmApp):         # MtevmApp.CSS_PATH is absolute, so this subclass finds it too
         def on_mount(self) -> None:         # Textual runs MtevmApp.on_mount as well
             self.run_worker(self.open_detail_when_listed())
 
@@ -273,24 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
         daemon = Daemon(Path(tmp))
         try:
             daemon.wait_listening()
-            _seed(daemon)
+            asyncio.run(seed_fleet(daemon.env))
             results = {kind: measure(kind, args.seconds, daemon, Path(tmp)) for kind in KINDS}
         finally:
             daemon.stop()
     return report(results)
-
-
-def _seed(daemon: Daemon) -> None:
-    saved = {k: os.environ.get(k) for k in ("MTEVM_RUNTIME_DIR", "MTEVM_STATE_DIR")}
-    os.environ.update({k: daemon.env[k] for k in saved})
-    try:
-        asyncio.run(seed_fleet())
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def report(results: dict) -> dict:
