@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,20 +21,12 @@ from backend.paths import Paths
 
 def stop_daemon_by_pid(paths: Paths, timeout: float = 20.0) -> None:
     """SIGTERM the daemon holding ``paths``' pid lock; SIGKILL it if it does not stop in time."""
-    from backend.daemon.launch import daemon_pid
-    pid = daemon_pid(paths)
-    if not pid:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while daemon_pid(paths) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if daemon_pid(paths) is None:
-            return
+    from backend.daemon.launch import stop_daemon
+    from backend.errors import NotFoundError
+    try:
+        stop_daemon(paths, timeout, kill_after_timeout=True)
+    except NotFoundError:
+        pass  # no daemon (or one still starting, with no pid to signal yet)
 
 
 @pytest.fixture

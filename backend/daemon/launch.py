@@ -127,18 +127,30 @@ def ensure_daemon(paths: Paths) -> None:
         start_background(paths)
 
 
-def stop_daemon(paths: Paths, timeout: float = STOP_TIMEOUT) -> int:
-    """SIGTERM the daemon and wait until it has released its pid lock; return its pid."""
-    pid = daemon_pid(paths)
-    if not pid:
-        raise NotFoundError(f"no mtevm daemon is running (runtime dir {paths.runtime_dir})")
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return pid
+def _released(paths: Paths, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the daemon to release its pid lock; True if it did."""
     deadline = time.monotonic() + timeout
     while daemon_pid(paths) is not None:
         if time.monotonic() > deadline:
-            raise MtevmError(f"the mtevm daemon (pid {pid}) did not stop within {timeout:g} s")
+            return False
         time.sleep(0.05)
-    return pid
+    return True
+
+
+def stop_daemon(paths: Paths, timeout: float = STOP_TIMEOUT, *, kill_after_timeout: bool = False) -> int:
+    """SIGTERM the daemon and wait until it has released its pid lock; return its pid.
+
+    ``kill_after_timeout`` (test teardown): SIGKILL a daemon that ignores SIGTERM instead of raising.
+    """
+    pid = daemon_pid(paths)
+    if not pid:
+        raise NotFoundError(f"no mtevm daemon is running (runtime dir {paths.runtime_dir})")
+    signals = (signal.SIGTERM, signal.SIGKILL) if kill_after_timeout else (signal.SIGTERM,)
+    for sig in signals:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return pid
+        if _released(paths, timeout):
+            return pid
+    raise MtevmError(f"the mtevm daemon (pid {pid}) did not stop within {timeout:g} s")
