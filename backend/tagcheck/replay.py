@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from backend.errors import MtevmError
+from backend.errors import ConfigError, MtevmError
 from backend.tagcheck.cpu import TagCheckCpu
 from backend.tagcheck.pointers import LOW56, physical
 from backend.tagcheck.ram import GuestRam
@@ -173,15 +173,14 @@ def replay(lines: Iterable[str], ram_base: int = DEFAULT_RAM_BASE,
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "256M", "1G", "4096", "0x10000000" (suffixes K, M, G, T: powers of 1024)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = 1
-    if t and t[-1] in "KMGT":
-        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
-        t = t[:-1]
+    """Bytes from "256M", "1G", "4096" (the machine definitions' size rule) or "0x10000000"."""
+    from backend.machine.config import parse_size as parse_machine_size   # only when --ram-size is given
+
     try:
-        return int(t, 0) * scale
-    except ValueError:
+        if text.strip()[:2].lower() == "0x":
+            return int(text, 16)
+        return parse_machine_size(text, "--ram-size")
+    except (ValueError, ConfigError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256M, 1G or 0x10000000") from None
 
 
