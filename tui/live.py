@@ -22,7 +22,7 @@ def faults_of(c: dict) -> int:
 
 @dataclass
 class Rates:
-    """Per-second rates of one counter set over the last ``RATE_WINDOW`` seconds, plus their history.
+    """Per-second rates of one counter set over the last ``RATE_WINDOW`` seconds, plus the faults/s history.
 
     A window rather than the last two samples: the simulated vCPUs run in ticks of their own, so
     two samples close together may straddle zero or two ticks and a per-sample rate would flicker.
@@ -30,7 +30,6 @@ class Rates:
 
     checked_per_s: float = 0.0
     faults_per_s: float = 0.0
-    checked_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     faults_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     _samples: deque = field(default_factory=deque)     # (time, checked, faults), oldest first
 
@@ -48,7 +47,6 @@ class Rates:
             t0, c0, f0 = self._samples[0]
             self.checked_per_s = (checked - c0) / (t - t0)
             self.faults_per_s = (faults - f0) / (t - t0)
-            self.checked_history.append(self.checked_per_s)
             self.faults_history.append(self.faults_per_s)
 
 
