@@ -81,11 +81,10 @@ class QemuFiles:
 
     def remove_socket(self) -> None:
         """QEMU removes its socket on a clean exit, not when killed: tidy up after it."""
-        for path in (self.qmp_socket,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        try:
+            os.unlink(self.qmp_socket)
+        except OSError:
+            pass
         if self.socket_dir:
             try:
                 os.rmdir(self.socket_dir)
