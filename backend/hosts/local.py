@@ -84,6 +84,10 @@ class LocalHost(Host):
             return qemu.get("reason") or "qemu-system-aarch64 not found: run `bash scripts/install-deps.sh`"
         if not qemu.get("usable_for_mte"):
             return qemu.get("reason") or f"QEMU {qemu.get('version')} cannot run MTE guests (needs >= 8.0)"
+        return self._guest_missing()
+
+    def _guest_missing(self) -> str | None:
+        """Why the guest ELF cannot be booted (not built), or None."""
         if not os.path.exists(self.guest_elf):
             return f"the mtevm guest is not built ({self.guest_elf}): run `make -C backend/qemu/guest`"
         return None
@@ -142,9 +146,9 @@ class LocalHost(Host):
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
         qemu = find_qemu(self.qemu_binary)
-        if not os.path.exists(self.guest_elf):
-            raise RealizeError(f"the mtevm guest is not built ({self.guest_elf}): "
-                               "run `make -C backend/qemu/guest`")
+        missing = self._guest_missing()
+        if missing:
+            raise RealizeError(missing)
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
         params = files.path("params") + ".bin"
