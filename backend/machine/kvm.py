@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from backend.tagcheck import GuestRam
+from backend.tagcheck.layout import GRANULE, PAGE
 
 # --- ioctl encoding (asm-generic/ioctl.h, used by both arm64 and x86_64) -------------------------
 _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
@@ -83,8 +84,6 @@ PROBED_CAPS: dict[str, int] = {
     "KVM_CAP_ARM_VM_IPA_SIZE": KVM_CAP_ARM_VM_IPA_SIZE,
 }
 
-PAGE = 4096
-GRANULE = 16
 # Memslot backings whose VMAs Linux marks VM_MTE_ALLOWED (anonymous, shmem/memfd, tmpfs).
 MTE_CAPABLE_BACKINGS = ("anonymous", "memfd", "tmpfs")
 BACKINGS = MTE_CAPABLE_BACKINGS + ("file",)

@@ -20,9 +20,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from backend.errors import MigrationError
+from backend.tagcheck.layout import GRANULE, PAGE
 
-PAGE = 4096
-GRANULE = 16
 # migration_is_running(): the states in which a new blocker is refused (-EBUSY).
 RUNNING_STATES = ("setup", "active", "postcopy-active", "pre-switchover", "device", "cancelling")
 STATES = ("none",) + RUNNING_STATES + ("completed", "failed", "cancelled")
