@@ -29,7 +29,7 @@ from backend.errors import ConfigError
 from backend.hosts.workload import WorkloadConfig
 from backend.qemu.guest_abi import HEAP_BASE, RAM_BASE
 from backend.tagcheck import BatchResult, GuestRam, TagCheckCpu
-from backend.tagcheck.pointers import choose_nonexcluded_tags
+from backend.tagcheck.pointers import TAG_SHIFT, choose_nonexcluded_tags, ptr_tags_array
 
 HEAP_OFFSET = HEAP_BASE - RAM_BASE     # where the real guest's heaps start, from the RAM base
 MAX_SLOTS = 1024
@@ -37,11 +37,7 @@ MAX_OBJECT_GRANULES = 16
 VALID_SHIFTS = np.array([0, 1, 2, 3, 3, 3, 4, 4])   # log2 of the real guest's mix of access sizes
 BUG_SHIFT = 3                           # use-after-free, overflow and wild accesses are 8 bytes
 UAF, OVERFLOW, WILD, VALID = 0, 1, 2, 3
-_TAG = np.uint64(56)
-
-
-def _tag_of(ptrs: np.ndarray) -> np.ndarray:
-    return (ptrs >> _TAG).astype(np.int64) & 0xF
+_TAG = np.uint64(TAG_SHIFT)
 
 
 class TaggedHeapWorkload:
@@ -91,7 +87,7 @@ class TaggedHeapWorkload:
         if not len(slots):
             return
         old_g = self.slot_granules[slots]
-        old_tag = _tag_of(self.slot_ptr[slots])
+        old_tag = ptr_tags_array(self.slot_ptr[slots]).astype(np.int64)
         free_tag = self._irg(1 | (1 << old_tag))
         new_g = self._rng.integers(1, self.max_granules + 1, len(slots))
         after = self.slot_base[slots] + (new_g * 16).astype(np.uint64)
