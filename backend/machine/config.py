@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from backend.errors import ConfigError
-from backend.machine.cpu_models import CPU_MODELS, HOST_FOLLOWS_KVM, known_cpu_models
+from backend.machine.cpu_models import HOST_FOLLOWS_KVM, cpu_mte_level
 
 MIB = 1 << 20
 NAME_RULE = "1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
@@ -90,11 +90,10 @@ class VirtMachineConfig:
         if memory % MEMORY_ALIGN:
             raise ConfigError(f"memory {memory} is not a whole number of 4K pages: e.g. use "
                               f"{format_size(memory - memory % MIB or MIB)}")
-        if self.cpu not in CPU_MODELS:
-            raise ConfigError(f"unknown CPU model {self.cpu!r}: use one of {known_cpu_models()}")
+        mte_level = cpu_mte_level(self.cpu)          # ConfigError for an unknown model
         if not isinstance(self.accel, str) or not _ACCEL_RE.match(self.accel):
             raise ConfigError(f"accel {self.accel!r} is not an accelerator name: use kvm or tcg")
-        if CPU_MODELS[self.cpu] == HOST_FOLLOWS_KVM and self.accel not in ("kvm", "hvf"):
+        if mte_level == HOST_FOLLOWS_KVM and self.accel not in ("kvm", "hvf"):
             # QEMU's own text (target/arm/cpu64.c, aarch64_host_initfn / the "host" type check).
             raise ConfigError("The 'host' CPU type can only be used with KVM or HVF")
         for flag in ("mte", "secure", "only_migratable"):
