@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.tagcheck import TCF, GuestRam, TagCheckCpu
-from tests.tagcheck.test_properties import Model, run_batch_against_model
+from tests.tagcheck.test_properties import Model, counters, model_counters, run_batch_against_model
 
 BASE = 0x40000000
 PAGES = 3                   # accesses land in the last PAGES pages of RAM
@@ -38,9 +38,7 @@ def tagged_ram(size: int, page_tags: list[np.ndarray | None]) -> tuple[GuestRam,
 def check_against_model(cpu: TagCheckCpu, model: Model, accesses, sizes, is_store) -> None:
     """Run one batch and compare it, fault by fault and then its counters, with the model."""
     run_batch_against_model(cpu, model, accesses, sizes, is_store)
-    c = cpu.counters
-    assert (c.checked, c.unchecked, c.sync_faults, c.async_faults, cpu.tfsr) == \
-        (model.checked, model.unchecked, model.sync, model.async_, model.tfsr)
+    assert counters(cpu) == model_counters(model)
 
 
 # Offsets in a page, mostly on the edges where the second granule's tag comes from elsewhere:
