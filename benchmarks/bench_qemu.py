@@ -23,7 +23,6 @@ from backend.hosts.local import LocalHost
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 from backend.qemu import guest_abi
-from backend.qemu.argv import LaunchFiles, build_argv, find_qemu
 from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.qmp import POLL_INTERVAL
 
@@ -35,11 +34,8 @@ WORKLOAD = WorkloadConfig(rate=0)
 
 
 def _argv(host: LocalHost, files: QemuFiles) -> list[str]:
-    params = files.path("params") + ".bin"
-    with open(params, "wb") as f:
-        f.write(guest_abi.pack_params(WORKLOAD, CONFIG.vcpus, ram_size=CONFIG.memory))
-    return build_argv(CONFIG, LaunchFiles(files.qmp_socket, host.guest_elf, params, guest_abi.PARAM_ADDR),
-                      qemu=find_qemu())
+    """Exactly the argv LocalHost.start runs for this VM."""
+    return host.launch_argv(VmSpec(CONFIG, WORKLOAD), files)[0]
 
 
 async def _bare_start(argv: list[str], socket_path: str) -> float:

@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 from collections import deque
+from typing import Sequence
 
 from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
@@ -151,13 +152,7 @@ class LocalHost(Host):
             raise RealizeError(missing)
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
-        params = files.path("params") + ".bin"
-        block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
-        with open(params, "wb") as f:
-            f.write(block)
-        argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
-                          qemu=qemu, extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu)
         try:
             proc = await QemuProcess.launch(argv, files)
         except BaseException:
@@ -166,6 +161,20 @@ class LocalHost(Host):
         vm = LocalVm(self, spec, proc, extra_args, params)
         self.vms.add(vm)
         return vm
+
+    def launch_argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str] = (),
+                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str]:
+        """QEMU's argv for ``spec`` and the guest parameter file it loads (written here): the one
+        recipe a VM, its migration destination and the start-up benchmark all run."""
+        config = spec.config
+        params = files.path("params") + ".bin"
+        block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
+        argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
+                          qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+        with open(params, "wb") as f:
+            f.write(block)
+        return argv, params
 
     async def start_incoming(self, spec: VmSpec, extra_args: list[str]) -> tuple["LocalVm", int]:
         """A migration destination: the same argv plus ``-incoming tcp:127.0.0.1:PORT``."""
