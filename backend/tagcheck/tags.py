@@ -89,10 +89,13 @@ class TagMemory:
                 yield self.base + (int(chunk) * CHUNK_PAGES + int(p)) * PAGE
 
     # ---- page -> block ---------------------------------------------------------------------
+    def _slots(self, pages: np.ndarray) -> np.ndarray:
+        """Positions in ``_table`` of page numbers' block numbers (through each chunk's row)."""
+        return self._dir[pages >> _CHUNK_SHIFT] * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))
+
     def _page_blocks(self, pages: np.ndarray) -> np.ndarray:
         """Block numbers of page numbers (0 = never tagged)."""
-        rows = self._dir[pages >> _CHUNK_SHIFT]
-        return self._table[rows * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))]
+        return self._table[self._slots(pages)]
 
     def _allocate(self, pages: np.ndarray) -> np.ndarray:
         """Block numbers of page numbers, giving a fresh zero block to pages that have none."""
@@ -104,7 +107,7 @@ class TagMemory:
                 self._table = _grown(self._table, self._rows + len(new_chunks), CHUNK_PAGES)
                 self._dir[new_chunks] = np.arange(self._rows, self._rows + len(new_chunks))
                 self._rows += len(new_chunks)
-        slots = self._dir[pages >> _CHUNK_SHIFT] * CHUNK_PAGES + (pages & (CHUNK_PAGES - 1))
+        slots = self._slots(pages)
         blocks = self._table[slots]
         fresh = blocks == 0
         if fresh.any():
