@@ -36,7 +36,7 @@ def describe(vm: dict) -> str:
     tags = vm.get("tag_memory")
     if tags:
         lines[-1] += f"  tag memory {fmt.size(tags.get('bytes'))} ({tags.get('tagged_pages', 0)} pages)"
-    pending = {k: v for k, v in (vm.get("pending") or {}).items()}
+    pending = vm.get("pending") or {}
     if pending:
         changes = ", ".join(f"{k} → {'on' if v is True else 'off' if v is False else v}" for k, v in pending.items())
         lines.append(f"[$warning]pending (applied at next start): {changes}[/]")

@@ -1,6 +1,6 @@
 """The VM list: state, host, accel, MTE, vCPUs, faults/s; filter, sort, multi-select, bulk start/stop.
 
-Live values change single cells (``DataTable.update_cell``) and only when their text changed;
+Live values change single cells (``LiveRows``: one cell repainted) and only when their text changed;
 the rows are rebuilt only when the set or order of visible VMs changes (filter, sort, add, delete).
 """
 from __future__ import annotations
