@@ -5,7 +5,8 @@ The mtevm guest (backend/qemu/guest) executes the trace ops on vCPU 0 of a fresh
 of a synchronous fault, whether TFSR_EL1 became set (then the guest clears it, so an async fault
 belongs to the op whose access set TFSR -- the rule `mtevm tagcheck replay` follows), and LDG's tag.
 When it is done the guest powers off (PSCI SYSTEM_OFF); QEMU runs with ``-no-shutdown`` so the
-results stay in RAM and are read with QMP ``pmemsave``. The QEMU process is always stopped by PID.
+results stay in RAM and are read with QMP ``pmemsave``. The QEMU process is launched, stopped and
+reaped by backend.qemu.driver, as every QEMU mtevm runs.
 
 Several traces run in one boot (each after a reset of the arena's tags and of the config), which is
 what keeps the conformance suite fast.
@@ -15,18 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qemu.qmp import QMPClient
-
-from backend.errors import MtevmError
+from backend.errors import MtevmError, RealizeError
 from backend.qemu import guest_abi
 from backend.qemu.argv import QEMU_BINARY as DEFAULT_QEMU
+from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.guest_abi import GUEST_ELF
+
 BOOT_TIMEOUT = 60.0        # seconds for the whole batch (TCG on a busy 2-core machine)
 
 
@@ -111,43 +110,17 @@ def results_to_json(ops: Sequence[Mapping[str, Any]], results: Sequence[dict]) -
     return {"faults": faults, "ldg": ldg, "counters": counters}
 
 
-async def _wait_for_poweroff(qmp: QMPClient, proc: subprocess.Popen, deadline: float) -> None:
+async def _wait_for_poweroff(proc: QemuProcess, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        status = await qmp.execute("query-status")
+        status = await proc.qmp.execute("query-status")
         if status["status"] == "shutdown":
             return
-        if proc.poll() is not None:
-            raise TraceRunError(f"QEMU exited with status {proc.returncode} before the trace finished")
+        if not proc.alive():
+            raise TraceRunError(f"{proc.exit_reason()} before the trace finished")
         if loop.time() > deadline:
             raise TraceRunError("the guest did not finish the trace in time")
         await asyncio.sleep(0.02)
-
-
-async def _connect(sock: Path, proc: subprocess.Popen, deadline: float) -> QMPClient:
-    loop = asyncio.get_running_loop()
-    qmp = QMPClient("mtevm-trace")
-    while True:
-        if proc.poll() is not None:
-            raise TraceRunError(f"QEMU exited with status {proc.returncode} at start-up")
-        try:
-            await qmp.connect(str(sock))
-            return qmp
-        except Exception as e:  # socket not there yet; qemu.qmp wraps OSError in its own errors
-            if loop.time() > deadline:
-                raise TraceRunError(f"cannot connect to QEMU's QMP socket: {e}") from None
-            await asyncio.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the QEMU process we started, by PID, and reap it."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def run_traces_in_qemu_async(traces: Sequence[Iterable[Mapping[str, Any] | str]], *,
@@ -165,27 +138,26 @@ async def run_traces_in_qemu_async(traces: Sequence[Iterable[Mapping[str, Any] |
     with tempfile.TemporaryDirectory(prefix="mtevm-trace-") as tmp:
         d = Path(tmp)
         (d / "params.bin").write_bytes(params)
-        sock, serial = d / "qmp.sock", d / "serial.log"
-        argv = qemu_argv(qemu, d / "params.bin", sock, serial)
-        with open(d / "stderr.log", "wb") as stderr_log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=stderr_log, start_new_session=True)
-        qmp = None
+        files = QemuFiles.new(tmp)
+        argv = qemu_argv(qemu, d / "params.bin", Path(files.qmp_socket), d / "serial.log")
+        # The driver launches, connects QMP and always stops (by pidfd) and reaps this QEMU.
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            deadline = asyncio.get_running_loop().time() + timeout
-            qmp = await _connect(sock, proc, deadline)
-            await _wait_for_poweroff(qmp, proc, deadline)
-            await qmp.execute("pmemsave", {"val": guest_abi.STATUS_ADDR, "size": guest_abi.status_size(1),
-                                           "filename": str(d / "status.bin")})
-            await qmp.execute("pmemsave", {"val": guest_abi.RESULTS_ADDR, "size": total * guest_abi.RESULT_SIZE,
-                                           "filename": str(d / "results.bin")})
+            proc = await QemuProcess.launch(argv, files, ready_timeout=timeout)
+        except RealizeError as e:
+            raise TraceRunError(f"QEMU did not start: {e}") from None
+        try:
+            await _wait_for_poweroff(proc, deadline)
+            await proc.qmp.execute("pmemsave", {"val": guest_abi.STATUS_ADDR, "size": guest_abi.status_size(1),
+                                                "filename": str(d / "status.bin")})
+            await proc.qmp.execute("pmemsave", {"val": guest_abi.RESULTS_ADDR,
+                                                "size": total * guest_abi.RESULT_SIZE,
+                                                "filename": str(d / "results.bin")})
         except TraceRunError as e:
-            stderr = (d / "stderr.log").read_bytes().decode(errors="replace").strip()
+            stderr = "\n".join(proc.stderr_tail(50))
             raise TraceRunError(f"{e}{': ' + stderr if stderr else ''}") from None
         finally:
-            if qmp is not None:
-                await qmp.disconnect()
-            _stop(proc)
+            await proc.stop()
         header = guest_abi.parse_status_header((d / "status.bin").read_bytes())
         if header["state"] != "done" or header["ops_done"] != total:
             err = header["error"] or {}
