@@ -49,6 +49,11 @@ ERROR_CLASSES = {cls.__name__: cls for cls in
                  (MtevmError, ConfigError, RealizeError, MigrationError, NotFoundError, StateError, StoreError)}
 
 
+def error_payload(err: MtevmError) -> dict:
+    """The wire form of an error (socket replies, daemon start-up reports); error_from_name reverses it."""
+    return {"error": {"class": type(err).__name__, "message": str(err)}}
+
+
 def error_from_name(name: str, message: str) -> MtevmError:
     """Rebuild an error received over the socket as the same class the server raised."""
     return ERROR_CLASSES.get(name, MtevmError)(message)

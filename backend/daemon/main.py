@@ -21,7 +21,7 @@ from aiohttp import web
 
 from backend.daemon.server import build_app
 from backend.daemon.service import open_service
-from backend.errors import MtevmError, StateError
+from backend.errors import MtevmError, StateError, error_payload
 from backend.paths import Paths
 
 log = logging.getLogger("mtevm.daemon")
@@ -89,7 +89,7 @@ def run_daemon(paths: Paths, report: Report) -> int:
         paths.ensure_state_dir()
         pid_fd = acquire_pid_lock(paths)
     except MtevmError as e:
-        report({"error": {"class": type(e).__name__, "message": str(e)}})
+        report(error_payload(e))
         return 1
     ready = False
 
@@ -104,7 +104,7 @@ def run_daemon(paths: Paths, report: Report) -> int:
     except MtevmError as e:
         log.error("%s", e)
         if not ready:
-            report({"error": {"class": type(e).__name__, "message": str(e)}})
+            report(error_payload(e))
         return 1
     finally:
         # Emptied, not unlinked: a daemon starting now must lock the same file we release.
@@ -119,7 +119,7 @@ def run_background(paths: Paths) -> int:
         paths.ensure_runtime_dir()
         paths.ensure_state_dir()
     except MtevmError as e:
-        print(json.dumps({"error": {"class": type(e).__name__, "message": str(e)}}), flush=True)
+        print(json.dumps(error_payload(e)), flush=True)
         return 1
     r, w = os.pipe()
     child = os.fork()
@@ -154,8 +154,8 @@ def run_background(paths: Paths) -> int:
     with os.fdopen(r, "rb") as pipe:
         data = pipe.read().decode(errors="replace").strip()
     if not data:
-        print(json.dumps({"error": {"class": "MtevmError", "message":
-                                    f"the mtevm daemon exited during startup; see {paths.log_file}"}}), flush=True)
+        err = MtevmError(f"the mtevm daemon exited during startup; see {paths.log_file}")
+        print(json.dumps(error_payload(err)), flush=True)
         return 1
     print(data, flush=True)
     return 0 if '"ok"' in data else 1

@@ -18,7 +18,7 @@ from aiohttp import web
 from backend.daemon.api import ROUTES, Route
 from backend.daemon.launch import peer_uid
 from backend.daemon.service import Service
-from backend.errors import ConfigError, MtevmError, NotFoundError
+from backend.errors import ConfigError, MtevmError, NotFoundError, error_payload
 
 log = logging.getLogger("mtevm.daemon")
 
@@ -26,7 +26,7 @@ STREAM_POLL = 1.0  # how often an idle event stream checks that its client is st
 
 
 def error_response(err: MtevmError) -> web.Response:
-    return web.json_response({"error": {"class": type(err).__name__, "message": str(err)}}, status=err.status)
+    return web.json_response(error_payload(err), status=err.status)
 
 
 @web.middleware
@@ -35,9 +35,9 @@ async def only_our_uid(request: web.Request, handler):
     uid = peer_uid(sock) if sock is not None else -1
     if uid != os.getuid():
         log.warning("refused a client of uid %s", uid)
-        resp = web.json_response({"error": {"class": "MtevmError", "message":
-                                  f"permission denied: this mtevm daemon belongs to uid {os.getuid()} "
-                                  f"and refuses clients of uid {uid}"}}, status=403)
+        err = MtevmError(f"permission denied: this mtevm daemon belongs to uid {os.getuid()} "
+                         f"and refuses clients of uid {uid}")
+        resp = web.json_response(error_payload(err), status=403)
         resp.force_close()
         return resp
     return await handler(request)
