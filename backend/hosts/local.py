@@ -288,17 +288,14 @@ class LocalVm(RunningVm):
         if not self.proc.alive():
             return self.vcpus()
         try:
-            cpus = await self.proc.qmp.execute("query-cpus-fast")
-            raw = await self.read_status()
+            raw = await self.read_status()   # one QMP round trip: the block holds every vCPU (-smp)
         except QmpError:
             return self.vcpus()     # QEMU went away: the exit watch marks the VM crashed
         statuses = guest_abi.parse_status(raw, self.spec.config.vcpus)
         self._guest = guest_abi.parse_status_header(raw)
         now = time.time()
         fresh = []
-        for cpu in sorted(cpus, key=lambda c: c["cpu-index"]):
-            i = cpu["cpu-index"]
-            status = statuses[i] if i < len(statuses) else {}
+        for i, status in enumerate(statuses):
             info = self._vcpu_info(i, status)
             self._note_fault(info, self._vcpus[i] if i < len(self._vcpus) else None, now)
             fresh.append(info)
