@@ -24,7 +24,7 @@ from typing import Sequence
 from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
 from backend.machine import VirtMachineConfig
-from backend.machine.migration import ram_stats
+from backend.machine.migration import PAGE, ram_stats
 from backend.qemu import guest_abi
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
@@ -32,7 +32,6 @@ from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
-PAGE = 4096
 TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
