@@ -37,20 +37,15 @@ class EventBus:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self._subscribers.discard(q)
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
-    def close(self) -> None:
-        """End every subscriber's stream (the daemon is stopping): each gets a None."""
-        for q in self._subscribers:
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(None)
-
-    def publish(self, type_: str, **payload) -> None:
-        event = {"type": type_, "time": time.time(), **payload}
+    def _put_all(self, item: dict | None) -> None:
         for q in self._subscribers:
             if q.full():
                 q.get_nowait()  # drop the oldest: never block the publisher
-            q.put_nowait(event)
+            q.put_nowait(item)
+
+    def close(self) -> None:
+        """End every subscriber's stream (the daemon is stopping): each gets a None."""
+        self._put_all(None)
+
+    def publish(self, type_: str, **payload) -> None:
+        self._put_all({"type": type_, "time": time.time(), **payload})
