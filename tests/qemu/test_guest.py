@@ -12,18 +12,17 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
 from backend.errors import ConfigError
 from backend.hosts.workload import WorkloadConfig
 from backend.qemu import guest_abi
+from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.trace_runner import GUEST_ELF, TraceRunError, run_trace_in_qemu
 
 GUEST_DIR = GUEST_ELF.parent.parent
@@ -143,33 +142,24 @@ def test_make_builds_once_then_is_a_noop(tmp_path):
 # --- real QEMU: workload mode -------------------------------------------------------------------------
 
 class GuestVm:
-    """One qemu-system-aarch64 running the guest, its QMP client, and a way to read the status block."""
+    """One qemu-system-aarch64 running the guest (launched and stopped by the driver, as every
+    QEMU mtevm runs), and a way to read its status block."""
 
-    def __init__(self, tmp: Path, workload: WorkloadConfig, nvcpus: int, machine: str):
-        self.tmp, self.nvcpus = tmp, nvcpus
+    def __init__(self, proc: QemuProcess, nvcpus: int, serial: Path):
+        self.proc, self.nvcpus, self.serial = proc, nvcpus, serial
+
+    @classmethod
+    async def boot(cls, tmp: Path, workload: WorkloadConfig, nvcpus: int, machine: str) -> "GuestVm":
         (tmp / "params.bin").write_bytes(guest_abi.pack_params(workload, nvcpus))
-        self.sock, self.serial = tmp / "qmp.sock", tmp / "serial.log"
+        files, serial = QemuFiles.new(str(tmp)), tmp / "serial.log"
         argv = [QEMU, "-M", machine, "-cpu", "max", "-accel", "tcg", "-nodefaults", "-display", "none",
                 "-smp", str(nvcpus), "-m", "256M", "-kernel", str(GUEST_ELF),
                 "-device", f"loader,file={tmp / 'params.bin'},addr={guest_abi.PARAM_ADDR:#x},force-raw=on",
-                "-serial", f"file:{self.serial}", "-qmp", f"unix:{self.sock},server=on,wait=off"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self.qmp = QMPClient("test-guest")
-
-    async def connect(self) -> None:
-        for _ in range(400):
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            try:
-                await self.qmp.connect(str(self.sock))
-                return
-            except Exception:
-                await asyncio.sleep(0.025)
-        raise TimeoutError("QMP socket never came up")
+                "-serial", f"file:{serial}", "-qmp", f"unix:{files.qmp_socket},server=on,wait=off"]
+        return cls(await QemuProcess.launch(argv, files), nvcpus, serial)
 
     async def status(self) -> tuple[dict, list[dict]]:
-        text = await self.qmp.execute("human-monitor-command", {"command-line": guest_abi.xp_command(self.nvcpus)})
-        raw = guest_abi.parse_xp(text)
+        raw = guest_abi.parse_xp(await self.proc.qmp.hmp(guest_abi.xp_command(self.nvcpus)))
         return guest_abi.parse_status_header(raw), guest_abi.parse_status(raw, self.nvcpus)
 
     async def wait_for(self, predicate, what: str, timeout: float = 60.0) -> list[dict]:
@@ -184,11 +174,7 @@ class GuestVm:
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
-        if self.qmp.runstate.name == "RUNNING":
-            await self.qmp.disconnect()
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        await self.proc.kill()
         assert not os.path.exists(f"/proc/{self.proc.pid}")
 
 
@@ -199,9 +185,8 @@ async def boot(tmp_path):
     async def start(workload: WorkloadConfig, nvcpus: int, machine: str = "virt,mte=on") -> GuestVm:
         directory = tmp_path / f"vm{len(vms)}"
         directory.mkdir()
-        vm = GuestVm(directory, workload, nvcpus, machine)
+        vm = await GuestVm.boot(directory, workload, nvcpus, machine)   # a failed launch leaves no QEMU
         vms.append(vm)
-        await vm.connect()
         return vm
 
     yield start
