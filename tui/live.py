@@ -20,6 +20,12 @@ def faults_of(c: dict) -> int:
     return int(c.get("sync_faults", 0)) + int(c.get("async_faults", 0))
 
 
+def mte_at_next_start(vm: dict) -> bool | None:
+    """The MTE setting a VM (summary or definition) will have when it next starts: its pending
+    change if a running VM has one, else what it has now."""
+    return (vm.get("pending") or {}).get("mte", vm.get("mte"))
+
+
 @dataclass
 class Rates:
     """Per-second rates of one counter set over the last ``RATE_WINDOW`` seconds, plus the faults/s history.

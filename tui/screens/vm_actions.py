@@ -6,6 +6,7 @@ shown as a notification and changes nothing. Stop and delete ask first.
 from __future__ import annotations
 
 from backend.errors import MtevmError
+from tui.live import mte_at_next_start
 from tui.screens.confirm import ConfirmScreen
 
 
@@ -51,8 +52,7 @@ class VmActions:
         if names := self._names():
             async def toggle(name: str) -> None:
                 vm = self.app.model.vms.get(name) or await self.app.client.show(name)
-                wanted = not vm.get("pending", {}).get("mte", vm["mte"])
-                await self.app.client.set_mte(name, wanted)
+                await self.app.client.set_mte(name, not mte_at_next_start(vm))
             self._run("toggle MTE of", names, toggle)
 
     def action_migrate_vm(self) -> None:

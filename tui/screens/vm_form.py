@@ -27,6 +27,7 @@ from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
 from tui.components.status import screen_bottom
+from tui.live import mte_at_next_start
 
 CPU_SUGGESTIONS = ["max", "host", "cortex-a710", "neoverse-n2", "cortex-a57", "cortex-a72", "cortex-a76"]
 TCF_CHOICES = ["sync", "async", "asymm", "none"]
@@ -211,8 +212,7 @@ class VmFormScreen(Screen):
             if self.existing:
                 name = self.existing["name"]
                 mte = self.query_one("#mte", Checkbox).value
-                wanted_now = self.existing.get("pending", {}).get("mte", self.existing["mte"])
-                if mte != wanted_now:
+                if mte != mte_at_next_start(self.existing):
                     await client.set_mte(name, mte)
                 tcf = self.query_one("#tcf", Select).value
                 if tcf != (self.existing.get("workload", {}).get("tcf") or ["sync"])[0]:

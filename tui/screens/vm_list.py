@@ -13,7 +13,7 @@ from tui import format as fmt
 from tui import keymap
 from tui.components.live_table import LiveDataTable, LiveRows
 from tui.components.status import screen_bottom
-from tui.live import ModelRefreshed, CountersSampled, VmChanged, VmDeleted
+from tui.live import ModelRefreshed, CountersSampled, VmChanged, VmDeleted, mte_at_next_start
 from tui.screens.vm_actions import VmActions
 
 COLUMNS = [("sel", " "), ("name", "name"), ("state", "state"), ("host", "host"), ("accel", "accel"),
@@ -24,9 +24,9 @@ SORTS = ["name", "state", "host", "faults"]
 def mte_text(vm: dict) -> str:
     """"on"/"off", and the pending value when a running VM will change at its next start."""
     now = "on" if vm.get("mte") else "off"
-    pending = vm.get("pending") or {}
-    if "mte" in pending and pending["mte"] != vm.get("mte"):
-        return f"{now}→{'on' if pending['mte'] else 'off'}"
+    wanted = mte_at_next_start(vm)
+    if wanted != vm.get("mte"):
+        return f"{now}→{'on' if wanted else 'off'}"
     return now
 
 
