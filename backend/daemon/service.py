@@ -421,15 +421,18 @@ class Service:
                 log.exception("VM %s: cleanup after crash failed", rec.name)
         return vcpus
 
-    async def vcpus(self, name: str) -> list[dict]:
-        rec = self._vm(name)
+    async def _fresh_vcpus(self, rec: VmRecord) -> list[dict]:
+        """A running VM's counters sampled now; a stopped VM's zeros."""
         return await self._sample(rec) if rec.running else _stopped_vcpus(rec)
+
+    async def vcpus(self, name: str) -> list[dict]:
+        return await self._fresh_vcpus(self._vm(name))
 
     async def counters(self, name: str) -> dict:
         return await self._counters(self._vm(name))
 
     async def _counters(self, rec: VmRecord) -> dict:
-        vcpus = await self._sample(rec) if rec.running else _stopped_vcpus(rec)
+        vcpus = await self._fresh_vcpus(rec)
         return {"name": rec.name, "time": time.time(),
                 "vm": {k: sum(v[k] for v in vcpus) for k in COUNTER_KEYS}, "vcpus": vcpus}
 
