@@ -22,11 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from backend.errors import MtevmError, RealizeError
 from backend.qemu import guest_abi
-from backend.qemu.argv import QEMU_BINARY as DEFAULT_QEMU
+from backend.machine import VirtMachineConfig
+from backend.qemu.argv import QEMU_BINARY as DEFAULT_QEMU, LaunchFiles, build_argv, quote_option
 from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.guest_abi import GUEST_ELF
 
 BOOT_TIMEOUT = 60.0        # seconds for the whole batch (TCG on a busy 2-core machine)
+TRACE_VM = VirtMachineConfig(name="trace", vcpus=1, memory=256 << 20)   # virt,mte=on, -cpu max, TCG
 
 
 class TraceRunError(MtevmError):
@@ -57,13 +59,11 @@ def parse_ops(ops: Iterable[Mapping[str, Any] | str]) -> list[dict]:
 
 
 def qemu_argv(qemu: str, params: Path, qmp_sock: Path, serial_log: Path) -> list[str]:
-    """The QEMU command line for one trace batch (one vCPU, stays alive after the guest's power-off)."""
-    return [
-        qemu, "-M", "virt,mte=on", "-cpu", "max", "-accel", "tcg", "-nodefaults", "-display", "none",
-        "-smp", "1", "-m", "256M", "-kernel", str(GUEST_ELF), "-no-shutdown",
-        "-device", f"loader,file={params},addr={guest_abi.PARAM_ADDR:#x},force-raw=on",
-        "-serial", f"file:{serial_log}", "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-    ]
+    """build_argv's command line (as for every VM) for one trace batch on one vCPU, kept alive
+    after the guest's power-off."""
+    files = LaunchFiles(str(qmp_sock), str(GUEST_ELF), str(params), guest_abi.PARAM_ADDR)
+    return build_argv(TRACE_VM, files, qemu=qemu) + [
+        "-no-shutdown", "-serial", f"file:{quote_option(str(serial_log))}"]
 
 
 _OP_COUNTER = {"stg": "tag_stores", "st2g": "tag_stores", "stzg": "tag_stores", "ldg": "ldg",
