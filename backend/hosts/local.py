@@ -229,6 +229,7 @@ class LocalVm(RunningVm):
         self._vcpus: list[dict] = [self._vcpu_info(i, {}) for i in range(spec.config.vcpus)]
         self._faults: deque[dict] = deque(maxlen=200)
         self._guest: dict = {}
+        self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
         proc.on_exit(self._on_exit)
 
     # ------------------------------------------------------------------------------ state
@@ -287,15 +288,18 @@ class LocalVm(RunningVm):
         if not self.proc.alive():
             return self.vcpus()
         try:
-            raw = await self.read_status()   # one QMP round trip: the block holds every vCPU (-smp)
+            if self._cpu_indexes is None:   # QEMU's own vCPU list, asked once (not per sample)
+                cpus = await self.proc.qmp.execute("query-cpus-fast")
+                self._cpu_indexes = sorted(c["cpu-index"] for c in cpus)
+            raw = await self.read_status()
         except QmpError:
             return self.vcpus()     # QEMU went away: the exit watch marks the VM crashed
         statuses = guest_abi.parse_status(raw, self.spec.config.vcpus)
         self._guest = guest_abi.parse_status_header(raw)
         now = time.time()
         fresh = []
-        for i, status in enumerate(statuses):
-            info = self._vcpu_info(i, status)
+        for i in self._cpu_indexes:
+            info = self._vcpu_info(i, statuses[i] if i < len(statuses) else {})
             self._note_fault(info, self._vcpus[i] if i < len(self._vcpus) else None, now)
             fresh.append(info)
         self._vcpus = fresh
