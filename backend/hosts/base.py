@@ -8,6 +8,7 @@ over ssh, later) is one new module.
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -15,6 +16,15 @@ from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 
 ProgressCallback = Callable[[float, dict], Awaitable[None] | None]  # (fraction 0..1, stats)
+
+
+async def report_progress(progress: ProgressCallback | None, fraction: float, stats: dict) -> None:
+    """Call a migration progress callback, which may be a plain function or a coroutine function."""
+    if progress is None:
+        return
+    result = progress(fraction, stats)
+    if inspect.isawaitable(result):
+        await result
 
 
 @dataclass

@@ -12,7 +12,6 @@ instead: a deliberate departure from QEMU, as everywhere in mtevm.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import platform
 import socket
@@ -22,7 +21,7 @@ from collections import deque
 from typing import Sequence
 
 from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
-from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
+from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import PAGE, ram_stats
 from backend.qemu import guest_abi
@@ -44,12 +43,6 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-async def _report(progress: ProgressCallback, fraction: float, stats: dict) -> None:
-    result = progress(fraction, stats)
-    if inspect.isawaitable(result):
-        await result
 
 
 class LocalHost(Host):
@@ -372,7 +365,7 @@ class LocalVm(RunningVm):
         stats["with_tags"] = with_tags
         target._vcpus, target._faults = self._vcpus, self._faults   # the VM's history goes with it
         await self.stop()
-        await _report(progress, 1.0, stats)
+        await report_progress(progress, 1.0, stats)
         return target
 
     async def _run_migration(self, target: "LocalVm", port: int, progress: ProgressCallback) -> dict:
@@ -395,7 +388,7 @@ class LocalVm(RunningVm):
             if loop.time() > deadline:
                 raise MigrationError(f"migration did not complete within {MIGRATION_TIMEOUT:.0f} s")
             total = stats["ram_total"] or 1
-            await _report(progress, min(0.99, stats["ram_transferred"] / total), stats)
+            await report_progress(progress, min(0.99, stats["ram_transferred"] / total), stats)
             await asyncio.sleep(MIGRATION_POLL)
         await target.wait_running(deadline - loop.time())
         return stats

@@ -13,13 +13,12 @@ KVM_ARM_MTE_COPY_TAGS layout when both hosts have MTE, which lifts only that blo
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 from collections import deque
 
 from backend.errors import ConfigError, MigrationError, RealizeError, StateError
-from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec
+from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
 from backend.hosts.workload import TCF_NAMES
 from backend.machine import (MTE_MIGRATION_BLOCKER, MigrationState, RamMigration, RealizedMachine,
                              SimulatedArm64Kvm, VirtMachineConfig, dry_run, probe_simulated, realize)
@@ -34,14 +33,6 @@ MIGRATION_SECONDS = 0.6       # how long a migration's progress takes, so front 
 MIGRATION_STEPS = 20          # progress reports per migration phase (RAM, tags, verify)
 FAULT_HISTORY = 200
 FAULTS_PER_BATCH = 5          # the newest faults of each batch that go into the history
-
-
-async def _report(progress: ProgressCallback | None, fraction: float, stats: dict) -> None:
-    if progress is None:
-        return
-    result = progress(fraction, stats)
-    if inspect.isawaitable(result):
-        await result
 
 
 def _new_workload(cpu: TagCheckCpu, ram, spec: VmSpec, index: int):
@@ -263,7 +254,7 @@ class SimVm(RunningVm):
         self.host.vms.discard(self)
         if was_running:
             vm.run()
-        await _report(progress, 1.0, stats)
+        await report_progress(progress, 1.0, stats)
         return vm
 
     async def _copy(self, target: RealizedMachine, copy_tags: bool, progress: ProgressCallback) -> dict:
@@ -282,7 +273,7 @@ class SimVm(RunningVm):
                 ram = state.ram
                 ram_done = (ram["total"] - ram["remaining"]) // PAGE
                 tags_done = max(0, done - len(job.data_pages))
-                await _report(progress, 0.99 * (ram_done + tags_done) / (ram_pages + tag_units),
+                await report_progress(progress, 0.99 * (ram_done + tags_done) / (ram_pages + tag_units),
                               {"status": "active", **ram_stats(ram)})
                 await asyncio.sleep(MIGRATION_SECONDS / n_steps)
         finally:
