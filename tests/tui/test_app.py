@@ -313,7 +313,8 @@ async def test_checkbox_state_is_readable_in_sixteen_colours(make_app):
         await open_form_and_name(pilot, app, "web1")
 
         def checks_line() -> str:
-            return next(line for line in screen_text(app).splitlines() if "secure" in line)
+            return next((line for line in screen_text(app).splitlines() if "secure" in line), "")
+        await wait_for(pilot, lambda: "secure" in checks_line(), "the form's checkboxes drawn")
         before = checks_line()
         assert "MTE: on" in before and "secure: off" in before and "only-migratable: off" in before
         app.screen.query_one("#mte").focus()
