@@ -194,8 +194,11 @@ def test_sigterm_stops_cleanly_and_saves_sim_vms_stopped(mtevm_paths, mtevm, run
 def test_counters_watch_streams_samples(mtevm_paths, mtevm):
     mtevm("create", "w", "--rate", "2000")
     mtevm("start", "w")
+    # Ctrl+C as at a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored,
+    # and a program started with SIGINT ignored rightly keeps ignoring it, so give it back its default.
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "counters", "w", "--watch", "--json",
-                             "--rate", "10"], stdout=subprocess.PIPE, text=True)
+                             "--rate", "10"], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         samples = [json.loads(proc.stdout.readline()) for _ in range(3)]
     finally:
