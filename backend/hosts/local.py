@@ -24,6 +24,7 @@ from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import PAGE, ram_stats
+from backend.paths import open_private_path
 from backend.qemu import guest_abi
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
@@ -164,7 +165,7 @@ class LocalHost(Host):
         argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
                           qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
-        with open(params, "wb") as f:
+        with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(block)
         return argv, params
 
