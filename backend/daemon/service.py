@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
+from backend.daemon.operations import Operation, claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -79,6 +80,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
 def _check_name(name) -> str:
@@ -307,15 +309,20 @@ class Service:
 
     async def delete(self, name: str) -> None:
         rec = self._vm(name)
-        if rec.state not in ("stopped", "crashed"):
-            raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
-        self.store.delete_vm(rec.name)
-        del self.vms[rec.name]
-        self.bus.publish("vm", deleted=rec.name)
+        with claim(rec, "being deleted"):
+            if rec.state not in ("stopped", "crashed"):
+                raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
+            self.store.delete_vm(rec.name)
+            del self.vms[rec.name]
+            self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
     async def start(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "starting"):
+            return await self._start(rec)
+
+    async def _start(self, rec: VmRecord) -> dict:
         if rec.state not in ("stopped", "crashed"):
             raise StateError(f"VM {rec.name!r} is {rec.state}")
         if rec.pending:
@@ -350,6 +357,10 @@ class Service:
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "stopping"):
+            return await self._stop(rec)
+
+    async def _stop(self, rec: VmRecord) -> dict:
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
         self._set_state(rec, "stopping", persist=False)
@@ -395,10 +406,11 @@ class Service:
         else:
             modes = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
             modes[vcpu] = tcf
-        if rec.running is not None:
-            rec.running.set_tcf(vcpu, tcf)
-        rec.workload.tcf = modes
-        self.store.update_vm(rec.name, workload=rec.workload.to_dict())
+        with claim(rec, "changing its TCF"):
+            if rec.running is not None:
+                rec.running.set_tcf(vcpu, tcf)
+            rec.workload.tcf = modes
+            self.store.update_vm(rec.name, workload=rec.workload.to_dict())
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -500,6 +512,14 @@ class Service:
         rec = self._vm(name)
         _check_bool("with_tags", with_tags)
         dst = self._host(to_host)
+        op = claim(rec, "migrating")   # held until the migration task ends (released there)
+        try:
+            return await self._migrate(rec, dst, with_tags, op)
+        except BaseException:
+            op.release()
+            raise
+
+    async def _migrate(self, rec: VmRecord, dst: Host, with_tags: bool, op: Operation) -> dict:
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}: only a running VM can be migrated")
         src = self.hosts[rec.host]
@@ -518,6 +538,7 @@ class Service:
         task = asyncio.get_running_loop().create_task(self._run_migration(rec, dst, m))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: op.release())
         return dict(m)
 
     async def _run_migration(self, rec: VmRecord, dst: Host, m: dict) -> None:
