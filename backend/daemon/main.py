@@ -21,7 +21,8 @@ from aiohttp import web
 
 from backend.daemon.server import build_app
 from backend.daemon.service import open_service
-from backend.errors import MtevmError, StateError, error_payload
+from backend.errors import MtevmError, StateError, StoreError, error_payload
+from backend.store import check_writable
 from backend.paths import Paths, bind_private_socket, open_private_file, private_dir
 
 log = logging.getLogger("mtevm.daemon")
@@ -123,6 +124,12 @@ def run_background(paths: Paths) -> int:
     try:
         paths.ensure_runtime_dir()
         paths.ensure_state_dir()
+        check_writable(paths.store)     # a read-only or immutable store: say so here, not in a log
+        try:
+            with private_dir(paths.state_dir, what="state directory") as st:   # never through a symlink
+                logfd = open_private_file(st, os.path.basename(paths.log_file), os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise StoreError(f"cannot write the daemon log {paths.log_file}: {e.strerror}") from None
     except MtevmError as e:
         print(json.dumps(error_payload(e)), flush=True)
         return 1
@@ -137,8 +144,6 @@ def run_background(paths: Paths) -> int:
                 os._exit(0)
             os.chdir("/")
             null = os.open(os.devnull, os.O_RDWR)
-            with private_dir(paths.state_dir, what="state directory") as st:
-                logfd = open_private_file(st, os.path.basename(paths.log_file), os.O_WRONLY | os.O_APPEND)
             os.dup2(null, 0)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
@@ -156,6 +161,7 @@ def run_background(paths: Paths) -> int:
         finally:
             os._exit(code)
     os.close(w)
+    os.close(logfd)
     os.waitpid(child, 0)
     with os.fdopen(r, "rb") as pipe:
         data = pipe.read().decode(errors="replace").strip()
