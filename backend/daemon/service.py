@@ -237,7 +237,14 @@ class Service:
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
-                "stderr": running.stderr_tail() if running else list(rec.stderr)}
+                "stderr": running.stderr_tail() if running else list(rec.stderr),
+                "migration_targets": self._migration_targets(rec)}
+
+    def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
+        """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
+        applies): front ends offer only possible targets and grey out the others with the reason."""
+        src = self.hosts[rec.host]
+        return {name: src.can_migrate_to(dst) for name, dst in self.hosts.items()}
 
     def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None,
                    last_error=KEEP, **definition) -> None:
