@@ -23,6 +23,7 @@ from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report
 from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import ram_stats
+from backend.paths import open_private_path
 from backend.qemu import guest_abi
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
@@ -162,7 +163,7 @@ class LocalHost(Host):
         argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
                           qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
-        with open(params, "wb") as f:
+        with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(block)
         return argv, params
 
