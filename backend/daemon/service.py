@@ -31,7 +31,7 @@ from backend.store import Store, VmRow
 log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
-               "qemu_args")
+               "qemu_args", "allow_host_files")
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
@@ -81,6 +81,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    allow_host_files: bool = False   # qemu_args may name host files (create --allow-host-files)
     operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
@@ -145,7 +146,7 @@ class Service:
                       "but not shown", row.name, e)
             return
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
-                       qemu_args=list(row.qemu_args))
+                       qemu_args=list(row.qemu_args), allow_host_files=row.allow_host_files)
         self.vms[rec.name] = rec
         if row.state not in ACTIVE_STATES:
             rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
@@ -213,7 +214,7 @@ class Service:
 
     def _spec(self, rec: VmRecord) -> VmSpec:
         return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
-                      extra_args=list(rec.qemu_args))
+                      extra_args=list(rec.qemu_args), allow_host_files=rec.allow_host_files)
 
     def _vcpus(self, rec: VmRecord) -> list[dict]:
         return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
@@ -233,6 +234,7 @@ class Service:
                            "secure": c.secure, "only_migratable": c.only_migratable},
                 "workload": rec.workload.to_dict(),
                 "qemu_args": list(rec.qemu_args),
+                "allow_host_files": rec.allow_host_files,
                 "vcpus": self._vcpus(rec),
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
@@ -290,9 +292,10 @@ class Service:
     async def show(self, name: str) -> dict:
         return await self._detail(self._vm(name))
 
-    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
-        """A create() request -> (host name, machine config, workload, qemu_args), with the documented
-        defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass them to."""
+    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str], bool]:
+        """A create() request -> (host name, machine config, workload, qemu_args, allow_host_files), with
+        the documented defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass
+        them to, and only with allow_host_files may they name host files."""
         if not isinstance(config, dict):
             raise ConfigError(f"a VM definition must be a JSON object, not {type(config).__name__}")
         unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
@@ -301,10 +304,11 @@ class Service:
         host_name = config.get("host", DEFAULT_HOST)
         if host_name is None:
             host_name = DEFAULT_HOST
-        if not isinstance(host_name, str) or host_name not in self.hosts:
-            raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
-        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
-        machine = {k: v for k, v in config.items() if k not in ("host", "workload", "qemu_args") and v is not None}
+        self._host(host_name)      # an unknown host: the same NotFoundError as migrate --to and probe --host
+        allow_host_files = _check_bool("allow_host_files", config.get("allow_host_files", False))
+        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"), allow_host_files=allow_host_files)
+        machine = {k: v for k, v in config.items()
+                   if k not in ("host", "workload", "qemu_args", "allow_host_files") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -314,24 +318,26 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
-        return host_name, vm_config, workload, qemu_args
+        return host_name, vm_config, workload, qemu_args, allow_host_files
 
     async def create(self, config: dict, validate_only: bool = False) -> dict:
         _check_bool("validate_only", validate_only)
         if validate_only:
             try:
-                host_name, vm_config, _, _ = self._parse_definition(config)
+                host_name, vm_config, *_ = self._parse_definition(config)
                 if vm_config.name in self.vms:
                     raise ConfigError(f"a VM named {vm_config.name!r} already exists")
                 self.hosts[host_name].check_config(vm_config)
             except MtevmError as e:
                 return {"ok": False, "error": str(e)}
             return {"ok": True, "error": None}
-        host_name, vm_config, workload, qemu_args = self._parse_definition(config)
+        host_name, vm_config, workload, qemu_args, allow_host_files = self._parse_definition(config)
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
-        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args,
+                       allow_host_files=allow_host_files)
+        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args,
+                                allow_host_files=allow_host_files))
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
@@ -433,7 +439,8 @@ class Service:
         rec = self._vm(name)
         if vcpu is not None and (not isinstance(vcpu, int) or isinstance(vcpu, bool)
                                  or not 0 <= vcpu < rec.config.vcpus):
-            raise ConfigError(f"vcpu must be a vCPU index 0..{rec.config.vcpus - 1} or null (all), not {vcpu!r}")
+            raise ConfigError(f"VM {rec.name!r} has no vCPU {vcpu!r}: give a vCPU index 0..{rec.config.vcpus - 1}, "
+                              "or no vCPU to set all of them")
         if tcf not in TCF_NAMES:
             raise ConfigError(f"tcf {tcf!r} is not one of {', '.join(TCF_NAMES)}")
         if vcpu is None:

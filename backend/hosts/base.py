@@ -35,6 +35,7 @@ class VmSpec:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
+    allow_host_files: bool = False   # extra_args may name host files (the user opted in: --allow-host-files)
 
 
 class Host(abc.ABC):
@@ -54,7 +55,7 @@ class Host(abc.ABC):
     def check_config(self, config: VirtMachineConfig) -> None:
         """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
 
-    def check_extra_args(self, extra_args) -> list[str]:
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
         """Validate a definition's ``qemu_args``; hosts without a QEMU process refuse any."""
         from backend.errors import ConfigError
         if extra_args:

@@ -116,9 +116,10 @@ class LocalHost(Host):
             if kvm is not None:
                 kvm.close()
 
-    def check_extra_args(self, extra_args) -> list[str]:
-        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device)."""
-        return validate_extra_args(extra_args)
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
+        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device); none may
+        name a host file unless ``allow_host_files``."""
+        return validate_extra_args(extra_args, allow_host_files=allow_host_files)
 
     # ----------------------------------------------------------------------------- VMs
     def _vm_dir(self, spec: VmSpec) -> str:
@@ -133,7 +134,7 @@ class LocalHost(Host):
         ``spec.extra_args``, the definition's qemu_args) go on QEMU's command line."""
         if extra_args is None:
             extra_args = spec.extra_args
-        return await self._launch(spec, validate_extra_args(extra_args))
+        return await self._launch(spec, validate_extra_args(extra_args, allow_host_files=spec.allow_host_files))
 
     async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
         config = spec.config
@@ -164,7 +165,8 @@ class LocalHost(Host):
         block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
         argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
                           qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None,
+                          allow_host_files=spec.allow_host_files)
         with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(block)
         return argv, params
