@@ -396,6 +396,13 @@ async def run_command(args) -> int:
         return await _dispatch(client, args)
 
 
+def _warn_start(vm: dict) -> None:
+    """The daemon's warnings (QEMU's text): the definition is stored but cannot start on its host.
+    The same rule and words as the app's forms; on stderr, so --json output stays one document."""
+    for text in vm.get("warnings") or []:
+        print(f"mtevm: warning: VM {vm['name']} cannot start on {vm['host']}: {text}", file=sys.stderr)
+
+
 async def _dispatch(client, args) -> int:
     cmd = args.command
     as_json = getattr(args, "json", False)
@@ -416,6 +423,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
                                 f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "start":
         out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
     elif cmd == "stop":
@@ -428,6 +436,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(
             f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
             else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "tcf":
         vm = await client.set_tcf(args.name, args.vcpu, args.mode)
         out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))

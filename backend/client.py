@@ -168,8 +168,8 @@ class Client:
     async def show(self, name: str) -> dict:
         return await self._t.call("show", name=name)
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
-        return await self._t.call("create", config=config, validate_only=validate_only)
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only, existing=existing)
 
     async def start(self, name: str) -> dict:
         return await self._t.call("start", name=name)
