@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve")
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    from backend.guests import image_cli
+    image_cli.add_parser(sub, [common])
     p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
@@ -523,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)
+        elif args.command == "image":
+            from backend.guests import image_cli
+            code = image_cli.run(args)
         else:
             code = asyncio.run(run_command(args))
         sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest
