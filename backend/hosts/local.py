@@ -38,6 +38,7 @@ TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: 
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
 LOOPBACK = "127.0.0.1"
+CONSOLE_CONNECT_TIMEOUT = 5.0   # seconds a paused QEMU waits for the daemon to attach its console
 
 
 def free_tcp_port() -> int:
@@ -159,6 +160,11 @@ class LocalHost(Host):
         vm = vm_class(spec)(self, spec, proc, extra_args, params)
         if incoming_port is None:
             vm.console.log.mark(f"QEMU pid {proc.pid} started")
+            try:   # QEMU waits (-S) until the console is connected: the log has the guest's first line
+                await vm.run_after_console()
+            except BaseException:
+                await vm.stop()
+                raise
         self.vms.add(vm)
         return vm
 
@@ -195,6 +201,8 @@ class LocalHost(Host):
                              disks=tuple((d, disk_format(d)) for d in guest.disks))
         argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+        if not incoming_port:
+            argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
         return argv, params, block
 
     async def start_incoming(self, spec: VmSpec, extra_args: list[str]) -> tuple["LocalVm", int]:
@@ -271,6 +279,18 @@ class LocalVm(RunningVm):
             self.host.vms.discard(self)
             _remove(self.params_file)
             self.console.log.mark(f"QEMU exited: {proc.exit_reason()}")
+
+    async def run_after_console(self, timeout: float = CONSOLE_CONNECT_TIMEOUT) -> None:
+        """Let a QEMU started with -S run once the daemon reads its console (so no boot output is
+        lost: QEMU drops serial output while nobody is connected)."""
+        try:
+            await asyncio.wait_for(self.console.connected.wait(), timeout)
+        except TimeoutError:
+            pass   # run anyway: a VM without its first console lines beats a VM that does not start
+        try:
+            await self.proc.qmp.execute("cont")
+        except QmpError as e:
+            raise RealizeError(f"QEMU did not start the guest: {e}") from None
 
     async def close_channels(self) -> None:
         """Stop reading the console (and, for Linux guests, the agent)."""

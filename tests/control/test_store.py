@@ -187,5 +187,24 @@ def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
     assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
+
+
+def test_a_version_2_store_gets_guests_and_its_vms_boot_the_builtin_one(tmp_path):
+    """A store written before Linux guests existed (schema 2): its VMs load with the builtin guest
+    ({}), and a Linux guest's definition is kept across a reopen."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA.replace("PRAGMA user_version=1;", ""))
+    db.execute("ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'")
+    db.execute("PRAGMA user_version=2")
+    db.execute("INSERT INTO vms VALUES ('old', 'local', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0, '[]')")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    s.add_vm(VmRow("lx", "local", {"name": "lx"}, {}, guest={"kind": "linux", "append": "loglevel=7"}))
+    s.close()
+    s = Store(str(path))
+    assert {r.name: r.guest for r in s.load_vms()} == {"old": {}, "lx": {"kind": "linux", "append": "loglevel=7"}}
+    s.close()
