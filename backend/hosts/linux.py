@@ -126,6 +126,14 @@ class LinuxVm(LocalVm):
         facts = self.agent.state.guest_facts()
         return {**(facts or {}), "agent": "connected" if self.agent.ready.is_set() else "waiting"}
 
+    def _take_history(self, other) -> None:
+        """A migration: the last faults and the per-process table go with the VM (the counters
+        themselves continue by themselves: the guest agent keeps cumulative totals)."""
+        super()._take_history(other)
+        if self.agent is not None and getattr(other, "agent", None) is not None:
+            self.agent.state.last_faults = other.agent.state.last_faults
+            self.agent.state.processes = {**other.agent.state.processes, **self.agent.state.processes}
+
     def processes(self) -> list[dict]:
         return self.agent.state.process_table() if self.agent else []
 

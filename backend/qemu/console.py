@@ -19,6 +19,8 @@ import re
 from collections import deque
 from typing import Callable
 
+from backend.errors import ConfigError
+
 LOG_NAME = "console.log"
 LOG_MAX_BYTES = 256 * 1024       # per file; with the rotated one at most 512 KiB per VM
 RECENT_LINES = 200               # kept in memory for panic reports
@@ -29,8 +31,10 @@ CONNECT_POLL = 0.05
 
 
 def _open_append(path: str) -> int:
-    """Open a log file for appending without following a symlink planted in its place."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Open a log file for appending through backend.paths' checks (its directory private and
+    ours, no symlink followed, created 0600)."""
+    from backend.paths import open_private_path
+    return open_private_path(path, os.O_WRONLY | os.O_APPEND)
 
 
 class ConsoleLog:
@@ -40,7 +44,6 @@ class ConsoleLog:
         self.directory = directory
         self.max_bytes = max_bytes
         self.path = os.path.join(directory, LOG_NAME)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         self._fd: int | None = None
         self._size = 0
 
@@ -60,7 +63,7 @@ class ConsoleLog:
                 fd = self._open()
             os.write(fd, data[-self.max_bytes:])
             self._size += min(len(data), self.max_bytes)
-        except OSError:
+        except (OSError, ConfigError):
             self.close()   # a full disk must not stop the console: the next chunk tries again
 
     def mark(self, text: str) -> None:
