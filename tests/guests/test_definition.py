@@ -77,7 +77,10 @@ def test_custom_guest_errors_name_the_file_and_the_problem(run_mtevm, tmp_path):
 
 def test_a_linux_guest_before_its_image_is_built_says_how_to_build_it(run_mtevm, tmp_path):
     r = run_mtevm("create", "lx", "--host", "local", "--guest", "linux", env={"MTEVM_CACHE_DIR": str(tmp_path / "c")})
-    assert "mtevm image build linux" in error_of(r)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("mtevm: error: the Linux guest image is not built") and \
+        "build it with 'mtevm image build linux'" in r.stderr
+    assert json.loads(run_mtevm("list", "--json").stdout) == []      # nothing was defined
 
 
 def test_a_custom_guest_is_persisted_shown_and_gives_its_command_line(run_mtevm, tmp_path, monkeypatch):
