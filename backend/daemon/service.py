@@ -283,6 +283,7 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
+        self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
         return host_name, vm_config, workload, qemu_args
 
     async def create(self, config: dict, validate_only: bool = False) -> dict:
