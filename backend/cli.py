@@ -24,7 +24,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
-COMMANDS = ("probe", "hosts", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
+COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
             "migrate", "migrations", "daemon", "tagcheck", "serve")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("probe", "what each host can do for MTE (KVM, QEMU, CPU) and the verdicts", as_json)
     p.add_argument("--host", help="probe only this host")
     add("hosts", "the hosts VMs can run on", as_json)
+    p = add("host", "add or remove a libvirt host: 'host add NAME URI', 'host remove NAME'")
+    actions = p.add_subparsers(dest="host_action", metavar="ACTION", required=True)
+    a = actions.add_parser("add", parents=[common, as_json], help="add a libvirt host by URI", description=(
+        "add a libvirt host by URI: qemu:///system, qemu+ssh://user@host/system, "
+        "qemu+unix:///system?socket=PATH (needs libvirt-python: pip install -e '.[libvirt]')"))
+    a.add_argument("name")
+    a.add_argument("uri")
+    a = actions.add_parser("remove", parents=[common, as_json], help="forget a libvirt host (it has no mtevm VMs)")
+    a.add_argument("name")
     add("list", "all VMs", as_json)
     p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
     p.add_argument("name")
@@ -405,6 +414,12 @@ async def _dispatch(client, args) -> int:
 
     if cmd == "hosts":
         out(await client.hosts(), print_hosts)
+    elif cmd == "host" and args.host_action == "add":
+        out(await client.host_add(args.name, args.uri), lambda h: print(
+            f"added host {h['name']}: {h['description']}" + ("" if h["available"] else f"; unreachable: {h['reason']}")))
+    elif cmd == "host":
+        await client.host_remove(args.name)
+        out({"removed": args.name}, lambda d: print(f"removed host {args.name}"))
     elif cmd == "probe":
         out(await client.probe(args.host), print_probe)
     elif cmd == "list":

@@ -159,6 +159,12 @@ class Client:
     async def hosts(self) -> list[dict]:
         return await self._t.call("hosts")
 
+    async def host_add(self, name: str, uri: str) -> dict:
+        return await self._t.call("host_add", name=name, uri=uri)
+
+    async def host_remove(self, name: str) -> None:
+        await self._t.call("host_remove", name=name)
+
     async def probe(self, host: str | None = None) -> list[dict]:
         return await self._t.call("probe", host=host)
 

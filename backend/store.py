@@ -8,6 +8,7 @@ read-only first and refused with a StoreError naming the file, which stays byte-
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -16,9 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from backend.errors import StoreError
+from backend.errors import StoreError, StoreWriteError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -56,11 +57,15 @@ CREATE TABLE migrations (
     stats     TEXT NOT NULL DEFAULT '{}'
 );
 """
-_TABLES = {"vms", "pending", "runtime", "migrations"}
+# Hosts the user added (libvirt, by URI); the built-in ones are not stored. New in version 3.
+_HOSTS_TABLE = "CREATE TABLE hosts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, uri TEXT NOT NULL, created REAL NOT NULL)"
+_SCHEMA += _HOSTS_TABLE + ";\n"
+_TABLES = {"vms", "pending", "runtime", "migrations"}   # in every version (hosts: from 3)
 # How to bring a store of version N-1 to N, applied in order in one transaction when it is opened.
 # (Version 1 stores, written before qemu_args existed, still open: their VMs get no extra arguments.)
 _UPGRADES = {
     2: ["ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'"],
+    3: [_HOSTS_TABLE],
 }
 
 
@@ -78,6 +83,31 @@ class VmRow:
     pending: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
     qemu_args: list = field(default_factory=list)
+
+
+def check_writable(path: str) -> None:
+    """Refuse, before SQLite maps anything, a store mtevm could not write: one on a read-only file
+    system, or whose file or -wal/-shm sidecar cannot be opened for writing (immutable, not ours).
+    SQLite would open such a store read-only and fail at the first change (or, with an unwritable
+    -shm it maps read-only, worse); the daemon instead says at start-up what to fix."""
+    directory = os.path.dirname(path) or "."
+    try:
+        readonly = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        raise StoreError(f"cannot use the mtevm state directory {directory}: {e.strerror}") from None
+    if readonly:
+        raise StoreError(f"the mtevm store {path} is on a read-only file system: mtevm must write it; "
+                         "remount it read-write or choose another --state-dir / MTEVM_STATE_DIR")
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            hint = " (immutable? see lsattr; chattr -i)" if e.errno == errno.EPERM else ""
+            raise StoreError(f"the mtevm store file {name} cannot be written: {e.strerror}{hint}; "
+                             "the store was left untouched") from None
+        os.close(fd)
 
 
 def _check_existing(path: str) -> None:
@@ -123,11 +153,18 @@ def _check_existing(path: str) -> None:
                          "it was left untouched: move it away to start with an empty store") from None
 
 
+def _replace_pending(db: sqlite3.Connection, name: str, pending: dict) -> None:
+    db.execute("DELETE FROM pending WHERE vm=?", (name,))
+    db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
+                   [(name, k, json.dumps(v)) for k, v in pending.items()])
+
+
 class Store:
     """All reads and writes of the state database. Each mutating method is one transaction."""
 
     def __init__(self, path: str):
         self.path = path
+        check_writable(path)
         if os.path.exists(path):
             _check_existing(path)
         try:
@@ -142,8 +179,8 @@ class Store:
                     self._create_schema()
                 elif version < SCHEMA_VERSION:
                     self._upgrade(version)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the mtevm store {path}: {e}") from None
+        except (sqlite3.Error, StoreWriteError) as e:
+            raise StoreError(f"cannot open the mtevm store {path}: {getattr(e, 'reason', e)}") from None
 
     def _create_schema(self) -> None:
         for stmt in _SCHEMA.split(";"):
@@ -159,14 +196,25 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction; rolled back entirely if anything in it fails."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One durable transaction; rolled back entirely if anything in it fails (COMMIT included).
+
+        A write SQLite refuses (disk full, read-only file system, I/O error) raises StoreWriteError
+        with the reason: the caller changes its memory only after this returns (write-then-apply),
+        so the user is told the truth, "nothing changed"."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass   # SQLite rolls back itself when it cannot
+                raise
+        except sqlite3.OperationalError as e:   # the disk, not the data (IntegrityError is a bug: raised)
+            raise StoreWriteError.because(e) from None
 
     def close(self) -> None:
         self._db.close()
@@ -203,15 +251,22 @@ class Store:
             if workload is not None:
                 db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
             if pending is not None:
-                db.execute("DELETE FROM pending WHERE vm=?", (name,))
-                db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
-                               [(name, k, json.dumps(v)) for k, v in pending.items()])
+                _replace_pending(db, name, pending)
 
     def set_state(self, name: str, state: str, last_error: str | None = None,
-                  runtime: dict | None = None) -> None:
-        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it."""
+                  runtime: dict | None = None, *, config: dict | None = None, pending: dict | None = None,
+                  host: str | None = None) -> None:
+        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. ``config``,
+        ``pending`` and ``host`` (when given) change in the same transaction (a start applies pending
+        changes; a migration moves the VM)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET state=?, last_error=? WHERE name=?", (state, last_error, name))
+            if host is not None:
+                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
+            if config is not None:
+                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
+            if pending is not None:
+                _replace_pending(db, name, pending)
             if runtime is not None:
                 db.execute("DELETE FROM runtime WHERE vm=?", (name,))
                 if runtime:
@@ -220,6 +275,20 @@ class Store:
     def delete_vm(self, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- hosts the user added ---------------------------------------------------------------------
+    def load_hosts(self) -> list[dict]:
+        """[{"name", "kind", "uri"}] in the order they were added."""
+        return [{"name": n, "kind": k, "uri": u} for n, k, u in
+                self._db.execute("SELECT name, kind, uri FROM hosts ORDER BY created, name")]
+
+    def add_host(self, name: str, kind: str, uri: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO hosts (name, kind, uri, created) VALUES (?, ?, ?, ?)", (name, kind, uri, time.time()))
+
+    def delete_host(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM hosts WHERE name=?", (name,))
 
     # -- migration history ------------------------------------------------------------------------
     def add_migration(self, m: dict) -> int:

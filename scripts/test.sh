@@ -8,7 +8,7 @@ bash scripts/install-deps.sh
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,libvirt]"
 export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
 make -s -C backend/qemu/guest
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
-from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
-from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
+from backend.daemon.operations import Operation, claim
+from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
+from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts, create_libvirt_host
 from backend.hosts.base import Host, RunningVm, VmSpec
 from backend.hosts.workload import TCF_NAMES, WorkloadConfig
 from backend.machine import MTE_MIGRATION_BLOCKER, VirtMachineConfig
@@ -35,8 +36,10 @@ ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
+HOST_ADD_WAIT = 30.0         # host add waits this long for the first connection (libvirt probes QEMU)
 
 COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
+KEEP = object()              # _set_state: keep the record's last_error
 
 
 def _default_accel(host: Host) -> str:
@@ -79,6 +82,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
 def _check_name(name) -> str:
@@ -121,12 +125,13 @@ class Service:
         self.store = Store(self.paths.store)
         try:
             self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
+            for h in self.store.load_hosts():
+                await self._open_host(create_libvirt_host(h["name"], h["uri"]))
             for m in self.store.load_migrations():
-                if m["state"] in ("setup", "active"):
-                    m.update(state="failed", reason="the daemon stopped during the migration",
-                             finished=time.time())
-                    self.store.update_migration(m)
                 self._migrations[m["id"]] = m
+                if m["state"] in ("setup", "active"):
+                    self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
+                                           finished=time.time())
             for row in self.store.load_vms():
                 await self._load_vm(row)
         except BaseException:
@@ -151,7 +156,7 @@ class Service:
         host = self.hosts.get(row.host)
         if host is None or host.kind == "simulated" or not row.runtime:
             # Simulated VMs lived inside the previous daemon: they stopped with it.
-            self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+            self._note_state(rec, "stopped", runtime={})
             return
         try:
             rec.running = await host.reattach(self._spec(rec), row.runtime)
@@ -163,9 +168,8 @@ class Service:
             log.info("VM %s: reattached", rec.name)
         else:
             rec.running = None
-            rec.state = "crashed"
-            rec.last_error = rec.last_error or "the VM was gone when the daemon restarted"
-            self.store.set_state(rec.name, "crashed", rec.last_error, runtime={})
+            self._note_state(rec, "crashed", runtime={},
+                             last_error=rec.last_error or "the VM was gone when the daemon restarted")
 
     async def close(self) -> None:
         """Stop cleanly: simulated VMs stop and are saved as stopped; real QEMU VMs keep running
@@ -187,10 +191,10 @@ class Service:
                     await rec.running.stop()
                 except Exception:
                     log.exception("VM %s: stop failed", rec.name)
-                rec.running, rec.state = None, "stopped"
-                self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+                rec.running = None
+                self._note_state(rec, "stopped", runtime={})
             else:
-                self.store.set_state(rec.name, "running", rec.last_error, runtime=rec.running.runtime_info())
+                self._note_state(rec, rec.state, runtime=rec.running.runtime_info())
         for host in self.hosts.values():
             try:
                 await host.close()
@@ -202,6 +206,10 @@ class Service:
     def _vm(self, name) -> VmRecord:
         rec = self.vms.get(_check_name(name))
         if rec is None:
+            foreign = self._foreign(name)
+            if foreign is not None:
+                raise StateError(f"{name} is a libvirt domain mtevm did not make: it is shown read-only "
+                                 f"(manage it with virsh -c {self.hosts[foreign['host']].uri})")
             raise NotFoundError(f"no VM named {name!r}")
         return rec
 
@@ -219,7 +227,9 @@ class Service:
 
     def _summary(self, rec: VmRecord) -> dict:
         c = rec.config
-        return {"name": rec.name, "host": rec.host, "state": rec.state, "accel": c.accel, "cpu": c.cpu,
+        host = self.hosts.get(rec.host)
+        state = host.shown_state(rec.state) if host is not None else rec.state
+        return {"name": rec.name, "host": rec.host, "state": state, "accel": c.accel, "cpu": c.cpu,
                 "vcpus": c.vcpus, "memory": c.memory, "mte": c.mte,
                 "faults_per_s": round(rec.rate.value, 3) if rec.running else 0.0,
                 "pending": dict(rec.pending), "last_error": rec.last_error}
@@ -236,12 +246,42 @@ class Service:
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
-                "stderr": running.stderr_tail() if running else list(rec.stderr)}
+                "stderr": running.stderr_tail() if running else list(rec.stderr),
+                "migration_targets": self._migration_targets(rec)}
 
-    def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None) -> None:
-        rec.state = state
+    def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
+        """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
+        applies): front ends offer only possible targets and grey out the others with the reason."""
+        src = self.hosts[rec.host]
+        return {name: src.can_migrate_to(dst) for name, dst in self.hosts.items()}
+
+    def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None,
+                   last_error=KEEP, **definition) -> None:
+        """Write-then-apply: the store first (StoreWriteError: memory untouched, nothing changed),
+        then memory and the event. ``definition`` (config=, pending=) is written in the same
+        transaction and applied to the record with the state."""
+        error = rec.last_error if last_error is KEEP else last_error
         if persist:
-            self.store.set_state(rec.name, state, rec.last_error, runtime=runtime)
+            self.store.set_state(rec.name, state, error, runtime=runtime,
+                                 **{k: v.to_dict() if k == "config" else v for k, v in definition.items()})
+        self._apply_state(rec, state, error, definition)
+
+    def _note_state(self, rec: VmRecord, state: str, *, runtime: dict | None = None, last_error=KEEP,
+                    **definition) -> None:
+        """Record what already happened (a QEMU stopped, crashed or migrated): memory follows the
+        truth even if the store cannot be written then; the next daemon reconciles the store from
+        what really runs (see _load_vm), so a failed write here is logged, not raised."""
+        error = rec.last_error if last_error is KEEP else last_error
+        try:
+            self.store.set_state(rec.name, state, error, runtime=runtime, **definition)
+        except StoreError as e:
+            log.error("VM %s: %s (it is %s)", rec.name, e, state)
+        self._apply_state(rec, state, error, definition)
+
+    def _apply_state(self, rec: VmRecord, state: str, error, definition: dict) -> None:
+        rec.state, rec.last_error = state, error
+        for key, value in definition.items():
+            setattr(rec, key, value)
         self.bus.publish("vm", vm=self._summary(rec))
 
     # -- hosts ------------------------------------------------------------------------------------
@@ -252,11 +292,54 @@ class Service:
         hosts = list(self.hosts.values()) if host is None else [self._host(host)]
         return [await asyncio.to_thread(h.probe) for h in hosts]
 
+    async def _open_host(self, host: Host) -> None:
+        """Add a host that keeps a connection (libvirt): it connects in the background."""
+        self.hosts[host.name] = host
+        await host.open(self.bus.publish)
+
+    async def host_add(self, name: str, uri: str) -> dict:
+        """Add a libvirt host by URI; persisted. Waits for the first connection attempt (a host
+        that is down is still added, and shows why it is unreachable)."""
+        if isinstance(name, str) and name in self.hosts:
+            raise ConfigError(f"a host named {name!r} already exists")
+        host = create_libvirt_host(name, uri)      # checks name and URI (ConfigError)
+        from backend.hosts.libvirt import load_libvirt
+        load_libvirt()                              # without libvirt-python: say what to install
+        self.store.add_host(host.name, host.kind, host.uri)
+        await self._open_host(host)
+        await host.wait_connected(HOST_ADD_WAIT)
+        self.bus.publish("host", host=host.info())
+        return host.info()
+
+    async def host_remove(self, name: str) -> None:
+        host = self._host(name)
+        if host.kind != "libvirt":
+            raise ConfigError(f"host {name!r} is built in: only hosts added with 'mtevm host add' can be removed")
+        vms = sorted(r.name for r in self.vms.values() if r.host == name)
+        if vms:
+            raise StateError(f"host {name!r} has VMs defined by mtevm ({', '.join(vms)}): delete or migrate them first")
+        self.store.delete_host(name)
+        del self.hosts[name]
+        await host.close()
+        self.bus.publish("host", removed=name)
+
     # -- VM definitions ---------------------------------------------------------------------------
     async def list(self) -> list[dict]:
-        return [self._summary(rec) for rec in self.vms.values()]
+        return [self._summary(rec) for rec in self.vms.values()] + self._foreign_vms()
+
+    def _foreign_vms(self) -> list[dict]:
+        """Domains on libvirt hosts that mtevm did not make: listed, read-only."""
+        return [vm for h in self.hosts.values() for vm in h.foreign_vms()]
+
+    def _foreign(self, name) -> dict | None:
+        return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
+        foreign = self._foreign(name) if name not in self.vms else None
+        if foreign is not None:
+            return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
+                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
+                    "blocked_reasons": [], "last_faults": [], "tag_memory": None, "stderr": []}
         return await self._detail(self._vm(name))
 
     def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
@@ -301,66 +384,95 @@ class Service:
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
         rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
-        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+        host = self.hosts[host_name]
+        await host.define(self._spec(rec))      # libvirt: the persistent domain (checked first)
+        try:
+            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+        except BaseException:
+            await host.undefine(rec.name)
+            raise
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
     async def delete(self, name: str) -> None:
         rec = self._vm(name)
-        if rec.state not in ("stopped", "crashed"):
-            raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
-        self.store.delete_vm(rec.name)
-        del self.vms[rec.name]
-        self.bus.publish("vm", deleted=rec.name)
+        with claim(rec, "being deleted"):
+            if rec.state not in ("stopped", "crashed"):
+                raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
+            await self.hosts[rec.host].undefine(rec.name)    # libvirt: undefine the domain
+            self.store.delete_vm(rec.name)
+            del self.vms[rec.name]
+            self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
     async def start(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "starting"):
+            return await self._start(rec)
+
+    async def _start(self, rec: VmRecord) -> dict:
         if rec.state not in ("stopped", "crashed"):
             raise StateError(f"VM {rec.name!r} is {rec.state}")
-        if rec.pending:
-            self._apply_pending(rec)
+        # The intent is stored before QEMU exists ("starting", with the pending changes applied: they
+        # become the definition at start even if the start then fails, as a change made while stopped
+        # would have), so a daemon killed during the launch is followed by one that adopts or stops it.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
         rec.stderr = []
-        self._set_state(rec, "starting", persist=False)
         host = self.hosts[rec.host]
         try:
-            rec.running = await host.start(self._spec(rec))
+            running = await host.start(self._spec(rec))
         except BaseException as e:
-            rec.running = None
-            rec.last_error = str(e) if isinstance(e, MtevmError) else f"start failed: {e!r}"
-            self._set_state(rec, "stopped", runtime={})
+            error = str(e) if isinstance(e, MtevmError) else f"start failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
             if isinstance(e, MtevmError) or not isinstance(e, Exception):
                 raise
             log.exception("VM %s: start failed", rec.name)
-            raise MtevmError(rec.last_error) from e
-        rec.last_error = None
+            raise MtevmError(error) from e
+        try:
+            self._set_state(rec, "running", runtime=running.runtime_info(), last_error=None)
+        except StoreError:
+            await running.stop()     # the store cannot say it runs: it must not run
+            self._note_state(rec, "stopped", runtime={})
+            raise
+        rec.running = running
         rec.rate.reset()
-        self._set_state(rec, "running", runtime=rec.running.runtime_info())
         log.info("VM %s: started on %s", rec.name, rec.host)
         return await self._detail(rec)
 
-    def _apply_pending(self, rec: VmRecord) -> None:
-        """Pending changes become the definition at start (even if the start then fails, as a change
-        made while stopped would have)."""
+    def _pending_applied(self, rec: VmRecord) -> dict:
+        """The definition with the pending changes applied ({} when none): config=, pending=."""
+        if not rec.pending:
+            return {}
         d = rec.config.to_dict()
         d.update(rec.pending)
-        rec.config = VirtMachineConfig.from_dict(d)
-        rec.pending = {}
-        self.store.update_vm(rec.name, config=rec.config.to_dict(), pending={})
+        return {"config": VirtMachineConfig.from_dict(d), "pending": {}}
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "stopping"):
+            return await self._stop(rec)
+
+    async def _stop(self, rec: VmRecord) -> dict:
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
-        self._set_state(rec, "stopping", persist=False)
+        # Intent first ("stopping", the runtime kept): a daemon killed now is followed by one that
+        # finishes the stop. A store that cannot be written refuses the stop: nothing changed.
+        self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
         running, rec.running = rec.running, None
         try:
             await running.stop()
+        except MtevmError:
+            if running.state == "running":
+                # The host could not power it off (a libvirt host that is unreachable): it still runs.
+                rec.running = running
+                self._note_state(rec, "running", runtime=running.runtime_info())
+            raise
         finally:
-            rec.rate.reset()
-            self._set_state(rec, "stopped", runtime={})
-            log.info("VM %s: stopped", rec.name)
+            if rec.running is None:
+                rec.rate.reset()
+                self._note_state(rec, "stopped", runtime={})
+                log.info("VM %s: stopped", rec.name)
         return await self._detail(rec)
 
     async def set_mte(self, name: str, on: bool) -> dict:
@@ -371,16 +483,19 @@ class Service:
             d["mte"] = on
             config = VirtMachineConfig.from_dict(d)
             config.validate()
-            rec.config, rec.pending = config, {}
+            spec = self._spec(rec)
+            spec.config = config
+            await self.hosts[rec.host].define(spec)   # libvirt: the domain follows the definition
             self.store.update_vm(rec.name, config=config.to_dict(), pending={})
+            rec.config, rec.pending = config, {}
         else:
             # A running machine cannot change its MTE setting (QEMU fixes it at machvirt_init): keep it
             # for the next start. Toggling back to the current value cancels the change.
             pending = {k: v for k, v in rec.pending.items() if k != "mte"}
             if on != rec.config.mte:
                 pending["mte"] = on
-            rec.pending = pending
             self.store.update_vm(rec.name, pending=pending)
+            rec.pending = pending
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -396,10 +511,18 @@ class Service:
         else:
             modes = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
             modes[vcpu] = tcf
-        if rec.running is not None:
-            rec.running.set_tcf(vcpu, tcf)
-        rec.workload.tcf = modes
-        self.store.update_vm(rec.name, workload=rec.workload.to_dict())
+        with claim(rec, "changing its TCF"):
+            before = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
+            if rec.running is not None:
+                rec.running.set_tcf(vcpu, tcf)      # refuses (StateError) before anything changes
+            try:
+                self.store.update_vm(rec.name, workload={**rec.workload.to_dict(), "tcf": modes})
+            except StoreError:
+                if rec.running is not None:          # roll the live change back
+                    for i, mode in enumerate(before):
+                        rec.running.set_tcf(i, mode)
+                raise
+            rec.workload.tcf = modes
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -412,10 +535,10 @@ class Service:
         rec.rate.update(time.monotonic(), total)
         if running.state == "crashed" and rec.running is running and rec.state == "running":
             rec.stderr = running.stderr_tail()
-            rec.last_error = rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly"
             rec.running = None
             rec.rate.reset()
-            self._set_state(rec, "crashed", runtime={})
+            self._note_state(rec, "crashed", runtime={},
+                             last_error=rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly")
             try:
                 await running.stop()
             except Exception:
@@ -492,15 +615,32 @@ class Service:
         m = {"id": 0, "vm": rec.name, "src": rec.host, "dst": dst, "with_tags": with_tags, "state": state,
              "reason": reason, "progress": 0.0, "started": now,
              "finished": now if state in ("blocked", "failed") else None, "stats": {}}
-        m["id"] = self.store.add_migration(m)
+        m["id"] = self.store.add_migration(m)    # write-then-apply: a refused write records nothing
         self._migrations[m["id"]] = m
         self.bus.publish("migration", migration=dict(m))
         return m
+
+    def _update_migration(self, m: dict, **changes) -> None:
+        """A migration's progress or outcome (a fact: memory follows it even if the store refuses)."""
+        m.update(changes)
+        try:
+            self.store.update_migration(m)
+        except StoreError as e:
+            log.error("migration %d: %s (it is %s)", m["id"], e, m["state"])
+        self.bus.publish("migration", migration=dict(m))
 
     async def migrate(self, name: str, to_host: str, with_tags: bool = False) -> dict:
         rec = self._vm(name)
         _check_bool("with_tags", with_tags)
         dst = self._host(to_host)
+        op = claim(rec, "migrating")   # held until the migration task ends (released there)
+        try:
+            return await self._migrate(rec, dst, with_tags, op)
+        except BaseException:
+            op.release()
+            raise
+
+    async def _migrate(self, rec: VmRecord, dst: Host, with_tags: bool, op: Operation) -> dict:
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}: only a running VM can be migrated")
         src = self.hosts[rec.host]
@@ -509,9 +649,12 @@ class Service:
         # lifts the MTE blocker, and only that one (QEMU has no such option).
         reasons = [r for r in await rec.running.blocked_reasons()
                    if not (with_tags and r == MTE_MIGRATION_BLOCKER)]
-        refusal = reasons[0] if reasons else src.can_migrate_to(dst)
+        refusal = await rec.running.refusal_text(dst, reasons) if reasons else src.can_migrate_to(dst)
         if refusal:
-            self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            try:
+                self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            except StoreError as e:   # the refusal is what the user needs to read
+                log.error("VM %s: refused migration not recorded: %s", rec.name, e)
             log.info("VM %s: migration to %s refused: %s", rec.name, dst.name, refusal)
             raise MigrationError(refusal)
         m = self._record_migration(rec, dst.name, with_tags, "setup")
@@ -519,6 +662,7 @@ class Service:
         task = asyncio.get_running_loop().create_task(self._run_migration(rec, dst, m))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: op.release())
         return dict(m)
 
     async def _run_migration(self, rec: VmRecord, dst: Host, m: dict) -> None:
@@ -534,30 +678,22 @@ class Service:
 
         spec = self._spec(rec)
         try:
-            m["state"] = "active"
-            self.store.update_migration(m)
-            self.bus.publish("migration", migration=dict(m))
+            self._update_migration(m, state="active")
             new_vm = await rec.running.migrate_to(dst, spec, m["with_tags"], progress)
         except asyncio.CancelledError:
-            m.update(state="failed", reason="the daemon stopped during the migration", finished=time.time())
-            self.store.update_migration(m)
+            self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
+                                   finished=time.time())
             self._set_state(rec, "running", persist=False)
             raise
         except Exception as e:
             reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
-            m.update(state="failed", reason=reason, finished=time.time())
-            self.store.update_migration(m)
-            self.bus.publish("migration", migration=dict(m))
+            self._update_migration(m, state="failed", reason=reason, finished=time.time())
             self._set_state(rec, "running", persist=False)
             log.warning("VM %s: migration %d to %s failed: %s", rec.name, m["id"], dst.name, reason)
             return
         rec.running = new_vm
-        rec.host = dst.name
-        self.store.update_vm(rec.name, host=dst.name)
-        m.update(state="completed", progress=1.0, finished=time.time())
-        self.store.update_migration(m)
-        self.bus.publish("migration", migration=dict(m))
-        self._set_state(rec, "running", runtime=new_vm.runtime_info())
+        self._update_migration(m, state="completed", progress=1.0, finished=time.time())
+        self._note_state(rec, "running", runtime=new_vm.runtime_info(), host=dst.name)
         log.info("VM %s: migrated to %s (migration %d)", rec.name, dst.name, m["id"])
 
 
