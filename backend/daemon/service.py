@@ -335,7 +335,7 @@ class Service:
         return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
-        foreign = self._foreign(name) if name not in self.vms else None
+        foreign = self._foreign(name) if _check_name(name) not in self.vms else None
         if foreign is not None:
             return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
                     | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
