@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve")
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    from backend.guests import image_cli
+    image_cli.add_parser(sub, [common])
     p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
@@ -405,6 +407,13 @@ async def run_command(args) -> int:
         return await _dispatch(client, args)
 
 
+def _warn_start(vm: dict) -> None:
+    """The daemon's warnings (QEMU's text): the definition is stored but cannot start on its host.
+    The same rule and words as the app's forms; on stderr, so --json output stays one document."""
+    for text in vm.get("warnings") or []:
+        print(f"mtevm: warning: VM {vm['name']} cannot start on {vm['host']}: {text}", file=sys.stderr)
+
+
 async def _dispatch(client, args) -> int:
     cmd = args.command
     as_json = getattr(args, "json", False)
@@ -431,6 +440,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
                                 f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "start":
         out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
     elif cmd == "stop":
@@ -443,6 +453,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(
             f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
             else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "tcf":
         vm = await client.set_tcf(args.name, args.vcpu, args.mode)
         out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))
@@ -514,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)
+        elif args.command == "image":
+            from backend.guests import image_cli
+            code = image_cli.run(args)
         else:
             code = asyncio.run(run_command(args))
         sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest

@@ -54,16 +54,35 @@ class InProcessTransport:
         if self._owned:
             await self.service.close()
 
+    async def revive(self) -> None:
+        """The service lives in this process: nothing to bring back."""
+
 
 class SocketTransport:
     """HTTP/JSON over the daemon's Unix socket, one aiohttp session per client."""
 
-    def __init__(self, paths: Paths):
-        import aiohttp
+    def __init__(self, paths: Paths, start_daemon: bool = True):
         self.paths = paths
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=paths.socket),
+        self.start_daemon = start_daemon
+        self._session = self._new_session()
+
+    def _new_session(self):
+        import aiohttp
+        return aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self.paths.socket),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def revive(self) -> None:
+        """After the daemon went away: start it again as ``connect`` does (unless this client was made
+        with start_daemon=False), and reconnect with a fresh session (no pooled connection to the
+        dead daemon is reused). Raises MtevmError if it cannot be brought back."""
+        from backend.daemon import launch
+        if self.start_daemon:
+            await asyncio.to_thread(launch.ensure_daemon, self.paths)
+        elif not await asyncio.to_thread(launch.socket_alive, self.paths):
+            raise MtevmError(f"no mtevm daemon is running (socket {self.paths.socket}): run 'mtevm daemon'")
+        old, self._session = self._session, self._new_session()
+        await old.close()
 
     def _request(self, op: str, kwargs: dict) -> tuple[str, str, dict]:
         route = ROUTES[op]
@@ -152,6 +171,11 @@ class Client:
     async def close(self) -> None:
         await self._t.close()
 
+    async def revive(self) -> None:
+        """Bring the daemon back after it went away (started again, as ``connect`` would) and
+        reconnect; a no-op in-process. Raises MtevmError if it cannot."""
+        await self._t.revive()
+
     @property
     def in_process(self) -> bool:
         return isinstance(self._t, InProcessTransport)
@@ -174,8 +198,8 @@ class Client:
     async def show(self, name: str) -> dict:
         return await self._t.call("show", name=name)
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
-        return await self._t.call("create", config=config, validate_only=validate_only)
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only, existing=existing)
 
     async def start(self, name: str) -> dict:
         return await self._t.call("start", name=name)
@@ -228,4 +252,4 @@ async def connect(in_process: bool = False, runtime_dir: str | None = None, stat
         await asyncio.to_thread(launch.ensure_daemon, paths)
     elif not await asyncio.to_thread(launch.socket_alive, paths):
         raise MtevmError(f"no mtevm daemon is running (socket {paths.socket}): run 'mtevm daemon'")
-    return Client(SocketTransport(paths))
+    return Client(SocketTransport(paths, start_daemon=start_daemon))

@@ -247,7 +247,22 @@ class Service:
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
                 "stderr": running.stderr_tail() if running else list(rec.stderr),
-                "migration_targets": self._migration_targets(rec)}
+                "migration_targets": self._migration_targets(rec),
+                "warnings": self._start_warnings(rec.host, self._next_config(rec))}
+
+    def _next_config(self, rec: VmRecord) -> VirtMachineConfig:
+        """The definition the VM's next start realizes: its config with any pending change applied."""
+        return VirtMachineConfig.from_dict({**rec.config.to_dict(), **rec.pending}) if rec.pending else rec.config
+
+    def _start_warnings(self, host_name: str, config: VirtMachineConfig) -> list[str]:
+        """Why ``config`` can never start on ``host_name``: the host's dry run of the seed's decision
+        tree (QEMU's text), [] if it can. The one rule behind create, validate_only and every VmDetail,
+        so the forms and the CLI warn alike."""
+        try:
+            self.hosts[host_name].check_config(config)
+        except MtevmError as e:
+            return [str(e)]
+        return []
 
     def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
         """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
@@ -369,17 +384,27 @@ class Service:
         self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
         return host_name, vm_config, workload, qemu_args
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        """Store a new definition (VmDetail, with ``warnings``), or with ``validate_only`` only check it:
+        ``{"ok", "error", "warnings"}``. ``error``: the definition is malformed (nothing is stored).
+        ``warnings``: it is well formed but can never start on its host, with QEMU's text from the
+        seed's decision tree (dry run); such a definition is accepted, since the user may move it.
+        ``existing`` (with validate_only): check it as the new definition of that existing VM (the
+        edit form), not as a new one."""
         _check_bool("validate_only", validate_only)
+        _check_bool("existing", existing)
+        if existing and not validate_only:
+            raise ConfigError("existing applies to validate_only: change a VM with its own operations")
         if validate_only:
             try:
                 host_name, vm_config, _, _ = self._parse_definition(config)
-                if vm_config.name in self.vms:
+                if existing:
+                    self._vm(vm_config.name)
+                elif vm_config.name in self.vms:
                     raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-                self.hosts[host_name].check_config(vm_config)
             except MtevmError as e:
-                return {"ok": False, "error": str(e)}
-            return {"ok": True, "error": None}
+                return {"ok": False, "error": str(e), "warnings": []}
+            return {"ok": True, "error": None, "warnings": self._start_warnings(host_name, vm_config)}
         host_name, vm_config, workload, qemu_args = self._parse_definition(config)
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
