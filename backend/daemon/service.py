@@ -359,7 +359,7 @@ class Service(GuestOps):
         return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
-        foreign = self._foreign(name) if name not in self.vms else None
+        foreign = self._foreign(name) if _check_name(name) not in self.vms else None
         if foreign is not None:
             return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
                     | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
@@ -391,6 +391,7 @@ class Service(GuestOps):
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
+        self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
         return host_name, vm_config, workload, qemu_args
 
     async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:

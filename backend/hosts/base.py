@@ -67,6 +67,10 @@ class Host(abc.ABC):
             raise ConfigError("qemu_args must be a list of strings")
         return []
 
+    def check_limits(self, config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+        """ConfigError (naming the limit) if this host cannot honour the definition; checked at
+        create, in the create form (validate_only) and at start, before anything runs."""
+
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> "RunningVm":
         """Boot the VM. Raises RealizeError (QEMU's text) leaving nothing behind."""
