@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from backend.guests.definition import GuestConfig
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 
@@ -35,6 +36,8 @@ class VmSpec:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)  # what a local VM boots (builtin, linux, custom)
+    log_dir: str = ""         # where the VM's console log is kept (its state dir; local host)
 
 
 class Host(abc.ABC):
