@@ -20,6 +20,8 @@ from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
+from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
+from backend.guests.definition import GuestConfig
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts, create_libvirt_host
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -31,7 +33,7 @@ from backend.store import Store, VmRow
 log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
-               "qemu_args")
+               "qemu_args", "guest")
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
@@ -82,6 +84,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)   # what it boots (local host only)
     operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
@@ -103,7 +106,7 @@ def _stopped_vcpus(rec: VmRecord) -> list[dict]:
              "last_fault": None} for i in range(rec.config.vcpus)]
 
 
-class Service:
+class Service(GuestOps):
     """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
 
     def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
@@ -143,12 +146,13 @@ class Service:
         try:
             config = VirtMachineConfig.from_dict(row.config)
             workload = WorkloadConfig.from_dict(row.workload)
+            guest = GuestConfig.from_dict(row.guest)
         except (MtevmError, TypeError, ValueError) as e:
             log.error("VM %s: stored definition is not valid any more (%s); it is kept in the store "
                       "but not shown", row.name, e)
             return
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
-                       qemu_args=list(row.qemu_args))
+                       qemu_args=list(row.qemu_args), guest=guest)
         self.vms[rec.name] = rec
         if row.state not in ACTIVE_STATES:
             rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
@@ -220,7 +224,11 @@ class Service:
 
     def _spec(self, rec: VmRecord) -> VmSpec:
         return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
-                      extra_args=list(rec.qemu_args))
+                      extra_args=list(rec.qemu_args), guest=rec.guest, log_dir=self._log_dir(rec.name))
+
+    def _log_dir(self, name: str) -> str:
+        """A VM's console log lives in the state dir: it outlives the VM, the daemon and a reboot."""
+        return os.path.join(self.paths.state_dir, "vms", name)
 
     def _vcpus(self, rec: VmRecord) -> list[dict]:
         return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
@@ -248,7 +256,8 @@ class Service:
                 "tag_memory": running.tag_memory() if running else None,
                 "stderr": running.stderr_tail() if running else list(rec.stderr),
                 "migration_targets": self._migration_targets(rec),
-                "warnings": self._start_warnings(rec.host, self._next_config(rec))}
+                "warnings": self._start_warnings(rec.host, self._next_config(rec)),
+                **guest_detail(rec.guest, running)}
 
     def _next_config(self, rec: VmRecord) -> VirtMachineConfig:
         """The definition the VM's next start realizes: its config with any pending change applied."""
@@ -350,7 +359,7 @@ class Service:
         return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
-        foreign = self._foreign(name) if name not in self.vms else None
+        foreign = self._foreign(name) if _check_name(name) not in self.vms else None
         if foreign is not None:
             return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
                     | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
@@ -371,7 +380,8 @@ class Service:
         if not isinstance(host_name, str) or host_name not in self.hosts:
             raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
         qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
-        machine = {k: v for k, v in config.items() if k not in ("host", "workload", "qemu_args") and v is not None}
+        machine = {k: v for k, v in config.items()
+                   if k not in ("host", "workload", "qemu_args", "guest") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -381,6 +391,7 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
+        self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
         return host_name, vm_config, workload, qemu_args
 
     async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
@@ -397,6 +408,7 @@ class Service:
         if validate_only:
             try:
                 host_name, vm_config, _, _ = self._parse_definition(config)
+                await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
                 if existing:
                     self._vm(vm_config.name)
                 elif vm_config.name in self.vms:
@@ -405,16 +417,19 @@ class Service:
                 return {"ok": False, "error": str(e), "warnings": []}
             return {"ok": True, "error": None, "warnings": self._start_warnings(host_name, vm_config)}
         host_name, vm_config, workload, qemu_args = self._parse_definition(config)
+        guest = await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args, guest=guest)
         host = self.hosts[host_name]
         await host.define(self._spec(rec))      # libvirt: the persistent domain (checked first)
         try:
-            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args,
+                                    guest=guest.to_dict()))
         except BaseException:
             await host.undefine(rec.name)
             raise
+        remove_console_log(self._log_dir(rec.name))   # an older VM of that name left its log
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
@@ -427,6 +442,7 @@ class Service:
             await self.hosts[rec.host].undefine(rec.name)    # libvirt: undefine the domain
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
+            remove_console_log(self._log_dir(rec.name))
             self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------

@@ -15,21 +15,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from backend.daemon.launch import daemon_pid
 
 MTE_BLOCKER = "Live migration disabled due to MTE enabled"
-
-
-@pytest.fixture
-def mtevm(run_mtevm):
-    """Run a command that must succeed; parse its --json output."""
-    def ok(*args: str):
-        r = run_mtevm(*args, "--json")
-        assert r.returncode == 0, f"mtevm {' '.join(args)}: {r.stderr}"
-        return json.loads(r.stdout)
-    return ok
 
 
 def fails(run_mtevm, code: int, *args: str) -> str:
