@@ -193,6 +193,12 @@ async def test_sixteen_colours_on_every_screen(make_app):
         seen["migrations"] = non_ansi_colours(app)
         await pilot.press("question_mark")
         seen["help"] = non_ansi_colours(app)
+        await pilot.press("escape", "v")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
+        app.set_daemon_lost("event stream lost")            # the status bar's alarm, the dimmed table
+        await pilot.pause(0.1)
+        seen["daemon lost"] = non_ansi_colours(app)
+        app.set_daemon_lost(None)
         assert seen == {k: set() for k in seen}
 
 

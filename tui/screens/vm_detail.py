@@ -114,7 +114,8 @@ class VmDetailScreen(VmActions, Screen):
     def current(self) -> dict:
         """The definition as last fetched, with the newest summary from the event feed on top: a
         state change shows at once, before the definition is fetched again."""
-        return {**(self.detail or {}), **self.app.model.vms.get(self.vm_name, {})}
+        summary = {k: v for k, v in self.app.model.vms.get(self.vm_name, {}).items() if k != "vcpus"}
+        return {**(self.detail or {}), **summary}      # (a summary's "vcpus" is a count, the detail's a list)
 
     def show_config(self) -> None:
         text = describe(self.current())
