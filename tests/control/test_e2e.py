@@ -138,7 +138,16 @@ def test_bad_usage_exits_2_and_operation_failures_exit_1(mtevm, run_mtevm):
                                              "(see 'mtevm create --help')")
     assert fails(run_mtevm, 1, "stop", "nosuch") == "no VM named 'nosuch'"
     mtevm("create", "x")
-    assert "unknown host 'mars'" in fails(run_mtevm, 1, "migrate", "x", "--to", "mars")
+    # The same unknown host gives the same error and exit code wherever it is named.
+    assert fails(run_mtevm, 1, "migrate", "x", "--to", "mars") == \
+        fails(run_mtevm, 1, "create", "y", "--host", "mars") == \
+        fails(run_mtevm, 1, "probe", "--host", "mars")
+    assert "unknown host 'mars'" in fails(run_mtevm, 1, "create", "y", "--host", "mars")
+    # Errors speak the user's words, not the API's internals (null, extra_args).
+    vcpu_error = fails(run_mtevm, 2, "tcf", "x", "sync", "--vcpu", "7")
+    assert vcpu_error == "VM 'x' has no vCPU 7: give a vCPU index 0..1, or no vCPU to set all of them"
+    qemu_error = fails(run_mtevm, 2, "create", "q", "--host", "local", "--qemu-arg=-monitor stdio")
+    assert "null" not in vcpu_error + qemu_error and "extra_args" not in qemu_error
     assert mtevm("list")[0]["name"] == "x"
 
 
