@@ -63,8 +63,11 @@ async def test_a_panic_on_the_console_is_caught_with_its_lines(tmp_path):
     console._received(b"[   1.0] sysrq: Trigger a crash\r\n[   1.1] Kernel panic - not syn")
     assert console.panic is None
     console._received(b"cing: sysrq triggered crash\r\n[   1.2] CPU: 0 PID: 1\r\n")
-    assert seen and console.panic[-1] == "[   1.1] Kernel panic - not syncing: sysrq triggered crash"
+    assert seen and "[   1.1] Kernel panic - not syncing: sysrq triggered crash" in console.panic
     assert "sysrq: Trigger a crash" in console.panic[0]
+    console._received(b"[   1.3] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---\r\n\x1b[6nmore\r\n")
+    assert console.panic[-2:] == ["[   1.2] CPU: 0 PID: 1",
+                                  "[   1.3] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---"]
 
 
 @pytest.mark.qemu
