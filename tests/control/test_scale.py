@@ -116,7 +116,7 @@ async def test_the_api_and_the_form_check_limits_before_anything_runs(inproc_cli
     with pytest.raises(ConfigError, match=r"^memory 1T is more than a simulated host gives one VM: at most 64G$"):
         await c.create({"name": "big", "vcpus": 512, "memory": "1T"})
     check = await c.create({"name": "big", "workload": {"rate": 10**9}}, validate_only=True)
-    assert check == {"ok": False, "error": f"workload rate 1000000000 is more than a simulated vCPU can run: at most "
+    assert {k: check[k] for k in ("ok", "error")} == {"ok": False, "error": f"workload rate 1000000000 is more than a simulated vCPU can run: at most "
                                            f"{MAX_SIM_RATE} accesses per second per vCPU (rate 0 runs flat out)"}
     assert await c.list() == []
 
