@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from backend.paths import Paths
 from backend.qemu.driver import kill_strays
+from tests.helpers.pty_io import read_until, reap
 from tests.conftest import stop_daemon_by_pid
 
 pytestmark = pytest.mark.qemu
@@ -155,24 +155,6 @@ def test_exec_streams_output_and_returns_the_exit_status(lx, linux_image, tmp_pa
     assert r.returncode == 1 and "no VM named 'nope'" in r.stderr
 
 
-def read_until(fd: int, needle: bytes, timeout: float = 30.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen; got {seen[-400:]!r}"
-        if select.select([fd], [], [], left)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    assert needle in seen, seen
-    return seen
-
-
 def attach(lx: Cli):
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "console", "lx"], stdin=slave, stdout=slave,
@@ -188,10 +170,7 @@ def detach(master: int, proc: subprocess.Popen) -> None:
         read_until(master, b"Detached from the console.")
         assert proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
+        reap(master, proc)
 
 
 def test_the_console_through_a_real_pty(lx):
@@ -272,10 +251,7 @@ def test_stop_powers_the_guest_off_and_a_panic_shows_as_crashed(lx):
         read_until(master, b"The console closed")
         assert proc.wait(20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
+        reap(master, proc)
     vm = lx.wait(lambda v: v["state"] == "crashed", "the panic makes the VM crashed", timeout=30)
     assert vm["last_error"] == "guest kernel panic: Kernel panic - not syncing: sysrq triggered crash"
     assert any("sysrq: Trigger a crash" in line for line in vm["stderr"])
