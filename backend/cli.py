@@ -273,6 +273,7 @@ def print_detail(vm: dict) -> None:
                                            f"{vm['tag_memory']['bytes']} bytes"],
         ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
         ["last error", vm["last_error"]],
+        ["cannot start", "; ".join(vm.get("warnings") or [])],
         *guest_rows])
     _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
     if vm["last_faults"]:

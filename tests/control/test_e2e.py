@@ -374,3 +374,8 @@ def test_cli_create_of_a_vm_that_cannot_start_warns_with_qemus_text(run_mtevm):
     assert r.stderr.strip() == "mtevm: warning: VM n1 cannot start on sim-nomte: MTE requested, but not supported by KVM"
     r = run_mtevm("--no-daemon", "create", "n2", "--host", "sim-nomte", "--no-mte")
     assert r.returncode == 0 and r.stderr == ""
+    r = run_mtevm("--no-daemon", "show", "n1")
+    assert r.returncode == 0 and "MTE requested, but not supported by KVM" in r.stdout
+    r = run_mtevm("--no-daemon", "mte", "n2", "on")        # the same rule when MTE is switched on later
+    assert r.returncode == 0
+    assert r.stderr.strip() == "mtevm: warning: VM n2 cannot start on sim-nomte: MTE requested, but not supported by KVM"
