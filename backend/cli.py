@@ -29,7 +29,7 @@ EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whos
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
             "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
-_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors", "--timeout"}
 
 
 class UsageError(MtevmError):
@@ -52,6 +52,9 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
                         help="where VM definitions and the daemon log are kept (env MTEVM_STATE_DIR)")
     parser.add_argument("--no-daemon", action="store_true", default=default,
                         help="run the service in this process instead of talking to the daemon")
+    parser.add_argument("--timeout", type=float, default=default, metavar="SECONDS",
+                        help="how long to wait for the daemon's answer (default 60; env MTEVM_TIMEOUT, "
+                             "config.toml 'timeout')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,7 +424,10 @@ async def run_command(args) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return EXIT_FAILED
-    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
+    from backend.config import resolve_timeout
+    timeout = resolve_timeout(args.timeout)
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir,
+                           timeout=timeout)
     async with client:
         return await _dispatch(client, args)
 

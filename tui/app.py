@@ -20,7 +20,7 @@ from textual.markup import escape
 from textual.screen import Screen
 
 from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, check_refresh_rate,
-                            load_config)
+                            load_config, resolve_timeout)
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import StatusBar
@@ -266,7 +266,8 @@ def run_app(argv: list[str] | None = None) -> int:
         from backend.client import connect
         if args.no_daemon:
             return await connect(in_process=True, state_dir=args.state_dir)
-        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir,
+                             timeout=resolve_timeout(None, config))
 
     ansi = {"16": True, "full": False, "auto": wants_16_colours() or None}[args.colors]
     app = MtevmApp(connect_client, rate_hz=args.rate, config=config, ansi_color=ansi, watch_terminal=True,
