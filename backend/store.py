@@ -193,7 +193,8 @@ class Store:
                         row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args)))
 
     def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
-                  workload: dict | None = None, pending: dict | None = None) -> None:
+                  workload: dict | None = None, pending: dict | None = None,
+                  qemu_args: list | None = None) -> None:
         """Change a definition (and, when given, replace its pending changes) in one transaction."""
         with self._tx() as db:
             if host is not None:
@@ -202,6 +203,8 @@ class Store:
                 db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
             if workload is not None:
                 db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
+            if qemu_args is not None:
+                db.execute("UPDATE vms SET qemu_args=? WHERE name=?", (json.dumps(qemu_args), name))
             if pending is not None:
                 db.execute("DELETE FROM pending WHERE vm=?", (name,))
                 db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",

@@ -77,4 +77,17 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
     Route("migrations", "GET", "/v1/migrations"),
     Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+    # the everyday operations (backend.daemon.operations)
+    Route("pause", "POST", _VM + "/pause"),
+    Route("resume", "POST", _VM + "/resume"),
+    Route("reboot", "POST", _VM + "/reboot"),
+    Route("shutdown", "POST", _VM + "/shutdown", body={"timeout": "timeout"}),
+    Route("edit", "PATCH", _VM, body={"changes": "changes"}),
+    Route("clone", "POST", _VM + "/clone", body={"new_name": "new_name"}),
+    Route("migrate_cancel", "POST", _VM + "/migrate/cancel"),
+    Route("monitor", "POST", _VM + "/monitor", body={"command": "command", "hmp": "hmp"}),
+    Route("snapshot_list", "GET", _VM + "/snapshots"),
+    Route("snapshot_save", "POST", _VM + "/snapshots", body={"tag": "tag"}),
+    Route("snapshot_restore", "POST", _VM + "/snapshots/restore", body={"tag": "tag"}),
+    Route("snapshot_delete", "POST", _VM + "/snapshots/delete", body={"tag": "tag"}),
 )}

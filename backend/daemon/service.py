@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
+from backend.daemon.operations import VmOperations
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -31,7 +32,7 @@ log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
                "qemu_args")
-ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
+ACTIVE_STATES = ("starting", "running", "stopping", "migrating", "paused")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
@@ -99,8 +100,9 @@ def _stopped_vcpus(rec: VmRecord) -> list[dict]:
              "last_fault": None} for i in range(rec.config.vcpus)]
 
 
-class Service:
-    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
+class Service(VmOperations):
+    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``.
+    The everyday operations (pause, snapshots, edit, ...) are in backend.daemon.operations."""
 
     def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
         self.paths = paths
@@ -110,6 +112,7 @@ class Service:
         self.bus = EventBus()
         self.store: Store | None = None
         self._migrations: dict[int, dict] = {}
+        self._cancel_requested: set[int] = set()     # migration ids the user cancelled
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         self._closed = False
@@ -159,7 +162,7 @@ class Service:
             log.exception("VM %s: reattach failed", rec.name)
             rec.last_error = f"reattach failed: {e}"
         if rec.running is not None and rec.running.state == "running":
-            rec.state = "running"
+            rec.state = "paused" if rec.running.paused else "running"
             log.info("VM %s: reattached", rec.name)
         else:
             rec.running = None
@@ -311,6 +314,7 @@ class Service:
             raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
         self.store.delete_vm(rec.name)
         del self.vms[rec.name]
+        self._delete_snapshots(rec.name)
         self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
@@ -342,6 +346,7 @@ class Service:
     def _apply_pending(self, rec: VmRecord) -> None:
         """Pending changes become the definition at start (even if the start then fails, as a change
         made while stopped would have)."""
+        self._apply_pending_extra(rec)
         d = rec.config.to_dict()
         d.update(rec.pending)
         rec.config = VirtMachineConfig.from_dict(d)
@@ -350,7 +355,7 @@ class Service:
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
-        if rec.state != "running":
+        if rec.state not in ("running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
         self._set_state(rec, "stopping", persist=False)
         running, rec.running = rec.running, None
@@ -409,7 +414,7 @@ class Service:
         vcpus = await running.sample()
         total = sum(v["sync_faults"] + v["async_faults"] for v in vcpus)
         rec.rate.update(time.monotonic(), total)
-        if running.state == "crashed" and rec.running is running and rec.state == "running":
+        if running.state == "crashed" and rec.running is running and rec.state in ("running", "paused"):
             rec.stderr = running.stderr_tail()
             rec.last_error = rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly"
             rec.running = None
@@ -544,7 +549,11 @@ class Service:
             raise
         except Exception as e:
             reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
-            m.update(state="failed", reason=reason, finished=time.time())
+            if m["id"] in self._cancel_requested:
+                m.update(state="cancelled", reason="cancelled by the user", finished=time.time())
+            else:
+                m.update(state="failed", reason=reason, finished=time.time())
+            self._cancel_requested.discard(m["id"])
             self.store.update_migration(m)
             self.bus.publish("migration", migration=dict(m))
             self._set_state(rec, "running", persist=False)

@@ -12,7 +12,9 @@ instead: a deliberate departure from QEMU, as everywhere in mtevm.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shlex
 import platform
 import socket
 import tempfile
@@ -34,6 +36,15 @@ GUEST_ELF = str(guest_abi.GUEST_ELF)
 TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
+SAVE_TIMEOUT = 120.0        # writing or loading a snapshot's state file
+# QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
+MONITOR_REFUSED = {"quit": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "q": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "migrate": "use 'mtevm migrate NAME --to HOST' or 'mtevm snapshot NAME save'",
+                   "migrate-incoming": "use 'mtevm snapshot NAME restore TAG'",
+                   "migrate_incoming": "use 'mtevm snapshot NAME restore TAG'"}
+PAUSED_STATUSES = ("paused", "postmigrate", "prelaunch", "suspended", "debug", "io-error", "watchdog",
+                   "guest-panicked", "internal-error", "shutdown")
 LOOPBACK = "127.0.0.1"
 
 
@@ -134,7 +145,8 @@ class LocalHost(Host):
             extra_args = spec.extra_args
         return await self._launch(spec, validate_extra_args(extra_args))
 
-    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
+    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None,
+                      incoming: str | None = None) -> "LocalVm":
         config = spec.config
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
@@ -144,7 +156,7 @@ class LocalHost(Host):
             raise RealizeError(missing)
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
-        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu)
+        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu, incoming=incoming)
         try:
             proc = await QemuProcess.launch(argv, files)
         except BaseException:
@@ -155,7 +167,8 @@ class LocalHost(Host):
         return vm
 
     def launch_argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str] = (),
-                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str]:
+                    incoming_port: int | None = None, *, qemu: str | None = None,
+                    incoming: str | None = None) -> tuple[list[str], str]:
         """QEMU's argv for ``spec`` and the guest parameter file it loads (written here): the one
         recipe a VM, its migration destination and the start-up benchmark all run."""
         config = spec.config
@@ -163,7 +176,7 @@ class LocalHost(Host):
         block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
         argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
                           qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming)
         with open(params, "wb") as f:
             f.write(block)
         return argv, params
@@ -179,6 +192,35 @@ class LocalHost(Host):
                     raise
         raise AssertionError("unreachable")
 
+    # ------------------------------------------------------------------------- snapshots
+    def snapshot_refusal(self) -> str | None:
+        return None     # QEMU writes the whole state, the mach-virt.tag block included, to a file
+
+    def state_uri(self, path: str, *, write: bool) -> str:
+        """The migration URI that writes/reads ``path``: ``file:`` (QEMU >= 8.2), else ``exec:cat``."""
+        version = self._facts()["qemu"].get("version") or "0"
+        major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        if major_minor >= (8, 2) and "," not in path:
+            return f"file:{path}"
+        return f"exec:cat {'> ' if write else ''}{shlex.quote(path)}"
+
+    async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "LocalVm":
+        """A new QEMU with the same argv plus ``-incoming`` reading ``state_file``. The state was
+        saved with the vCPUs stopped, so QEMU stays paused after loading it; ``cont`` unless the
+        snapshot was of a paused VM."""
+        vm = await self._launch(spec, validate_extra_args(spec.extra_args),
+                                incoming=self.state_uri(state_file, write=False))
+        try:
+            await vm.wait_loaded(SAVE_TIMEOUT)
+            if not paused:
+                await vm.resume()
+            else:
+                vm.paused = True
+        except BaseException:
+            await vm.stop()
+            raise
+        return vm
+
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
         proc = await QemuProcess.reattach(runtime, self.reattach_timeout)
@@ -192,6 +234,7 @@ class LocalHost(Host):
             raise StateError(f"QEMU pid {proc.pid} did not answer on QMP ({proc.unreachable}); it was stopped")
         vm = LocalVm(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
         self.vms.add(vm)
+        await vm.refresh_run_state()    # it may have been paused
         return vm
 
     async def close(self) -> None:
@@ -207,6 +250,27 @@ def _remove(path: str | None) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def parse_qmp_command(command: str) -> tuple[str, dict | None]:
+    """``{"execute": "x", "arguments": {...}}`` or ``x`` or ``x {"arg": 1}`` -> (name, arguments)."""
+    text = command.strip()
+    try:
+        if text.startswith("{"):
+            obj = json.loads(text)
+            if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
+                raise ConfigError('monitor: a QMP command object needs "execute": "<command>"')
+            name, arguments = obj["execute"], obj.get("arguments")
+        else:
+            name, _, rest = text.partition(" ")
+            arguments = json.loads(rest) if rest.strip() else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"monitor: the QMP arguments are not JSON: {e}") from None
+    if not name:
+        raise ConfigError("monitor: give a QMP command, e.g. query-status (or --hmp 'info mtree')")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise ConfigError("monitor: QMP arguments must be a JSON object")
+    return name, arguments
 
 
 class LocalVm(RunningVm):
@@ -369,12 +433,21 @@ class LocalVm(RunningVm):
         return target
 
     async def _run_migration(self, target: "LocalVm", port: int, progress: ProgressCallback) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MIGRATION_TIMEOUT
+        stats = await self._migrate(f"tcp:{LOOPBACK}:{port}", MIGRATION_TIMEOUT, progress)
+        await target.wait_running(deadline - loop.time())
+        return stats
+
+    async def _migrate(self, uri: str, timeout: float, progress: ProgressCallback | None) -> dict:
+        """QMP ``migrate`` to ``uri`` and follow query-migrate to completion: its figures, or
+        MigrationError with QEMU's text (``error-desc``) when it fails or is cancelled."""
         try:
-            await self.proc.qmp.execute("migrate", {"uri": f"tcp:{LOOPBACK}:{port}"})
+            await self.proc.qmp.execute("migrate", {"uri": uri})
         except QmpError as e:
             raise MigrationError(str(e)) from None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + MIGRATION_TIMEOUT
+        deadline = loop.time() + timeout
         while True:
             info = await self.proc.qmp.execute("query-migrate")
             status = info.get("status", "none")
@@ -386,12 +459,84 @@ class LocalVm(RunningVm):
             if status in ("failed", "cancelled"):
                 raise MigrationError(info.get("error-desc") or f"migration {status}")
             if loop.time() > deadline:
-                raise MigrationError(f"migration did not complete within {MIGRATION_TIMEOUT:.0f} s")
+                raise MigrationError(f"migration did not complete within {timeout:.0f} s")
             total = stats["ram_total"] or 1
             await report_progress(progress, min(0.99, stats["ram_transferred"] / total), stats)
             await asyncio.sleep(MIGRATION_POLL)
-        await target.wait_running(deadline - loop.time())
         return stats
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """Wait until this QEMU has loaded its ``-incoming`` state (it is then paused or running);
+        RealizeError with QEMU's own text if the load failed (QEMU exits)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                status = (await self.proc.qmp.execute("query-status"))["status"]
+            except QmpError:
+                await self.proc.wait(2.0)
+                raise RealizeError("QEMU could not load the saved state: "
+                                   + " / ".join(self.proc.stderr_tail()[-3:] or [self.proc.exit_reason()])) from None
+            if status in ("paused", "running"):
+                self.paused = status == "paused"
+                return
+            if status != "inmigrate" or loop.time() > deadline:
+                raise RealizeError(f"QEMU is {status} after loading the saved state: "
+                                   + " / ".join(self.stderr_tail()[-3:]))
+            await asyncio.sleep(MIGRATION_POLL)
+
+    # ------------------------------------------------------------------- everyday operations
+    async def pause(self) -> None:
+        await self.proc.qmp.execute("stop")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self.proc.qmp.execute("cont")
+        self.paused = False
+
+    async def refresh_run_state(self) -> None:
+        if self.proc.alive() and not self.proc.unreachable:
+            try:
+                status = await self.proc.qmp.execute("query-status")
+            except QmpError:
+                return
+            self.paused = status.get("status") in PAUSED_STATUSES
+
+    async def reset(self) -> None:
+        """QMP ``system_reset``: the guest boots again from its ELF; its counters begin again."""
+        await self.proc.qmp.execute("system_reset")
+        self._faults.clear()
+
+    async def cancel_migration(self) -> None:
+        await self.proc.qmp.execute("migrate_cancel")
+
+    async def monitor(self, command: str, *, hmp: bool):
+        """One command through mtevm's QMP connection. HMP returns QEMU's text; QMP ``{"return": ...}``."""
+        if hmp:
+            word = command.split(None, 1)[0] if command.strip() else ""
+            if word in MONITOR_REFUSED:
+                raise ConfigError(f"monitor: mtevm does not pass '{word}' to QEMU: {MONITOR_REFUSED[word]}")
+            reply = await self.proc.qmp.hmp(command)
+        else:
+            name, arguments = parse_qmp_command(command)
+            if name in MONITOR_REFUSED:
+                raise ConfigError(f"monitor: mtevm does not pass '{name}' to QEMU: {MONITOR_REFUSED[name]}")
+            reply = {"return": await self.proc.qmp.execute(name, arguments)}
+        await self.refresh_run_state()
+        return reply
+
+    async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
+        """Migrate to ``state_file`` with the vCPUs stopped (one pass, a consistent state, tags
+        in their ``mach-virt.tag`` RAM block), then let the VM go on as it was."""
+        was_paused = self.paused
+        if not was_paused:
+            await self.pause()
+        try:
+            stats = await self._migrate(self.host.state_uri(state_file, write=True), SAVE_TIMEOUT, progress)
+        finally:
+            if not was_paused:
+                await self.resume()
+        return {"bytes": os.path.getsize(state_file), "total_time_ms": stats.get("total_time_ms")}
 
     async def wait_running(self, timeout: float) -> None:
         """Wait until this (destination) QEMU has loaded the incoming state and runs the guest."""

@@ -98,15 +98,21 @@ class SimVm(RunningVm):
         self._task: asyncio.Task | None = None
         self._crash: str | None = None
         self._stopped = False
+        self._cancel_migration = False
         if moved_from is None:
-            w = spec.workload
-            self.cpus = [TagCheckCpu(machine.ram, i, tcf=w.tcf_for(i), seed=w.seed * 7919 + i)
-                         for i in range(spec.config.vcpus)]
-            self.workloads = [_new_workload(cpu, machine.ram, spec, i) for i, cpu in enumerate(self.cpus)]
-            self._last_fault: list[dict | None] = [None] * spec.config.vcpus
-            self._faults: deque[dict] = deque(maxlen=FAULT_HISTORY)
+            self._boot()
         else:
             self._take_over(moved_from)
+
+    def _boot(self) -> None:
+        """Fresh vCPUs, heaps and counters on this VM's machine (at start, and at a reset)."""
+        spec, ram = self.spec, self.machine.ram
+        w = spec.workload
+        self.cpus = [TagCheckCpu(ram, i, tcf=w.tcf_for(i), seed=w.seed * 7919 + i)
+                     for i in range(spec.config.vcpus)]
+        self.workloads = [_new_workload(cpu, ram, spec, i) for i, cpu in enumerate(self.cpus)]
+        self._last_fault: list[dict | None] = [None] * spec.config.vcpus
+        self._faults: deque[dict] = deque(maxlen=FAULT_HISTORY)
 
     # ------------------------------------------------------------------------------ running
     @property
@@ -164,6 +170,29 @@ class SimVm(RunningVm):
                 await task
             except asyncio.CancelledError:
                 pass
+
+    async def pause(self) -> None:
+        """The vCPUs' task stops; counters hold still."""
+        await self._pause()
+        self.paused = True
+
+    async def resume(self) -> None:
+        self.paused = False
+        self.run()
+
+    async def reset(self) -> None:
+        """As system_reset: a fresh machine (RAM and tags cleared), vCPUs and counters from zero."""
+        await self._pause()
+        machine = self.host._realize(self.spec.config)
+        self.machine.close()
+        self.machine = machine
+        self._boot()
+        if not self.paused:
+            self.run()
+
+    async def cancel_migration(self) -> None:
+        """The migration's copy loop stops at its next step; the VM resumes here."""
+        self._cancel_migration = True
 
     async def stop(self) -> None:
         await self._pause()
@@ -235,7 +264,7 @@ class SimVm(RunningVm):
         except RealizeError as e:
             raise MigrationError(f"cannot start VM '{spec.config.name}' on {dst.name}: {e}") from None
         copy_tags = with_tags or self.machine.tag_memory
-        was_running = self._task is not None
+        was_running = self._task is not None and not self.paused
         await self._pause()
         try:
             stats = await self._copy(target, copy_tags, progress)
@@ -270,6 +299,8 @@ class SimVm(RunningVm):
         steps = job.steps()
         try:
             for done, _ in steps:
+                if self._cancel_migration:
+                    raise MigrationError("migration cancelled")
                 ram = state.ram
                 ram_done = (ram["total"] - ram["remaining"]) // PAGE
                 tags_done = max(0, done - len(job.data_pages))
@@ -278,6 +309,7 @@ class SimVm(RunningVm):
                 await asyncio.sleep(MIGRATION_SECONDS / n_steps)
         finally:
             steps.close()             # cancelled midway: the source's status says "cancelled"
+            self._cancel_migration = False
         return {"status": "completed", **ram_stats(state.ram), **job.stats}
 
     def _take_over(self, src: "SimVm") -> None:
