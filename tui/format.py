@@ -22,15 +22,36 @@ def size(n: int | None) -> str:
     return str(n)
 
 
+EXACT_BELOW = 10_000                         # counters below this are shown digit for digit
+_COUNT_UNITS = ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"))
+
+
 def count(n: int | float | None) -> str:
-    """Large counters stay narrow: 1234 -> "1234", 1234567 -> "1.23M"."""
+    """Large counters stay narrow: 1234 -> "1234", 26195 -> "26.2k", 1234567 -> "1.23M".
+
+    Below 10,000 the number itself; above, three significant digits and the unit whose
+    multiplier it was divided by (k = 1e3, M = 1e6, ...): the text always reads back as the
+    number within half a unit of its last digit (tests/tui/test_format.py checks exactly that).
+    """
     if n is None:
         return "-"
     n = float(n)
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
-        if abs(n) >= limit:
-            return f"{n / limit:.3g}{suffix}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
+    if abs(n) < EXACT_BELOW:
+        return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
+    for multiplier, suffix in _COUNT_UNITS:
+        text = _three_digits(abs(n) / multiplier)
+        if float(text) < 1000 or suffix == _COUNT_UNITS[-1][1]:   # 999.6k reads 1.00M, never "1000k"
+            return ("-" if n < 0 else "") + text + suffix
+    raise AssertionError("unreachable")
+
+
+def _three_digits(scaled: float) -> str:
+    """``scaled`` (>= 1) with three significant digits, never in exponent form."""
+    for digits, below in ((2, 10), (1, 100), (0, float("inf"))):
+        text = f"{scaled:.{digits}f}"
+        if float(text) < below:
+            return text
+    raise AssertionError("unreachable")
 
 
 def rate(per_s: float | None) -> str:

@@ -14,6 +14,13 @@ from textual.message import Message
 
 HISTORY = 60          # samples kept for a sparkline
 RATE_WINDOW = 1.0     # seconds of samples a rate is computed over
+LIVE_STATES = ("running", "migrating")   # a VM in these states has vCPUs, counters and rates
+
+
+def is_live(vm: dict | None) -> bool:
+    """Whether ``vm`` (a summary) has live figures at all: a stopped or crashed VM has no vCPUs,
+    no kvm_mte flag and no faults/s, whatever was sampled before it stopped."""
+    return vm is not None and vm.get("state") in LIVE_STATES
 
 
 def faults_of(c: dict) -> int:
@@ -85,8 +92,26 @@ class LiveModel:
 
     def set_vms(self, summaries: list[dict]) -> None:
         self.vms = {s["name"]: s for s in summaries}
-        for gone in set(self.live) - set(self.vms):
-            del self.live[gone]
+        self._forget_stale()
+
+    def _forget_stale(self) -> None:
+        """Live figures exist only for live VMs: the one rule every screen reads them through."""
+        for name in [n for n in self.live if not is_live(self.vms.get(n))]:
+            del self.live[name]
+
+    def sample(self, name: str) -> VmLive | None:
+        """The VM's live counters and rates, or None when it is not live or has no sample yet."""
+        live = self.live.get(name)
+        return live if live is not None and live.counters is not None and is_live(self.vms.get(name)) else None
+
+    def faults_per_s(self, name: str) -> float | None:
+        """The faults/s a user sees for ``name``: the rate of its live samples (the daemon's summary
+        figure until the first one), None when it is not live. The list shows it and sorts by it."""
+        vm = self.vms.get(name)
+        if not is_live(vm):
+            return None
+        live = self.sample(name)
+        return live.vm_rates.faults_per_s if live is not None else float(vm.get("faults_per_s") or 0.0)
 
     def set_migrations(self, migrations: list[dict]) -> None:
         self.migrations = {m["id"]: m for m in migrations}
@@ -102,9 +127,12 @@ class LiveModel:
                 return VmDeleted(name)
             summary = event["vm"]
             self.vms[summary["name"]] = summary
+            self._forget_stale()
             return VmChanged(summary)
         if kind == "counters":
             name = event["vm"]
+            if name in self.vms and not is_live(self.vms[name]):
+                return None                # sampled before it stopped, delivered after: stale
             self.vm_live(name).add_sample(event["counters"])
             return CountersSampled(name)
         if kind == "migration":

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
-from backend.daemon.operations import VmOperations
+from backend.daemon.operations import Operation, claim
+from backend.daemon.vm_operations import VmOperations
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -80,6 +81,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
 def _check_name(name) -> str:
@@ -310,16 +312,21 @@ class Service(VmOperations):
 
     async def delete(self, name: str) -> None:
         rec = self._vm(name)
-        if rec.state not in ("stopped", "crashed"):
-            raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
-        self.store.delete_vm(rec.name)
-        del self.vms[rec.name]
-        self._delete_snapshots(rec.name)
-        self.bus.publish("vm", deleted=rec.name)
+        with claim(rec, "being deleted"):
+            if rec.state not in ("stopped", "crashed"):
+                raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
+            self.store.delete_vm(rec.name)
+            del self.vms[rec.name]
+            self._delete_snapshots(rec.name)
+            self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
     async def start(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "starting"):
+            return await self._start(rec)
+
+    async def _start(self, rec: VmRecord) -> dict:
         if rec.state not in ("stopped", "crashed"):
             raise StateError(f"VM {rec.name!r} is {rec.state}")
         if rec.pending:
@@ -355,6 +362,10 @@ class Service(VmOperations):
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
+        with claim(rec, "stopping"):
+            return await self._stop(rec)
+
+    async def _stop(self, rec: VmRecord) -> dict:
         if rec.state not in ("running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
         self._set_state(rec, "stopping", persist=False)
@@ -400,10 +411,11 @@ class Service(VmOperations):
         else:
             modes = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
             modes[vcpu] = tcf
-        if rec.running is not None:
-            rec.running.set_tcf(vcpu, tcf)
-        rec.workload.tcf = modes
-        self.store.update_vm(rec.name, workload=rec.workload.to_dict())
+        with claim(rec, "changing its TCF"):
+            if rec.running is not None:
+                rec.running.set_tcf(vcpu, tcf)
+            rec.workload.tcf = modes
+            self.store.update_vm(rec.name, workload=rec.workload.to_dict())
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -505,6 +517,14 @@ class Service(VmOperations):
         rec = self._vm(name)
         _check_bool("with_tags", with_tags)
         dst = self._host(to_host)
+        op = claim(rec, "migrating")   # held until the migration task ends (released there)
+        try:
+            return await self._migrate(rec, dst, with_tags, op)
+        except BaseException:
+            op.release()
+            raise
+
+    async def _migrate(self, rec: VmRecord, dst: Host, with_tags: bool, op: Operation) -> dict:
         if rec.state != "running":
             raise StateError(f"VM {rec.name!r} is {rec.state}: only a running VM can be migrated")
         src = self.hosts[rec.host]
@@ -523,6 +543,7 @@ class Service(VmOperations):
         task = asyncio.get_running_loop().create_task(self._run_migration(rec, dst, m))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: op.release())
         return dict(m)
 
     async def _run_migration(self, rec: VmRecord, dst: Host, m: dict) -> None:

@@ -98,6 +98,9 @@ async def test_a_simulated_migration_can_be_cancelled(inproc_client):
     await c.create({"name": "m1", "host": "sim-mte", "mte": False})
     await c.start("m1")
     m = await c.migrate("m1", "sim-nomte")
+    for busy in (c.pause("m1"), c.snapshot_save("m1"), c.reboot("m1"), c.edit("m1", {"vcpus": 1})):
+        with pytest.raises(StateError, match="^VM 'm1' is migrating$"):    # one operation at a time
+            await busy
     await c.migrate_cancel("m1")
 
     async def settled():

@@ -77,7 +77,7 @@ async def one_buggy_vm(pilot, hosts) -> None:
     await wait_for(pilot, lambda: app.screen.id == "vm-list", "the VM list")
     await app.client.create({"name": "web1", "host": "sim-mte", "workload": BUGGY})
     await app.client.start("web1")
-    step_all(hosts, 4000)
+    step_all(hosts, 40_000)          # counters above 10,000: the k unit is on screen (item 9)
     await app.refresh_model()
     await wait_for(pilot, lambda: app.screen.rows.keys == ["web1"] and "running" in screen_text(app),
                    "web1 listed, columns sized")

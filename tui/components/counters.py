@@ -70,6 +70,14 @@ class VcpuTable(Vertical):
             self.rows[i].set({"kvm_mte": fmt.yes_no(v.get("kvm_mte")), "tcf": str(v.get("tcf", "-"))})
         self.total.set({"index": "VM", "kvm_mte": "", "tcf": ""})
 
+    def set_idle(self, vcpus: list[dict]) -> None:
+        """A VM that is not live: no kvm_mte, no counters, no faults/s (a "-" each), no trend."""
+        self.set_vcpus(vcpus)
+        idle = {key: "-" for key, _ in VCPU_COLUMNS if key not in ("index", "tcf")}
+        for row in [*self.rows.values(), self.total]:
+            row.set(idle if row is not self.total else {**idle, "kvm_mte": ""})
+            row.trend.show(())
+
     def set_sample(self, counters: dict, vm_rates: Rates, vcpu_rates: dict[int, Rates]) -> None:
         vcpus = counters.get("vcpus", [])
         self.set_vcpus(vcpus)

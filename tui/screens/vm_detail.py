@@ -18,7 +18,7 @@ from tui import format as fmt
 from tui import keymap
 from tui.components.counters import FAULT_ROWS, FaultList, VcpuTable
 from tui.components.status import screen_bottom
-from tui.live import CountersSampled, VmChanged, VmDeleted
+from tui.live import CountersSampled, Rates, VmChanged, VmDeleted, is_live
 from tui.screens.vm_actions import VmActions
 from tui.screens.vm_list import mte_text
 
@@ -33,14 +33,15 @@ def describe(vm: dict) -> str:
         f"MTE {mte_text(vm)}  secure {fmt.yes_no(cfg.get('secure'))}  "
         f"only-migratable {fmt.yes_no(cfg.get('only_migratable'))}",
     ]
+    live = is_live(vm)              # tag memory and blockers belong to a running machine
     tags = vm.get("tag_memory")
-    if tags:
+    if tags and live:
         lines[-1] += f"  tag memory {fmt.size(tags.get('bytes'))} ({tags.get('tagged_pages', 0)} pages)"
     pending = vm.get("pending") or {}
     if pending:
         changes = ", ".join(f"{k} → {'on' if v is True else 'off' if v is False else v}" for k, v in pending.items())
         lines.append(f"[$warning]pending (applied at next start): {changes}[/]")
-    for reason in vm.get("blocked_reasons") or []:
+    for reason in (vm.get("blocked_reasons") or []) if live else []:
         lines.append(f"[$warning]migration blocked: {escape(reason)}[/]")
     if vm.get("last_error"):
         lines.append(f"[$error]last error: {escape(vm['last_error'])}[/]")
@@ -98,18 +99,20 @@ class VmDetailScreen(VmActions, Screen):
             self.app.notify(str(e), severity="error")
             return
         self.detail = vm
-        text = describe(vm)
+        self.show_config()
+        self.merge_faults(vm.get("last_faults", []))
+        self.show_sample()
+
+    def current(self) -> dict:
+        """The definition as last fetched, with the newest summary from the event feed on top: a
+        state change shows at once, before the definition is fetched again."""
+        return {**(self.detail or {}), **self.app.model.vms.get(self.vm_name, {})}
+
+    def show_config(self) -> None:
+        text = describe(self.current())
         if text != self._config_text:          # a Static update means a new layout: only on change
             self._config_text = text
             self.query_one("#vm-config", Static).update(text)
-        self.query_one(VcpuTable).set_vcpus(vm.get("vcpus", []))
-        self.merge_faults(vm.get("last_faults", []))
-        live = self.app.model.live.get(self.vm_name)
-        if live is None or live.counters is None:
-            self.query_one(VcpuTable).set_sample(
-                {"vcpus": vm.get("vcpus", []), "vm": _sum(vm.get("vcpus", []))},
-                self.app.model.vm_live(self.vm_name).vm_rates, {})
-        self.show_sample()
 
     def merge_faults(self, new: list[dict]) -> None:
         known = {fault_key(f) for f in self.faults}
@@ -119,10 +122,19 @@ class VmDetailScreen(VmActions, Screen):
         self.query_one(FaultList).set_faults(self.faults, self.app.clock())
 
     def show_sample(self) -> None:
-        live = self.app.model.live.get(self.vm_name)
-        if live is None or live.counters is None:
+        """The vCPU table from the live model; a VM that is not live shows none of its old figures."""
+        if self.detail is None:
             return
-        self.query_one(VcpuTable).set_sample(live.counters, live.vm_rates, live.vcpu_rates)
+        table = self.query_one(VcpuTable)
+        vcpus = self.detail.get("vcpus", [])
+        if not is_live(self.current()):
+            table.set_idle(vcpus)
+            return
+        live = self.app.model.sample(self.vm_name)
+        if live is None:                       # running, no sample from the feed yet: the fetched one
+            table.set_sample({"vcpus": vcpus, "vm": _sum(vcpus)}, Rates(), {})
+            return
+        table.set_sample(live.counters, live.vm_rates, live.vcpu_rates)
         self.merge_faults([v.get("last_fault") for v in live.counters.get("vcpus", [])])
 
     def on_counters_sampled(self, message: CountersSampled) -> None:
@@ -136,6 +148,8 @@ class VmDetailScreen(VmActions, Screen):
             return
         summary = {k: v for k, v in message.summary.items() if k != "faults_per_s"}
         if summary != self._last_summary:
+            self.show_config()                 # the new state at once; the fetch fills in the rest
+            self.show_sample()
             self._last_summary = summary
             self.reload()
 

@@ -60,10 +60,7 @@ class VmListScreen(VmActions, Screen):
 
     # -- what is shown -------------------------------------------------------------------------
     def row_values(self, vm: dict) -> dict[str, str]:
-        live = self.app.model.live.get(vm["name"])
-        faults = live.vm_rates.faults_per_s if live and live.counters else vm.get("faults_per_s", 0.0)
-        if vm.get("state") != "running":
-            faults = None
+        faults = self.app.model.faults_per_s(vm["name"])
         return {"sel": "●" if vm["name"] in self.selected else " ", "name": vm["name"],
                 "state": vm.get("state", "?"), "host": vm.get("host", ""), "accel": vm.get("accel", ""),
                 "mte": mte_text(vm), "vcpus": str(vm.get("vcpus", "")),
@@ -73,8 +70,11 @@ class VmListScreen(VmActions, Screen):
         needle = self.filter_text.lower()
         vms = [vm for vm in self.app.model.vms.values()
                if not needle or any(needle in str(vm.get(k, "")).lower() for k in ("name", "host", "state"))]
-        if self.sort_key == "faults":
-            return sorted(vms, key=lambda vm: (-(vm.get("faults_per_s") or 0.0), vm["name"]))
+        if self.sort_key == "faults":     # by the figure the column shows; VMs without one last
+            def shown_rate(vm: dict) -> tuple:
+                rate = self.app.model.faults_per_s(vm["name"])
+                return (rate is None, -(rate or 0.0), vm["name"])
+            return sorted(vms, key=shown_rate)
         return sorted(vms, key=lambda vm: (str(vm.get(self.sort_key, "")), vm["name"]))
 
     def sync_rows(self) -> None:
@@ -106,6 +106,10 @@ class VmListScreen(VmActions, Screen):
         self.sync_rows()
 
     def on_counters_sampled(self, message: CountersSampled) -> None:
+        if self.sort_key == "faults":
+            # the order follows the rates: rows rebuilt only if it changed, else changed cells only
+            self.rows.sync([(vm["name"], self.row_values(vm)) for vm in self.visible_vms()])
+            return
         vm = self.app.model.vms.get(message.name)
         if vm is not None:
             self.rows.update(vm["name"], self.row_values(vm))
