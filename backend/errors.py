@@ -45,8 +45,21 @@ class StoreError(MtevmError):
     status = 500
 
 
+class StoreWriteError(StoreError):
+    """A change could not be written to the store (disk full, read-only, I/O error); nothing changed."""
+
+    reason: str = ""
+
+    @classmethod
+    def because(cls, reason) -> "StoreWriteError":
+        err = cls(f"the store could not be written: {reason}; nothing changed")
+        err.reason = str(reason)
+        return err
+
+
 ERROR_CLASSES = {cls.__name__: cls for cls in
-                 (MtevmError, ConfigError, RealizeError, MigrationError, NotFoundError, StateError, StoreError)}
+                 (MtevmError, ConfigError, RealizeError, MigrationError, NotFoundError, StateError, StoreError,
+                  StoreWriteError)}
 
 
 def error_payload(err: MtevmError) -> dict:

@@ -8,6 +8,7 @@ read-only first and refused with a StoreError naming the file, which stays byte-
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from backend.errors import StoreError
+from backend.errors import StoreError, StoreWriteError
 
 SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -80,6 +81,31 @@ class VmRow:
     qemu_args: list = field(default_factory=list)
 
 
+def check_writable(path: str) -> None:
+    """Refuse, before SQLite maps anything, a store mtevm could not write: one on a read-only file
+    system, or whose file or -wal/-shm sidecar cannot be opened for writing (immutable, not ours).
+    SQLite would open such a store read-only and fail at the first change (or, with an unwritable
+    -shm it maps read-only, worse); the daemon instead says at start-up what to fix."""
+    directory = os.path.dirname(path) or "."
+    try:
+        readonly = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        raise StoreError(f"cannot use the mtevm state directory {directory}: {e.strerror}") from None
+    if readonly:
+        raise StoreError(f"the mtevm store {path} is on a read-only file system: mtevm must write it; "
+                         "remount it read-write or choose another --state-dir / MTEVM_STATE_DIR")
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            hint = " (immutable? see lsattr; chattr -i)" if e.errno == errno.EPERM else ""
+            raise StoreError(f"the mtevm store file {name} cannot be written: {e.strerror}{hint}; "
+                             "the store was left untouched") from None
+        os.close(fd)
+
+
 def _check_existing(path: str) -> None:
     """Read-only checks of an existing store; raise StoreError and touch nothing if it is not usable."""
     try:
@@ -123,11 +149,31 @@ def _check_existing(path: str) -> None:
                          "it was left untouched: move it away to start with an empty store") from None
 
 
+def _write_definition(db: sqlite3.Connection, name: str, *, host: str | None = None, config: dict | None = None,
+                      workload: dict | None = None, qemu_args: list | None = None,
+                      pending: dict | None = None) -> None:
+    """The given parts of a VM's definition (None: unchanged), inside the caller's transaction."""
+    if host is not None:
+        db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
+    for column, value in (("config", config), ("workload", workload), ("qemu_args", qemu_args)):
+        if value is not None:
+            db.execute(f"UPDATE vms SET {column}=? WHERE name=?", (json.dumps(value), name))
+    if pending is not None:
+        _replace_pending(db, name, pending)
+
+
+def _replace_pending(db: sqlite3.Connection, name: str, pending: dict) -> None:
+    db.execute("DELETE FROM pending WHERE vm=?", (name,))
+    db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
+                   [(name, k, json.dumps(v)) for k, v in pending.items()])
+
+
 class Store:
     """All reads and writes of the state database. Each mutating method is one transaction."""
 
     def __init__(self, path: str):
         self.path = path
+        check_writable(path)
         if os.path.exists(path):
             _check_existing(path)
         try:
@@ -142,8 +188,8 @@ class Store:
                     self._create_schema()
                 elif version < SCHEMA_VERSION:
                     self._upgrade(version)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the mtevm store {path}: {e}") from None
+        except (sqlite3.Error, StoreWriteError) as e:
+            raise StoreError(f"cannot open the mtevm store {path}: {getattr(e, 'reason', e)}") from None
 
     def _create_schema(self) -> None:
         for stmt in _SCHEMA.split(";"):
@@ -159,14 +205,25 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction; rolled back entirely if anything in it fails."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One durable transaction; rolled back entirely if anything in it fails (COMMIT included).
+
+        A write SQLite refuses (disk full, read-only file system, I/O error) raises StoreWriteError
+        with the reason: the caller changes its memory only after this returns (write-then-apply),
+        so the user is told the truth, "nothing changed"."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass   # SQLite rolls back itself when it cannot
+                raise
+        except sqlite3.OperationalError as e:   # the disk, not the data (IntegrityError is a bug: raised)
+            raise StoreWriteError.because(e) from None
 
     def close(self) -> None:
         self._db.close()
@@ -192,29 +249,20 @@ class Store:
                        (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
                         row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args)))
 
-    def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
-                  workload: dict | None = None, pending: dict | None = None,
-                  qemu_args: list | None = None) -> None:
-        """Change a definition (and, when given, replace its pending changes) in one transaction."""
+    def update_vm(self, name: str, **definition) -> None:
+        """Change a definition (host=, config=, workload=, qemu_args=, and pending= which replaces the
+        pending changes; each when given) in one transaction."""
         with self._tx() as db:
-            if host is not None:
-                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
-            if config is not None:
-                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
-            if workload is not None:
-                db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
-            if qemu_args is not None:
-                db.execute("UPDATE vms SET qemu_args=? WHERE name=?", (json.dumps(qemu_args), name))
-            if pending is not None:
-                db.execute("DELETE FROM pending WHERE vm=?", (name,))
-                db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
-                               [(name, k, json.dumps(v)) for k, v in pending.items()])
+            _write_definition(db, name, **definition)
 
     def set_state(self, name: str, state: str, last_error: str | None = None,
-                  runtime: dict | None = None) -> None:
-        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it."""
+                  runtime: dict | None = None, **definition) -> None:
+        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. The
+        ``definition`` keys of update_vm change in the same transaction (a start applies pending
+        changes; a migration moves the VM)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET state=?, last_error=? WHERE name=?", (state, last_error, name))
+            _write_definition(db, name, **definition)
             if runtime is not None:
                 db.execute("DELETE FROM runtime WHERE vm=?", (name,))
                 if runtime:

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from backend.daemon.server import build_app
 from backend.daemon.service import open_service
-from backend.errors import MtevmError, StateError, error_payload
+from backend.errors import MtevmError, StateError, StoreError, error_payload
+from backend.store import check_writable
 from backend.paths import Paths
 
 log = logging.getLogger("mtevm.daemon")
@@ -118,6 +119,11 @@ def run_background(paths: Paths) -> int:
     try:
         paths.ensure_runtime_dir()
         paths.ensure_state_dir()
+        check_writable(paths.store)     # a read-only or immutable store: say so here, not in a log
+        try:
+            logfd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot write the daemon log {paths.log_file}: {e.strerror}") from None
     except MtevmError as e:
         print(json.dumps(error_payload(e)), flush=True)
         return 1
@@ -132,7 +138,6 @@ def run_background(paths: Paths) -> int:
                 os._exit(0)
             os.chdir("/")
             null = os.open(os.devnull, os.O_RDWR)
-            logfd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(null, 0)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
@@ -150,6 +155,7 @@ def run_background(paths: Paths) -> int:
         finally:
             os._exit(code)
     os.close(w)
+    os.close(logfd)
     os.waitpid(child, 0)
     with os.fdopen(r, "rb") as pipe:
         data = pipe.read().decode(errors="replace").strip()

@@ -21,7 +21,7 @@ from typing import AsyncIterator
 from backend.daemon.events import EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
 from backend.daemon.vm_operations import VmOperations
-from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
+from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
 from backend.hosts.base import Host, RunningVm, VmSpec
 from backend.hosts.workload import TCF_NAMES, WorkloadConfig
@@ -39,6 +39,7 @@ RATE_WINDOW = 0.5            # faults/s is computed over at least this many seco
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
 
 COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
+KEEP = object()              # _set_state: keep the record's last_error
 
 
 def _default_accel(host: Host) -> str:
@@ -127,11 +128,10 @@ class Service(VmOperations):
         try:
             self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
             for m in self.store.load_migrations():
-                if m["state"] in ("setup", "active"):
-                    m.update(state="failed", reason="the daemon stopped during the migration",
-                             finished=time.time())
-                    self.store.update_migration(m)
                 self._migrations[m["id"]] = m
+                if m["state"] in ("setup", "active"):
+                    self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
+                                           finished=time.time())
             for row in self.store.load_vms():
                 await self._load_vm(row)
         except BaseException:
@@ -156,7 +156,7 @@ class Service(VmOperations):
         host = self.hosts.get(row.host)
         if host is None or host.kind == "simulated" or not row.runtime:
             # Simulated VMs lived inside the previous daemon: they stopped with it.
-            self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+            self._note_state(rec, "stopped", runtime={})
             return
         try:
             rec.running = await host.reattach(self._spec(rec), row.runtime)
@@ -168,9 +168,8 @@ class Service(VmOperations):
             log.info("VM %s: reattached", rec.name)
         else:
             rec.running = None
-            rec.state = "crashed"
-            rec.last_error = rec.last_error or "the VM was gone when the daemon restarted"
-            self.store.set_state(rec.name, "crashed", rec.last_error, runtime={})
+            self._note_state(rec, "crashed", runtime={},
+                             last_error=rec.last_error or "the VM was gone when the daemon restarted")
 
     async def close(self) -> None:
         """Stop cleanly: simulated VMs stop and are saved as stopped; real QEMU VMs keep running
@@ -192,10 +191,10 @@ class Service(VmOperations):
                     await rec.running.stop()
                 except Exception:
                     log.exception("VM %s: stop failed", rec.name)
-                rec.running, rec.state = None, "stopped"
-                self.store.set_state(rec.name, "stopped", rec.last_error, runtime={})
+                rec.running = None
+                self._note_state(rec, "stopped", runtime={})
             else:
-                self.store.set_state(rec.name, "running", rec.last_error, runtime=rec.running.runtime_info())
+                self._note_state(rec, rec.state, runtime=rec.running.runtime_info())
         for host in self.hosts.values():
             try:
                 await host.close()
@@ -243,10 +242,34 @@ class Service(VmOperations):
                 "tag_memory": running.tag_memory() if running else None,
                 "stderr": running.stderr_tail() if running else list(rec.stderr)}
 
-    def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None) -> None:
-        rec.state = state
+    def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None,
+                   last_error=KEEP, **definition) -> None:
+        """Write-then-apply: the store first (StoreWriteError: memory untouched, nothing changed),
+        then memory and the event. ``definition`` (config=, pending=) is written in the same
+        transaction and applied to the record with the state."""
+        error = rec.last_error if last_error is KEEP else last_error
         if persist:
-            self.store.set_state(rec.name, state, rec.last_error, runtime=runtime)
+            self.store.set_state(rec.name, state, error, runtime=runtime,
+                                 **{k: v.to_dict() if k in ("config", "workload") else v
+                                    for k, v in definition.items()})
+        self._apply_state(rec, state, error, definition)
+
+    def _note_state(self, rec: VmRecord, state: str, *, runtime: dict | None = None, last_error=KEEP,
+                    **definition) -> None:
+        """Record what already happened (a QEMU stopped, crashed or migrated): memory follows the
+        truth even if the store cannot be written then; the next daemon reconciles the store from
+        what really runs (see _load_vm), so a failed write here is logged, not raised."""
+        error = rec.last_error if last_error is KEEP else last_error
+        try:
+            self.store.set_state(rec.name, state, error, runtime=runtime, **definition)
+        except StoreError as e:
+            log.error("VM %s: %s (it is %s)", rec.name, e, state)
+        self._apply_state(rec, state, error, definition)
+
+    def _apply_state(self, rec: VmRecord, state: str, error, definition: dict) -> None:
+        rec.state, rec.last_error = state, error
+        for key, value in definition.items():
+            setattr(rec, key, value)
         self.bus.publish("vm", vm=self._summary(rec))
 
     # -- hosts ------------------------------------------------------------------------------------
@@ -329,36 +352,47 @@ class Service(VmOperations):
     async def _start(self, rec: VmRecord) -> dict:
         if rec.state not in ("stopped", "crashed"):
             raise StateError(f"VM {rec.name!r} is {rec.state}")
-        if rec.pending:
-            self._apply_pending(rec)
+        # The intent is stored before QEMU exists ("starting", with the pending changes applied: they
+        # become the definition at start even if the start then fails, as a change made while stopped
+        # would have), so a daemon killed during the launch is followed by one that adopts or stops it.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
         rec.stderr = []
-        self._set_state(rec, "starting", persist=False)
         host = self.hosts[rec.host]
         try:
-            rec.running = await host.start(self._spec(rec))
+            running = await host.start(self._spec(rec))
         except BaseException as e:
-            rec.running = None
-            rec.last_error = str(e) if isinstance(e, MtevmError) else f"start failed: {e!r}"
-            self._set_state(rec, "stopped", runtime={})
+            error = str(e) if isinstance(e, MtevmError) else f"start failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
             if isinstance(e, MtevmError) or not isinstance(e, Exception):
                 raise
             log.exception("VM %s: start failed", rec.name)
-            raise MtevmError(rec.last_error) from e
-        rec.last_error = None
+            raise MtevmError(error) from e
+        try:
+            self._set_state(rec, "running", runtime=running.runtime_info(), last_error=None)
+        except StoreError:
+            await running.stop()     # the store cannot say it runs: it must not run
+            self._note_state(rec, "stopped", runtime={})
+            raise
+        rec.running = running
         rec.rate.reset()
-        self._set_state(rec, "running", runtime=rec.running.runtime_info())
         log.info("VM %s: started on %s", rec.name, rec.host)
         return await self._detail(rec)
 
-    def _apply_pending(self, rec: VmRecord) -> None:
-        """Pending changes become the definition at start (even if the start then fails, as a change
-        made while stopped would have)."""
-        self._apply_pending_extra(rec)
+    def _pending_applied(self, rec: VmRecord) -> dict:
+        """The definition with the pending changes applied ({} when none): config=, pending= (and
+        workload=, qemu_args= when those are pending: see backend.daemon.vm_operations.edit)."""
+        if not rec.pending:
+            return {}
+        pending = dict(rec.pending)
+        workload, qemu_args = pending.pop("workload", None), pending.pop("qemu_args", None)
         d = rec.config.to_dict()
-        d.update(rec.pending)
-        rec.config = VirtMachineConfig.from_dict(d)
-        rec.pending = {}
-        self.store.update_vm(rec.name, config=rec.config.to_dict(), pending={})
+        d.update(pending)
+        applied = {"config": VirtMachineConfig.from_dict(d), "pending": {}}
+        if workload:
+            applied["workload"] = WorkloadConfig.from_dict({**rec.workload.to_dict(), **workload})
+        if qemu_args is not None:
+            applied["qemu_args"] = list(qemu_args)
+        return applied
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
@@ -368,13 +402,15 @@ class Service(VmOperations):
     async def _stop(self, rec: VmRecord) -> dict:
         if rec.state not in ("running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
-        self._set_state(rec, "stopping", persist=False)
+        # Intent first ("stopping", the runtime kept): a daemon killed now is followed by one that
+        # finishes the stop. A store that cannot be written refuses the stop: nothing changed.
+        self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
         running, rec.running = rec.running, None
         try:
             await running.stop()
         finally:
             rec.rate.reset()
-            self._set_state(rec, "stopped", runtime={})
+            self._note_state(rec, "stopped", runtime={})
             log.info("VM %s: stopped", rec.name)
         return await self._detail(rec)
 
@@ -386,16 +422,16 @@ class Service(VmOperations):
             d["mte"] = on
             config = VirtMachineConfig.from_dict(d)
             config.validate()
-            rec.config, rec.pending = config, {}
             self.store.update_vm(rec.name, config=config.to_dict(), pending={})
+            rec.config, rec.pending = config, {}
         else:
             # A running machine cannot change its MTE setting (QEMU fixes it at machvirt_init): keep it
             # for the next start. Toggling back to the current value cancels the change.
             pending = {k: v for k, v in rec.pending.items() if k != "mte"}
             if on != rec.config.mte:
                 pending["mte"] = on
-            rec.pending = pending
             self.store.update_vm(rec.name, pending=pending)
+            rec.pending = pending
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -412,10 +448,17 @@ class Service(VmOperations):
             modes = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
             modes[vcpu] = tcf
         with claim(rec, "changing its TCF"):
+            before = [rec.workload.tcf_for(i) for i in range(rec.config.vcpus)]
             if rec.running is not None:
-                rec.running.set_tcf(vcpu, tcf)
+                rec.running.set_tcf(vcpu, tcf)      # refuses (StateError) before anything changes
+            try:
+                self.store.update_vm(rec.name, workload={**rec.workload.to_dict(), "tcf": modes})
+            except StoreError:
+                if rec.running is not None:          # roll the live change back
+                    for i, mode in enumerate(before):
+                        rec.running.set_tcf(i, mode)
+                raise
             rec.workload.tcf = modes
-            self.store.update_vm(rec.name, workload=rec.workload.to_dict())
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -428,10 +471,10 @@ class Service(VmOperations):
         rec.rate.update(time.monotonic(), total)
         if running.state == "crashed" and rec.running is running and rec.state in ("running", "paused"):
             rec.stderr = running.stderr_tail()
-            rec.last_error = rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly"
             rec.running = None
             rec.rate.reset()
-            self._set_state(rec, "crashed", runtime={})
+            self._note_state(rec, "crashed", runtime={},
+                             last_error=rec.stderr[-1] if rec.stderr else "the VM stopped unexpectedly")
             try:
                 await running.stop()
             except Exception:
@@ -508,10 +551,19 @@ class Service(VmOperations):
         m = {"id": 0, "vm": rec.name, "src": rec.host, "dst": dst, "with_tags": with_tags, "state": state,
              "reason": reason, "progress": 0.0, "started": now,
              "finished": now if state in ("blocked", "failed") else None, "stats": {}}
-        m["id"] = self.store.add_migration(m)
+        m["id"] = self.store.add_migration(m)    # write-then-apply: a refused write records nothing
         self._migrations[m["id"]] = m
         self.bus.publish("migration", migration=dict(m))
         return m
+
+    def _update_migration(self, m: dict, **changes) -> None:
+        """A migration's progress or outcome (a fact: memory follows it even if the store refuses)."""
+        m.update(changes)
+        try:
+            self.store.update_migration(m)
+        except StoreError as e:
+            log.error("migration %d: %s (it is %s)", m["id"], e, m["state"])
+        self.bus.publish("migration", migration=dict(m))
 
     async def migrate(self, name: str, to_host: str, with_tags: bool = False) -> dict:
         rec = self._vm(name)
@@ -535,7 +587,10 @@ class Service(VmOperations):
                    if not (with_tags and r == MTE_MIGRATION_BLOCKER)]
         refusal = reasons[0] if reasons else src.can_migrate_to(dst)
         if refusal:
-            self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            try:
+                self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)
+            except StoreError as e:   # the refusal is what the user needs to read
+                log.error("VM %s: refused migration not recorded: %s", rec.name, e)
             log.info("VM %s: migration to %s refused: %s", rec.name, dst.name, refusal)
             raise MigrationError(refusal)
         m = self._record_migration(rec, dst.name, with_tags, "setup")
@@ -559,34 +614,26 @@ class Service(VmOperations):
 
         spec = self._spec(rec)
         try:
-            m["state"] = "active"
-            self.store.update_migration(m)
-            self.bus.publish("migration", migration=dict(m))
+            self._update_migration(m, state="active")
             new_vm = await rec.running.migrate_to(dst, spec, m["with_tags"], progress)
         except asyncio.CancelledError:
-            m.update(state="failed", reason="the daemon stopped during the migration", finished=time.time())
-            self.store.update_migration(m)
+            self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
+                                   finished=time.time())
             self._set_state(rec, "running", persist=False)
             raise
         except Exception as e:
             reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
             if m["id"] in self._cancel_requested:
-                m.update(state="cancelled", reason="cancelled by the user", finished=time.time())
+                self._update_migration(m, state="cancelled", reason="cancelled by the user", finished=time.time())
             else:
-                m.update(state="failed", reason=reason, finished=time.time())
+                self._update_migration(m, state="failed", reason=reason, finished=time.time())
             self._cancel_requested.discard(m["id"])
-            self.store.update_migration(m)
-            self.bus.publish("migration", migration=dict(m))
             self._set_state(rec, "running", persist=False)
             log.warning("VM %s: migration %d to %s failed: %s", rec.name, m["id"], dst.name, reason)
             return
         rec.running = new_vm
-        rec.host = dst.name
-        self.store.update_vm(rec.name, host=dst.name)
-        m.update(state="completed", progress=1.0, finished=time.time())
-        self.store.update_migration(m)
-        self.bus.publish("migration", migration=dict(m))
-        self._set_state(rec, "running", runtime=new_vm.runtime_info())
+        self._update_migration(m, state="completed", progress=1.0, finished=time.time())
+        self._note_state(rec, "running", runtime=new_vm.runtime_info(), host=dst.name)
         log.info("VM %s: migrated to %s (migration %d)", rec.name, dst.name, m["id"])
 
 

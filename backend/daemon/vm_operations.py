@@ -88,7 +88,7 @@ class VmOperations:
         rec = self._live(name, before)
         await call(rec.running)
         rec.rate.reset()
-        self._set_state(rec, after)
+        self._note_state(rec, after)     # a fact by now: QEMU has stopped / resumed
         return await self._detail(rec)
 
     # -- reboot / shutdown ------------------------------------------------------------------------
@@ -116,7 +116,7 @@ class VmOperations:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ConfigError(f"timeout must be a number of seconds in (0, 3600], not {timeout!r}")
         running = rec.running
-        self._set_state(rec, "stopping", persist=False)
+        self._set_state(rec, "stopping", runtime=running.runtime_info())   # intent first, as stop
         try:
             graceful = await running.guest_power("poweroff", float(timeout))
         except MtevmError:
@@ -134,7 +134,7 @@ class VmOperations:
             await running.stop()
         finally:
             rec.rate.reset()
-            self._set_state(rec, "stopped", runtime={})
+            self._note_state(rec, "stopped", runtime={})
         return await self._with_outcome(rec, how, message)
 
     # -- migrate-cancel ---------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class VmOperations:
         if rec.state in LIVE_STATES:        # e.g. 'stop' / 'cont' typed at the monitor
             state = "paused" if rec.running.paused else "running"
             if state != rec.state:
-                self._set_state(rec, state)
+                self._note_state(rec, state)
         return {"vm": rec.name, "hmp": hmp, "command": command,
                 "return": reply if hmp else reply.get("return")}
 
@@ -202,13 +202,14 @@ class VmOperations:
         if rec.state in ("starting", "stopping", "migrating"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: edit it when that has finished")
         config, workload, qemu_args = self._next_definition(rec, changes)
-        if rec.state in ("stopped", "crashed"):
-            rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
+        if rec.state in ("stopped", "crashed"):     # the store first: a failed write changes nothing
             self.store.update_vm(rec.name, config=config.to_dict(), workload=workload.to_dict(),
                                  qemu_args=qemu_args, pending={})
+            rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
         else:
-            rec.pending = self._pending_between(rec, config, workload, qemu_args)
-            self.store.update_vm(rec.name, pending=rec.pending)
+            pending = self._pending_between(rec, config, workload, qemu_args)
+            self.store.update_vm(rec.name, pending=pending)
+            rec.pending = pending
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -224,21 +225,6 @@ class VmOperations:
         if qemu_args != list(rec.qemu_args):
             pending["qemu_args"] = qemu_args
         return pending
-
-    def _apply_pending_extra(self, rec) -> None:
-        """At start: the pending workload / qemu_args changes (MTE and the machine keys are applied
-        by the Service's own ``_apply_pending``)."""
-        workload = rec.pending.pop("workload", None)
-        qemu_args = rec.pending.pop("qemu_args", None)
-        if workload:
-            d = rec.workload.to_dict()
-            d.update(workload)
-            rec.workload = WorkloadConfig.from_dict(d)
-        if qemu_args is not None:
-            rec.qemu_args = list(qemu_args)
-        if workload or qemu_args is not None:
-            self.store.update_vm(rec.name, workload=rec.workload.to_dict(), qemu_args=list(rec.qemu_args),
-                                 pending=rec.pending)
 
     async def clone(self, name: str, new_name: str) -> dict:
         """A new stopped VM with the definition ``name`` will boot with (pending changes included),
@@ -365,23 +351,27 @@ class VmOperations:
                              "refused (QEMU can only load a state into the machine that saved it)")
         state_file, _ = self._snapshot_files(rec.name, tag)
         if rec.running is not None:
-            self._set_state(rec, "stopping", persist=False)
+            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
             running, rec.running = rec.running, None
             await running.stop()
-        if rec.pending:
-            self._apply_pending(rec)
-        self._set_state(rec, "starting", persist=False)
+        # As a start: the intent stored first, pending changes (already checked equal) applied.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
         try:
-            rec.running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
+            running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
         except BaseException as e:
-            rec.running = None
-            rec.last_error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
-            self._set_state(rec, "stopped", runtime={})
+            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
             raise
-        rec.last_error = None
+        await running.sample()          # the counters the snapshot brought back, shown at once
+        try:
+            self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
+                            last_error=None)
+        except MtevmError:
+            await running.stop()        # the store cannot say it runs: it must not run (as start)
+            self._note_state(rec, "stopped", runtime={})
+            raise
+        rec.running = running
         rec.rate.reset()
-        await rec.running.sample()          # the counters the snapshot brought back, shown at once
-        self._set_state(rec, "paused" if rec.running.paused else "running", runtime=rec.running.runtime_info())
         return {**await self._detail(rec), "snapshot": info}
 
     @_claiming("deleting a snapshot")

@@ -287,6 +287,7 @@ class LocalVm(RunningVm):
         self._faults: deque[dict] = deque(maxlen=200)
         self._guest: dict = {}
         self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
+        self._cancel_wanted = False     # the user cancelled this VM's outgoing migration
         proc.on_exit(self._on_exit)
 
     # ------------------------------------------------------------------------------ state
@@ -424,6 +425,7 @@ class LocalVm(RunningVm):
                 await self.proc.qmp.execute("migrate_cancel")
             except QmpError:
                 pass
+            self._cancel_wanted = False     # a cancel that came late must not hit the next migration
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
@@ -441,16 +443,27 @@ class LocalVm(RunningVm):
 
     async def _migrate(self, uri: str, timeout: float, progress: ProgressCallback | None) -> dict:
         """QMP ``migrate`` to ``uri`` and follow query-migrate to completion: its figures, or
-        MigrationError with QEMU's text (``error-desc``) when it fails or is cancelled."""
+        MigrationError with QEMU's text (``error-desc``) when it fails or is cancelled. A cancel
+        asked for before QEMU's migration began (``cancel_migration``) is sent once it has."""
         try:
-            await self.proc.qmp.execute("migrate", {"uri": uri})
-        except QmpError as e:
-            raise MigrationError(str(e)) from None
+            if self._cancel_wanted:
+                raise MigrationError("migration cancelled")
+            try:
+                await self.proc.qmp.execute("migrate", {"uri": uri})
+            except QmpError as e:
+                raise MigrationError(str(e)) from None
+            return await self._follow_migration(timeout, progress)
+        finally:
+            self._cancel_wanted = False
+
+    async def _follow_migration(self, timeout: float, progress: ProgressCallback | None) -> dict:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             info = await self.proc.qmp.execute("query-migrate")
             status = info.get("status", "none")
+            if self._cancel_wanted and status in ("setup", "active", "pre-switchover", "device"):
+                await self.proc.qmp.execute("migrate_cancel")
             ram = info.get("ram", {})
             stats = {"status": status, **ram_stats(ram),
                      "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
@@ -508,6 +521,7 @@ class LocalVm(RunningVm):
         self._faults.clear()
 
     async def cancel_migration(self) -> None:
+        self._cancel_wanted = True      # _migrate sends migrate_cancel as soon as QEMU migrates
         await self.proc.qmp.execute("migrate_cancel")
 
     async def monitor(self, command: str, *, hmp: bool):
