@@ -24,8 +24,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
-COMMANDS = ("probe", "hosts", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve",
+COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image",
             "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("probe", "what each host can do for MTE (KVM, QEMU, CPU) and the verdicts", as_json)
     p.add_argument("--host", help="probe only this host")
     add("hosts", "the hosts VMs can run on", as_json)
+    p = add("host", "add or remove a libvirt host: 'host add NAME URI', 'host remove NAME'")
+    actions = p.add_subparsers(dest="host_action", metavar="ACTION", required=True)
+    a = actions.add_parser("add", parents=[common, as_json], help="add a libvirt host by URI", description=(
+        "add a libvirt host by URI: qemu:///system, qemu+ssh://user@host/system, "
+        "qemu+unix:///system?socket=PATH (needs libvirt-python: pip install -e '.[libvirt]')"))
+    a.add_argument("name")
+    a.add_argument("uri")
+    a = actions.add_parser("remove", parents=[common, as_json], help="forget a libvirt host (it has no mtevm VMs)")
+    a.add_argument("name")
     add("list", "all VMs", as_json)
     p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
     p.add_argument("name")
@@ -127,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    from backend.guests import image_cli
+    image_cli.add_parser(sub, [common])
     p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
@@ -541,6 +552,13 @@ async def run_command(args) -> int:
         return await _dispatch(client, args)
 
 
+def _warn_start(vm: dict) -> None:
+    """The daemon's warnings (QEMU's text): the definition is stored but cannot start on its host.
+    The same rule and words as the app's forms; on stderr, so --json output stays one document."""
+    for text in vm.get("warnings") or []:
+        print(f"mtevm: warning: VM {vm['name']} cannot start on {vm['host']}: {text}", file=sys.stderr)
+
+
 async def _dispatch(client, args) -> int:
     cmd = args.command
     as_json = getattr(args, "json", False)
@@ -550,6 +568,12 @@ async def _dispatch(client, args) -> int:
 
     if cmd == "hosts":
         out(await client.hosts(), print_hosts)
+    elif cmd == "host" and args.host_action == "add":
+        out(await client.host_add(args.name, args.uri), lambda h: print(
+            f"added host {h['name']}: {h['description']}" + ("" if h["available"] else f"; unreachable: {h['reason']}")))
+    elif cmd == "host":
+        await client.host_remove(args.name)
+        out({"removed": args.name}, lambda d: print(f"removed host {args.name}"))
     elif cmd == "probe":
         out(await client.probe(args.host), print_probe)
     elif cmd == "list":
@@ -561,6 +585,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
                                 f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "start":
         out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
     elif cmd == "stop":
@@ -573,6 +598,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(
             f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
             else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "tcf":
         vm = await client.set_tcf(args.name, args.vcpu, args.mode)
         out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))
@@ -646,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)
+        elif args.command == "image":
+            from backend.guests import image_cli
+            code = image_cli.run(args)
         else:
             code = asyncio.run(run_command(args))
         sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest

@@ -159,6 +159,12 @@ class Client:
     async def hosts(self) -> list[dict]:
         return await self._t.call("hosts")
 
+    async def host_add(self, name: str, uri: str) -> dict:
+        return await self._t.call("host_add", name=name, uri=uri)
+
+    async def host_remove(self, name: str) -> None:
+        await self._t.call("host_remove", name=name)
+
     async def probe(self, host: str | None = None) -> list[dict]:
         return await self._t.call("probe", host=host)
 
@@ -168,8 +174,8 @@ class Client:
     async def show(self, name: str) -> dict:
         return await self._t.call("show", name=name)
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
-        return await self._t.call("create", config=config, validate_only=validate_only)
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only, existing=existing)
 
     async def start(self, name: str) -> dict:
         return await self._t.call("start", name=name)

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from backend.errors import StoreError, StoreWriteError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -57,11 +57,15 @@ CREATE TABLE migrations (
     stats     TEXT NOT NULL DEFAULT '{}'
 );
 """
-_TABLES = {"vms", "pending", "runtime", "migrations"}
+# Hosts the user added (libvirt, by URI); the built-in ones are not stored. New in version 3.
+_HOSTS_TABLE = "CREATE TABLE hosts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, uri TEXT NOT NULL, created REAL NOT NULL)"
+_SCHEMA += _HOSTS_TABLE + ";\n"
+_TABLES = {"vms", "pending", "runtime", "migrations"}   # in every version (hosts: from 3)
 # How to bring a store of version N-1 to N, applied in order in one transaction when it is opened.
 # (Version 1 stores, written before qemu_args existed, still open: their VMs get no extra arguments.)
 _UPGRADES = {
     2: ["ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'"],
+    3: [_HOSTS_TABLE],
 }
 
 
@@ -271,6 +275,20 @@ class Store:
     def delete_vm(self, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- hosts the user added ---------------------------------------------------------------------
+    def load_hosts(self) -> list[dict]:
+        """[{"name", "kind", "uri"}] in the order they were added."""
+        return [{"name": n, "kind": k, "uri": u} for n, k, u in
+                self._db.execute("SELECT name, kind, uri FROM hosts ORDER BY created, name")]
+
+    def add_host(self, name: str, kind: str, uri: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO hosts (name, kind, uri, created) VALUES (?, ?, ?, ?)", (name, kind, uri, time.time()))
+
+    def delete_host(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM hosts WHERE name=?", (name,))
 
     # -- migration history ------------------------------------------------------------------------
     def add_migration(self, m: dict) -> int:

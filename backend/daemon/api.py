@@ -62,10 +62,12 @@ _VM = "/v1/vms/{name:[^/]*}"
 
 ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("hosts", "GET", "/v1/hosts", service="hosts_info"),
+    Route("host_add", "POST", "/v1/hosts", body={"name": "name", "uri": "uri"}),
+    Route("host_remove", "DELETE", "/v1/hosts/{name:[^/]*}"),
     Route("probe", "GET", "/v1/probe", query={"host": ("host", parse_str)}),
     Route("list", "GET", "/v1/vms"),
     Route("create", "POST", "/v1/vms", body_whole="config",
-          query={"validate_only": ("validate_only", parse_bool)}),
+          query={"validate_only": ("validate_only", parse_bool), "existing": ("existing", parse_bool)}),
     Route("show", "GET", _VM),
     Route("delete", "DELETE", _VM),
     Route("start", "POST", _VM + "/start"),

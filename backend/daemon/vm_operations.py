@@ -33,6 +33,55 @@ MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migrat
 EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")
 LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
+MONITOR_REFUSED = {"quit": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "q": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "migrate": "use 'mtevm migrate NAME --to HOST' or 'mtevm snapshot NAME save'",
+                   "migrate-incoming": "use 'mtevm snapshot NAME restore TAG'",
+                   "migrate_incoming": "use 'mtevm snapshot NAME restore TAG'"}
+
+
+def parse_qmp_command(command: str) -> tuple[str, dict | None]:
+    """``{"execute": "x", "arguments": {...}}`` or ``x`` or ``x {"arg": 1}`` -> (name, arguments)."""
+    text = command.strip()
+    try:
+        if text.startswith("{"):
+            obj = json.loads(text)
+            if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
+                raise ConfigError('monitor: a QMP command object needs "execute": "<command>"')
+            name, arguments = obj["execute"], obj.get("arguments")
+        else:
+            name, _, rest = text.partition(" ")
+            arguments = json.loads(rest) if rest.strip() else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"monitor: the QMP arguments are not JSON: {e}") from None
+    if not name:
+        raise ConfigError("monitor: give a QMP command, e.g. query-status (or --hmp 'info mtree')")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise ConfigError("monitor: QMP arguments must be a JSON object")
+    return name, arguments
+
+
+def _monitor_request(command: str, hmp: bool) -> str:
+    """The command as the host gets it (HMP: the line; QMP: a command object as JSON), after
+    refusing what would end or move the VM behind mtevm's back."""
+    if hmp:
+        word = command.split(None, 1)[0]
+    else:
+        word, arguments = parse_qmp_command(command)
+        command = json.dumps({"execute": word, **({"arguments": arguments} if arguments is not None else {})})
+    if word in MONITOR_REFUSED:
+        raise ConfigError(f"monitor: mtevm does not pass '{word}' to QEMU: {MONITOR_REFUSED[word]}")
+    return command
+
+
+def _monitor_reply(reply):
+    """A QMP reply as an object (a host may hand back its JSON text); QEMU's error as QmpError."""
+    if isinstance(reply, str):
+        reply = json.loads(reply)
+    if isinstance(reply, dict) and "error" in reply:
+        raise MtevmError(reply["error"].get("desc", str(reply["error"])))
+    return reply.get("return") if isinstance(reply, dict) else reply
 
 
 def _check_tag(tag) -> str:
@@ -157,13 +206,13 @@ class VmOperations:
             raise ConfigError("monitor: give a command, e.g. query-status, or --hmp 'info mtree'")
         if not isinstance(hmp, bool):
             raise ConfigError(f"hmp must be true or false, not {hmp!r}")
-        reply = await rec.running.monitor(command, hmp=hmp)
+        reply = await rec.running.monitor(_monitor_request(command, hmp), hmp=hmp)
         if rec.state in LIVE_STATES:        # e.g. 'stop' / 'cont' typed at the monitor
             state = "paused" if rec.running.paused else "running"
             if state != rec.state:
                 self._note_state(rec, state)
         return {"vm": rec.name, "hmp": hmp, "command": command,
-                "return": reply if hmp else reply.get("return")}
+                "return": reply if hmp else _monitor_reply(reply)}
 
     # -- edit / clone -----------------------------------------------------------------------------
     def _next_definition(self, rec, changes: dict | None = None):

@@ -81,6 +81,26 @@ class Host(abc.ABC):
     async def close(self) -> None:
         """The daemon is stopping. Simulated VMs stop; real QEMU processes keep running."""
 
+    # Hosts that define VMs on the host itself (libvirt domains) override these; others keep
+    # definitions only in mtevm's store.
+    async def open(self, publish=None) -> None:
+        """Start whatever the host keeps running (libvirt: its connection); ``publish(type, **fields)``
+        sends events to the daemon's clients."""
+
+    async def define(self, spec: VmSpec) -> None:
+        """Create or update the VM's definition on the host (called at create and when it changes)."""
+
+    async def undefine(self, name: str) -> None:
+        """Remove the VM's definition from the host (delete)."""
+
+    def shown_state(self, state: str) -> str:
+        """The state users see for a VM of this host (a host that cannot be reached: "unknown")."""
+        return state
+
+    def foreign_vms(self) -> list[dict]:
+        """VMs on this host that mtevm did not make (read-only VmSummary entries)."""
+        return []
+
     # -- everyday operations (pause, snapshots, clone; issue 12) ----------------------------------
     def snapshot_refusal(self) -> str | None:
         """None if this host keeps VM snapshots (the VM's whole state, tags included), else why not."""
@@ -134,6 +154,10 @@ class RunningVm(abc.ABC):
         stopped; on failure it keeps running.
         """
 
+    async def refusal_text(self, dst: Host, reasons: list[str]) -> str:
+        """The refusal to show when ``blocked_reasons`` is not empty (libvirt: libvirt's own text)."""
+        return reasons[0]
+
     def set_tcf(self, vcpu: int | None, tcf: str) -> None:
         """Change the TCF mode of one vCPU (or all). Hosts that cannot do it live raise StateError."""
         from backend.errors import StateError
@@ -184,8 +208,9 @@ class RunningVm(abc.ABC):
         raise _unsupported(f"host {self.host.name} cannot cancel a migration")
 
     async def monitor(self, command: str, *, hmp: bool):
-        """Pass one QMP command (a JSON object, or a command name and optional JSON arguments) or one
-        HMP command line to the VM's QEMU over mtevm's own connection; return QEMU's reply."""
+        """Pass one HMP command line, or one QMP command object as JSON text (``{"execute": ...,
+        "arguments": ...}``), to the VM's QEMU; return QEMU's reply (HMP: text; QMP: the reply
+        object, or its JSON text)."""
         raise _unsupported(f"host {self.host.name} runs no QEMU: it has no monitor")
 
     async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:

@@ -18,14 +18,14 @@ import shlex
 import platform
 import socket
 import tempfile
-import time
-from collections import deque
 from typing import Sequence
 
-from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
+from backend.errors import ConfigError, MigrationError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
+from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
-from backend.machine.migration import PAGE, ram_stats
+from backend.machine.migration import ram_stats
+from backend.paths import open_private_path
 from backend.qemu import guest_abi
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
@@ -33,16 +33,9 @@ from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
-TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
 SAVE_TIMEOUT = 120.0        # writing or loading a snapshot's state file
-# QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
-MONITOR_REFUSED = {"quit": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
-                   "q": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
-                   "migrate": "use 'mtevm migrate NAME --to HOST' or 'mtevm snapshot NAME save'",
-                   "migrate-incoming": "use 'mtevm snapshot NAME restore TAG'",
-                   "migrate_incoming": "use 'mtevm snapshot NAME restore TAG'"}
 PAUSED_STATUSES = ("paused", "postmigrate", "prelaunch", "suspended", "debug", "io-error", "watchdog",
                    "guest-panicked", "internal-error", "shutdown")
 LOOPBACK = "127.0.0.1"
@@ -177,7 +170,7 @@ class LocalHost(Host):
         argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
                           qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming)
-        with open(params, "wb") as f:
+        with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(block)
         return argv, params
 
@@ -252,28 +245,7 @@ def _remove(path: str | None) -> None:
             pass
 
 
-def parse_qmp_command(command: str) -> tuple[str, dict | None]:
-    """``{"execute": "x", "arguments": {...}}`` or ``x`` or ``x {"arg": 1}`` -> (name, arguments)."""
-    text = command.strip()
-    try:
-        if text.startswith("{"):
-            obj = json.loads(text)
-            if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
-                raise ConfigError('monitor: a QMP command object needs "execute": "<command>"')
-            name, arguments = obj["execute"], obj.get("arguments")
-        else:
-            name, _, rest = text.partition(" ")
-            arguments = json.loads(rest) if rest.strip() else None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"monitor: the QMP arguments are not JSON: {e}") from None
-    if not name:
-        raise ConfigError("monitor: give a QMP command, e.g. query-status (or --hmp 'info mtree')")
-    if arguments is not None and not isinstance(arguments, dict):
-        raise ConfigError("monitor: QMP arguments must be a JSON object")
-    return name, arguments
-
-
-class LocalVm(RunningVm):
+class LocalVm(GuestStatusView, RunningVm):
     """One real VM. Counters come from the guest's status block, read when the daemon samples."""
 
     def __init__(self, host: LocalHost, spec: VmSpec, proc: QemuProcess, extra_args: list[str],
@@ -283,9 +255,7 @@ class LocalVm(RunningVm):
         self.proc = proc
         self.extra_args = extra_args
         self.params_file = params_file
-        self._vcpus: list[dict] = [self._vcpu_info(i, {}) for i in range(spec.config.vcpus)]
-        self._faults: deque[dict] = deque(maxlen=200)
-        self._guest: dict = {}
+        self._init_status()
         self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
         self._cancel_wanted = False     # the user cancelled this VM's outgoing migration
         proc.on_exit(self._on_exit)
@@ -303,10 +273,7 @@ class LocalVm(RunningVm):
             _remove(self.params_file)
 
     def stderr_tail(self) -> list[str]:
-        lines = self.proc.stderr_tail()
-        error = self._guest.get("error")
-        if error:   # the guest took an exception it does not handle (it reports, then parks)
-            lines.append("guest error: ESR {esr:#x} at ELR {elr:#x}, FAR {far:#x}".format(**error))
+        lines = self.proc.stderr_tail() + self.guest_error_lines()
         if not self.proc.alive() and not self.proc.stopping:
             lines.append(self.proc.exit_reason())
         return lines
@@ -318,29 +285,10 @@ class LocalVm(RunningVm):
                 "extra_args": self.extra_args, "params": self.params_file}
 
     # --------------------------------------------------------------------------- counters
-    def _vcpu_info(self, index: int, status: dict) -> dict:
-        kvm_mte = self.spec.config.accel == "kvm" and self.spec.config.mte
-        info = {"index": index, "kvm_mte": kvm_mte, "tcf": self.spec.workload.tcf_for(index),
-                "checked": 0, "unchecked": 0, "sync_faults": 0, "async_faults": 0, "last_fault": None,
-                "up": False, "boot_tags": None, "boot_tag_checks": 0}
-        if status.get("up"):   # before the guest is up its status block holds nothing meaningful
-            info.update({k: v for k, v in status.items() if k in info and k not in ("index", "kvm_mte")})
-        return info
-
-    def guest_status(self) -> dict:
-        """The guest's status header from the last sample (up, state, vcpus_up, error)."""
-        return dict(self._guest)
-
-    def vcpus(self) -> list[dict]:
-        return [dict(v) for v in self._vcpus]
-
     async def read_status(self) -> bytes:
         """The guest's raw status block, read over QMP (``xp``: works running, paused or migrated)."""
         text = await self.proc.qmp.hmp(guest_abi.xp_command(self.spec.config.vcpus))
-        try:
-            return guest_abi.parse_xp(text)
-        except ValueError:
-            raise MtevmError(f"QEMU could not read the guest's status block: {text.strip()[:200]}") from None
+        return self._parse_xp(text)
 
     async def sample(self) -> list[dict]:
         if not self.proc.alive():
@@ -352,46 +300,7 @@ class LocalVm(RunningVm):
             raw = await self.read_status()
         except QmpError:
             return self.vcpus()     # QEMU went away: the exit watch marks the VM crashed
-        statuses = guest_abi.parse_status(raw, self.spec.config.vcpus)
-        self._guest = guest_abi.parse_status_header(raw)
-        now = time.time()
-        fresh = []
-        for i in self._cpu_indexes:
-            info = self._vcpu_info(i, statuses[i] if i < len(statuses) else {})
-            self._note_fault(info, self._vcpus[i] if i < len(self._vcpus) else None, now)
-            fresh.append(info)
-        self._vcpus = fresh
-        return self.vcpus()
-
-    def _note_fault(self, info: dict, before: dict | None, now: float) -> None:
-        fault = info.get("last_fault")
-        if not fault:
-            return
-        fault = {**fault, "vcpu": info["index"], "time": now}
-        old = (before or {}).get("last_fault")
-        faults_before = sum((before or {}).get(k, 0) for k in ("sync_faults", "async_faults"))
-        faults_now = info["sync_faults"] + info["async_faults"]
-        if old is None or faults_now != faults_before or {**old, "time": 0} != {**fault, "time": 0}:
-            self._faults.appendleft(fault)
-        else:
-            fault["time"] = old["time"]   # the same fault as last sample: keep when it was first seen
-        info["last_fault"] = fault
-
-    def last_faults(self, limit: int = 20) -> list[dict]:
-        return list(self._faults)[:limit]
-
-    def tag_memory(self) -> dict | None:
-        """Under TCG QEMU keeps RAM/32 bytes of tags (the ``mach-virt.tag`` RAM block). The pages
-        that hold non-zero tags are the ones the guest tags: each vCPU's heap and boot-tag page."""
-        config = self.spec.config
-        if not config.mte or config.accel != "tcg":
-            return None
-        per_vcpu = (self.spec.workload.heap_size + guest_abi.BOOT_TAG_SIZE) // PAGE
-        return {"bytes": config.memory // TAG_RAM_RATIO, "tagged_pages": self._guest.get("vcpus_up", 0) * per_vcpu}
-
-    def set_tcf(self, vcpu: int | None, tcf: str) -> None:
-        raise StateError(f"VM '{self.spec.config.name}' runs real QEMU: its TCF is a boot parameter of "
-                         "the guest; stop the VM, change the workload's tcf and start it again")
+        return self._apply_status(raw, self._cpu_indexes)
 
     # ------------------------------------------------------------------------ lifecycle
     async def blocked_reasons(self) -> list[str]:
@@ -429,7 +338,7 @@ class LocalVm(RunningVm):
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
-        target._vcpus, target._faults = self._vcpus, self._faults   # the VM's history goes with it
+        target._take_history(self)   # the VM's counters and faults go with it
         await self.stop()
         await report_progress(progress, 1.0, stats)
         return target
@@ -525,17 +434,13 @@ class LocalVm(RunningVm):
         await self.proc.qmp.execute("migrate_cancel")
 
     async def monitor(self, command: str, *, hmp: bool):
-        """One command through mtevm's QMP connection. HMP returns QEMU's text; QMP ``{"return": ...}``."""
+        """One command through mtevm's QMP connection: an HMP line (QEMU's text back), or a QMP
+        command object as JSON text (``{"return": ...}`` back; QEMU's error as QmpError)."""
         if hmp:
-            word = command.split(None, 1)[0] if command.strip() else ""
-            if word in MONITOR_REFUSED:
-                raise ConfigError(f"monitor: mtevm does not pass '{word}' to QEMU: {MONITOR_REFUSED[word]}")
             reply = await self.proc.qmp.hmp(command)
         else:
-            name, arguments = parse_qmp_command(command)
-            if name in MONITOR_REFUSED:
-                raise ConfigError(f"monitor: mtevm does not pass '{name}' to QEMU: {MONITOR_REFUSED[name]}")
-            reply = {"return": await self.proc.qmp.execute(name, arguments)}
+            obj = json.loads(command)
+            reply = {"return": await self.proc.qmp.execute(obj["execute"], obj.get("arguments"))}
         await self.refresh_run_state()
         return reply
 

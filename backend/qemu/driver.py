@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backend.errors import RealizeError
+from backend.paths import ensure_private_dir, open_private_path
 from backend.qemu.qmp import QmpConnection, QmpError, QmpGone
 
 SUN_PATH_MAX = 107          # bytes in a Unix socket path (sockaddr_un.sun_path minus the NUL)
@@ -65,7 +66,7 @@ class QemuFiles:
 
     @classmethod
     def new(cls, runtime_dir: str) -> "QemuFiles":
-        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        ensure_private_dir(runtime_dir)        # checked, never through another user's symlink
         launch_id = secrets.token_hex(4)
         sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
         socket_dir = None
@@ -181,7 +182,7 @@ class QemuProcess:
     async def launch(cls, argv: list[str], files: QemuFiles,
                      ready_timeout: float = READY_TIMEOUT) -> "QemuProcess":
         """Start QEMU and wait for QMP. On failure: RealizeError with QEMU's stderr, nothing left."""
-        with open(files.log, "wb") as log:
+        with os.fdopen(open_private_path(files.log, os.O_WRONLY, exclusive=True), "wb") as log:
             try:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, close_fds=True)

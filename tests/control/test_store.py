@@ -187,5 +187,31 @@ def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
     assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
+
+
+def test_added_hosts_persist_and_an_upgraded_store_starts_with_none(tmp_path):
+    """`mtevm host add` rows survive a reopen; a store from before hosts existed (version 1 or 2)
+    gains the table, empty, and keeps everything else."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.execute("INSERT INTO vms VALUES ('old', 'sim-mte', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0)")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    assert s.load_hosts() == [] and [r.name for r in s.load_vms()] == ["old"]
+    s.add_host("lab1", "libvirt", "qemu+ssh://root@lab1/system")
+    s.add_host("lab2", "libvirt", "qemu:///system")
+    s.close()
+    s = Store(str(path))
+    assert s.load_hosts() == [{"name": "lab1", "kind": "libvirt", "uri": "qemu+ssh://root@lab1/system"},
+                              {"name": "lab2", "kind": "libvirt", "uri": "qemu:///system"}]
+    with pytest.raises(sqlite3.IntegrityError):
+        s.add_host("lab1", "libvirt", "qemu:///session")
+    s.delete_host("lab1")
+    s.close()
+    s = Store(str(path))
+    assert [h["name"] for h in s.load_hosts()] == ["lab2"]
+    s.close()

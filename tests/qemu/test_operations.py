@@ -11,9 +11,8 @@ import tempfile
 import pytest
 import pytest_asyncio
 
-from backend.errors import ConfigError, MigrationError, NotFoundError, StateError
+from backend.errors import ConfigError, MtevmError, NotFoundError, StateError
 from backend.qemu.driver import kill_strays
-from backend.qemu.qmp import QmpError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio(loop_scope="module")]
 VM = "ops1"
@@ -83,7 +82,7 @@ async def test_the_monitor_passes_qmp_and_hmp_through_mtevms_connection(client):
     assert "mach-virt.tag" in mtree and "tag-memory" in mtree      # the MTE tag RAM, as QEMU has it
     reply = await client.monitor(VM, '{"execute": "qom-get", "arguments": {"path": "/machine", "property": "mte"}}')
     assert reply["return"] is True
-    with pytest.raises(QmpError, match="The command no-such-command has not been found"):
+    with pytest.raises(MtevmError, match="The command no-such-command has not been found"):
         await client.monitor(VM, "no-such-command")
     with pytest.raises(ConfigError, match="mtevm stop"):
         await client.monitor(VM, "quit")
