@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from backend import cli_guests
+from backend.definition import split_qemu_args
 from backend.errors import ConfigError, MtevmError
 
 EXIT_FAILED = 1
@@ -25,7 +27,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve", "image",
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
             "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", "all VMs", as_json)
     p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
     p.add_argument("name")
+    p.add_argument("--argv", action="store_true", help="print the VM's QEMU command line")
 
     p = add("create", "define a VM (it starts stopped)", as_json)
     p.add_argument("name")
@@ -108,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
                    help="local host only, repeatable: extra QEMU arguments, -object/-device and a value, "
                         "split like a shell would, e.g. --qemu-arg='-device ivshmem-plain,memdev=shm' "
-                        "(or one word per --qemu-arg=...); kept with the VM and used at every start")
+                        "(or one word per --qemu-arg=...); kept with the VM and used at every start. "
+                        "QEMU runs as you: arguments that name host files (mem-path=, file=, romfile=, dir=, "
+                        "...) could read or overwrite any file you can, and are refused without "
+                        "--allow-host-files")
+    p.add_argument("--allow-host-files", action="store_true", default=None,
+                   help="let this VM's --qemu-arg options name host files and devices (e.g. "
+                        "memory-backend-file,mem-path=/dev/shm/x or loader,file=...); QEMU can then read "
+                        "and write them with your rights. Kept with the VM and shown by 'mtevm show'")
+    cli_guests.add_create_options(p)
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
         add(name, help_, as_json).add_argument("name")
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-tags", action="store_true", help="also copy the MTE tags (KVM_ARM_MTE_COPY_TAGS)")
     p.add_argument("--no-wait", action="store_true", help="return once the migration has started")
     add("migrations", "the migration history, newest first", as_json)
+    cli_guests.add_commands(add, as_json)
     _add_operations(add, as_json)
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
@@ -375,32 +387,47 @@ def _vcpu_rows(vcpus: list[dict]) -> list[list]:
         f = c.get("last_fault")
         rows.append([c["index"], "yes" if c["kvm_mte"] else "no", c["tcf"], c["checked"], c["unchecked"],
                      c["sync_faults"], c["async_faults"],
-                     f and f"{f['kind']} {f['access']} {f['addr']} ptr {f['ptr_tag']:x} mem {f['mem_tag']:x}"])
+                     f and " ".join(str(x) for x in (f["kind"], f["access"], f["addr"]) if x is not None)
+                     + f" ptr {_tag(f['ptr_tag'])} mem {_tag(f['mem_tag'])}"])
     return rows
 
 
 _VCPU_COLUMNS = ["VCPU", "KVM_MTE", "TCF", "CHECKED", "UNCHECKED", "SYNC", "ASYNC", "LAST FAULT"]
 
 
+def _tag(value: int | None) -> str:
+    """A tag in hex, or '-' where it is not known (a Linux guest's async fault has no address)."""
+    return "-" if value is None else f"{value:x}"
+
+
 def print_detail(vm: dict) -> None:
     c = vm["config"]
+    guest_rows: list[list] = []
+    cli_guests.print_guest(vm, lambda label, value: guest_rows.append([label, value]))
     _table(f"VM {vm['name']}", ["", ""], [
         ["host", vm["host"]], ["state", vm["state"]],
         ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
         ["qemu args", shlex.join(vm.get("qemu_args") or [])],
+        ["host files", "allowed (qemu args may name host files: QEMU reads and writes them as you)"
+         if vm.get("allow_host_files") else "refused in qemu args"],
         ["workload", ", ".join(f"{k}={v}" for k, v in vm["workload"].items())],
         ["faults/s", f"{vm['faults_per_s']:.1f}"],
         ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
                                            f"{vm['tag_memory']['bytes']} bytes"],
         ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
-        ["last error", vm["last_error"]]])
+        ["last error", vm["last_error"]],
+        ["cannot start", "; ".join(vm.get("warnings") or [])],
+        *guest_rows])
     _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
     if vm["last_faults"]:
-        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE"],
-               [[f["vcpu"], f["kind"], f["access"], f["addr"], f"{f['ptr_tag']:x}", f"{f['mem_tag']:x}", f["size"]]
-                for f in vm["last_faults"]])
+        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE", "PROCESS"],
+               [[f["vcpu"], f["kind"], f["access"], f["addr"], _tag(f["ptr_tag"]), _tag(f["mem_tag"]), f["size"],
+                 f.get("comm") and f"{f['comm']} ({f.get('pid')})"] for f in vm["last_faults"]])
+    if vm.get("processes"):
+        _table("processes (tag-check faults)", ["PID", "COMM", "SYNC", "ASYNC"],
+               [[p["pid"], p["comm"], p["sync"], p["async"]] for p in vm["processes"]])
     if vm["stderr"]:
         _table("stderr", ["LINE"], [[line] for line in vm["stderr"]])
 
@@ -451,7 +478,7 @@ def parse_workload(text: str | None) -> dict:
 
 def definition_from_args(args) -> dict:
     config: dict = {"name": args.name}
-    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable"):
+    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "allow_host_files"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     workload = parse_workload(args.workload)
@@ -462,18 +489,10 @@ def definition_from_args(args) -> dict:
         config["workload"] = workload
     if args.qemu_args:
         config["qemu_args"] = split_qemu_args(args.qemu_args)
+    guest = cli_guests.guest_from_args(args)
+    if guest is not None:
+        config["guest"] = guest
     return config
-
-
-def split_qemu_args(values: list[str]) -> list[str]:
-    """The --qemu-arg values, each split with shell rules, as one argument list."""
-    out: list[str] = []
-    for value in values:
-        try:
-            out += shlex.split(value)
-        except ValueError as e:
-            raise ConfigError(f"--qemu-arg {value!r}: {e}") from None
-    return out
 
 
 async def _watch_counters(client, args) -> int:
@@ -578,6 +597,8 @@ async def _dispatch(client, args) -> int:
         out(await client.probe(args.host), print_probe)
     elif cmd == "list":
         out(await client.list(), print_list)
+    elif cmd == "show" and args.argv:
+        out(await client.argv(args.name), lambda a: print(cli_guests.argv_text(a)))
     elif cmd == "show":
         out(await client.show(args.name), print_detail)
     elif cmd == "create":
@@ -617,6 +638,8 @@ async def _dispatch(client, args) -> int:
             return EXIT_FAILED
     elif cmd == "migrations":
         out(await client.migrations(), print_migrations)
+    elif cmd in ("console", "exec", "selftest"):
+        return await cli_guests.run(client, args, out)
     else:
         return await _dispatch_operation(client, args, out) or 0
     return 0

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from backend.guests.definition import GuestConfig
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 
@@ -35,6 +36,9 @@ class VmSpec:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)  # what a local VM boots (builtin, linux, custom)
+    log_dir: str = ""         # where the VM's console log is kept (its state dir; local host)
+    allow_host_files: bool = False   # extra_args may name host files (the user opted in: --allow-host-files)
 
 
 class Host(abc.ABC):
@@ -54,7 +58,7 @@ class Host(abc.ABC):
     def check_config(self, config: VirtMachineConfig) -> None:
         """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
 
-    def check_extra_args(self, extra_args) -> list[str]:
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
         """Validate a definition's ``qemu_args``; hosts without a QEMU process refuse any."""
         from backend.errors import ConfigError
         if extra_args:
@@ -63,6 +67,10 @@ class Host(abc.ABC):
         if extra_args is not None and not isinstance(extra_args, (list, tuple)):
             raise ConfigError("qemu_args must be a list of strings")
         return []
+
+    def check_limits(self, config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+        """ConfigError (naming the limit) if this host cannot honour the definition; checked at
+        create, in the create form (validate_only) and at start, before anything runs."""
 
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> "RunningVm":
