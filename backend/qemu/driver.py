@@ -24,6 +24,7 @@ from backend.qemu.qmp import QmpConnection, QmpError, QmpGone
 SUN_PATH_MAX = 107          # bytes in a Unix socket path (sockaddr_un.sun_path minus the NUL)
 READY_TIMEOUT = 20.0        # seconds from exec to a negotiated QMP session
 REATTACH_TIMEOUT = 5.0
+SOCKETS = ("qmp", "serial", "agent")   # the Unix sockets one QEMU serves (QemuFiles.socket)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class QemuFiles:
         launch_id = secrets.token_hex(4)
         sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
         socket_dir = None
-        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+        longest = os.path.join(runtime_dir, f"{max(SOCKETS, key=len)}-{launch_id}.sock")
+        if len(os.fsencode(longest)) > SUN_PATH_MAX:
             socket_dir = tempfile.mkdtemp(prefix="mtevm-")
             sock = os.path.join(socket_dir, "qmp.sock")
         return cls(runtime_dir, launch_id, sock, os.path.join(runtime_dir, f"qemu-{launch_id}.log"),
@@ -80,12 +82,20 @@ class QemuFiles:
         """Another per-launch file in the runtime directory (e.g. the guest parameter block)."""
         return os.path.join(self.runtime_dir, f"{suffix}-{self.launch_id}")
 
+    def socket(self, kind: str) -> str:
+        """The path of another socket QEMU serves for this launch (``serial``, ``agent``), beside
+        the QMP socket."""
+        if self.socket_dir:
+            return os.path.join(self.socket_dir, f"{kind}.sock")
+        return os.path.join(os.path.dirname(self.qmp_socket), f"{kind}-{self.launch_id}.sock")
+
     def remove_socket(self) -> None:
-        """QEMU removes its socket on a clean exit, not when killed: tidy up after it."""
-        try:
-            os.unlink(self.qmp_socket)
-        except OSError:
-            pass
+        """QEMU removes its sockets on a clean exit, not when killed: tidy up after it."""
+        for path in [self.qmp_socket] + [self.socket(k) for k in SOCKETS if k != "qmp"]:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self.socket_dir:
             try:
                 os.rmdir(self.socket_dir)
