@@ -16,22 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.guests.bare_linux import BareLinux
+from tests.guests.bare_linux import booted
 
 pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
 def guest(linux_image):
-    vm = BareLinux(linux_image, smp=2).start()
-    try:
-        vm.wait_console("mtevm: init ready")
-        link = vm.connect()
-        link.hello()
-        yield vm, link
-        link.close()
-    finally:
-        vm.stop()
+    with booted(linux_image, smp=2) as vm_and_link:
+        yield vm_and_link
 
 
 def totals(link) -> dict:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.guests.bare_linux import BareLinux
+from tests.guests.bare_linux import booted
 
 pytestmark = pytest.mark.qemu
 
@@ -21,15 +21,8 @@ APPEND = ("mtevm.workload=1 mtevm.tcf=sync,asymm mtevm.rate=2000 mtevm.seed=3 mt
 
 @pytest.fixture(scope="module")
 def guest(linux_image):
-    vm = BareLinux(linux_image, smp=2, append=APPEND).start()
-    try:
-        vm.wait_console("mtevm: init ready")
-        link = vm.connect()
-        link.hello()
-        yield vm, link
-        link.close()
-    finally:
-        vm.stop()
+    with booted(linux_image, smp=2, append=APPEND) as vm_and_link:
+        yield vm_and_link
 
 
 def _latest(link, seconds: float) -> tuple[dict, dict, dict]:
