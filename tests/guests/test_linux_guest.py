@@ -156,3 +156,11 @@ def test_reconnecting_host_gets_hello_and_the_totals_kept(guest):
         guest_link = second
     # the module's later users keep talking through the new connection
     link.__dict__.update(guest_link.__dict__)
+
+
+def test_poweroff_says_bye_and_the_guest_powers_off(guest):
+    """Last in this module: it ends the guest. QEMU exits by itself (PSCI SYSTEM_OFF)."""
+    vm, link = guest
+    link.send({"type": "poweroff"})
+    assert link.wait_for("bye", timeout=30) == {"type": "bye", "reason": "poweroff"}
+    assert vm.proc.wait(timeout=60) == 0
