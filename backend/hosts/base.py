@@ -37,6 +37,17 @@ class VmSpec:
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
 
 
+@dataclass
+class Recovery:
+    """What Host.recover found: the adopted VM (or None) and what happened to the others."""
+
+    vm: "RunningVm | None"
+    stopped: list[int] = field(default_factory=list)   # pids of the processes it stopped
+    moved: bool = False      # the adopted VM is not the saved one: a migration had completed
+    others: bool = False     # more than one process was found: a migration was under way
+    reason: str | None = None   # why nothing was adopted, when something was found
+
+
 class Host(abc.ABC):
     name: str
     kind: str            # "simulated" | "local"
@@ -71,6 +82,20 @@ class Host(abc.ABC):
     async def reattach(self, spec: VmSpec, runtime: dict) -> "RunningVm | None":
         """Find a VM that outlived the previous daemon (``runtime`` is what it saved); None if gone."""
         return None
+
+    async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> "Recovery":
+        """At daemon start-up: what became of this VM (``runtime`` is what the last daemon saved).
+        Adopt what really runs it if ``want_running``, else stop it. Hosts whose VMs outlive the
+        daemon override this (LocalHost asks QEMU); the default reattaches ``runtime``."""
+        vm = await self.reattach(spec, runtime) if want_running and runtime else None
+        return Recovery(vm)
+
+    async def reap(self) -> list[int]:
+        """After start-up reconciliation: stop what this host launched that no VM adopted; pids."""
+        return []
+
+    def forget(self, spec: VmSpec) -> None:
+        """The VM was deleted: remove what the host kept for it (runtime files, logs)."""
 
     def can_migrate_to(self, dst: "Host") -> str | None:
         """None if VMs of this host can migrate to ``dst``, else the reason."""
