@@ -18,14 +18,15 @@ import sys
 import time
 from typing import Any
 
+from backend import cli_guests
 from backend.errors import ConfigError, MtevmError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
-COMMANDS = ("probe", "hosts", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve")
+COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
 
@@ -70,9 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("probe", "what each host can do for MTE (KVM, QEMU, CPU) and the verdicts", as_json)
     p.add_argument("--host", help="probe only this host")
     add("hosts", "the hosts VMs can run on", as_json)
+    p = add("host", "add or remove a libvirt host: 'host add NAME URI', 'host remove NAME'")
+    actions = p.add_subparsers(dest="host_action", metavar="ACTION", required=True)
+    a = actions.add_parser("add", parents=[common, as_json], help="add a libvirt host by URI", description=(
+        "add a libvirt host by URI: qemu:///system, qemu+ssh://user@host/system, "
+        "qemu+unix:///system?socket=PATH (needs libvirt-python: pip install -e '.[libvirt]')"))
+    a.add_argument("name")
+    a.add_argument("uri")
+    a = actions.add_parser("remove", parents=[common, as_json], help="forget a libvirt host (it has no mtevm VMs)")
+    a.add_argument("name")
     add("list", "all VMs", as_json)
     p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
     p.add_argument("name")
+    p.add_argument("--argv", action="store_true", help="print the VM's QEMU command line")
 
     p = add("create", "define a VM (it starts stopped)", as_json)
     p.add_argument("name")
@@ -99,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local host only, repeatable: extra QEMU arguments, -object/-device and a value, "
                         "split like a shell would, e.g. --qemu-arg='-device ivshmem-plain,memdev=shm' "
                         "(or one word per --qemu-arg=...); kept with the VM and used at every start")
+    cli_guests.add_create_options(p)
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
         add(name, help_, as_json).add_argument("name")
@@ -122,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-tags", action="store_true", help="also copy the MTE tags (KVM_ARM_MTE_COPY_TAGS)")
     p.add_argument("--no-wait", action="store_true", help="return once the migration has started")
     add("migrations", "the migration history, newest first", as_json)
+    cli_guests.add_commands(add, as_json)
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    from backend.guests import image_cli
+    image_cli.add_parser(sub, [common])
     p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
@@ -219,15 +234,23 @@ def _vcpu_rows(vcpus: list[dict]) -> list[list]:
         f = c.get("last_fault")
         rows.append([c["index"], "yes" if c["kvm_mte"] else "no", c["tcf"], c["checked"], c["unchecked"],
                      c["sync_faults"], c["async_faults"],
-                     f and f"{f['kind']} {f['access']} {f['addr']} ptr {f['ptr_tag']:x} mem {f['mem_tag']:x}"])
+                     f and " ".join(str(x) for x in (f["kind"], f["access"], f["addr"]) if x is not None)
+                     + f" ptr {_tag(f['ptr_tag'])} mem {_tag(f['mem_tag'])}"])
     return rows
 
 
 _VCPU_COLUMNS = ["VCPU", "KVM_MTE", "TCF", "CHECKED", "UNCHECKED", "SYNC", "ASYNC", "LAST FAULT"]
 
 
+def _tag(value: int | None) -> str:
+    """A tag in hex, or '-' where it is not known (a Linux guest's async fault has no address)."""
+    return "-" if value is None else f"{value:x}"
+
+
 def print_detail(vm: dict) -> None:
     c = vm["config"]
+    guest_rows: list[list] = []
+    cli_guests.print_guest(vm, lambda label, value: guest_rows.append([label, value]))
     _table(f"VM {vm['name']}", ["", ""], [
         ["host", vm["host"]], ["state", vm["state"]],
         ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
@@ -239,12 +262,16 @@ def print_detail(vm: dict) -> None:
         ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
                                            f"{vm['tag_memory']['bytes']} bytes"],
         ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
-        ["last error", vm["last_error"]]])
+        ["last error", vm["last_error"]],
+        *guest_rows])
     _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
     if vm["last_faults"]:
-        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE"],
-               [[f["vcpu"], f["kind"], f["access"], f["addr"], f"{f['ptr_tag']:x}", f"{f['mem_tag']:x}", f["size"]]
-                for f in vm["last_faults"]])
+        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE", "PROCESS"],
+               [[f["vcpu"], f["kind"], f["access"], f["addr"], _tag(f["ptr_tag"]), _tag(f["mem_tag"]), f["size"],
+                 f.get("comm") and f"{f['comm']} ({f.get('pid')})"] for f in vm["last_faults"]])
+    if vm.get("processes"):
+        _table("processes (tag-check faults)", ["PID", "COMM", "SYNC", "ASYNC"],
+               [[p["pid"], p["comm"], p["sync"], p["async"]] for p in vm["processes"]])
     if vm["stderr"]:
         _table("stderr", ["LINE"], [[line] for line in vm["stderr"]])
 
@@ -306,6 +333,9 @@ def definition_from_args(args) -> dict:
         config["workload"] = workload
     if args.qemu_args:
         config["qemu_args"] = split_qemu_args(args.qemu_args)
+    guest = cli_guests.guest_from_args(args)
+    if guest is not None:
+        config["guest"] = guest
     return config
 
 
@@ -396,6 +426,13 @@ async def run_command(args) -> int:
         return await _dispatch(client, args)
 
 
+def _warn_start(vm: dict) -> None:
+    """The daemon's warnings (QEMU's text): the definition is stored but cannot start on its host.
+    The same rule and words as the app's forms; on stderr, so --json output stays one document."""
+    for text in vm.get("warnings") or []:
+        print(f"mtevm: warning: VM {vm['name']} cannot start on {vm['host']}: {text}", file=sys.stderr)
+
+
 async def _dispatch(client, args) -> int:
     cmd = args.command
     as_json = getattr(args, "json", False)
@@ -405,10 +442,18 @@ async def _dispatch(client, args) -> int:
 
     if cmd == "hosts":
         out(await client.hosts(), print_hosts)
+    elif cmd == "host" and args.host_action == "add":
+        out(await client.host_add(args.name, args.uri), lambda h: print(
+            f"added host {h['name']}: {h['description']}" + ("" if h["available"] else f"; unreachable: {h['reason']}")))
+    elif cmd == "host":
+        await client.host_remove(args.name)
+        out({"removed": args.name}, lambda d: print(f"removed host {args.name}"))
     elif cmd == "probe":
         out(await client.probe(args.host), print_probe)
     elif cmd == "list":
         out(await client.list(), print_list)
+    elif cmd == "show" and args.argv:
+        out(await client.argv(args.name), lambda a: print(cli_guests.argv_text(a)))
     elif cmd == "show":
         out(await client.show(args.name), print_detail)
     elif cmd == "create":
@@ -416,6 +461,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
                                 f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "start":
         out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
     elif cmd == "stop":
@@ -428,6 +474,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(
             f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
             else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "tcf":
         vm = await client.set_tcf(args.name, args.vcpu, args.mode)
         out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))
@@ -446,6 +493,8 @@ async def _dispatch(client, args) -> int:
             return EXIT_FAILED
     elif cmd == "migrations":
         out(await client.migrations(), print_migrations)
+    elif cmd in ("console", "exec", "selftest"):
+        return await cli_guests.run(client, args, out)
     return 0
 
 
@@ -499,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)
+        elif args.command == "image":
+            from backend.guests import image_cli
+            code = image_cli.run(args)
         else:
             code = asyncio.run(run_command(args))
         sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest

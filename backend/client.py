@@ -19,7 +19,7 @@ import json
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
-from backend.daemon.api import ROUTES, format_query
+from backend.daemon.api import CONSOLE_PATH, ROUTES, format_query
 from backend.daemon.events import check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
@@ -50,20 +50,96 @@ class InProcessTransport:
         finally:
             await events.aclose()
 
+    def console(self, name: str):
+        return _InProcessConsole(self.service, name)
+
     async def close(self) -> None:
         if self._owned:
             await self.service.close()
+
+    async def revive(self) -> None:
+        """The service lives in this process: nothing to bring back."""
+
+
+class _InProcessConsole:
+    def __init__(self, service, name: str):
+        self.service, self.name, self.session = service, name, None
+
+    async def __aenter__(self):
+        self.session = self.service.console_session(self.name)
+        return self.session
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+
+class _SocketConsole:
+    """The daemon's console WebSocket as read()/write()."""
+
+    def __init__(self, transport: "SocketTransport", name: str):
+        self.t, self.name, self.ws = transport, name, None
+
+    async def __aenter__(self) -> "_SocketConsole":
+        import aiohttp
+        url = "http://mtevm" + CONSOLE_PATH.replace("{name:[^/]*}", quote(self.name, safe=""))
+        try:
+            self.ws = await self.t._session.ws_connect(url, autoping=True, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status >= 400:   # the daemon refused (no such VM, not running): its JSON error
+                resp = await self.t._session.get(url)
+                async with resp:
+                    try:
+                        err = (await resp.json(content_type=None))["error"]
+                    except (ValueError, KeyError, TypeError):
+                        raise MtevmError(f"the mtevm daemon refused the console: {e.status} {e.message}") from None
+                    raise error_from_name(err["class"], err["message"]) from None
+            raise MtevmError(f"cannot attach to the console: {e}") from None
+        except aiohttp.ClientConnectionError as e:
+            raise MtevmError(f"lost the connection to the mtevm daemon at {self.t.paths.socket}: {e}") from None
+        return self
+
+    async def read(self) -> bytes | None:
+        import aiohttp
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                return msg.data
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.ERROR):
+                return None
+
+    async def write(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ws.close()
 
 
 class SocketTransport:
     """HTTP/JSON over the daemon's Unix socket, one aiohttp session per client."""
 
-    def __init__(self, paths: Paths):
-        import aiohttp
+    def __init__(self, paths: Paths, start_daemon: bool = True):
         self.paths = paths
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=paths.socket),
+        self.start_daemon = start_daemon
+        self._session = self._new_session()
+
+    def _new_session(self):
+        import aiohttp
+        return aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self.paths.socket),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def revive(self) -> None:
+        """After the daemon went away: start it again as ``connect`` does (unless this client was made
+        with start_daemon=False), and reconnect with a fresh session (no pooled connection to the
+        dead daemon is reused). Raises MtevmError if it cannot be brought back."""
+        from backend.daemon import launch
+        if self.start_daemon:
+            await asyncio.to_thread(launch.ensure_daemon, self.paths)
+        elif not await asyncio.to_thread(launch.socket_alive, self.paths):
+            raise MtevmError(f"no mtevm daemon is running (socket {self.paths.socket}): run 'mtevm daemon'")
+        old, self._session = self._session, self._new_session()
+        await old.close()
 
     def _request(self, op: str, kwargs: dict) -> tuple[str, str, dict]:
         route = ROUTES[op]
@@ -133,6 +209,9 @@ class SocketTransport:
             except aiohttp.ClientPayloadError:
                 return  # the daemon stopped: the stream simply ends
 
+    def console(self, name: str):
+        return _SocketConsole(self, name)
+
     async def close(self) -> None:
         await self._session.close()
 
@@ -152,12 +231,23 @@ class Client:
     async def close(self) -> None:
         await self._t.close()
 
+    async def revive(self) -> None:
+        """Bring the daemon back after it went away (started again, as ``connect`` would) and
+        reconnect; a no-op in-process. Raises MtevmError if it cannot."""
+        await self._t.revive()
+
     @property
     def in_process(self) -> bool:
         return isinstance(self._t, InProcessTransport)
 
     async def hosts(self) -> list[dict]:
         return await self._t.call("hosts")
+
+    async def host_add(self, name: str, uri: str) -> dict:
+        return await self._t.call("host_add", name=name, uri=uri)
+
+    async def host_remove(self, name: str) -> None:
+        await self._t.call("host_remove", name=name)
 
     async def probe(self, host: str | None = None) -> list[dict]:
         return await self._t.call("probe", host=host)
@@ -168,8 +258,8 @@ class Client:
     async def show(self, name: str) -> dict:
         return await self._t.call("show", name=name)
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
-        return await self._t.call("create", config=config, validate_only=validate_only)
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only, existing=existing)
 
     async def start(self, name: str) -> dict:
         return await self._t.call("start", name=name)
@@ -198,6 +288,38 @@ class Client:
     async def migrations(self) -> list[dict]:
         return await self._t.call("migrations")
 
+    async def argv(self, name: str) -> list[str]:
+        """The VM's QEMU command line (running: the one it runs; stopped: the one start would run)."""
+        return await self._t.call("argv", name=name)
+
+    async def console_log(self, name: str, lines: int = 100) -> dict:
+        """``{"name", "log": path, "lines": [...]}``: the end of the VM's console log."""
+        return await self._t.call("console_log", name=name, lines=lines)
+
+    async def exec(self, name: str, args: list[str] = (), *, program: str | None = None, data: bytes | None = None,
+                   path: str | None = None, cwd: str | None = None) -> AsyncIterator[dict]:
+        """Run a program in a Linux guest: ``data`` (a static aarch64 ELF's bytes) named ``program``,
+        or a ``path`` in the guest. Yields exec-started, exec-output (``data`` as bytes) and
+        exec-exit (status, signal, pid, faults) messages; errors raise MtevmError subclasses."""
+        import base64
+        body = {"args": list(args), "program": program, "path": path, "cwd": cwd,
+                "data": base64.b64encode(data).decode() if data is not None else None}
+        stream = self._t.stream("exec", name=name, **{k: v for k, v in body.items() if v is not None})
+        try:
+            async for msg in stream:
+                if msg.get("type") == "failed":
+                    raise error_from_name(msg.get("class", "MtevmError"), msg.get("message", "exec failed"))
+                if msg.get("type") == "exec-output":
+                    msg["data"] = base64.b64decode(msg.get("data") or "")
+                yield msg
+        finally:
+            await stream.aclose()
+
+    def console(self, name: str):
+        """``async with client.console(name) as c``: ``await c.read()`` -> bytes (None: the console
+        closed), ``await c.write(data)``."""
+        return self._t.console(name)
+
     def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
 
@@ -222,4 +344,4 @@ async def connect(in_process: bool = False, runtime_dir: str | None = None, stat
         await asyncio.to_thread(launch.ensure_daemon, paths)
     elif not await asyncio.to_thread(launch.socket_alive, paths):
         raise MtevmError(f"no mtevm daemon is running (socket {paths.socket}): run 'mtevm daemon'")
-    return Client(SocketTransport(paths))
+    return Client(SocketTransport(paths, start_daemon=start_daemon))

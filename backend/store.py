@@ -19,7 +19,7 @@ from typing import Iterator
 
 from backend.errors import StoreError, StoreWriteError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -31,7 +31,8 @@ CREATE TABLE vms (
     state      TEXT NOT NULL DEFAULT 'stopped',
     last_error TEXT,
     created    REAL NOT NULL,
-    qemu_args  TEXT NOT NULL DEFAULT '[]' -- extra QEMU arguments (local host), a JSON list
+    qemu_args  TEXT NOT NULL DEFAULT '[]', -- extra QEMU arguments (local host), a JSON list
+    guest      TEXT NOT NULL DEFAULT '{}'  -- what a local VM boots: GuestConfig.to_dict() ({} = builtin)
 );
 CREATE TABLE pending (                   -- changes to apply at the next start, e.g. {"mte": true}
     vm    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
@@ -57,11 +58,17 @@ CREATE TABLE migrations (
     stats     TEXT NOT NULL DEFAULT '{}'
 );
 """
-_TABLES = {"vms", "pending", "runtime", "migrations"}
+# Hosts the user added (libvirt, by URI); the built-in ones are not stored. New in version 3.
+_HOSTS_TABLE = "CREATE TABLE hosts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, uri TEXT NOT NULL, created REAL NOT NULL)"
+_SCHEMA += _HOSTS_TABLE + ";\n"
+_TABLES = {"vms", "pending", "runtime", "migrations"}   # in every version (hosts: from 3)
 # How to bring a store of version N-1 to N, applied in order in one transaction when it is opened.
 # (Version 1 stores, written before qemu_args existed, still open: their VMs get no extra arguments.)
 _UPGRADES = {
     2: ["ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'"],
+    3: [_HOSTS_TABLE],
+    # Version 3 stores, written before Linux guests existed: their VMs boot the builtin guest.
+    4: ["ALTER TABLE vms ADD COLUMN guest TEXT NOT NULL DEFAULT '{}'"],
 }
 
 
@@ -79,6 +86,7 @@ class VmRow:
     pending: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
     qemu_args: list = field(default_factory=list)
+    guest: dict = field(default_factory=dict)
 
 
 def check_writable(path: str) -> None:
@@ -218,11 +226,11 @@ class Store:
     # -- VM definitions ---------------------------------------------------------------------------
     def load_vms(self) -> list[VmRow]:
         rows = {}
-        for name, host, config, workload, state, last_error, created, qemu_args in self._db.execute(
-                "SELECT name, host, config, workload, state, last_error, created, qemu_args FROM vms "
+        for name, host, config, workload, state, last_error, created, qemu_args, guest in self._db.execute(
+                "SELECT name, host, config, workload, state, last_error, created, qemu_args, guest FROM vms "
                 "ORDER BY created, name"):
             rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created,
-                               qemu_args=json.loads(qemu_args))
+                               qemu_args=json.loads(qemu_args), guest=json.loads(guest))
         for vm, key, value in self._db.execute("SELECT vm, key, value FROM pending"):
             rows[vm].pending[key] = json.loads(value)
         for vm, info in self._db.execute("SELECT vm, info FROM runtime"):
@@ -231,10 +239,11 @@ class Store:
 
     def add_vm(self, row: VmRow) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args, guest) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
-                        row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args)))
+                        row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args),
+                        json.dumps(row.guest)))
 
     def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
                   workload: dict | None = None, pending: dict | None = None) -> None:
@@ -271,6 +280,20 @@ class Store:
     def delete_vm(self, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- hosts the user added ---------------------------------------------------------------------
+    def load_hosts(self) -> list[dict]:
+        """[{"name", "kind", "uri"}] in the order they were added."""
+        return [{"name": n, "kind": k, "uri": u} for n, k, u in
+                self._db.execute("SELECT name, kind, uri FROM hosts ORDER BY created, name")]
+
+    def add_host(self, name: str, kind: str, uri: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO hosts (name, kind, uri, created) VALUES (?, ?, ?, ?)", (name, kind, uri, time.time()))
+
+    def delete_host(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM hosts WHERE name=?", (name,))
 
     # -- migration history ------------------------------------------------------------------------
     def add_migration(self, m: dict) -> int:

@@ -8,20 +8,31 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 . /etc/os-release
-PKGS_COMMON="gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu tmux openssh-server openssh-client librsvg2-bin gcc make python3-venv"
+# libc6-dev-arm64-cross + linux-libc-dev-arm64-cross: the Linux guest's programs (static aarch64);
+# apt, dpkg-deb, tar and xz-utils: fetching and unpacking the guest image's Debian arm64 packages.
+PKGS_COMMON="gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross xz-utils tmux openssh-server openssh-client librsvg2-bin gcc make python3-venv pkg-config"
 QEMU_PKG="qemu-system-arm"
+# libvirt for the libvirt host kind, from the same suite as QEMU: libvirt 9.0 (Debian 12 main) passes
+# -no-acpi, which QEMU 10 removed, so every start would fail. libvirt-dev + pkg-config build
+# libvirt-python (pip install -e '.[libvirt]').
+LIBVIRT_PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev"
 
 need_qemu() {
   if ! command -v qemu-system-aarch64 >/dev/null; then return 0; fi
   v=$(qemu-system-aarch64 --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/')
   [ "${v:-0}" -lt 8 ]
 }
+need_libvirt() {
+  dpkg -s libvirt-dev libvirt-daemon-driver-qemu libvirt-clients >/dev/null 2>&1 || return 0
+  v=$(libvirtd --version 2>/dev/null | sed -E 's/.* ([0-9]+)\..*/\1/')
+  [ "${v:-0}" -lt 10 ]
+}
 need_pkgs() {
   for p in $PKGS_COMMON; do dpkg -s "$p" >/dev/null 2>&1 || return 0; done
   return 1
 }
 
-if need_qemu || need_pkgs; then
+if need_qemu || need_pkgs || need_libvirt; then
   if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
     # Derive the mirror from the configured bookworm suite (deb822 or one-line format).
     uri=""
@@ -37,10 +48,10 @@ if need_qemu || need_pkgs; then
     echo "deb $uri bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/mtevm-backports.list >/dev/null
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends $PKGS_COMMON >/dev/null
-    $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends $QEMU_PKG >/dev/null
+    $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends $QEMU_PKG $LIBVIRT_PKGS >/dev/null
   else
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends $PKGS_COMMON $QEMU_PKG >/dev/null
+    $SUDO apt-get install -y -qq --no-install-recommends $PKGS_COMMON $QEMU_PKG $LIBVIRT_PKGS >/dev/null
   fi
 fi
 qemu-system-aarch64 --version | head -1

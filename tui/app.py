@@ -57,6 +57,7 @@ class MtevmApp(App):
         self.live = live
         self.watch_terminal = watch_terminal
         self.connection_label = connection_label
+        self.daemon_lost: str | None = None      # why the daemon is unreachable, while it is
         self.model = LiveModel()
         if ansi_color:
             self.theme = "ansi-dark"
@@ -112,7 +113,9 @@ class MtevmApp(App):
 
     @work(exclusive=True, group="events", exit_on_error=False)
     async def follow_events(self) -> None:
-        """Fold the daemon's event stream into the model and tell the screens; resume after a loss."""
+        """Fold the daemon's event stream into the model and tell the screens. When the stream is
+        lost, say so at once (status bar, dimmed live figures), start the daemon again as the CLI
+        does (``client.revive``), re-read everything and follow it anew."""
         while self.client is not None:
             try:
                 async for event in self.client.events(self.rate_hz):
@@ -124,12 +127,31 @@ class MtevmApp(App):
                 reason = f"event stream lost: {e}"
             if self.client is None:
                 return
-            self.notify(f"{reason}; retrying", severity="warning")
+            self.set_daemon_lost(reason)
+            await self.reconnect()
+
+    async def reconnect(self) -> None:
+        """Until it works: bring the daemon back and re-read the model; then the figures are live again."""
+        while self.client is not None:
             await asyncio.sleep(RETRY_SECONDS)
             try:
+                await self.client.revive()
                 await self.refresh_model()
-            except Exception:
-                pass
+            except Exception as e:
+                self.set_daemon_lost(f"cannot restart it: {e}")
+                continue
+            self.set_daemon_lost(None)
+            return
+
+    def set_daemon_lost(self, reason: str | None) -> None:
+        """Show (reason) or clear (None) the lost daemon: the status bar says it and every screen dims
+        its live figures (class ``-daemon-lost`` on the app: tui/mtevm.tcss), since they are frozen."""
+        was, self.daemon_lost = self.daemon_lost, reason
+        self.set_class(reason is not None, "-daemon-lost")
+        if (was is None) != (reason is None):
+            self.notify(f"{self.connection_label} lost: {reason}; starting it again" if reason
+                        else f"{self.connection_label} is back", severity="warning" if reason else "information")
+        self.refresh_status()
 
     def set_rate(self, rate_hz: float) -> None:
         """Change the counter refresh rate (restarts the event feed at the new rate)."""

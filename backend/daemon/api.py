@@ -30,6 +30,13 @@ def parse_float(key: str, text: str) -> float:
     return value
 
 
+def parse_int(key: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"query parameter {key}: {text!r} is not a whole number") from None
+
+
 def parse_str(key: str, text: str) -> str:
     return text
 
@@ -62,10 +69,12 @@ _VM = "/v1/vms/{name:[^/]*}"
 
 ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("hosts", "GET", "/v1/hosts", service="hosts_info"),
+    Route("host_add", "POST", "/v1/hosts", body={"name": "name", "uri": "uri"}),
+    Route("host_remove", "DELETE", "/v1/hosts/{name:[^/]*}"),
     Route("probe", "GET", "/v1/probe", query={"host": ("host", parse_str)}),
     Route("list", "GET", "/v1/vms"),
     Route("create", "POST", "/v1/vms", body_whole="config",
-          query={"validate_only": ("validate_only", parse_bool)}),
+          query={"validate_only": ("validate_only", parse_bool), "existing": ("existing", parse_bool)}),
     Route("show", "GET", _VM),
     Route("delete", "DELETE", _VM),
     Route("start", "POST", _VM + "/start"),
@@ -77,4 +86,12 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
     Route("migrations", "GET", "/v1/migrations"),
     Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+    # Guests of the local host (backend.daemon.guest_ops). The interactive console is a WebSocket
+    # on CONSOLE_PATH (not in this table: it is not request/response).
+    Route("argv", "GET", _VM + "/argv"),
+    Route("console_log", "GET", _VM + "/console/log", query={"lines": ("lines", parse_int)}),
+    Route("exec", "POST", _VM + "/exec", stream=True,
+          body={k: k for k in ("args", "program", "data", "path", "cwd")}),
 )}
+
+CONSOLE_PATH = _VM + "/console"   # GET, upgraded to a WebSocket: binary frames both ways

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from backend.errors import MtevmError, NotFoundError, error_from_name
-from backend.paths import Paths
+from backend.paths import Paths, open_private_file, private_dir
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -59,7 +59,8 @@ def socket_alive(paths: Paths) -> bool:
 def daemon_pid(paths: Paths) -> int | None:
     """The pid of the running daemon, or None. Only a pid file whose flock is held counts."""
     try:
-        fd = os.open(paths.pid_file, os.O_RDONLY | os.O_CLOEXEC)
+        with private_dir(paths.runtime_dir, create=False, what="runtime directory") as rt:
+            fd = open_private_file(rt, os.path.basename(paths.pid_file), os.O_RDONLY, create=False)
     except FileNotFoundError:
         return None
     try:
@@ -76,7 +77,8 @@ def daemon_pid(paths: Paths) -> int | None:
 
 @contextmanager
 def _flocked(path: str, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with private_dir(os.path.dirname(path)) as d:
+        fd = open_private_file(d, os.path.basename(path))
     try:
         deadline = time.monotonic() + timeout
         while True:

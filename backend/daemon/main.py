@@ -23,7 +23,7 @@ from backend.daemon.server import build_app
 from backend.daemon.service import open_service
 from backend.errors import MtevmError, StateError, StoreError, error_payload
 from backend.store import check_writable
-from backend.paths import Paths
+from backend.paths import Paths, bind_private_socket, open_private_file, private_dir
 
 log = logging.getLogger("mtevm.daemon")
 
@@ -34,8 +34,11 @@ Report = Callable[[dict], None]
 
 
 def acquire_pid_lock(paths: Paths) -> int:
-    """Lock the pid file for the daemon's lifetime; StateError if another daemon holds it."""
-    fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Lock the pid file for the daemon's lifetime; StateError if another daemon holds it.
+
+    Opened relative to the checked runtime dir, never through a symlink (backend.paths)."""
+    with private_dir(paths.runtime_dir, what="runtime directory") as rt:
+        fd = open_private_file(rt, os.path.basename(paths.pid_file))
     deadline = time.monotonic() + PID_LOCK_PATIENCE
     while True:
         try:
@@ -55,12 +58,11 @@ async def serve(paths: Paths, pid_fd: int, report: Report) -> None:
     runner = None
     try:
         # We hold the pid lock, so no live daemon owns a socket file that is there: it is stale.
-        if os.path.lexists(paths.socket):
-            os.unlink(paths.socket)
+        with private_dir(paths.runtime_dir, what="runtime directory") as rt:
+            sock = bind_private_socket(rt, os.path.basename(paths.socket))
         runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
-        await web.UnixSite(runner, paths.socket).start()
-        os.chmod(paths.socket, 0o600)
+        await web.SockSite(runner, sock).start()
         os.ftruncate(pid_fd, 0)
         os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
         os.fsync(pid_fd)
@@ -77,8 +79,11 @@ async def serve(paths: Paths, pid_fd: int, report: Report) -> None:
         if runner is not None:
             await runner.cleanup()
         await service.close()
-        if os.path.lexists(paths.socket):
-            os.unlink(paths.socket)
+        try:
+            with private_dir(paths.runtime_dir, create=False, what="runtime directory") as rt:
+                os.unlink(os.path.basename(paths.socket), dir_fd=rt)
+        except (OSError, MtevmError):
+            pass           # already gone (a user removed it) or the directory went away
         log.info("stopped")
 
 
@@ -121,7 +126,8 @@ def run_background(paths: Paths) -> int:
         paths.ensure_state_dir()
         check_writable(paths.store)     # a read-only or immutable store: say so here, not in a log
         try:
-            logfd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            with private_dir(paths.state_dir, what="state directory") as st:   # never through a symlink
+                logfd = open_private_file(st, os.path.basename(paths.log_file), os.O_WRONLY | os.O_APPEND)
         except OSError as e:
             raise StoreError(f"cannot write the daemon log {paths.log_file}: {e.strerror}") from None
     except MtevmError as e:

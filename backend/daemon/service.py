@@ -20,8 +20,10 @@ from typing import AsyncIterator
 
 from backend.daemon.events import EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
+from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
+from backend.guests.definition import GuestConfig
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
-from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts
+from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts, create_libvirt_host
 from backend.hosts.base import Host, RunningVm, VmSpec
 from backend.hosts.workload import TCF_NAMES, WorkloadConfig
 from backend.machine import MTE_MIGRATION_BLOCKER, VirtMachineConfig
@@ -31,11 +33,12 @@ from backend.store import Store, VmRow
 log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
-               "qemu_args")
+               "qemu_args", "guest")
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
+HOST_ADD_WAIT = 30.0         # host add waits this long for the first connection (libvirt probes QEMU)
 
 COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
 KEEP = object()              # _set_state: keep the record's last_error
@@ -81,6 +84,7 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)   # what it boots (local host only)
     operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
@@ -102,7 +106,7 @@ def _stopped_vcpus(rec: VmRecord) -> list[dict]:
              "last_fault": None} for i in range(rec.config.vcpus)]
 
 
-class Service:
+class Service(GuestOps):
     """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
 
     def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
@@ -124,6 +128,8 @@ class Service:
         self.store = Store(self.paths.store)
         try:
             self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
+            for h in self.store.load_hosts():
+                await self._open_host(create_libvirt_host(h["name"], h["uri"]))
             cut_short: dict[str, dict] = {}     # VM -> its migration the last daemon did not see end
             for m in self.store.load_migrations():   # newest first
                 self._migrations[m["id"]] = m
@@ -147,12 +153,13 @@ class Service:
         try:
             config = VirtMachineConfig.from_dict(row.config)
             workload = WorkloadConfig.from_dict(row.workload)
+            guest = GuestConfig.from_dict(row.guest)
         except (MtevmError, TypeError, ValueError) as e:
             log.error("VM %s: stored definition is not valid any more (%s); it is kept in the store "
                       "but not shown", row.name, e)
             return
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
-                       qemu_args=list(row.qemu_args))
+                       qemu_args=list(row.qemu_args), guest=guest)
         self.vms[rec.name] = rec
         host = self.hosts.get(row.host)
         if host is None or host.kind == "simulated":
@@ -244,6 +251,10 @@ class Service:
     def _vm(self, name) -> VmRecord:
         rec = self.vms.get(_check_name(name))
         if rec is None:
+            foreign = self._foreign(name)
+            if foreign is not None:
+                raise StateError(f"{name} is a libvirt domain mtevm did not make: it is shown read-only "
+                                 f"(manage it with virsh -c {self.hosts[foreign['host']].uri})")
             raise NotFoundError(f"no VM named {name!r}")
         return rec
 
@@ -254,14 +265,20 @@ class Service:
 
     def _spec(self, rec: VmRecord) -> VmSpec:
         return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
-                      extra_args=list(rec.qemu_args))
+                      extra_args=list(rec.qemu_args), guest=rec.guest, log_dir=self._log_dir(rec.name))
+
+    def _log_dir(self, name: str) -> str:
+        """A VM's console log lives in the state dir: it outlives the VM, the daemon and a reboot."""
+        return os.path.join(self.paths.state_dir, "vms", name)
 
     def _vcpus(self, rec: VmRecord) -> list[dict]:
         return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
 
     def _summary(self, rec: VmRecord) -> dict:
         c = rec.config
-        return {"name": rec.name, "host": rec.host, "state": rec.state, "accel": c.accel, "cpu": c.cpu,
+        host = self.hosts.get(rec.host)
+        state = host.shown_state(rec.state) if host is not None else rec.state
+        return {"name": rec.name, "host": rec.host, "state": state, "accel": c.accel, "cpu": c.cpu,
                 "vcpus": c.vcpus, "memory": c.memory, "mte": c.mte,
                 "faults_per_s": round(rec.rate.value, 3) if rec.running else 0.0,
                 "pending": dict(rec.pending), "last_error": rec.last_error}
@@ -278,7 +295,30 @@ class Service:
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
-                "stderr": running.stderr_tail() if running else list(rec.stderr)}
+                "stderr": running.stderr_tail() if running else list(rec.stderr),
+                "migration_targets": self._migration_targets(rec),
+                "warnings": self._start_warnings(rec.host, self._next_config(rec)),
+                **guest_detail(rec.guest, running)}
+
+    def _next_config(self, rec: VmRecord) -> VirtMachineConfig:
+        """The definition the VM's next start realizes: its config with any pending change applied."""
+        return VirtMachineConfig.from_dict({**rec.config.to_dict(), **rec.pending}) if rec.pending else rec.config
+
+    def _start_warnings(self, host_name: str, config: VirtMachineConfig) -> list[str]:
+        """Why ``config`` can never start on ``host_name``: the host's dry run of the seed's decision
+        tree (QEMU's text), [] if it can. The one rule behind create, validate_only and every VmDetail,
+        so the forms and the CLI warn alike."""
+        try:
+            self.hosts[host_name].check_config(config)
+        except MtevmError as e:
+            return [str(e)]
+        return []
+
+    def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
+        """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
+        applies): front ends offer only possible targets and grey out the others with the reason."""
+        src = self.hosts[rec.host]
+        return {name: src.can_migrate_to(dst) for name, dst in self.hosts.items()}
 
     def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None,
                    last_error=KEEP, **definition) -> None:
@@ -317,11 +357,54 @@ class Service:
         hosts = list(self.hosts.values()) if host is None else [self._host(host)]
         return [await asyncio.to_thread(h.probe) for h in hosts]
 
+    async def _open_host(self, host: Host) -> None:
+        """Add a host that keeps a connection (libvirt): it connects in the background."""
+        self.hosts[host.name] = host
+        await host.open(self.bus.publish)
+
+    async def host_add(self, name: str, uri: str) -> dict:
+        """Add a libvirt host by URI; persisted. Waits for the first connection attempt (a host
+        that is down is still added, and shows why it is unreachable)."""
+        if isinstance(name, str) and name in self.hosts:
+            raise ConfigError(f"a host named {name!r} already exists")
+        host = create_libvirt_host(name, uri)      # checks name and URI (ConfigError)
+        from backend.hosts.libvirt import load_libvirt
+        load_libvirt()                              # without libvirt-python: say what to install
+        self.store.add_host(host.name, host.kind, host.uri)
+        await self._open_host(host)
+        await host.wait_connected(HOST_ADD_WAIT)
+        self.bus.publish("host", host=host.info())
+        return host.info()
+
+    async def host_remove(self, name: str) -> None:
+        host = self._host(name)
+        if host.kind != "libvirt":
+            raise ConfigError(f"host {name!r} is built in: only hosts added with 'mtevm host add' can be removed")
+        vms = sorted(r.name for r in self.vms.values() if r.host == name)
+        if vms:
+            raise StateError(f"host {name!r} has VMs defined by mtevm ({', '.join(vms)}): delete or migrate them first")
+        self.store.delete_host(name)
+        del self.hosts[name]
+        await host.close()
+        self.bus.publish("host", removed=name)
+
     # -- VM definitions ---------------------------------------------------------------------------
     async def list(self) -> list[dict]:
-        return [self._summary(rec) for rec in self.vms.values()]
+        return [self._summary(rec) for rec in self.vms.values()] + self._foreign_vms()
+
+    def _foreign_vms(self) -> list[dict]:
+        """Domains on libvirt hosts that mtevm did not make: listed, read-only."""
+        return [vm for h in self.hosts.values() for vm in h.foreign_vms()]
+
+    def _foreign(self, name) -> dict | None:
+        return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
+        foreign = self._foreign(name) if _check_name(name) not in self.vms else None
+        if foreign is not None:
+            return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
+                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
+                    "blocked_reasons": [], "last_faults": [], "tag_memory": None, "stderr": []}
         return await self._detail(self._vm(name))
 
     def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
@@ -338,7 +421,8 @@ class Service:
         if not isinstance(host_name, str) or host_name not in self.hosts:
             raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
         qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
-        machine = {k: v for k, v in config.items() if k not in ("host", "workload", "qemu_args") and v is not None}
+        machine = {k: v for k, v in config.items()
+                   if k not in ("host", "workload", "qemu_args", "guest") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -348,24 +432,45 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
+        self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
         return host_name, vm_config, workload, qemu_args
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        """Store a new definition (VmDetail, with ``warnings``), or with ``validate_only`` only check it:
+        ``{"ok", "error", "warnings"}``. ``error``: the definition is malformed (nothing is stored).
+        ``warnings``: it is well formed but can never start on its host, with QEMU's text from the
+        seed's decision tree (dry run); such a definition is accepted, since the user may move it.
+        ``existing`` (with validate_only): check it as the new definition of that existing VM (the
+        edit form), not as a new one."""
         _check_bool("validate_only", validate_only)
+        _check_bool("existing", existing)
+        if existing and not validate_only:
+            raise ConfigError("existing applies to validate_only: change a VM with its own operations")
         if validate_only:
             try:
                 host_name, vm_config, _, _ = self._parse_definition(config)
-                if vm_config.name in self.vms:
+                await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
+                if existing:
+                    self._vm(vm_config.name)
+                elif vm_config.name in self.vms:
                     raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-                self.hosts[host_name].check_config(vm_config)
             except MtevmError as e:
-                return {"ok": False, "error": str(e)}
-            return {"ok": True, "error": None}
+                return {"ok": False, "error": str(e), "warnings": []}
+            return {"ok": True, "error": None, "warnings": self._start_warnings(host_name, vm_config)}
         host_name, vm_config, workload, qemu_args = self._parse_definition(config)
+        guest = await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
-        self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args, guest=guest)
+        host = self.hosts[host_name]
+        await host.define(self._spec(rec))      # libvirt: the persistent domain (checked first)
+        try:
+            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args,
+                                    guest=guest.to_dict()))
+        except BaseException:
+            await host.undefine(rec.name)
+            raise
+        remove_console_log(self._log_dir(rec.name))   # an older VM of that name left its log
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
@@ -375,8 +480,10 @@ class Service:
         with claim(rec, "being deleted"):
             if rec.state not in ("stopped", "crashed"):
                 raise StateError(f"VM {rec.name!r} is {rec.state}: stop it first")
+            await self.hosts[rec.host].undefine(rec.name)    # libvirt: undefine the domain
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
+            remove_console_log(self._log_dir(rec.name))
             host = self.hosts.get(rec.host)
             if host is not None:
                 host.forget(self._spec(rec))     # its runtime directory and QEMU logs go with it
@@ -439,10 +546,17 @@ class Service:
         running, rec.running = rec.running, None
         try:
             await running.stop()
+        except MtevmError:
+            if running.state == "running":
+                # The host could not power it off (a libvirt host that is unreachable): it still runs.
+                rec.running = running
+                self._note_state(rec, "running", runtime=running.runtime_info())
+            raise
         finally:
-            rec.rate.reset()
-            self._note_state(rec, "stopped", runtime={})
-            log.info("VM %s: stopped", rec.name)
+            if rec.running is None:
+                rec.rate.reset()
+                self._note_state(rec, "stopped", runtime={})
+                log.info("VM %s: stopped", rec.name)
         return await self._detail(rec)
 
     async def set_mte(self, name: str, on: bool) -> dict:
@@ -453,6 +567,9 @@ class Service:
             d["mte"] = on
             config = VirtMachineConfig.from_dict(d)
             config.validate()
+            spec = self._spec(rec)
+            spec.config = config
+            await self.hosts[rec.host].define(spec)   # libvirt: the domain follows the definition
             self.store.update_vm(rec.name, config=config.to_dict(), pending={})
             rec.config, rec.pending = config, {}
         else:
@@ -616,7 +733,7 @@ class Service:
         # lifts the MTE blocker, and only that one (QEMU has no such option).
         reasons = [r for r in await rec.running.blocked_reasons()
                    if not (with_tags and r == MTE_MIGRATION_BLOCKER)]
-        refusal = reasons[0] if reasons else src.can_migrate_to(dst)
+        refusal = await rec.running.refusal_text(dst, reasons) if reasons else src.can_migrate_to(dst)
         if refusal:
             try:
                 self._record_migration(rec, dst.name, with_tags, "blocked" if reasons else "failed", refusal)

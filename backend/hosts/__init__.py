@@ -32,3 +32,9 @@ def create_host(name: str, runtime_dir: str) -> "Host":
 
 def create_hosts(runtime_dir: str) -> dict[str, "Host"]:
     return {name: create_host(name, runtime_dir) for name in HOST_NAMES}
+
+
+def create_libvirt_host(name: str, uri: str) -> "Host":
+    """A host the user added by URI (``mtevm host add``); checks the name and the URI."""
+    from backend.hosts.libvirt import LibvirtHost
+    return LibvirtHost(name, uri)

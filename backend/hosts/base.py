@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from backend.guests.definition import GuestConfig
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 
@@ -35,6 +36,8 @@ class VmSpec:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)  # what a local VM boots (builtin, linux, custom)
+    log_dir: str = ""         # where the VM's console log is kept (its state dir; local host)
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Host(abc.ABC):
             raise ConfigError("qemu_args must be a list of strings")
         return []
 
+    def check_limits(self, config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+        """ConfigError (naming the limit) if this host cannot honour the definition; checked at
+        create, in the create form (validate_only) and at start, before anything runs."""
+
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> "RunningVm":
         """Boot the VM. Raises RealizeError (QEMU's text) leaving nothing behind."""
@@ -105,6 +112,26 @@ class Host(abc.ABC):
 
     async def close(self) -> None:
         """The daemon is stopping. Simulated VMs stop; real QEMU processes keep running."""
+
+    # Hosts that define VMs on the host itself (libvirt domains) override these; others keep
+    # definitions only in mtevm's store.
+    async def open(self, publish=None) -> None:
+        """Start whatever the host keeps running (libvirt: its connection); ``publish(type, **fields)``
+        sends events to the daemon's clients."""
+
+    async def define(self, spec: VmSpec) -> None:
+        """Create or update the VM's definition on the host (called at create and when it changes)."""
+
+    async def undefine(self, name: str) -> None:
+        """Remove the VM's definition from the host (delete)."""
+
+    def shown_state(self, state: str) -> str:
+        """The state users see for a VM of this host (a host that cannot be reached: "unknown")."""
+        return state
+
+    def foreign_vms(self) -> list[dict]:
+        """VMs on this host that mtevm did not make (read-only VmSummary entries)."""
+        return []
 
 
 class RunningVm(abc.ABC):
@@ -144,6 +171,10 @@ class RunningVm(abc.ABC):
         Raises MigrationError with the blocker's own text when blocked. On success this VM is
         stopped; on failure it keeps running.
         """
+
+    async def refusal_text(self, dst: Host, reasons: list[str]) -> str:
+        """The refusal to show when ``blocked_reasons`` is not empty (libvirt: libvirt's own text)."""
+        return reasons[0]
 
     def set_tcf(self, vcpu: int | None, tcf: str) -> None:
         """Change the TCF mode of one vCPU (or all). Hosts that cannot do it live raise StateError."""

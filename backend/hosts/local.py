@@ -18,26 +18,29 @@ import platform
 import shutil
 import socket
 import tempfile
-import time
-from collections import deque
+from dataclasses import replace
 from typing import Sequence
 
-from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
+from backend.errors import ConfigError, MigrationError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, Recovery, RunningVm, VmSpec, report_progress
+from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
-from backend.machine.migration import PAGE, ram_stats
+from backend.machine.migration import ram_stats
+from backend.paths import open_private_path
 from backend.qemu import guest_abi
+from backend.guests.definition import disk_format
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
+from backend.qemu.console import ConsoleLog, SerialConsole
 from backend.qemu.driver import (REATTACH_TIMEOUT, QemuFiles, QemuProcess, kill_pid, marked_processes,
                                  read_records)
 from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
-TAG_RAM_RATIO = 32          # QEMU stores 2 tags per byte for 16-byte granules: RAM/32 bytes of tags
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
 LOOPBACK = "127.0.0.1"
+CONSOLE_CONNECT_TIMEOUT = 5.0   # seconds a paused QEMU waits for the daemon to attach its console
 
 log = logging.getLogger("mtevm.local")
 
@@ -144,9 +147,12 @@ class LocalHost(Host):
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
         qemu = find_qemu(self.qemu_binary)
-        missing = self._guest_missing()
-        if missing:
-            raise RealizeError(missing)
+        if spec.guest.kind == "builtin":
+            missing = self._guest_missing()
+            if missing:
+                raise RealizeError(missing)
+        else:
+            spec.guest.validate()   # its files may have gone or changed since the VM was defined
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
         argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu)
@@ -155,23 +161,53 @@ class LocalHost(Host):
         except BaseException:
             _remove(params)
             raise
-        vm = LocalVm(self, spec, proc, extra_args, params)
+        vm = vm_class(spec)(self, spec, proc, extra_args, params)
+        if incoming_port is None:
+            vm.console.log.mark(f"QEMU pid {proc.pid} started")
+            try:   # QEMU waits (-S) until the console is connected: the log has the guest's first line
+                await vm.run_after_console()
+            except BaseException:
+                await vm.stop()
+                raise
         self.vms.add(vm)
         return vm
 
     def launch_argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str] = (),
-                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str]:
-        """QEMU's argv for ``spec`` and the guest parameter file it loads (written here): the one
-        recipe a VM, its migration destination and the start-up benchmark all run."""
-        config = spec.config
-        params = files.path("params") + ".bin"
-        block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
-        argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
-                          qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
-        with open(params, "wb") as f:
-            f.write(block)
+                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str | None]:
+        """QEMU's argv for ``spec`` and the guest parameter file it loads (written here; None for a
+        Linux guest): the one recipe a VM, its migration destination and the start-up benchmark all run."""
+        argv, params, block = self._argv(spec, files, extra_args, incoming_port, qemu)
+        if params:
+            with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+                f.write(block)
         return argv, params
+
+    def preview_argv(self, spec: VmSpec, extra_args: Sequence[str] | None = None) -> list[str]:
+        """The command line ``start`` would run now (``mtevm show --argv`` of a stopped VM): the
+        per-launch names are shown as ``LAUNCH``, and nothing is written."""
+        files = QemuFiles(self._vm_dir(spec), "LAUNCH", os.path.join(self._vm_dir(spec), "qmp-LAUNCH.sock"),
+                          os.path.join(self._vm_dir(spec), "qemu-LAUNCH.log"))
+        return self._argv(spec, files, spec.extra_args if extra_args is None else extra_args, None, None)[0]
+
+    def _argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str], incoming_port: int | None,
+              qemu: str | None) -> tuple[list[str], str | None, bytes]:
+        config, guest = spec.config, spec.guest
+        launch = LaunchFiles(files.qmp_socket, serial_socket=files.socket("serial"))
+        params, block = None, b""
+        if guest.kind == "builtin":
+            params = files.path("params") + ".bin"
+            block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
+            launch = replace(launch, kernel=self.guest_elf, params_file=params, param_addr=guest_abi.PARAM_ADDR)
+        else:
+            kernel, initrd, append = linux_boot(spec)
+            launch = replace(launch, kernel=kernel, initrd=initrd, append=append,
+                             agent_socket=files.socket("agent") if guest.has_agent else None,
+                             disks=tuple((d, disk_format(d)) for d in guest.disks))
+        argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+        if not incoming_port:
+            argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
+        return argv, params, block
 
     async def start_incoming(self, spec: VmSpec, extra_args: list[str]) -> tuple["LocalVm", int]:
         """A migration destination: the same argv plus ``-incoming tcp:127.0.0.1:PORT``."""
@@ -195,7 +231,8 @@ class LocalHost(Host):
             await proc.stop()
             _remove(runtime.get("params"))
             raise StateError(f"QEMU pid {proc.pid} did not answer on QMP ({proc.unreachable}); it was stopped")
-        vm = LocalVm(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
+        vm = vm_class(spec)(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
+        vm.console.log.mark(f"reattached to QEMU pid {proc.pid} by a new mtevm daemon")
         self.vms.add(vm)
         return vm
 
@@ -242,8 +279,10 @@ class LocalHost(Host):
         if found or stopped:
             log.info("VM %s: found %s; killed unrecorded %s", spec.config.name,
                      {p.pid: statuses.get(p.pid, "-") for _, p in found}, stopped)
-        running = [(r, p) for r, p in found if statuses.get(p.pid) == "running"]
-        running.sort(key=lambda rp: rp[1].pid != source_pid)    # two running (never seen): the source wins
+        # The one to adopt: a QEMU running the guest (two running, never seen: the source wins), else
+        # one a start left paused (-S) before it let the guest run ("prelaunch": it runs once adopted).
+        running = [(r, p) for r, p in found if statuses.get(p.pid) in ("running", "prelaunch")]
+        running.sort(key=lambda rp: (statuses[rp[1].pid] != "running", rp[1].pid != source_pid))
         adopted = running[0] if running else None
         for record, proc in found:
             if adopted is None or proc is not adopted[1]:
@@ -255,7 +294,14 @@ class LocalHost(Host):
             return Recovery(None, stopped=stopped,
                             reason=f"no QEMU of the VM was running the guest ({seen})" if seen else None)
         record, proc = adopted
-        vm = LocalVm(self, spec, proc, list(record.get("extra_args", [])), record.get("params"))
+        vm = vm_class(spec)(self, spec, proc, list(record.get("extra_args", [])), record.get("params"))
+        vm.console.log.mark(f"QEMU pid {proc.pid} adopted by a new mtevm daemon")
+        if statuses[proc.pid] == "prelaunch":
+            try:
+                await vm.run_after_console()
+            except RealizeError:
+                await vm.stop()
+                return Recovery(None, stopped=stopped + [proc.pid], reason="QEMU did not start the guest")
         self.vms.add(vm)
         moved = source_pid is not None and proc.pid != source_pid
         return Recovery(vm, stopped=stopped, moved=moved, others=len(found) > 1)
@@ -277,8 +323,10 @@ class LocalHost(Host):
         shutil.rmtree(self._vm_dir(spec), ignore_errors=True)
 
     async def close(self) -> None:
-        """The daemon exits: drop QMP connections, leave QEMU running for the next daemon."""
+        """The daemon exits: drop QMP, console and agent connections, leave QEMU running for the
+        next daemon (which reconnects all three)."""
         for vm in list(self.vms):
+            await vm.close_channels()
             await vm.proc.detach()
         self.vms.clear()
 
@@ -335,7 +383,7 @@ def _remove(path: str | None) -> None:
             pass
 
 
-class LocalVm(RunningVm):
+class LocalVm(GuestStatusView, RunningVm):
     """One real VM. Counters come from the guest's status block, read when the daemon samples."""
 
     def __init__(self, host: LocalHost, spec: VmSpec, proc: QemuProcess, extra_args: list[str],
@@ -345,10 +393,10 @@ class LocalVm(RunningVm):
         self.proc = proc
         self.extra_args = extra_args
         self.params_file = params_file
-        self._vcpus: list[dict] = [self._vcpu_info(i, {}) for i in range(spec.config.vcpus)]
-        self._faults: deque[dict] = deque(maxlen=200)
-        self._guest: dict = {}
+        self._init_status()
         self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
+        self.console = SerialConsole(proc.files.socket("serial"), ConsoleLog(spec.log_dir or self.host._vm_dir(spec)),
+                                     proc.alive).start()
         proc.on_exit(self._on_exit)
 
     # ------------------------------------------------------------------------------ state
@@ -362,12 +410,38 @@ class LocalVm(RunningVm):
         if not proc.stopping:
             self.host.vms.discard(self)
             _remove(self.params_file)
+            self.console.log.mark(f"QEMU exited: {proc.exit_reason()}")
+
+    async def run_after_console(self, timeout: float = CONSOLE_CONNECT_TIMEOUT) -> None:
+        """Let a QEMU started with -S run once the daemon reads its console (so no boot output is
+        lost: QEMU drops serial output while nobody is connected)."""
+        try:
+            await asyncio.wait_for(self.console.connected.wait(), timeout)
+        except TimeoutError:
+            pass   # run anyway: a VM without its first console lines beats a VM that does not start
+        try:
+            await self.proc.qmp.execute("cont")
+        except QmpError as e:
+            raise RealizeError(f"QEMU did not start the guest: {e}") from None
+
+    async def close_channels(self) -> None:
+        """Stop reading the console (and, for Linux guests, the agent)."""
+        await self.console.close()
+
+    def argv(self) -> list[str]:
+        """The QEMU command line this VM runs."""
+        return list(self.proc.argv)
+
+    def guest_facts(self) -> dict | None:
+        """What the guest says about itself (Linux guests with the agent); None for the others."""
+        return None
+
+    def processes(self) -> list[dict]:
+        """Per-process tag-check faults (Linux guests with the agent); [] for the others."""
+        return []
 
     def stderr_tail(self) -> list[str]:
-        lines = self.proc.stderr_tail()
-        error = self._guest.get("error")
-        if error:   # the guest took an exception it does not handle (it reports, then parks)
-            lines.append("guest error: ESR {esr:#x} at ELR {elr:#x}, FAR {far:#x}".format(**error))
+        lines = self.proc.stderr_tail() + self.guest_error_lines()
         if not self.proc.alive() and not self.proc.stopping:
             lines.append(self.proc.exit_reason())
         return lines
@@ -379,29 +453,10 @@ class LocalVm(RunningVm):
                 "extra_args": self.extra_args, "params": self.params_file}
 
     # --------------------------------------------------------------------------- counters
-    def _vcpu_info(self, index: int, status: dict) -> dict:
-        kvm_mte = self.spec.config.accel == "kvm" and self.spec.config.mte
-        info = {"index": index, "kvm_mte": kvm_mte, "tcf": self.spec.workload.tcf_for(index),
-                "checked": 0, "unchecked": 0, "sync_faults": 0, "async_faults": 0, "last_fault": None,
-                "up": False, "boot_tags": None, "boot_tag_checks": 0}
-        if status.get("up"):   # before the guest is up its status block holds nothing meaningful
-            info.update({k: v for k, v in status.items() if k in info and k not in ("index", "kvm_mte")})
-        return info
-
-    def guest_status(self) -> dict:
-        """The guest's status header from the last sample (up, state, vcpus_up, error)."""
-        return dict(self._guest)
-
-    def vcpus(self) -> list[dict]:
-        return [dict(v) for v in self._vcpus]
-
     async def read_status(self) -> bytes:
         """The guest's raw status block, read over QMP (``xp``: works running, paused or migrated)."""
         text = await self.proc.qmp.hmp(guest_abi.xp_command(self.spec.config.vcpus))
-        try:
-            return guest_abi.parse_xp(text)
-        except ValueError:
-            raise MtevmError(f"QEMU could not read the guest's status block: {text.strip()[:200]}") from None
+        return self._parse_xp(text)
 
     async def sample(self) -> list[dict]:
         if not self.proc.alive():
@@ -413,46 +468,7 @@ class LocalVm(RunningVm):
             raw = await self.read_status()
         except QmpError:
             return self.vcpus()     # QEMU went away: the exit watch marks the VM crashed
-        statuses = guest_abi.parse_status(raw, self.spec.config.vcpus)
-        self._guest = guest_abi.parse_status_header(raw)
-        now = time.time()
-        fresh = []
-        for i in self._cpu_indexes:
-            info = self._vcpu_info(i, statuses[i] if i < len(statuses) else {})
-            self._note_fault(info, self._vcpus[i] if i < len(self._vcpus) else None, now)
-            fresh.append(info)
-        self._vcpus = fresh
-        return self.vcpus()
-
-    def _note_fault(self, info: dict, before: dict | None, now: float) -> None:
-        fault = info.get("last_fault")
-        if not fault:
-            return
-        fault = {**fault, "vcpu": info["index"], "time": now}
-        old = (before or {}).get("last_fault")
-        faults_before = sum((before or {}).get(k, 0) for k in ("sync_faults", "async_faults"))
-        faults_now = info["sync_faults"] + info["async_faults"]
-        if old is None or faults_now != faults_before or {**old, "time": 0} != {**fault, "time": 0}:
-            self._faults.appendleft(fault)
-        else:
-            fault["time"] = old["time"]   # the same fault as last sample: keep when it was first seen
-        info["last_fault"] = fault
-
-    def last_faults(self, limit: int = 20) -> list[dict]:
-        return list(self._faults)[:limit]
-
-    def tag_memory(self) -> dict | None:
-        """Under TCG QEMU keeps RAM/32 bytes of tags (the ``mach-virt.tag`` RAM block). The pages
-        that hold non-zero tags are the ones the guest tags: each vCPU's heap and boot-tag page."""
-        config = self.spec.config
-        if not config.mte or config.accel != "tcg":
-            return None
-        per_vcpu = (self.spec.workload.heap_size + guest_abi.BOOT_TAG_SIZE) // PAGE
-        return {"bytes": config.memory // TAG_RAM_RATIO, "tagged_pages": self._guest.get("vcpus_up", 0) * per_vcpu}
-
-    def set_tcf(self, vcpu: int | None, tcf: str) -> None:
-        raise StateError(f"VM '{self.spec.config.name}' runs real QEMU: its TCF is a boot parameter of "
-                         "the guest; stop the VM, change the workload's tcf and start it again")
+        return self._apply_status(raw, self._cpu_indexes)
 
     # ------------------------------------------------------------------------ lifecycle
     async def blocked_reasons(self) -> list[str]:
@@ -463,6 +479,7 @@ class LocalVm(RunningVm):
 
     async def stop(self) -> None:
         await self.proc.stop()
+        await self.close_channels()
         _remove(self.params_file)
         self.host.vms.discard(self)
 
@@ -489,8 +506,8 @@ class LocalVm(RunningVm):
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
-        target._vcpus, target._faults = self._vcpus, self._faults   # the VM's history goes with it
-        await self.stop()
+        target._take_history(self)   # the VM's counters and faults go with it
+        await LocalVm.stop(self)   # the source QEMU is paused for good: quit it (no guest poweroff)
         await report_progress(progress, 1.0, stats)
         return target
 
@@ -533,3 +550,18 @@ class LocalVm(RunningVm):
                 raise MigrationError(f"the destination QEMU is still {status} after the migration")
             await asyncio.sleep(MIGRATION_POLL)
 
+
+
+def vm_class(spec: VmSpec) -> type[LocalVm]:
+    """The builtin guest reports through its status block (LocalVm); Linux guests through the
+    agent, or not at all for a custom kernel (backend.hosts.linux.LinuxVm)."""
+    if spec.guest.kind == "builtin":
+        return LocalVm
+    from backend.hosts.linux import LinuxVm
+    return LinuxVm
+
+
+def linux_boot(spec: VmSpec) -> tuple[str, str | None, str]:
+    """-kernel, -initrd and -append of a Linux guest (from backend.hosts.linux)."""
+    from backend.hosts.linux import linux_boot as boot
+    return boot(spec)

@@ -47,6 +47,8 @@ class WorkloadConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "WorkloadConfig":
+        if d is not None and not isinstance(d, dict):    # [] or "" is not "the defaults"
+            raise ConfigError(f"workload must be a JSON object of parameters, not {type(d).__name__}")
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:

@@ -69,22 +69,61 @@ class LaunchFiles:
     kernel: str | None = None          # the guest ELF; None runs QEMU with no guest (tests, benchmarks)
     params_file: str | None = None     # the guest's parameter block, loaded at param_addr
     param_addr: int = 0
+    serial_socket: str | None = None   # the PL011 serial console, a Unix socket QEMU listens on
+    agent_socket: str | None = None    # the mtevm agent's virtio-serial port (Linux guest)
+    initrd: str | None = None          # Linux guests: -initrd
+    append: str | None = None          # Linux guests: the kernel command line
+    disks: tuple[tuple[str, str], ...] = ()   # (path, "raw" | "qcow2"), each on virtio-blk
+
+
+AGENT_PORT = "org.mtevm.agent.0"       # docs/agent-protocol.md
+
+
+def chardev_socket(chardev_id: str, path: str) -> list[str]:
+    """A chardev QEMU serves on a Unix socket; it drops output while no client is connected
+    (wait=off: the guest never blocks on a missing reader)."""
+    return ["-chardev", f"socket,id={chardev_id},path={quote_option(path)},server=on,wait=off"]
+
+
+def guest_devices(files: LaunchFiles) -> list[str]:
+    """The console, agent channel, initrd, command line and disks of ``files`` (empty for a bare
+    QEMU). Virtio devices are virtio-mmio ones (``-device virtio-*-device``): the Linux guest
+    loads virtio_mmio.ko, and every arm64 kernel has it."""
+    argv: list[str] = []
+    if files.initrd:
+        argv += ["-initrd", files.initrd]
+    if files.append:
+        argv += ["-append", files.append]
+    if files.serial_socket:
+        argv += chardev_socket("serial0", files.serial_socket) + ["-serial", "chardev:serial0"]
+    if files.agent_socket:
+        argv += chardev_socket("agent", files.agent_socket) + [
+            "-device", "virtio-serial-device",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
+    for i, (path, fmt) in enumerate(files.disks):
+        argv += ["-drive", f"file={quote_option(path)},format={fmt},if=none,id=disk{i}",
+                 "-device", f"virtio-blk-device,drive=disk{i}"]
+    return argv
 
 
 def build_argv(config: "VirtMachineConfig", files: LaunchFiles, *, qemu: str = QEMU_BINARY,
                extra_args: Sequence[str] = (), incoming: str | None = None) -> list[str]:
-    """The argv for ``config``: virt with MTE, TCG (or KVM with ``-cpu host``), QMP on a Unix socket."""
+    """The argv for ``config``: virt with MTE, TCG (or KVM with ``-cpu host``), QMP on a Unix socket.
+
+    ``-nodefaults`` and ``-nic none``: no default devices at all, in particular no default NIC
+    (Debian's arm64 QEMU lacks the ``efi-virtio.rom`` it wants and would exit at once)."""
     machine = "virt,mte=" + ("on" if config.mte else "off")
     if config.secure:
         machine += ",secure=on"
     argv = [qemu, "-M", machine, "-cpu", config.cpu, "-accel", config.accel,
-            "-nodefaults", "-display", "none",
+            "-nodefaults", "-nic", "none", "-display", "none",
             "-smp", str(config.vcpus), "-m", format_memory(config.memory)]
     if files.kernel:
         argv += ["-kernel", files.kernel]   # a plain path, not an option list
     argv += ["-qmp", f"unix:{quote_option(files.qmp_socket)},server=on,wait=off"]
     if files.params_file:
         argv += ["-device", f"loader,file={quote_option(files.params_file)},addr={files.param_addr:#x},force-raw=on"]
+    argv += guest_devices(files)
     if config.only_migratable:
         argv.append("-only-migratable")
     argv += validate_extra_args(extra_args)

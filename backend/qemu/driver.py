@@ -18,12 +18,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from backend.errors import RealizeError
+from backend.errors import ConfigError, RealizeError
+from backend.paths import ensure_private_dir, open_private_path
 from backend.qemu.qmp import QmpConnection, QmpError, QmpGone
 
 SUN_PATH_MAX = 107          # bytes in a Unix socket path (sockaddr_un.sun_path minus the NUL)
 READY_TIMEOUT = 20.0        # seconds from exec to a negotiated QMP session
 REATTACH_TIMEOUT = 5.0
+SOCKETS = ("qmp", "serial", "agent")   # the Unix sockets one QEMU serves (QemuFiles.socket)
 
 
 @dataclass
@@ -66,11 +68,12 @@ class QemuFiles:
 
     @classmethod
     def new(cls, runtime_dir: str) -> "QemuFiles":
-        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        ensure_private_dir(runtime_dir)        # checked, never through another user's symlink
         launch_id = secrets.token_hex(4)
         sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
         socket_dir = None
-        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+        longest = os.path.join(runtime_dir, f"{max(SOCKETS, key=len)}-{launch_id}.sock")
+        if len(os.fsencode(longest)) > SUN_PATH_MAX:
             socket_dir = tempfile.mkdtemp(prefix="mtevm-")
             sock = os.path.join(socket_dir, "qmp.sock")
         return cls(runtime_dir, launch_id, sock, os.path.join(runtime_dir, f"qemu-{launch_id}.log"),
@@ -85,12 +88,20 @@ class QemuFiles:
         """The launch record: this QEMU's pid and start time, written before ``launch`` returns."""
         return self.path("launch") + ".json"
 
+    def socket(self, kind: str) -> str:
+        """The path of another socket QEMU serves for this launch (``serial``, ``agent``), beside
+        the QMP socket."""
+        if self.socket_dir:
+            return os.path.join(self.socket_dir, f"{kind}.sock")
+        return os.path.join(os.path.dirname(self.qmp_socket), f"{kind}-{self.launch_id}.sock")
+
     def remove_socket(self) -> None:
-        """QEMU removes its socket on a clean exit, not when killed: tidy up after it."""
-        try:
-            os.unlink(self.qmp_socket)
-        except OSError:
-            pass
+        """QEMU removes its sockets on a clean exit, not when killed: tidy up after it."""
+        for path in [self.qmp_socket] + [self.socket(k) for k in SOCKETS if k != "qmp"]:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self.socket_dir:
             try:
                 os.rmdir(self.socket_dir)
@@ -121,7 +132,7 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
 def write_record(path: str, record: dict) -> None:
     """Write a launch record durably (temporary file, fsync, rename): a reader sees all of it or none."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = open_private_path(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
@@ -273,7 +284,7 @@ class QemuProcess:
         Right after the fork, before waiting for QMP, the launch record (``runtime_info()`` plus
         ``record``) is written durably to ``files.record``: a daemon killed at any later moment
         leaves its successor the pid and start time of every QEMU it started."""
-        with open(files.log, "wb") as log:
+        with os.fdopen(open_private_path(files.log, os.O_WRONLY, exclusive=True), "wb") as log:
             try:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, close_fds=True)
@@ -285,8 +296,8 @@ class QemuProcess:
         try:
             try:
                 write_record(files.record, {**proc.runtime_info(), **(record or {})})
-            except OSError as e:
-                raise RealizeError(f"cannot record QEMU's pid in {files.record}: {e.strerror}") from None
+            except (OSError, ConfigError) as e:
+                raise RealizeError(f"cannot record QEMU's pid in {files.record}: {getattr(e, 'strerror', e)}") from None
             await proc.qmp.connect(proc.alive, ready_timeout)
         except BaseException as e:   # includes cancellation: never leave a half-started QEMU
             proc.stopping = True

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from backend.errors import StoreError
-from backend.store import SCHEMA_VERSION, Store, VmRow
+from backend.store import _HOSTS_TABLE, SCHEMA_VERSION, Store, VmRow
 
 
 def digest(path) -> str:
@@ -187,5 +187,51 @@ def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
     assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     db.close()
+
+
+def test_added_hosts_persist_and_an_upgraded_store_starts_with_none(tmp_path):
+    """`mtevm host add` rows survive a reopen; a store from before hosts existed (version 1 or 2)
+    gains the table, empty, and keeps everything else."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.execute("INSERT INTO vms VALUES ('old', 'sim-mte', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0)")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    assert s.load_hosts() == [] and [r.name for r in s.load_vms()] == ["old"]
+    s.add_host("lab1", "libvirt", "qemu+ssh://root@lab1/system")
+    s.add_host("lab2", "libvirt", "qemu:///system")
+    s.close()
+    s = Store(str(path))
+    assert s.load_hosts() == [{"name": "lab1", "kind": "libvirt", "uri": "qemu+ssh://root@lab1/system"},
+                              {"name": "lab2", "kind": "libvirt", "uri": "qemu:///system"}]
+    with pytest.raises(sqlite3.IntegrityError):
+        s.add_host("lab1", "libvirt", "qemu:///session")
+    s.delete_host("lab1")
+    s.close()
+    s = Store(str(path))
+    assert [h["name"] for h in s.load_hosts()] == ["lab2"]
+    s.close()
+
+
+def test_a_version_3_store_gets_guests_and_its_vms_boot_the_builtin_one(tmp_path):
+    """A store written before Linux guests existed (schema 3): its VMs load with the builtin guest
+    ({}), and a Linux guest's definition is kept across a reopen."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA.replace("PRAGMA user_version=1;", ""))
+    db.execute("ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'")
+    db.execute(_HOSTS_TABLE)
+    db.execute("PRAGMA user_version=3")
+    db.execute("INSERT INTO vms VALUES ('old', 'local', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0, '[]')")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    s.add_vm(VmRow("lx", "local", {"name": "lx"}, {}, guest={"kind": "linux", "append": "loglevel=7"}))
+    s.close()
+    s = Store(str(path))
+    assert {r.name: r.guest for r in s.load_vms()} == {"old": {}, "lx": {"kind": "linux", "append": "loglevel=7"}}
+    s.close()

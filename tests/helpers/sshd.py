@@ -67,7 +67,8 @@ def _keygen(path: Path) -> None:
 class SshServer:
     """sshd on 127.0.0.1:<free port> that lets this user in with a key made for the test only."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, wrap: list[str] | None = None):
+        self.wrap = list(wrap or [])   # an argv prefix for sshd, e.g. nsenter into a test host's namespaces
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -104,7 +105,7 @@ class SshServer:
             "ClientAliveInterval 2\n"
             "ClientAliveCountMax 2\n")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # sshd's privilege-separation directory
-        self.proc = subprocess.Popen([SSHD, "-D", "-f", str(self.config), "-E", str(self.log)],
+        self.proc = subprocess.Popen([*self.wrap, SSHD, "-D", "-f", str(self.config), "-E", str(self.log)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         try:

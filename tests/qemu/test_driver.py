@@ -185,7 +185,8 @@ def test_argv_from_a_config():
     files = LaunchFiles("/run/x,y/qmp.sock", "/g/guest.elf", "/run/p.bin", 0x40200000)
     argv = build_argv(config, files, extra_args=["-device", "foo"], incoming="tcp:127.0.0.1:5555")
     assert argv == ["qemu-system-aarch64", "-M", "virt,mte=on,secure=on", "-cpu", "max", "-accel", "tcg",
-                    "-nodefaults", "-display", "none", "-smp", "2", "-m", "128M", "-kernel", "/g/guest.elf",
+                    "-nodefaults", "-nic", "none", "-display", "none", "-smp", "2", "-m", "128M",
+                    "-kernel", "/g/guest.elf",
                     "-qmp", "unix:/run/x,,y/qmp.sock,server=on,wait=off",
                     "-device", "loader,file=/run/p.bin,addr=0x40200000,force-raw=on",
                     "-only-migratable", "-device", "foo", "-incoming", "tcp:127.0.0.1:5555"]

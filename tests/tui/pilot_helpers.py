@@ -80,6 +80,7 @@ async def migrate_via_dialog(pilot, app, to: str | None = None):
                    app.screen.query_one("#destinations").option_count > 0, "the destinations")
     options = app.screen.query_one("#destinations")
     names = [options.get_option_at_index(i).id for i in range(options.option_count)]
+    assert not options.get_option_at_index(names.index(to) if to else 0).disabled, f"{to} is greyed out"
     await pilot.press(*["down"] * (names.index(to) if to else 0), "enter")
     await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
     return app.screen.query_one("#migration-table", DataTable)

@@ -6,7 +6,7 @@ from rich.color import ColorType
 from textual.widgets import Button, DataTable
 
 from backend.config import UserConfig
-from backend.errors import ConfigError
+from backend.errors import ConfigError, MigrationError
 from tests.tui.pilot_helpers import (create_vm, form_message, migrate_via_dialog, open_detail,
                                      open_form_and_name, screen_rows, screen_text, started, wait_for)
 from tui.screens.confirm import ConfirmScreen
@@ -40,18 +40,36 @@ async def test_stop_asks_first_and_no_keeps_the_vm_running(make_app):
         await wait_for(pilot, lambda: app.model.vms["web1"]["state"] == "stopped", "web1 stopped")
 
 
-async def test_delete_asks_first_and_a_refusal_is_shown_not_raised(make_app):
+async def test_delete_of_a_running_vm_offers_stop_and_delete_before_asking(make_app):
+    """Issue 11 item 14: no question that the daemon then refuses. A running VM gets one question
+    that says it is running and offers stop-and-delete; no keeps it; yes stops and deletes it."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "web1", mte=False, start=True)
-        await pilot.press("d", "y")               # running: the daemon refuses, the app says why
-        await wait_for(pilot, lambda: any("stop it first" in str(n.message) for n in app._notifications),
-                       "the daemon's refusal as a notification")
-        assert "web1" in app.model.vms
-        await app.client.stop("web1")
+        await wait_for(pilot, lambda: rows(app) == ["web1"] and app.screen.cursor_vm() == "web1", "web1 listed")
         await pilot.press("d")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        assert "VM 'web1' is running. Stop and delete" in screen_text(app)
+        assert "Stop and delete (y)" in str(app.screen.query_one("#yes", Button).label)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "back to the list")
+        await pilot.pause(0.2)
+        assert (await app.client.show("web1"))["state"] == "running"
+        await pilot.press("d", "y")
+        await wait_for(pilot, lambda: "web1" not in app.model.vms and rows(app) == [], "web1 stopped and deleted")
+        assert not any("stop it first" in str(n.message) for n in app._notifications)
+
+
+async def test_delete_of_a_stopped_vm_asks_plainly(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "web1", mte=False)
+        await wait_for(pilot, lambda: rows(app) == ["web1"] and app.screen.cursor_vm() == "web1", "web1 listed")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        assert "Delete VM 'web1'?" in screen_text(app) and "running" not in screen_text(app)
         await pilot.press("y")
         await wait_for(pilot, lambda: "web1" not in app.model.vms and rows(app) == [], "web1 deleted")
 
@@ -219,16 +237,57 @@ async def test_edit_form_changes_tcf_of_a_running_vm(make_app):
                        "the vCPU table shows async")
 
 
+async def test_the_migrate_dialog_greys_out_impossible_targets_with_the_reason(make_app):
+    """Issue 11 item 14: a simulated VM can never go to the local QEMU host: the dialog lists it
+    greyed out, with the daemon's reason, after the possible ones, and it cannot be chosen."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "plain1", mte=False, start=True)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("#destinations") and
+                       app.screen.query_one("#destinations").option_count == 3, "the destinations")
+        options = app.screen.query_one("#destinations")
+        listed = [options.get_option_at_index(i) for i in range(options.option_count)]
+        assert [(o.id, o.disabled) for o in listed] == [("sim-nomte", False), ("sim-mte", False), ("local", True)]
+        assert "✘ cannot migrate from a simulated host to a local host" in str(listed[2].prompt)
+        await pilot.press("end", "enter")          # the cursor never lands on the greyed-out host
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+        assert app.model.migrations and all(m["dst"] != "local" for m in app.model.migrations.values())
+
+
 async def test_a_failed_migration_is_listed_with_its_reason(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await create_vm(app, "plain1", mte=False, start=True)
-        table = await migrate_via_dialog(pilot, app, "local")      # a simulated VM cannot go to QEMU
+        with pytest.raises(MigrationError):
+            await app.client.migrate("plain1", "local")      # as `mtevm migrate` would: refused, recorded
+        await app.refresh_model()
+        await pilot.press("M")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
+        table = app.screen.query_one("#migration-table", DataTable)
         await wait_for(pilot, lambda: table.row_count == 1, "the attempt recorded")
         assert str(table.get_row_at(0)[4]) == "failed"
         reason = app.model.migrations[1]["reason"]
         assert reason and f"reason: {reason}" in screen_text(app)
+
+
+async def test_the_migrations_cursor_follows_a_new_migration(make_app):
+    """Issue 11 item 14: after a new migration the cursor is on its row, not on an older one."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "plain1", mte=False, start=True)
+        table = await migrate_via_dialog(pilot, app, "sim-nomte")
+        await wait_for(pilot, lambda: app.model.vms["plain1"]["host"] == "sim-nomte"
+                       and app.model.vms["plain1"]["state"] == "running", "the first migration done")
+        await pilot.press("escape")                # back to the VMs, migrate again
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
+        table = await migrate_via_dialog(pilot, app, "sim-mte")
+        await wait_for(pilot, lambda: table.row_count == 2, "both migrations listed")
+        assert app.screen.rows.cursor_key() == "2"
+        assert "migration #2: plain1 from sim-nomte to sim-mte" in screen_text(app)
 
 
 async def test_refresh_rate_keys(make_app):

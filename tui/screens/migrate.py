@@ -2,7 +2,9 @@
 (e.g. "Live migration disabled due to MTE enabled") and is recorded; the app then shows the
 migrations screen, where every attempt is listed with its outcome.
 
-The VM's own host is offered too (last, marked "same host"): like QEMU migrating to localhost,
+Hosts the VM can never go to (``migration_targets`` of its detail: e.g. local <-> simulated) are
+listed greyed out with the reason and cannot be chosen. The VM's own host is offered too (last of
+the possible ones, marked "same host"): like QEMU migrating to localhost,
 the daemon runs a real migration within a host (a second QEMU on ``local``; a re-realize plus
 RAM/tag copy on a simulated host)."""
 from __future__ import annotations
@@ -41,26 +43,47 @@ class MigrateScreen(ModalScreen[None]):
         with Vertical(classes="dialog"):
             yield Static(f"Migrate [b]{self.vm['name']}[/b] from {self.vm.get('host', '?')} to:")
             yield OptionList(id="destinations")
+            yield Static("", id="no-target")
             yield OnOffCheckbox("copy MTE tags (KVM_ARM_MTE_COPY_TAGS)", id="with-tags")
             with Horizontal(classes="buttons"):
                 yield Button("Migrate (ctrl+s)", id="migrate", variant="primary")
                 yield Button("Cancel (esc)", id="cancel")
 
     def on_mount(self) -> None:
+        self.query_one("#no-target").display = False
         self.query_one(OptionList).focus()
         self.load_hosts()
 
     @work(exclusive=True, group="migrate-hosts")
     async def load_hosts(self) -> None:
-        hosts = await self.app.client.hosts()
+        """Possible destinations first (the VM's own host last of them), then, greyed out and not
+        selectable, the hosts it can never go to, each with the daemon's reason."""
+        try:
+            hosts = await self.app.client.hosts()
+            targets = (await self.app.client.show(self.vm["name"])).get("migration_targets", {})
+        except MtevmError as e:
+            self.app.notify(str(e), title=f"migrate {self.vm['name']}", severity="error")
+            self.dismiss()
+            return
         options = self.query_one(OptionList)
         own = self.vm.get("host")
-        for h in sorted(hosts, key=lambda h: h["name"] == own):      # other hosts first, the own one last
-            note = "" if h.get("available", True) else f" (unavailable: {h.get('reason')})"
+
+        def why_not(h: dict) -> str | None:
+            if targets.get(h["name"]):
+                return targets[h["name"]]
+            return None if h.get("available", True) else f"unavailable: {h.get('reason')}"
+
+        for h in sorted(hosts, key=lambda h: (why_not(h) is not None, h["name"] == own)):
+            reason = why_not(h)
             same = "  (same host)" if h["name"] == own else ""
-            options.add_option(Option(f"{h['name']}{same}  {h.get('description', '')}{note}", id=h["name"]))
-        if options.option_count:
-            options.highlighted = 0
+            text = f"{h['name']}{same}  {h.get('description', '')}" + (f"\n  ✘ {reason}" if reason else "")
+            options.add_option(Option(text, id=h["name"], disabled=reason is not None))
+        first = next((i for i in range(options.option_count) if not options.get_option_at_index(i).disabled), None)
+        options.highlighted = first
+        if first is None:
+            note = self.query_one("#no-target", Static)
+            note.update("No host can take this VM (reasons above).")
+            note.display = True
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.action_submit()
@@ -76,7 +99,11 @@ class MigrateScreen(ModalScreen[None]):
         if options.highlighted is None:
             self.app.notify("Choose a destination host", severity="warning")
             return
-        dst = options.get_option_at_index(options.highlighted).id
+        option = options.get_option_at_index(options.highlighted)
+        if option.disabled:
+            self.app.notify("That host cannot take this VM", severity="warning")
+            return
+        dst = option.id
         with_tags = self.query_one("#with-tags", Checkbox).value
         self.dismiss()
         self.app.run_worker(migrate(self.app, self.vm["name"], dst, with_tags), group="migrate")

@@ -64,6 +64,7 @@ class MigrationsScreen(Screen):
 
     def __init__(self) -> None:
         super().__init__(id="migrations")
+        self.newest_id: int | None = None     # the newest migration the table has shown
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -81,8 +82,14 @@ class MigrationsScreen(Screen):
         self.sync_rows()
 
     def sync_rows(self) -> None:
+        """Show the migrations, newest first; a migration newer than any shown takes the cursor
+        (the user just started it, or wants to see the one that just began)."""
         migrations = sorted(self.app.model.migrations.values(), key=lambda m: -m["id"])
         self.rows.sync([(str(m["id"]), row_values(m)) for m in migrations])
+        newest = migrations[0]["id"] if migrations else None
+        if newest is not None and self.newest_id is not None and newest > self.newest_id:
+            self.rows.table.move_cursor(row=0)
+        self.newest_id = newest
         self.show_detail()
 
     def show_detail(self) -> None:

@@ -1,13 +1,16 @@
 """The VM operations shared by the list and the detail screen (start, stop, delete, MTE, migrate).
 
 Each runs in a worker so the screen stays responsive; a refusal from the daemon (QEMU's text) is
-shown as a notification and changes nothing. Stop and delete ask first.
+shown as a notification and changes nothing. Stop and delete ask first; delete decides what it
+can do before it asks, so a question is never followed by a refusal.
 """
 from __future__ import annotations
 
 from backend.errors import MtevmError
 from tui.live import mte_at_next_start
 from tui.screens.confirm import ConfirmScreen
+
+DELETABLE = ("stopped", "crashed")     # the states the daemon deletes in (Service.delete)
 
 
 class VmActions:
@@ -44,9 +47,29 @@ class VmActions:
                           lambda: self._run("stop", names, self.app.client.stop))
 
     def action_delete_vm(self) -> None:
-        if names := self._names():
+        """Decide before asking: a VM in transition is refused at once; a running one is offered
+        stop-and-delete (one question, naming what will be powered off); stopped ones just delete."""
+        if not (names := self._names()):
+            return
+        states = {n: (self.app.model.vms.get(n) or {}).get("state", "stopped") for n in names}
+        busy = [n for n in names if states[n] not in DELETABLE + ("running",)]
+        if busy:
+            self.app.notify(f"VM {busy[0]!r} is {states[busy[0]]}: wait until it has finished, then delete it",
+                            title=f"delete {busy[0]}", severity="error", timeout=10)
+            return
+        running = [n for n in names if states[n] == "running"]
+        if not running:
             self._confirm(f"Delete {_listing(names)}? Its definition is removed.", "Delete",
                           lambda: self._run("delete", names, self.app.client.delete))
+            return
+
+        async def stop_and_delete(name: str) -> None:
+            if name in running:
+                await self.app.client.stop(name)
+            await self.app.client.delete(name)
+        self._confirm(f"{_listing(running)} {'is' if len(running) == 1 else 'are'} running. "
+                      f"Stop and delete {_listing(names)}? The guest is powered off and its definition removed.",
+                      "Stop and delete", lambda: self._run("delete", names, stop_and_delete))
 
     def action_toggle_mte(self) -> None:
         if names := self._names():

@@ -43,6 +43,8 @@ def describe(vm: dict) -> str:
         lines.append(f"[$warning]pending (applied at next start): {changes}[/]")
     for reason in (vm.get("blocked_reasons") or []) if live else []:
         lines.append(f"[$warning]migration blocked: {escape(reason)}[/]")
+    for warning in vm.get("warnings") or []:      # the daemon's dry run of the next start (QEMU's text)
+        lines.append(f"[$warning]cannot start on {escape(str(vm.get('host')))}: {escape(warning)}[/]")
     if vm.get("last_error"):
         lines.append(f"[$error]last error: {escape(vm['last_error'])}[/]")
     return "\n".join(lines)

@@ -1,0 +1,810 @@
+"""The ``libvirt`` host kind: VMs as persistent libvirt domains on a host named by URI.
+
+mtevm grows no remote protocol of its own: libvirt (through ``libvirt-python``) reaches the host
+(``qemu:///system``, ``qemu+ssh://user@host/system``, ``qemu+unix:///system?socket=...``),
+defines and starts the domains and migrates them peer-to-peer. mtevm adds MTE on top: the domain
+XML (backend.hosts.libvirt_domain) turns MTE on with ``-machine mte=on`` in
+``<qemu:commandline>`` and runs mtevm's bare-metal guest, whose status block is read with HMP
+``xp`` through ``libvirt_qemu.qemuMonitorCommand``.
+
+Connections: one per host, opened in the background and kept open (over ssh opening costs ~0.5 s;
+libvirt's first connection to a daemon also probes QEMU for seconds). libvirt's events reach
+asyncio through ``libvirtaio``; a closed connection is reopened with exponential backoff, and
+while it is down the host shows libvirt's reason and its VMs show as ``unknown``. Nothing else
+in mtevm waits for it.
+
+Blocking libvirt calls run in worker threads (``asyncio.to_thread``) so a slow host never stalls
+the daemon; libvirt then calls the event implementation from those threads, which asyncio does
+not allow, so ``_ThreadSafeEvents`` queues every change onto the loop (see there).
+
+Without ``libvirt-python`` this module still imports: a libvirt host then reports what to install
+and the rest of mtevm works.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from typing import Any, Callable
+
+from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
+from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
+from backend.hosts.guest_status import GuestStatusView
+from backend.hosts import libvirt_domain as xml
+from backend.machine import VirtMachineConfig
+from backend.machine.config import _NAME_RE, NAME_RULE
+from backend.machine.migration import ram_stats
+from backend.qemu import guest_abi
+from backend.qemu.argv import validate_extra_args
+
+log = logging.getLogger("mtevm.libvirt")
+
+INSTALL_HINT = ("the libvirt host kind needs libvirt-python: run pip install -e '.[libvirt]' (it builds "
+                "against libvirt-dev and pkg-config, which `bash scripts/install-deps.sh` installs)")
+URI_HINT = "use qemu:///system, qemu+ssh://user@host/system or qemu+unix:///system?socket=PATH"
+GUEST_ENV = "MTEVM_GUEST"
+RECONNECT_MIN = 0.5          # seconds before the first reconnect; doubles up to RECONNECT_MAX
+RECONNECT_MAX = 30.0
+KEEPALIVE = (5, 3)           # libvirt keepalive: a ping every 5 s, 3 unanswered = the host is gone
+MIGRATION_POLL = 0.1         # seconds between job-info polls while a migration runs
+MIGRATE_URI = "tcp://127.0.0.1"   # where QEMU sends the migration stream (see migrate_uri)
+CLOSE_REASONS = {0: "the connection to libvirtd failed (error)", 1: "libvirtd closed the connection (end of file)",
+                 2: "libvirtd stopped answering keepalive pings", 3: "the connection was closed by mtevm"}
+
+
+def load_libvirt():
+    """(libvirt, libvirt_qemu, libvirtaio), or MtevmError saying what to install."""
+    try:
+        import libvirt
+        import libvirt_qemu
+        import libvirtaio
+    except ImportError:
+        raise MtevmError(INSTALL_HINT) from None
+    return libvirt, libvirt_qemu, libvirtaio
+
+
+def check_host_name(name) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"host name {name!r} is not valid: use {NAME_RULE}")
+    return name
+
+
+def check_uri(uri) -> str:
+    """A libvirt URI for the QEMU driver (system or session), else ConfigError."""
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError(f"a libvirt URI must be a string: {URI_HINT}")
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme != "qemu" or parts.path not in ("/system", "/session") or any(c in uri for c in "\0\n "):
+        raise ConfigError(f"{uri!r} is not a libvirt URI of the QEMU driver: {URI_HINT}")
+    return uri
+
+
+def error_text(e: BaseException) -> str:
+    """libvirt's own message for an error (verbatim), else the exception's text."""
+    get = getattr(e, "get_error_message", None)
+    return (get() if get else None) or str(e)
+
+
+def version_text(v: int | None) -> str | None:
+    """libvirt's packed version (major * 1e6 + minor * 1e3 + release) as "11.3.0"."""
+    if not v:
+        return None
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+# --- libvirt's event loop on asyncio ---------------------------------------------------------------
+_events = None   # the registered implementation (one per process, re-registered for a new loop)
+
+
+def _thread_safe_events_class(libvirtaio):
+    class _ThreadSafeEvents(libvirtaio.virEventAsyncIOImpl):
+        """libvirtaio, made safe for calls from any thread.
+
+        libvirt calls the event implementation from the thread that runs a libvirt call (mtevm
+        runs them in worker threads), but asyncio's loop may only be changed from its own thread.
+        Every add/update/remove is queued onto the loop with ``call_soon_threadsafe`` (in order, as
+        libvirt's own poll loop applies changes on its next iteration); ids are handed out at once,
+        as libvirt needs them returned. Queuing, never waiting, matters: libvirt holds its client
+        lock while it calls these, and the loop thread may be waiting for that lock.
+        """
+
+        def _defer(self, fn, *args) -> None:
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:   # the loop is closed: nothing is watched any more
+                pass
+
+        def _add_handle(self, fd, event, cb, opaque):
+            callback = libvirtaio.FDCallback(self, cb, opaque, descriptor=None, event=event)
+
+            def add():
+                callback.descriptor = self.descriptors[fd]
+                self.callbacks[callback.iden] = callback
+                callback.descriptor.add_handle(callback)
+                self._pending_inc()
+            self._defer(add)
+            return callback.iden
+
+        def _update_handle(self, watch, event):
+            self._defer(super()._update_handle, watch, event)
+
+        def _remove_handle(self, watch):
+            self._defer(super()._remove_handle, watch)
+            return 0
+
+        def _add_timeout(self, timeout, cb, opaque):
+            callback = libvirtaio.TimeoutCallback(self, cb, opaque)
+
+            def add():
+                self.callbacks[callback.iden] = callback
+                callback.update(timeout=timeout)
+                self._pending_inc()
+            self._defer(add)
+            return callback.iden
+
+        def _update_timeout(self, timer, timeout):
+            self._defer(super()._update_timeout, timer, timeout)
+
+        def _remove_timeout(self, timer):
+            self._defer(super()._remove_timeout, timer)
+            return 0
+
+    return _ThreadSafeEvents
+
+
+def register_events(loop: asyncio.AbstractEventLoop) -> None:
+    """Dispatch libvirt's events on ``loop`` (before the first connection is opened)."""
+    global _events
+    libvirt, _, libvirtaio = load_libvirt()
+    if _events is not None and _events.loop is loop:
+        return
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
+    _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
+
+
+# --- the host --------------------------------------------------------------------------------------
+class LibvirtHost(Host):
+    """One libvirt daemon, reached by URI over one connection that is kept open."""
+
+    kind = "libvirt"
+
+    def __init__(self, name: str, uri: str, *, guest_elf: str | None = None):
+        self.name = check_host_name(name)
+        self.uri = check_uri(uri)
+        self.description = f"libvirt at {uri}"   # with versions and hostname once connected
+        self.guest_elf = guest_elf or os.environ.get(GUEST_ENV) or str(guest_abi.GUEST_ELF)
+        self.conn = None
+        self.status = "connecting"          # connecting | connected | unreachable
+        self.reason: str | None = None
+        self.facts: dict = {}
+        self.domains: dict[str, dict] = {}  # domains mtevm did not make: name -> summary (read-only)
+        self.vms: dict[str, LibvirtVm] = {} # mtevm's running VMs here, by domain name
+        self.publish: Callable[..., None] | None = None
+        self._task: asyncio.Task | None = None
+        self._first: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._close_reason: str | None = None
+        self._generation = 0                # bumps on every new connection (cached virDomain objects die)
+
+    # ------------------------------------------------------------------------- connection
+    async def open(self, publish: Callable[..., None] | None = None) -> None:
+        """Start connecting in the background (and keep the connection open)."""
+        self.publish = publish
+        self._first = asyncio.Event()
+        try:
+            load_libvirt()
+        except MtevmError as e:     # said at once: there is nothing to wait for
+            self._set_status("unreachable", str(e))
+            self._first.set()
+            return
+        self._task = asyncio.get_running_loop().create_task(self._keep_connected())
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait for the first connection attempt to end (either way), at most ``timeout`` s."""
+        if self._first is not None:
+            try:
+                await asyncio.wait_for(self._first.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _set_status(self, status: str, reason: str | None) -> None:
+        changed = (status, reason) != (self.status, self.reason)
+        self.status, self.reason = status, reason
+        if changed:
+            log.info("host %s: %s%s", self.name, status, f" ({reason})" if reason else "")
+            if self.publish is not None:
+                self.publish("host", host=self.info())
+
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                libvirt, _, _ = load_libvirt()
+                register_events(loop)
+            except MtevmError as e:
+                self._set_status("unreachable", str(e))
+                self._first.set()
+                return
+            try:
+                conn, facts = await asyncio.to_thread(self._connect)
+            except libvirt.libvirtError as e:
+                self._set_status("unreachable", error_text(e))
+                self._first.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_MIN
+            self._closed = asyncio.Event()
+            self._close_reason = None
+            closed = self._closed
+
+            def on_close(_conn, reason, _opaque):
+                self._close_reason = CLOSE_REASONS.get(reason, f"connection closed (reason {reason})")
+                loop.call_soon_threadsafe(closed.set)
+
+            try:
+                await asyncio.to_thread(self._watch, conn, on_close)
+            except libvirt.libvirtError as e:
+                self._set_status("unreachable", error_text(e))
+                await asyncio.to_thread(_close_quietly, conn)
+                self._first.set()
+                await asyncio.sleep(delay)
+                continue
+            self.conn, self.facts = conn, facts
+            self._generation += 1
+            await self._refresh_domains()
+            self._set_status("connected", None)
+            await self.recheck_vms()
+            self._first.set()
+            await closed.wait()
+            self.conn = None
+            await asyncio.to_thread(_close_quietly, conn)
+            self._set_status("unreachable", self._close_reason or "the connection was closed")
+
+    def _connect(self):
+        """Open the connection and read the host's facts (a worker thread: this may take seconds)."""
+        libvirt, _, _ = load_libvirt()
+        conn = libvirt.open(self.uri)
+        try:
+            facts = self._read_facts(conn)
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        return conn, facts
+
+    def _watch(self, conn, on_close) -> None:
+        libvirt, _, _ = load_libvirt()
+        try:
+            conn.setKeepAlive(*KEEPALIVE)
+        except libvirt.libvirtError:
+            pass    # not every transport has keepalive (EOF still closes it)
+        conn.registerCloseCallback(on_close, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+
+    def _read_facts(self, conn) -> dict:
+        """What libvirt says about the host: versions, arch, QEMU, the accelerators it offers."""
+        libvirt, _, _ = load_libvirt()
+        caps = ET.fromstring(conn.getCapabilities())
+        facts: dict[str, Any] = {
+            "hostname": conn.getHostname(), "libvirt_version": version_text(conn.getLibVersion()),
+            "qemu_version": version_text(conn.getVersion()),
+            "arch": caps.findtext("host/cpu/arch"), "host_uuid": caps.findtext("host/uuid"),
+            "host_cpu_mte": caps.find("host/cpu/feature[@name='mte']") is not None,
+        }
+        guest = next((g for g in caps.findall("guest") if g.find("arch").get("name") == "aarch64"), None)
+        facts["emulator"] = guest.findtext("arch/emulator") if guest is not None else None
+        facts["domain_types"] = sorted({d.get("type") for d in guest.findall("arch/domain")}) if guest is not None else []
+        # "virt" and what it stands for (virt-10.0), not the 30 versioned machine types
+        facts["machines"] = [f"{m.text} ({m.get('canonical')})" if m.get("canonical") else m.text
+                             for m in guest.findall("arch/machine") if m.text == "virt"] if guest is not None else []
+        try:
+            domcaps = ET.fromstring(conn.getDomainCapabilities(None, "aarch64", "virt", "qemu"))
+            facts["maximum_cpu"] = domcaps.find("cpu/mode[@name='maximum']").get("supported") == "yes"
+        except (libvirt.libvirtError, AttributeError):
+            facts["maximum_cpu"] = None
+        return facts
+
+    def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
+        """A domain was defined, started, stopped...: the VM's state and the read-only list follow."""
+        libvirt, _, _ = load_libvirt()
+        name = dom.name()
+        vm = self.vms.get(name)
+        if vm is not None and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
+            vm.domain_stopped(event, detail)
+        task = asyncio.get_running_loop().create_task(self._refresh_domains())
+        task.add_done_callback(lambda t: t.exception())
+
+    async def _refresh_domains(self) -> None:
+        try:
+            self.domains = await self._call(self._list_foreign)
+        except MtevmError:
+            pass
+
+    def _list_foreign(self, conn) -> dict[str, dict]:
+        libvirt, _, _ = load_libvirt()
+        out = {}
+        for dom in conn.listAllDomains():
+            try:
+                if _mtevm_metadata(dom) is not None:
+                    continue
+                summary = xml.summarize_foreign(dom.XMLDesc(0))
+                summary["state"] = _domain_state(dom)
+                out[dom.name()] = summary
+            except libvirt.libvirtError:
+                continue   # went away while we looked
+        return out
+
+    async def _call(self, fn, *args):
+        """``fn(conn, *args)`` in a worker thread; MtevmError when the host is not reachable and
+        libvirt's own text for libvirt's errors."""
+        libvirt, _, _ = load_libvirt()
+        conn = self.conn
+        if conn is None:
+            raise MtevmError(self.unreachable_text())
+        try:
+            return await asyncio.to_thread(fn, conn, *args)
+        except libvirt.libvirtError as e:
+            raise MtevmError(error_text(e)) from None
+
+    def unreachable_text(self) -> str:
+        if self.status == "connecting":
+            return f"host {self.name} is still connecting to {self.uri}"
+        return f"host {self.name} is unreachable: {self.reason}"
+
+    async def close(self) -> None:
+        """The daemon exits (or the host is removed): drop the connection; domains keep running."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await asyncio.to_thread(_close_quietly, conn)
+
+    # ------------------------------------------------------------------------- what it is
+    def info(self) -> dict:
+        f = self.facts
+        reason = None if self.status == "connected" else (self.reason or f"connecting to {self.uri}")
+        description = self.description
+        if f:
+            description = (f"libvirt {f.get('libvirt_version')}, QEMU {f.get('qemu_version')} on "
+                           f"{f.get('hostname')} ({self.uri})")
+        return {"name": self.name, "kind": self.kind, "description": description,
+                "arch": f.get("arch") or "?", "kvm_mte": False, "available": self.status == "connected",
+                "reason": reason, "uri": self.uri, "state": self.status, "hostname": f.get("hostname"),
+                "libvirt_version": f.get("libvirt_version"), "qemu_version": f.get("qemu_version")}
+
+    def probe(self) -> dict:
+        """The probe from what libvirt reports (capabilities, domcapabilities, versions). What
+        libvirt cannot tell (KVM_CAP_ARM_MTE, QEMU's machine properties) is said to be unknown or
+        inferred, with the source named."""
+        from backend.machine.probe import QEMU_MIN_MTE, ProbeReport, parse_qemu_version
+        report = ProbeReport(host=self.name)
+        f = self.facts
+        if self.status != "connected" and not f:
+            report.kvm = {"present": None, "api_version": None, "cap_arm_mte": None, "path": "/dev/kvm"}
+            report.qemu = {"binary": None, "version": None, "mte": None, "accels": [], "usable_for_mte": False,
+                           "reason": self.reason}
+            report.cpu = {"arch": "?", "mte": None, "source": "unknown: not connected"}
+            report.verdict("error", self.unreachable_text())
+            return report.to_dict()
+        src = f"libvirt at {self.uri}"
+        report.fact("libvirt", f.get("libvirt_version"), "virConnectGetLibVersion")
+        report.fact("hostname", f.get("hostname"), "virConnectGetHostname")
+        report.fact("host UUID", f.get("host_uuid"), "capabilities host/uuid")
+        report.fact("arch", f.get("arch"), "capabilities host/cpu/arch")
+        report.fact("aarch64 domain types", ", ".join(f.get("domain_types") or []) or "none",
+                    "capabilities guest[aarch64]/domain")
+        report.fact("virt machine", ", ".join(f.get("machines") or []) or "none",
+                    "capabilities guest[aarch64]/machine")
+        arch = f.get("arch") or "?"
+        kvm_present = "kvm" in (f.get("domain_types") or [])
+        report.kvm = {"present": kvm_present, "api_version": None, "cap_arm_mte": None,
+                      "path": f"/dev/kvm on {f.get('hostname') or self.name}"}
+        version = parse_qemu_version(f"version {f.get('qemu_version')}")
+        usable = bool(f.get("emulator")) and version is not None and version >= QEMU_MIN_MTE
+        reason = None
+        if not f.get("emulator"):
+            reason = f"libvirt on {self.name} offers no aarch64 emulator (install qemu-system-arm there)"
+        elif not usable:
+            reason = f"QEMU {f.get('qemu_version')} cannot run MTE guests correctly (needs >= 8.0)"
+        report.qemu = {"binary": f.get("emulator"), "version": f.get("qemu_version"),
+                       # libvirt cannot list machine properties: virt's mte exists in every QEMU >= 6.2
+                       "mte": None if version is None else version >= (6, 2),
+                       "accels": ["tcg"] + (["kvm"] if kvm_present else []), "usable_for_mte": usable,
+                       "reason": reason}
+        report.fact("QEMU mte machine property", report.qemu["mte"],
+                    "inferred from the QEMU version (libvirt cannot list machine properties)")
+        cpu_mte = bool(f.get("host_cpu_mte")) if arch == "aarch64" else False
+        report.cpu = {"arch": arch, "mte": cpu_mte, "source": "capabilities host/cpu/feature"}
+        if reason:
+            report.verdict("error", reason)
+        else:
+            report.verdict("ok", f"QEMU {f.get('qemu_version')} on {f.get('hostname')} runs MTE VMs with TCG through "
+                                 f"libvirt {f.get('libvirt_version')} (-machine mte=on via qemu:commandline)")
+        if kvm_present and arch == "aarch64":
+            report.verdict("warn", "KVM is offered, but libvirt cannot tell whether its KVM has KVM_CAP_ARM_MTE: "
+                                   "a KVM MTE VM shows QEMU's own error at start if it has not")
+        else:
+            report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
+                                   f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
+        report.fact("source", src, "the URI mtevm connects to")
+        return report.to_dict()
+
+    def shown_state(self, state: str) -> str:
+        """A VM of an unreachable host is ``unknown``: mtevm cannot see it."""
+        return state if self.status == "connected" else "unknown"
+
+    def foreign_vms(self) -> list[dict]:
+        """Domains on this host that mtevm did not make, as read-only VmSummary entries."""
+        return [{"name": f"{self.name}/{name}", "host": self.name, "state": d["state"], "accel": d["accel"],
+                 "cpu": d["cpu"], "vcpus": d["vcpus"], "memory": d["memory"], "mte": d["mte"],
+                 "faults_per_s": 0.0, "pending": {}, "last_error": None, "read_only": True, "domain": name}
+                for name, d in sorted(self.domains.items())]
+
+    # ------------------------------------------------------------------------- definitions
+    def check_config(self, config: VirtMachineConfig) -> None:
+        """The seed's decision tree (backend.machine.realize) against what this host reports."""
+        from backend.machine import dry_run
+        config.validate()
+        if config.vcpus > guest_abi.MAX_VCPUS:
+            raise ConfigError(f"the mtevm guest runs on 1 to {guest_abi.MAX_VCPUS} vCPUs, not {config.vcpus}")
+        if config.accel not in ("tcg", "kvm"):
+            raise RealizeError(f"qemu-system-aarch64: -accel {config.accel}: invalid accelerator {config.accel}")
+        if config.accel == "kvm" and self.status != "connected":
+            raise MtevmError(self.unreachable_text())
+        dry_run(config, _ReportedKvm(self.facts) if config.accel == "kvm" else None)
+
+    def check_extra_args(self, extra_args) -> list[str]:
+        """``-object``/``-device`` pairs, as on ``local``: they go into qemu:commandline."""
+        return validate_extra_args(extra_args)
+
+    async def define(self, spec: VmSpec) -> None:
+        """Check ``spec`` and define (or redefine) its persistent domain, uploading the guest and
+        its parameter block into mtevm's storage pool on the host first."""
+        self.check_config(spec.config)
+        spec.workload.validate()
+        params = guest_abi.pack_params(spec.workload, spec.config.vcpus, ram_size=spec.config.memory)
+        with open(self.guest_elf, "rb") as f:
+            guest = f.read()
+        await self._call(self._define, spec, guest, params)
+
+    def _define(self, conn, spec: VmSpec, guest: bytes, params: bytes) -> None:
+        libvirt, _, _ = load_libvirt()
+        name = spec.config.name
+        try:
+            existing = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            existing = None
+        if existing is not None and _mtevm_metadata(existing) is None:
+            raise MtevmError(f"host {self.name} already has a domain named {name!r} that mtevm did not make")
+        kernel = _upload(conn, xml.guest_volume(name), guest)
+        params_path = _upload(conn, xml.params_volume(name), params)
+        conn.defineXML(xml.domain_xml(spec.config, spec.workload.to_dict(), spec.extra_args,
+                                      kernel=kernel, params=params_path,
+                                      uuid=existing.UUIDString() if existing is not None else None))
+
+    async def undefine(self, name: str) -> None:
+        """Remove the VM's domain and its files from the host (the VM is stopped)."""
+        await self._call(self._undefine, name)
+
+    def _undefine(self, conn, name: str) -> None:
+        libvirt, _, _ = load_libvirt()
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            dom = None
+        if dom is not None and _mtevm_metadata(dom) is not None:
+            dom.undefine()
+        _delete_volumes(conn, name)
+
+    # ------------------------------------------------------------------------- VMs
+    async def start(self, spec: VmSpec) -> "LibvirtVm":
+        await self.define(spec)
+        try:
+            await self._call(lambda conn: conn.lookupByName(spec.config.name).create())
+        except MtevmError as e:
+            raise RealizeError(str(e)) from None
+        return self._attach(spec)
+
+    def _attach(self, spec: VmSpec) -> "LibvirtVm":
+        vm = LibvirtVm(self, spec)
+        self.vms[spec.config.name] = vm
+        return vm
+
+    async def reattach(self, spec: VmSpec, runtime: dict) -> "LibvirtVm | None":
+        """The domain runs under libvirt, not the daemon: it is picked up by name. Whether it still
+        runs is checked once the host is connected (until then it shows as unknown)."""
+        vm = self._attach(spec)
+        if self.status == "connected":
+            await vm.check_running()
+        return vm
+
+    async def recheck_vms(self) -> None:
+        for vm in list(self.vms.values()):
+            await vm.check_running()
+
+
+class _ReportedKvm:
+    """The host's KVM as libvirt reports it, for the seed's decision tree (backend.machine.realize).
+
+    libvirt says whether KVM is offered and on which arch; it cannot say whether KVM has
+    KVM_CAP_ARM_MTE, so an aarch64 KVM is modelled with the MTE capability the host CPU shows.
+    """
+
+    def __init__(self, facts: dict):
+        self.present = "kvm" in (facts.get("domain_types") or [])
+        self.arch = facts.get("arch") or "?"
+        self.path = "/dev/kvm"
+        self._host_mte = bool(facts.get("host_cpu_mte"))
+
+    def api_version(self) -> int:
+        return 12
+
+    def check_extension(self, cap: int) -> int:
+        return self._model().check_extension(cap)
+
+    def create_vm(self):
+        return self._model().create_vm()
+
+    def _model(self):
+        from backend.machine import SimulatedArm64Kvm
+        return SimulatedArm64Kvm(host_mte=self._host_mte)
+
+
+def _close_quietly(conn) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def _mtevm_metadata(dom) -> dict | None:
+    libvirt, _, _ = load_libvirt()
+    try:
+        return xml.parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml.NAMESPACE))
+    except libvirt.libvirtError:
+        return None
+
+
+# (virDomainEventType, detail) -> what happened, for a domain that stopped by itself
+STOP_REASONS = {(5, 0): "the guest powered itself off (libvirt: stopped, shutdown)",
+                (5, 1): "the domain was destroyed outside mtevm (libvirt: stopped, destroyed)",
+                (5, 2): "QEMU crashed (libvirt: stopped, crashed)",
+                (5, 5): "QEMU failed (libvirt: stopped, failed)",
+                (8, 0): "the guest panicked (libvirt: crashed, panicked)"}
+DOMAIN_STATES = {0: "unknown", 1: "running", 2: "running", 3: "paused", 4: "stopping", 5: "stopped",
+                 6: "crashed", 7: "paused"}   # virDomainState: nostate running blocked paused shutdown shutoff crashed pmsuspended
+
+
+def _domain_state(dom) -> str:
+    return DOMAIN_STATES.get(dom.state()[0], "unknown")
+
+
+def _pool(conn):
+    """mtevm's storage pool on the host (a directory QEMU can read), made on first use."""
+    libvirt, _, _ = load_libvirt()
+    try:
+        pool = conn.storagePoolLookupByName(xml.POOL_NAME)
+    except libvirt.libvirtError:
+        pool = conn.storagePoolDefineXML(xml.pool_xml())
+        pool.build()
+        pool.setAutostart(1)
+    if not pool.isActive():
+        pool.create()
+    return pool
+
+
+def _upload(conn, name: str, data: bytes) -> str:
+    """Put ``data`` into volume ``name`` of mtevm's pool (libvirt streams it, over ssh too); its path."""
+    libvirt, _, _ = load_libvirt()
+    pool = _pool(conn)
+    try:
+        pool.storageVolLookupByName(name).delete()
+    except libvirt.libvirtError:
+        pass
+    vol = pool.createXML(xml.volume_xml(name, len(data)))
+    stream = conn.newStream()
+    vol.upload(stream, 0, len(data))
+    view = memoryview(data)
+    sent = 0
+    while sent < len(data):
+        sent += stream.send(bytes(view[sent:sent + 256 * 1024]))
+    stream.finish()
+    return vol.path()
+
+
+def _delete_volumes(conn, vm: str) -> None:
+    libvirt, _, _ = load_libvirt()
+    try:
+        pool = conn.storagePoolLookupByName(xml.POOL_NAME)
+    except libvirt.libvirtError:
+        return
+    for name in (xml.guest_volume(vm), xml.params_volume(vm)):
+        try:
+            pool.storageVolLookupByName(name).delete()
+        except libvirt.libvirtError:
+            pass
+
+
+# --- a VM ------------------------------------------------------------------------------------------
+class LibvirtVm(GuestStatusView, RunningVm):
+    """An mtevm VM running as a libvirt domain; counters through HMP ``xp`` passthrough."""
+
+    def __init__(self, host: LibvirtHost, spec: VmSpec):
+        self.host = host
+        self.spec = spec
+        self.name = spec.config.name
+        self._gone: str | None = None        # why the domain stopped without mtevm (then "crashed")
+        self._dom = None
+        self._dom_generation = -1
+        self._init_status()
+
+    @property
+    def state(self) -> str:
+        return "crashed" if self._gone else "running"
+
+    def domain_stopped(self, event: int, detail: int) -> None:
+        """libvirt's lifecycle event for a domain that stopped without mtevm asking."""
+        if self.host.vms.get(self.name) is self and not self._stopping:
+            self._gone = STOP_REASONS.get((event, detail), f"the domain stopped (libvirt event {event}, detail {detail})")
+
+    _stopping = False
+
+    def stderr_tail(self) -> list[str]:
+        return self.guest_error_lines() + ([self._gone] if self._gone else [])
+
+    def runtime_info(self) -> dict:
+        return {"host": self.host.name, "domain": self.name}
+
+    def _domain(self, conn):
+        if self._dom is None or self._dom_generation != self.host._generation:
+            self._dom = conn.lookupByName(self.name)
+            self._dom_generation = self.host._generation
+        return self._dom
+
+    async def check_running(self) -> None:
+        """After a (re)connection: is the domain still running?"""
+        try:
+            state = await self.host._call(lambda conn: _domain_state(self._domain(conn)))
+        except MtevmError as e:
+            state = f"gone ({e})"
+        if state not in ("running", "paused"):
+            self._gone = f"the domain is not running on host {self.host.name} any more (libvirt: {state})"
+
+    async def monitor(self, command: str, hmp: bool = False) -> str:
+        """A QMP (or, with ``hmp``, HMP) command through libvirt's monitor passthrough."""
+        _, libvirt_qemu, _ = load_libvirt()
+        flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP if hmp else 0
+        return await self.host._call(lambda conn: libvirt_qemu.qemuMonitorCommand(self._domain(conn), command, flags))
+
+    async def sample(self) -> list[dict]:
+        if self._gone or self.host.status != "connected":
+            return self.vcpus()
+        try:
+            text = await self.monitor(guest_abi.xp_command(self.spec.config.vcpus), hmp=True)
+        except MtevmError:
+            return self.vcpus()     # the host went away (it shows unknown) or the domain did
+        return self._apply_status(self._parse_xp(text), list(range(self.spec.config.vcpus)))
+
+    async def blocked_reasons(self) -> list[str]:
+        if self._gone or self.host.status != "connected":
+            return []
+        import json
+        try:
+            reply = json.loads(await self.monitor('{"execute":"query-migrate"}'))
+        except MtevmError:
+            return []      # the domain went away meanwhile: the sampler marks it
+        return list(reply.get("return", {}).get("blocked-reasons", []))
+
+    async def stop(self) -> None:
+        """Power off (virDomainDestroy: the bare-metal guest has no ACPI shutdown)."""
+        libvirt, _, _ = load_libvirt()
+        self._stopping = True
+
+        def destroy(conn):
+            try:
+                self._domain(conn).destroy()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:   # already shut off
+                    raise
+        try:
+            if not self._gone:
+                await self.host._call(destroy)
+        except BaseException:
+            self._stopping = False    # still running (e.g. the host is unreachable)
+            raise
+        if self.host.vms.get(self.name) is self:
+            del self.host.vms[self.name]
+
+    # ------------------------------------------------------------------------- migration
+    def _migrate_flags(self) -> int:
+        libvirt, _, _ = load_libvirt()
+        return (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+    def _migrate(self, conn, dst: LibvirtHost) -> None:
+        libvirt, _, _ = load_libvirt()
+        params = {libvirt.VIR_MIGRATE_PARAM_URI: MIGRATE_URI}
+        self._domain(conn).migrateToURI3(dst.uri, params, self._migrate_flags())
+
+    async def refusal_text(self, dst: Host, reasons: list[str]) -> str:
+        """QEMU reports blockers (query-migrate): ask libvirt, whose refusal is shown verbatim."""
+        if not isinstance(dst, LibvirtHost):
+            return reasons[0]
+        try:
+            await self.host._call(self._migrate, dst)
+        except MtevmError as e:
+            return str(e)
+        raise MigrationError("libvirt migrated the VM although QEMU reported a blocker: " + reasons[0])
+
+    async def migrate_to(self, dst: Host, spec: VmSpec, with_tags: bool,
+                         progress: ProgressCallback) -> "LibvirtVm":
+        """Live, peer-to-peer migration (the source libvirtd talks to the destination's), the
+        domain persistent on the destination and undefined here. Progress from the job info.
+        Under TCG the tags travel as QEMU's ``mach-virt.tag`` RAM block."""
+        libvirt, _, _ = load_libvirt()
+        if not isinstance(dst, LibvirtHost):
+            raise MigrationError(self.host.can_migrate_to(dst) or f"cannot migrate a libvirt VM to host {dst.name}")
+        if dst.status != "connected":
+            raise MigrationError(dst.unreachable_text())
+        # The destination QEMU loads the same files: put them into its pool first.
+        params = guest_abi.pack_params(spec.workload, spec.config.vcpus, ram_size=spec.config.memory)
+        with open(self.host.guest_elf, "rb") as f:
+            guest = f.read()
+        await dst._call(lambda conn: (_upload(conn, xml.guest_volume(self.name), guest),
+                                      _upload(conn, xml.params_volume(self.name), params)))
+        self._stopping = True
+        started = time.monotonic()
+        job = asyncio.get_running_loop().create_task(self.host._call(self._migrate, dst))
+        stats: dict = {}
+        try:
+            while not job.done():
+                await asyncio.wait([job], timeout=MIGRATION_POLL)
+                if job.done():
+                    break
+                try:
+                    info = await self.host._call(lambda conn: self._domain(conn).jobStats())
+                except MtevmError:
+                    continue
+                stats = _job_stats(info, spec.config.memory)
+                total = info.get("data_total") or spec.config.memory
+                await report_progress(progress, min(0.99, (info.get("data_processed") or 0) / total), stats)
+            job.result()
+        except MtevmError as e:
+            self._stopping = False
+            raise MigrationError(str(e)) from None
+        except BaseException:
+            self._stopping = False
+            if not job.done():
+                try:
+                    await self.host._call(lambda conn: self._domain(conn).abortJob())
+                except MtevmError:
+                    pass
+            raise
+        if self.host.vms.get(self.name) is self:
+            del self.host.vms[self.name]
+        try:
+            await self.host._call(_delete_volumes, self.name)
+        except MtevmError:
+            pass
+        target = dst._attach(spec)
+        target._take_history(self)
+        stats.update(status="completed", total_time_ms=round((time.monotonic() - started) * 1000),
+                     tags="migrated with RAM (TCG mach-virt.tag block)" if spec.config.mte else "none",
+                     with_tags=with_tags, ram_total=spec.config.memory)
+        await report_progress(progress, 1.0, stats)
+        return target
+
+
+def _job_stats(info: dict, memory: int) -> dict:
+    """virDomainGetJobStats' typed parameters as the migration stats (query-migrate's RAM names)."""
+    ram = {"total": info.get("memory_total", memory), "transferred": info.get("memory_processed", 0),
+           "remaining": info.get("memory_remaining", 0), "duplicate": info.get("memory_constant", 0),
+           "normal": info.get("memory_normal", 0), "page-size": info.get("memory_page_size", 4096)}
+    return {"status": "active", **ram_stats(ram), "downtime_ms": info.get("downtime")}

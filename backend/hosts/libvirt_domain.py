@@ -1,0 +1,133 @@
+"""mtevm's VM definition as a libvirt domain XML, and back.
+
+libvirt has no MTE element (neither 9.0 nor 11.3 knows MTE: not in the domain schema, the QEMU
+driver or domcapabilities), so MTE goes in through ``<qemu:commandline>``: QEMU merges repeated
+``-machine`` options, and ``-machine mte=on`` after libvirt's own ``-machine virt-...`` turns the
+property on (``qom-get /machine mte`` is true, ``info mtree`` shows ``mach-virt.tag``). libvirt
+then marks the domain "tainted" (custom-argv): a warning only. The guest (``-kernel``) and its
+parameter block (``-device loader``) go the same way, from files mtevm uploads into its storage
+pool on the host (``POOL_PATH``), readable by the user QEMU runs as.
+
+mtevm's own data (the definition it made the domain from) lives in the domain's ``<metadata>``
+under the ``NAMESPACE`` URI: a domain without it was not made by mtevm and is shown read-only.
+This module only builds and parses XML; it imports no libvirt.
+"""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from backend.machine import VirtMachineConfig
+from backend.qemu import guest_abi
+from backend.qemu.argv import format_memory, quote_option
+
+NAMESPACE = "urn:mtevm:domain:1"          # the <metadata> element's namespace (virDomainGetMetadata key)
+METADATA_PREFIX = "mtevm"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+POOL_NAME = "mtevm"                       # the storage pool mtevm keeps guest files in, on each host
+POOL_PATH = "/var/lib/libvirt/mtevm"
+
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace(METADATA_PREFIX, NAMESPACE)
+
+
+def pool_xml() -> str:
+    """A directory pool QEMU (user libvirt-qemu) can read files from."""
+    return (f"<pool type='dir'><name>{POOL_NAME}</name><target><path>{POOL_PATH}</path>"
+            "<permissions><mode>0755</mode></permissions></target></pool>")
+
+
+def volume_xml(name: str, size: int) -> str:
+    """A raw volume readable by everyone (QEMU opens it as libvirt-qemu; libvirt does not relabel
+    files it only sees in qemu:commandline)."""
+    return (f"<volume><name>{name}</name><capacity unit='bytes'>{max(size, 1)}</capacity>"
+            "<target><format type='raw'/><permissions><mode>0644</mode></permissions></target></volume>")
+
+
+def guest_volume(vm: str) -> str:
+    return f"{vm}.guest.elf"
+
+
+def params_volume(vm: str) -> str:
+    return f"{vm}.params.bin"
+
+
+def domain_xml(config: VirtMachineConfig, workload: dict, qemu_args: list[str], *, kernel: str,
+               params: str, uuid: str | None = None) -> str:
+    """The persistent domain for ``config``: a virt machine running mtevm's guest, MTE by
+    ``-machine mte=on`` (see the module doc), TCG as domain type ``qemu``, KVM as ``kvm``."""
+    dom = ET.Element("domain", type="kvm" if config.accel == "kvm" else "qemu")
+    ET.SubElement(dom, "name").text = config.name
+    if uuid:     # redefining keeps the domain's identity
+        ET.SubElement(dom, "uuid").text = uuid
+    meta = ET.SubElement(dom, "metadata")
+    vm = ET.SubElement(meta, f"{{{NAMESPACE}}}vm")
+    vm.text = json.dumps({"config": config.to_dict(), "workload": workload, "qemu_args": list(qemu_args)},
+                         sort_keys=True)
+    ET.SubElement(dom, "memory", unit="b").text = str(config.memory)
+    ET.SubElement(dom, "vcpu", placement="static").text = str(config.vcpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="aarch64", machine="virt").text = "hvm"
+    args: list[str] = []
+    if config.cpu == "max":
+        ET.SubElement(dom, "cpu", mode="maximum", check="none")
+    elif config.cpu == "host":
+        ET.SubElement(dom, "cpu", mode="host-passthrough", check="none")
+    else:
+        # libvirt's Arm CPU map lacks most models (cortex-a710, neoverse-n2): QEMU takes the last -cpu.
+        args += ["-cpu", config.cpu]
+    ET.SubElement(dom, "clock", offset="utc")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    machine = [f"mte={'on' if config.mte else 'off'}"] + (["secure=on"] if config.secure else [])
+    args += ["-machine", ",".join(machine), "-kernel", kernel,
+             "-device", f"loader,file={quote_option(params)},addr={guest_abi.PARAM_ADDR:#x},force-raw=on"]
+    if config.only_migratable:
+        args.append("-only-migratable")
+    args += list(qemu_args)
+    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for a in args:
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=a)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def parse_metadata(text: str | None) -> dict | None:
+    """mtevm's definition from a domain's ``<mtevm:vm>`` metadata (None: not an mtevm domain)."""
+    if not text:
+        return None
+    try:
+        el = ET.fromstring(text)
+        data = json.loads(el.text or "")
+    except (ET.ParseError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
+
+
+def summarize_foreign(xml: str) -> dict:
+    """What mtevm shows of a domain it did not make: machine, vCPUs, memory, and MTE when its
+    command line says so."""
+    root = ET.fromstring(xml)
+    memory = int(root.findtext("memory") or 0) * 1024     # libvirt reports KiB
+    unit = (root.find("memory").get("unit") if root.find("memory") is not None else "KiB") or "KiB"
+    if unit.lower() in ("b", "bytes"):
+        memory //= 1024
+    os_type = root.find("os/type")
+    args = [a.get("value", "") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    mte = any("mte=on" in a for a in args)
+    cpu = root.find("cpu")
+    cpu_name = "-"
+    if cpu is not None:
+        cpu_name = {"maximum": "max", "host-passthrough": "host"}.get(cpu.get("mode", ""), cpu.findtext("model") or "-")
+    return {"accel": "kvm" if root.get("type") == "kvm" else "tcg", "cpu": cpu_name,
+            "vcpus": int(root.findtext("vcpu") or 1), "memory": memory, "mte": mte,
+            "arch": os_type.get("arch") if os_type is not None else None,
+            "machine": os_type.get("machine") if os_type is not None else None}
+
+
+__all__ = ["NAMESPACE", "POOL_NAME", "POOL_PATH", "domain_xml", "parse_metadata",
+           "summarize_foreign", "pool_xml", "volume_xml", "guest_volume", "params_volume", "format_memory"]
