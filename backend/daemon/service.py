@@ -193,7 +193,7 @@ class Service(GuestOps):
             rec.running = found.vm
             self._note_state(rec, "running", runtime=found.vm.runtime_info())
             log.info("VM %s: %s", rec.name, "adopted" if row.state != "running" else "reattached")
-        elif want_running and row.state != "starting":
+        elif want_running and row.state != "starting" and (row.runtime or error):
             self._note_state(rec, "crashed", runtime={},
                              last_error=error or "the VM was gone when the daemon restarted")
         elif row.state != "stopped" or row.runtime:

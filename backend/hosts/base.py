@@ -93,10 +93,10 @@ class Host(abc.ABC):
 
     async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> "Recovery":
         """At daemon start-up: what became of this VM (``runtime`` is what the last daemon saved).
-        Adopt what really runs it if ``want_running``, else stop it. Hosts whose VMs outlive the
-        daemon override this (LocalHost asks QEMU); the default reattaches ``runtime``."""
-        vm = await self.reattach(spec, runtime) if want_running and runtime else None
-        return Recovery(vm)
+        Adopt what really runs it if ``want_running``, else stop it. LocalHost asks QEMU and does
+        both; the default only reattaches ``runtime`` (what runs is shown running, whatever the
+        last daemon meant to do: the user can stop it again)."""
+        return Recovery(await self.reattach(spec, runtime) if runtime else None)
 
     async def reap(self) -> list[int]:
         """After start-up reconciliation: stop what this host launched that no VM adopted; pids."""
