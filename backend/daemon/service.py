@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from backend.daemon.events import EventBus, check_event_rate
+from backend.daemon.events import HEARTBEAT_PERIOD, EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
 from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
 from backend.guests.definition import GuestConfig
@@ -683,19 +683,25 @@ class Service(GuestOps, VmOperations):
         period = 1.0 / rate_hz
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
+        last_sent = loop.time()
         try:
             while True:
-                timeout = next_tick - loop.time()
+                if loop.time() - last_sent >= HEARTBEAT_PERIOD:       # nothing else said for a while
+                    last_sent = loop.time()
+                    yield {"type": "heartbeat", "time": time.time()}
+                timeout = min(next_tick, last_sent + HEARTBEAT_PERIOD) - loop.time()
                 if timeout > 0:
                     try:
                         event = await asyncio.wait_for(q.get(), timeout)
                     except TimeoutError:
-                        pass
-                    else:
-                        if event is None:  # the service is closing
-                            return
-                        yield event
-                        continue
+                        continue            # a tick or a heartbeat is due: decided above and below
+                    if event is None:  # the service is closing
+                        return
+                    last_sent = loop.time()
+                    yield event
+                    continue
+                if loop.time() < next_tick:
+                    continue                # the heartbeat was due, not the tick
                 next_tick = max(next_tick + period, loop.time())
                 for rec in list(self.vms.values()):
                     if rec.running is not None and rec.state in ("running", "migrating"):
@@ -704,6 +710,7 @@ class Service(GuestOps, VmOperations):
                         except Exception:
                             log.exception("VM %s: sampling failed", rec.name)
                             continue
+                        last_sent = loop.time()
                         yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
         finally:
             self.bus.unsubscribe(q)
