@@ -20,9 +20,11 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 from backend.daemon.api import CONSOLE_PATH, ROUTES, format_query
-from backend.daemon.events import check_event_rate
+from backend.daemon.events import HEARTBEAT_PERIOD, check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
+
+__all__ = ["Client", "connect", "HEARTBEAT_PERIOD"]
 
 REQUEST_TIMEOUT = 300.0  # starting a real QEMU VM takes seconds; nothing legitimate takes minutes
 
@@ -359,6 +361,8 @@ class Client:
 
     def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
+        A stream with nothing to say sends a heartbeat event every HEARTBEAT_PERIOD seconds, so
+        silence for several periods means the daemon hangs.
 
         A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
         return self._t.stream("events", rate_hz=rate_hz)
