@@ -24,6 +24,7 @@ from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, chec
                             load_config, resolve_timeout)
 from backend.errors import MtevmError
 from tui import keymap
+from tui.options import add_app_options, add_version
 from tui.components.status import StatusBar
 from tui.live import CountersSampled, LiveModel, ModelRefreshed, VmDeleted
 from tui.screens.help import HelpScreen
@@ -250,20 +251,18 @@ def wants_16_colours(env: dict | None = None) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mtevm", description="Terminal VM manager for Arm64 virt machines with MTE")
-    p.add_argument("--rate", type=float, default=None,
-                   help="live counter refreshes per second (default: config refresh_rate, else 4)")
+    add_version(p)
+    add_app_options(p)
     p.add_argument("--no-daemon", action="store_true",
                    help="run the service inside the app (VMs stop when the app exits)")
     p.add_argument("--state-dir", default=None, help="where VM definitions are kept")
     p.add_argument("--runtime-dir", default=None, help="where the daemon's socket lives")
-    p.add_argument("--config", default=None, help="config.toml to read (default: the user config)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
                         "config.toml 'timeout')")
-    p.add_argument("--colors", choices=["auto", "16", "full"], default="auto",
-                   help="16: ANSI colours only (automatic for TERM=linux)")
-    p.add_argument("--keys", action="store_true", help="print every binding id and its key, then exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.colors = args.colors or "auto"
+    return args
 
 
 def run_app(argv: list[str] | None = None) -> int:
