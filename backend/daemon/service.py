@@ -616,10 +616,16 @@ class Service(GuestOps):
         return self._events(check_event_rate(rate_hz))
 
     async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+        """Counter samples are coalesced per VM for a slow client: when the client is ready for
+        the next round, each VM's sample is taken then (the latest wins, nothing queues up), and
+        carries ``skipped``: how many of this VM's ticks passed since its last delivered sample
+        without one. Memory per client: one tick number per VM. A queued state/migration event
+        that had to be dropped (queue full) is counted in the next one's ``skipped_events``."""
         q = self.bus.subscribe()
         period = 1.0 / rate_hz
         loop = asyncio.get_running_loop()
-        next_tick = loop.time()
+        start = next_tick = loop.time()
+        delivered: dict[str, int] = {}          # VM name -> the tick of its last delivered sample
         try:
             while True:
                 timeout = next_tick - loop.time()
@@ -631,17 +637,28 @@ class Service(GuestOps):
                     else:
                         if event is None:  # the service is closing
                             return
-                        yield event
+                        dropped = self.bus.dropped(q)
+                        yield {**event, "skipped_events": dropped} if dropped else event
                         continue
-                next_tick = max(next_tick + period, loop.time())
-                for rec in list(self.vms.values()):
-                    if rec.running is not None and rec.state in ("running", "migrating"):
-                        try:
-                            counters = await self._counters(rec)
-                        except Exception:
-                            log.exception("VM %s: sampling failed", rec.name)
-                            continue
-                        yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
+                now = loop.time()
+                tick = int((now - start) / period)
+                next_tick = start + (tick + 1) * period
+                running = [rec for rec in list(self.vms.values())
+                           if rec.running is not None and rec.state in ("running", "migrating")]
+                for name in set(delivered) - {rec.name for rec in running}:
+                    del delivered[name]
+                for rec in running:
+                    try:
+                        counters = await self._counters(rec)
+                    except Exception:
+                        log.exception("VM %s: sampling failed", rec.name)
+                        continue
+                    skipped = max(0, tick - delivered.get(rec.name, tick - 1) - 1)
+                    delivered[rec.name] = tick
+                    yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters,
+                           "skipped": skipped}
+                    # a client that took longer than a tick to take this round: later VMs get a fresher tick
+                    tick = max(tick, int((loop.time() - start) / period))
         finally:
             self.bus.unsubscribe(q)
 
