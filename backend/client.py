@@ -320,11 +320,13 @@ class Client:
         closed), ``await c.write(data)``."""
         return self._t.console(name)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
+        ``vcpus``: whose counters events carry per-vCPU figures: "all", "none" (VM totals only: a
+        front end watching a big fleet) or one VM's name.
 
         A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
-        return self._t.stream("events", rate_hz=rate_hz)
+        return self._t.stream("events", rate_hz=rate_hz, vcpus=vcpus)
 
 
 async def connect(in_process: bool = False, runtime_dir: str | None = None, state_dir: str | None = None,

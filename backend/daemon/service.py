@@ -610,12 +610,15 @@ class Service(GuestOps):
                     except Exception:
                         log.exception("VM %s: sampling failed", rec.name)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """State changes and migration progress as they happen, plus a counters event per running
-        VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
-        return self._events(check_event_rate(rate_hz))
+        VM every 1/rate_hz seconds. ``vcpus``: whose counters events carry the per-vCPU list
+        ("all", "none": VM totals only, or a VM name). A bad argument raises here, before any iteration."""
+        if not isinstance(vcpus, str) or not vcpus:
+            raise ConfigError(f"vcpus must be \"all\", \"none\" or a VM name, not {vcpus!r}")
+        return self._events(check_event_rate(rate_hz), vcpus)
 
-    async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+    async def _events(self, rate_hz: float, vcpus: str = "all") -> AsyncIterator[dict]:
         """Counter samples are coalesced per VM for a slow client: when the client is ready for
         the next round, each VM's sample is taken then (the latest wins, nothing queues up), and
         carries ``skipped``: how many of this VM's ticks passed since its last delivered sample
@@ -653,6 +656,8 @@ class Service(GuestOps):
                     except Exception:
                         log.exception("VM %s: sampling failed", rec.name)
                         continue
+                    if vcpus != "all" and vcpus != rec.name:
+                        del counters["vcpus"]          # VM totals only: a big fleet's list needs no more
                     skipped = max(0, tick - delivered.get(rec.name, tick - 1) - 1)
                     delivered[rec.name] = tick
                     yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters,
