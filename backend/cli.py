@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from backend import cli_guests
+from backend.definition import split_qemu_args
 from backend.errors import ConfigError, MtevmError
 
 EXIT_FAILED = 1
@@ -109,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
                    help="local host only, repeatable: extra QEMU arguments, -object/-device and a value, "
                         "split like a shell would, e.g. --qemu-arg='-device ivshmem-plain,memdev=shm' "
-                        "(or one word per --qemu-arg=...); kept with the VM and used at every start")
+                        "(or one word per --qemu-arg=...); kept with the VM and used at every start. "
+                        "QEMU runs as you: arguments that name host files (mem-path=, file=, romfile=, dir=, "
+                        "...) could read or overwrite any file you can, and are refused without "
+                        "--allow-host-files")
+    p.add_argument("--allow-host-files", action="store_true", default=None,
+                   help="let this VM's --qemu-arg options name host files and devices (e.g. "
+                        "memory-backend-file,mem-path=/dev/shm/x or loader,file=...); QEMU can then read "
+                        "and write them with your rights. Kept with the VM and shown by 'mtevm show'")
     cli_guests.add_create_options(p)
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
@@ -257,12 +265,15 @@ def print_detail(vm: dict) -> None:
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
         ["qemu args", shlex.join(vm.get("qemu_args") or [])],
+        ["host files", "allowed (qemu args may name host files: QEMU reads and writes them as you)"
+         if vm.get("allow_host_files") else "refused in qemu args"],
         ["workload", ", ".join(f"{k}={v}" for k, v in vm["workload"].items())],
         ["faults/s", f"{vm['faults_per_s']:.1f}"],
         ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
                                            f"{vm['tag_memory']['bytes']} bytes"],
         ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
         ["last error", vm["last_error"]],
+        ["cannot start", "; ".join(vm.get("warnings") or [])],
         *guest_rows])
     _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
     if vm["last_faults"]:
@@ -322,7 +333,7 @@ def parse_workload(text: str | None) -> dict:
 
 def definition_from_args(args) -> dict:
     config: dict = {"name": args.name}
-    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable"):
+    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "allow_host_files"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     workload = parse_workload(args.workload)
@@ -337,17 +348,6 @@ def definition_from_args(args) -> dict:
     if guest is not None:
         config["guest"] = guest
     return config
-
-
-def split_qemu_args(values: list[str]) -> list[str]:
-    """The --qemu-arg values, each split with shell rules, as one argument list."""
-    out: list[str] = []
-    for value in values:
-        try:
-            out += shlex.split(value)
-        except ValueError as e:
-            raise ConfigError(f"--qemu-arg {value!r}: {e}") from None
-    return out
 
 
 async def _watch_counters(client, args) -> int:

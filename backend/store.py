@@ -19,7 +19,7 @@ from typing import Iterator
 
 from backend.errors import StoreError, StoreWriteError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -32,7 +32,8 @@ CREATE TABLE vms (
     last_error TEXT,
     created    REAL NOT NULL,
     qemu_args  TEXT NOT NULL DEFAULT '[]', -- extra QEMU arguments (local host), a JSON list
-    guest      TEXT NOT NULL DEFAULT '{}'  -- what a local VM boots: GuestConfig.to_dict() ({} = builtin)
+    guest      TEXT NOT NULL DEFAULT '{}', -- what a local VM boots: GuestConfig.to_dict() ({} = builtin)
+    allow_host_files INTEGER NOT NULL DEFAULT 0 -- may qemu_args name host files (--allow-host-files)
 );
 CREATE TABLE pending (                   -- changes to apply at the next start, e.g. {"mte": true}
     vm    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
@@ -69,6 +70,8 @@ _UPGRADES = {
     3: [_HOSTS_TABLE],
     # Version 3 stores, written before Linux guests existed: their VMs boot the builtin guest.
     4: ["ALTER TABLE vms ADD COLUMN guest TEXT NOT NULL DEFAULT '{}'"],
+    # Version 4 stores: no VM opted in to host files in its qemu_args.
+    5: ["ALTER TABLE vms ADD COLUMN allow_host_files INTEGER NOT NULL DEFAULT 0"],
 }
 
 
@@ -87,6 +90,7 @@ class VmRow:
     runtime: dict = field(default_factory=dict)
     qemu_args: list = field(default_factory=list)
     guest: dict = field(default_factory=dict)
+    allow_host_files: bool = False     # qemu_args may name host files (the user opted in)
 
 
 def check_writable(path: str) -> None:
@@ -226,11 +230,12 @@ class Store:
     # -- VM definitions ---------------------------------------------------------------------------
     def load_vms(self) -> list[VmRow]:
         rows = {}
-        for name, host, config, workload, state, last_error, created, qemu_args, guest in self._db.execute(
-                "SELECT name, host, config, workload, state, last_error, created, qemu_args, guest FROM vms "
-                "ORDER BY created, name"):
+        for name, host, config, workload, state, last_error, created, qemu_args, guest, host_files in self._db.execute(
+                "SELECT name, host, config, workload, state, last_error, created, qemu_args, guest, allow_host_files "
+                "FROM vms ORDER BY created, name"):
             rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created,
-                               qemu_args=json.loads(qemu_args), guest=json.loads(guest))
+                               qemu_args=json.loads(qemu_args), guest=json.loads(guest),
+                               allow_host_files=bool(host_files))
         for vm, key, value in self._db.execute("SELECT vm, key, value FROM pending"):
             rows[vm].pending[key] = json.loads(value)
         for vm, info in self._db.execute("SELECT vm, info FROM runtime"):
@@ -239,11 +244,11 @@ class Store:
 
     def add_vm(self, row: VmRow) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args, guest) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args, guest, "
+                       "allow_host_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
                         row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args),
-                        json.dumps(row.guest)))
+                        json.dumps(row.guest), int(row.allow_host_files)))
 
     def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
                   workload: dict | None = None, pending: dict | None = None) -> None:

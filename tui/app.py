@@ -48,6 +48,7 @@ class MtevmApp(App):
                  connection_label: str = "daemon") -> None:
         config = config or UserConfig()
         keymap.check_keymap(config.keymap)
+        self.watch_terminal = watch_terminal      # before App.__init__: it asks get_driver_class()
         super().__init__(ansi_color=ansi_color)
         self._client_factory = client_factory
         self.client = None
@@ -55,7 +56,6 @@ class MtevmApp(App):
         self.clock = clock
         self.user_keymap = dict(config.keymap)
         self.live = live
-        self.watch_terminal = watch_terminal
         self.connection_label = connection_label
         self.daemon_lost: str | None = None      # why the daemon is unreachable, while it is
         self.model = LiveModel()
@@ -158,6 +158,17 @@ class MtevmApp(App):
         self.rate_hz = check_refresh_rate(rate_hz, "refresh rate")
         if self.live and self.client is not None:
             self.follow_events()
+
+    def get_driver_class(self):
+        """On a real terminal (not headless tests, not ``mtevm serve``'s web driver), Textual's Linux
+        driver with an output thread that cannot hang the app when the terminal dies early."""
+        driver_class = super().get_driver_class()
+        if self.watch_terminal:
+            from textual.drivers.linux_driver import LinuxDriver
+            from tui.terminal import HangupSafeDriver
+            if driver_class is LinuxDriver:
+                return HangupSafeDriver
+        return driver_class
 
     # -- app-wide actions ----------------------------------------------------------------------
     def action_rate_faster(self) -> None:

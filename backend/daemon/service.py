@@ -33,7 +33,7 @@ from backend.store import Store, VmRow
 log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
-               "qemu_args", "guest")
+               "qemu_args", "guest", "allow_host_files")
 ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
@@ -85,6 +85,7 @@ class VmRecord:
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
     guest: GuestConfig = field(default_factory=GuestConfig)   # what it boots (local host only)
+    allow_host_files: bool = False   # qemu_args may name host files (create --allow-host-files)
     operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
@@ -152,7 +153,7 @@ class Service(GuestOps):
                       "but not shown", row.name, e)
             return
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
-                       qemu_args=list(row.qemu_args), guest=guest)
+                       qemu_args=list(row.qemu_args), guest=guest, allow_host_files=row.allow_host_files)
         self.vms[rec.name] = rec
         if row.state not in ACTIVE_STATES:
             rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
@@ -224,7 +225,8 @@ class Service(GuestOps):
 
     def _spec(self, rec: VmRecord) -> VmSpec:
         return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
-                      extra_args=list(rec.qemu_args), guest=rec.guest, log_dir=self._log_dir(rec.name))
+                      extra_args=list(rec.qemu_args), guest=rec.guest, log_dir=self._log_dir(rec.name),
+                      allow_host_files=rec.allow_host_files)
 
     def _log_dir(self, name: str) -> str:
         """A VM's console log lives in the state dir: it outlives the VM, the daemon and a reboot."""
@@ -250,6 +252,7 @@ class Service(GuestOps):
                            "secure": c.secure, "only_migratable": c.only_migratable},
                 "workload": rec.workload.to_dict(),
                 "qemu_args": list(rec.qemu_args),
+                "allow_host_files": rec.allow_host_files,
                 "vcpus": self._vcpus(rec),
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
@@ -362,13 +365,15 @@ class Service(GuestOps):
         foreign = self._foreign(name) if _check_name(name) not in self.vms else None
         if foreign is not None:
             return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
-                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
+                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [],
+                    "allow_host_files": False, "vcpus": [],
                     "blocked_reasons": [], "last_faults": [], "tag_memory": None, "stderr": []}
         return await self._detail(self._vm(name))
 
-    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
-        """A create() request -> (host name, machine config, workload, qemu_args), with the documented
-        defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass them to."""
+    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str], bool]:
+        """A create() request -> (host name, machine config, workload, qemu_args, allow_host_files), with
+        the documented defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass
+        them to, and only with allow_host_files may they name host files."""
         if not isinstance(config, dict):
             raise ConfigError(f"a VM definition must be a JSON object, not {type(config).__name__}")
         unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
@@ -377,11 +382,11 @@ class Service(GuestOps):
         host_name = config.get("host", DEFAULT_HOST)
         if host_name is None:
             host_name = DEFAULT_HOST
-        if not isinstance(host_name, str) or host_name not in self.hosts:
-            raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
-        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
+        self._host(host_name)      # an unknown host: the same NotFoundError as migrate --to and probe --host
+        allow_host_files = _check_bool("allow_host_files", config.get("allow_host_files", False))
+        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"), allow_host_files=allow_host_files)
         machine = {k: v for k, v in config.items()
-                   if k not in ("host", "workload", "qemu_args", "guest") and v is not None}
+                   if k not in ("host", "workload", "qemu_args", "guest", "allow_host_files") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -392,7 +397,7 @@ class Service(GuestOps):
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
         self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
-        return host_name, vm_config, workload, qemu_args
+        return host_name, vm_config, workload, qemu_args, allow_host_files
 
     async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
         """Store a new definition (VmDetail, with ``warnings``), or with ``validate_only`` only check it:
@@ -407,7 +412,7 @@ class Service(GuestOps):
             raise ConfigError("existing applies to validate_only: change a VM with its own operations")
         if validate_only:
             try:
-                host_name, vm_config, _, _ = self._parse_definition(config)
+                host_name, vm_config, *_ = self._parse_definition(config)
                 await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
                 if existing:
                     self._vm(vm_config.name)
@@ -416,16 +421,17 @@ class Service(GuestOps):
             except MtevmError as e:
                 return {"ok": False, "error": str(e), "warnings": []}
             return {"ok": True, "error": None, "warnings": self._start_warnings(host_name, vm_config)}
-        host_name, vm_config, workload, qemu_args = self._parse_definition(config)
+        host_name, vm_config, workload, qemu_args, allow_host_files = self._parse_definition(config)
         guest = await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args, guest=guest)
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args, guest=guest,
+                       allow_host_files=allow_host_files)
         host = self.hosts[host_name]
         await host.define(self._spec(rec))      # libvirt: the persistent domain (checked first)
         try:
             self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args,
-                                    guest=guest.to_dict()))
+                                    guest=guest.to_dict(), allow_host_files=allow_host_files))
         except BaseException:
             await host.undefine(rec.name)
             raise
@@ -543,7 +549,8 @@ class Service(GuestOps):
         rec = self._vm(name)
         if vcpu is not None and (not isinstance(vcpu, int) or isinstance(vcpu, bool)
                                  or not 0 <= vcpu < rec.config.vcpus):
-            raise ConfigError(f"vcpu must be a vCPU index 0..{rec.config.vcpus - 1} or null (all), not {vcpu!r}")
+            raise ConfigError(f"VM {rec.name!r} has no vCPU {vcpu!r}: give a vCPU index 0..{rec.config.vcpus - 1}, "
+                              "or no vCPU to set all of them")
         if tcf not in TCF_NAMES:
             raise ConfigError(f"tcf {tcf!r} is not one of {', '.join(TCF_NAMES)}")
         if vcpu is None:

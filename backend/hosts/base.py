@@ -38,6 +38,7 @@ class VmSpec:
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
     guest: GuestConfig = field(default_factory=GuestConfig)  # what a local VM boots (builtin, linux, custom)
     log_dir: str = ""         # where the VM's console log is kept (its state dir; local host)
+    allow_host_files: bool = False   # extra_args may name host files (the user opted in: --allow-host-files)
 
 
 class Host(abc.ABC):
@@ -57,7 +58,7 @@ class Host(abc.ABC):
     def check_config(self, config: VirtMachineConfig) -> None:
         """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
 
-    def check_extra_args(self, extra_args) -> list[str]:
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
         """Validate a definition's ``qemu_args``; hosts without a QEMU process refuse any."""
         from backend.errors import ConfigError
         if extra_args:

@@ -118,9 +118,10 @@ class LocalHost(Host):
             if kvm is not None:
                 kvm.close()
 
-    def check_extra_args(self, extra_args) -> list[str]:
-        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device)."""
-        return validate_extra_args(extra_args)
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
+        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device); none may
+        name a host file unless ``allow_host_files``."""
+        return validate_extra_args(extra_args, allow_host_files=allow_host_files)
 
     # ----------------------------------------------------------------------------- VMs
     def _vm_dir(self, spec: VmSpec) -> str:
@@ -135,7 +136,7 @@ class LocalHost(Host):
         ``spec.extra_args``, the definition's qemu_args) go on QEMU's command line."""
         if extra_args is None:
             extra_args = spec.extra_args
-        return await self._launch(spec, validate_extra_args(extra_args))
+        return await self._launch(spec, validate_extra_args(extra_args, allow_host_files=spec.allow_host_files))
 
     async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
         config = spec.config
@@ -199,7 +200,8 @@ class LocalHost(Host):
                              agent_socket=files.socket("agent") if guest.has_agent else None,
                              disks=tuple((d, disk_format(d)) for d in guest.disks))
         argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None,
+                          allow_host_files=spec.allow_host_files)
         if not incoming_port:
             argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
         return argv, params, block

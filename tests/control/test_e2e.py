@@ -138,7 +138,16 @@ def test_bad_usage_exits_2_and_operation_failures_exit_1(mtevm, run_mtevm):
                                              "(see 'mtevm create --help')")
     assert fails(run_mtevm, 1, "stop", "nosuch") == "no VM named 'nosuch'"
     mtevm("create", "x")
-    assert "unknown host 'mars'" in fails(run_mtevm, 1, "migrate", "x", "--to", "mars")
+    # The same unknown host gives the same error and exit code wherever it is named.
+    assert fails(run_mtevm, 1, "migrate", "x", "--to", "mars") == \
+        fails(run_mtevm, 1, "create", "y", "--host", "mars") == \
+        fails(run_mtevm, 1, "probe", "--host", "mars")
+    assert "unknown host 'mars'" in fails(run_mtevm, 1, "create", "y", "--host", "mars")
+    # Errors speak the user's words, not the API's internals (null, extra_args).
+    vcpu_error = fails(run_mtevm, 2, "tcf", "x", "sync", "--vcpu", "7")
+    assert vcpu_error == "VM 'x' has no vCPU 7: give a vCPU index 0..1, or no vCPU to set all of them"
+    qemu_error = fails(run_mtevm, 2, "create", "q", "--host", "local", "--qemu-arg=-monitor stdio")
+    assert "null" not in vcpu_error + qemu_error and "extra_args" not in qemu_error
     assert mtevm("list")[0]["name"] == "x"
 
 
@@ -365,3 +374,8 @@ def test_cli_create_of_a_vm_that_cannot_start_warns_with_qemus_text(run_mtevm):
     assert r.stderr.strip() == "mtevm: warning: VM n1 cannot start on sim-nomte: MTE requested, but not supported by KVM"
     r = run_mtevm("--no-daemon", "create", "n2", "--host", "sim-nomte", "--no-mte")
     assert r.returncode == 0 and r.stderr == ""
+    r = run_mtevm("--no-daemon", "show", "n1")
+    assert r.returncode == 0 and "MTE requested, but not supported by KVM" in r.stdout
+    r = run_mtevm("--no-daemon", "mte", "n2", "on")        # the same rule when MTE is switched on later
+    assert r.returncode == 0
+    assert r.stderr.strip() == "mtevm: warning: VM n2 cannot start on sim-nomte: MTE requested, but not supported by KVM"

@@ -180,14 +180,17 @@ def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
     s = Store(str(path))
     [old] = s.load_vms()
     assert (old.name, old.config, old.pending, old.qemu_args) == ("old", {"name": "old"}, {"mte": False}, [])
+    assert old.allow_host_files is False          # older VMs never opted in to host files
     assert [m["reason"] for m in s.load_migrations()] == ["why"]
-    s.add_vm(VmRow("new", "local", {"name": "new"}, {}, qemu_args=["-device", "ivshmem-plain,memdev=shm"]))
+    s.add_vm(VmRow("new", "local", {"name": "new"}, {}, qemu_args=["-device", "ivshmem-plain,memdev=shm"],
+                   allow_host_files=True))
     s.close()
     s = Store(str(path))
     assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
+    assert {r.name: r.allow_host_files for r in s.load_vms()} == {"old": False, "new": True}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     db.close()
 
 

@@ -32,13 +32,10 @@ async def hosts(tmp_path):
 
 
 @pytest.fixture
-def shm_args(tmp_path):
-    """An ivshmem-plain device on a shared memory backend: a real QEMU migration blocker."""
-    path = f"/dev/shm/mtevm-test-{os.getpid()}-{tmp_path.name}"
-    yield ["-object", f"memory-backend-file,id=shm,mem-path={path},size=1M,share=on",
-           "-device", "ivshmem-plain,memdev=shm"]
-    if os.path.exists(path):
-        os.unlink(path)
+def shm_args():
+    """An ivshmem-plain device on shared memory (memfd: no host file, so no --allow-host-files):
+    a real QEMU migration blocker."""
+    return ["-object", "memory-backend-memfd,id=shm,size=1M,share=on", "-device", "ivshmem-plain,memdev=shm"]
 
 
 def spec_for(tmp_path, *, only_migratable=False) -> VmSpec:

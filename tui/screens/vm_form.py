@@ -24,7 +24,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
-from backend.cli import split_qemu_args
+from backend.definition import split_qemu_args
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
@@ -86,6 +86,10 @@ class VmFormScreen(Screen):
             yield from self._row("QEMU args", Input(shlex.join(e.get("qemu_args") or []), id="qemu_args",
                                                     placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
                                                     disabled=editing, compact=True), row_id="qemu-args-row")
+            with Horizontal(classes="checks", id="host-files-row"):
+                # QEMU runs as the user: QEMU args naming host files need this opt-in (as --allow-host-files)
+                yield OnOffCheckbox("QEMU args may use host files", e.get("allow_host_files", False),
+                                    id="allow_host_files", disabled=editing)
             with Horizontal(classes="checks"):
                 yield OnOffCheckbox("MTE", cfg.get("mte", True), id="mte")
                 yield OnOffCheckbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
@@ -144,6 +148,8 @@ class VmFormScreen(Screen):
             qemu_args = split_qemu_args([q("#qemu_args", Input).value])
             if qemu_args:
                 cfg["qemu_args"] = qemu_args
+            if q("#allow_host_files", Checkbox).value:
+                cfg["allow_host_files"] = True
         return cfg
 
     def takes_qemu_args(self, host) -> bool:
@@ -152,6 +158,7 @@ class VmFormScreen(Screen):
 
     def show_qemu_args(self, host) -> None:
         self.query_one("#qemu-args-row").display = self.takes_qemu_args(host)
+        self.query_one("#host-files-row").display = self.takes_qemu_args(host)
 
     def show_verdict(self, ok: bool, text: str, warnings: list[str] | None = None) -> None:
         """The verdict line: ✔ ok, ⚠ ok but cannot start on this host (QEMU's text), ✘ error."""
