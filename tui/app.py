@@ -24,7 +24,7 @@ from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, chec
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import StatusBar
-from tui.live import CountersSampled, LiveModel, ModelRefreshed, VmDeleted
+from tui.live import BIG_FLEET, CountersBatch, CountersSampled, LiveModel, ModelRefreshed, VmDeleted
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.migrations import MigrationsScreen
@@ -59,6 +59,8 @@ class MtevmApp(App):
         self.connection_label = connection_label
         self.daemon_lost: str | None = None      # why the daemon is unreachable, while it is
         self.model = LiveModel()
+        self.vcpu_focus: str | None = None       # the VM whose vCPUs are on screen (its detail)
+        self.feed_vcpus = "all"                  # whose per-vCPU figures the event feed carries
         if ansi_color:
             self.theme = "ansi-dark"
 
@@ -103,7 +105,7 @@ class MtevmApp(App):
         tick. Screens catch up from the model when they are shown again (on_screen_resume).
         """
         self.screen.post_message(message)
-        if not isinstance(message, CountersSampled):      # the VM count may have changed
+        if not isinstance(message, (CountersSampled, CountersBatch)):      # the VM count may have changed
             self.refresh_status()
 
     def refresh_status(self) -> None:
@@ -118,10 +120,9 @@ class MtevmApp(App):
         does (``client.revive``), re-read everything and follow it anew."""
         while self.client is not None:
             try:
-                async for event in self.client.events(self.rate_hz):
-                    message = self.model.apply(event)
-                    if message is not None:
-                        self.broadcast(message)
+                self.feed_vcpus = self.wanted_feed()
+                if await self.follow_feed(self.feed_vcpus):
+                    continue                 # the fleet crossed BIG_FLEET: follow in the other mode
                 reason = "the daemon ended the event stream"
             except Exception as e:          # whatever broke the stream, the app stays up and retries
                 reason = f"event stream lost: {e}"
@@ -129,6 +130,44 @@ class MtevmApp(App):
                 return
             self.set_daemon_lost(reason)
             await self.reconnect()
+
+    def wanted_feed(self) -> str:
+        """Whose per-vCPU figures the event feed should carry: all of them for a fleet of up to
+        BIG_FLEET VMs; above that only the VM whose detail is on screen (the list shows VM totals)."""
+        if len(self.model.vms) <= BIG_FLEET:
+            return "all"
+        return self.vcpu_focus or "none"
+
+    def set_vcpu_focus(self, name: str | None) -> None:
+        """The VM whose vCPUs are on screen (None: none); a big fleet's feed follows it."""
+        self.vcpu_focus = name
+        if self.live and self.client is not None and self.feed_vcpus != self.wanted_feed() \
+                and self.daemon_lost is None:
+            self.follow_events()
+
+    async def follow_feed(self, vcpus: str) -> bool:
+        """Fold events into the model and tell the screen. A fleet of up to BIG_FLEET VMs: one
+        message per event. A big fleet: samples fold in as they come and the screen hears of them
+        once per tick (CountersBatch); the VM whose detail is open still gets its CountersSampled.
+        True when the fleet crossed BIG_FLEET (the caller follows again, in the other mode)."""
+        batch: set[str] = set()
+        period = 1.0 / self.rate_hz
+        flushed = time.monotonic()
+        async for event in self.client.events(self.rate_hz, **({} if vcpus == "all" else {"vcpus": vcpus})):
+            message = self.model.apply(event)
+            if vcpus != "all" and isinstance(message, CountersSampled):
+                batch.add(message.name)
+                if message.name == self.vcpu_focus:
+                    self.broadcast(message)
+                now = time.monotonic()
+                if now - flushed >= period:
+                    self.broadcast(CountersBatch(batch))
+                    batch, flushed = set(), now
+            elif message is not None:
+                self.broadcast(message)
+                if self.wanted_feed() != vcpus:
+                    return True
+        return False
 
     async def reconnect(self) -> None:
         """Until it works: bring the daemon back and re-read the model; then the figures are live again."""
