@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from backend.errors import ConfigError
+from backend.errors import ConfigError, MtevmError
 
 EXIT_FAILED = 1
 
@@ -109,8 +109,12 @@ async def run(client, args, out) -> int | None:
 async def _exec(client, args) -> int:
     from backend.guests.elf import check_static_aarch64
     argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    if "--" in argv:      # options given after NAME but before "--" (argparse leaves them in the remainder)
+        before, argv = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        for opt in before:
+            if opt != "--json":
+                raise ConfigError(f"exec: unknown option {opt!r} (usage: mtevm exec NAME [--json] -- PROGRAM [ARGS...])")
+            args.json = True
     if not argv:
         raise ConfigError("give the program to run: mtevm exec NAME -- PROGRAM [ARGS...]")
     data = check_static_aarch64(argv[0])
@@ -118,7 +122,7 @@ async def _exec(client, args) -> int:
     result = {"status": None, "signal": None, "pid": None, "stdout": "", "stderr": "",
               "faults": {"sync": 0, "async": 0}}
     out = {"stdout": bytearray(), "stderr": bytearray()}
-    async for msg in client.exec(args.name, [name] + argv[1:], program=name, data=data):
+    async for msg in client.exec(args.name, argv[1:], program=name, data=data):
         if msg["type"] == "exec-started":
             result["pid"] = msg.get("pid")
         elif msg["type"] == "exec-output":
@@ -132,13 +136,15 @@ async def _exec(client, args) -> int:
         elif msg["type"] == "exec-exit":
             result.update(status=msg.get("status"), signal=msg.get("signal"), pid=msg.get("pid", result["pid"]),
                           faults=msg.get("faults", result["faults"]))
+    if result["status"] is None:
+        raise MtevmError("the program's exit status never came (the connection to the guest agent was lost)")
     if args.json:
         result["stdout"] = out["stdout"].decode(errors="replace")
         result["stderr"] = out["stderr"].decode(errors="replace")
         print(json.dumps(result, indent=2))
     if result["signal"]:
         return 128 + int(result["signal"])
-    return int(result["status"] or 0)
+    return int(result["status"])
 
 
 async def _selftest(client, args) -> int:

@@ -19,6 +19,7 @@ from textual.app import App, SystemCommand
 from textual.markup import escape
 from textual.screen import Screen
 
+from backend.client import HEARTBEAT_PERIOD
 from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, check_refresh_rate,
                             load_config)
 from backend.errors import MtevmError
@@ -32,6 +33,7 @@ from tui.screens.vm_list import VmListScreen
 
 ClientFactory = Callable[[], Awaitable["object"]]
 RETRY_SECONDS = 2.0           # between attempts to resume a lost event stream
+STALL_SECONDS = 5 * HEARTBEAT_PERIOD    # no event (not even a heartbeat) this long: the daemon hangs
 
 
 class MtevmApp(App):
@@ -61,6 +63,8 @@ class MtevmApp(App):
         self.model = LiveModel()
         self.vcpu_focus: str | None = None       # the VM whose vCPUs are on screen (its detail)
         self.feed_vcpus = "all"                  # whose per-vCPU figures the event feed carries
+        self._batch: set[str] = set()            # big fleet: VMs sampled since the last CountersBatch
+        self._flushed = 0.0
         if ansi_color:
             self.theme = "ansi-dark"
 
@@ -117,17 +121,37 @@ class MtevmApp(App):
     async def follow_events(self) -> None:
         """Fold the daemon's event stream into the model and tell the screens. When the stream is
         lost, say so at once (status bar, dimmed live figures), start the daemon again as the CLI
-        does (``client.revive``), re-read everything and follow it anew."""
+        does (``client.revive``), re-read everything and follow it anew. A daemon that hangs
+        (SIGSTOP, deadlock) is noticed too: the stream carries a heartbeat when it has nothing else."""
         while self.client is not None:
+            self.feed_vcpus = self.wanted_feed()
+            events = self.client.events(self.rate_hz, **({} if self.feed_vcpus == "all"
+                                                          else {"vcpus": self.feed_vcpus}))
+            regear = False
             try:
-                self.feed_vcpus = self.wanted_feed()
-                if await self.follow_feed(self.feed_vcpus):
-                    continue                 # the fleet crossed BIG_FLEET: follow in the other mode
-                reason = "the daemon ended the event stream"
+                while True:
+                    try:
+                        event = await asyncio.wait_for(anext(events), STALL_SECONDS)
+                    except StopAsyncIteration:
+                        reason = "the daemon ended the event stream"
+                        break
+                    except TimeoutError:
+                        reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
+                        break
+                    if self.deliver(self.model.apply(event)):
+                        regear = True            # the fleet crossed BIG_FLEET: follow in the other mode
+                        break
             except Exception as e:          # whatever broke the stream, the app stays up and retries
                 reason = f"event stream lost: {e}"
+            finally:
+                try:
+                    await events.aclose()
+                except Exception:
+                    pass
             if self.client is None:
                 return
+            if regear:
+                continue
             self.set_daemon_lost(reason)
             await self.reconnect()
 
@@ -145,29 +169,23 @@ class MtevmApp(App):
                 and self.daemon_lost is None:
             self.follow_events()
 
-    async def follow_feed(self, vcpus: str) -> bool:
-        """Fold events into the model and tell the screen. A fleet of up to BIG_FLEET VMs: one
-        message per event. A big fleet: samples fold in as they come and the screen hears of them
-        once per tick (CountersBatch); the VM whose detail is open still gets its CountersSampled.
-        True when the fleet crossed BIG_FLEET (the caller follows again, in the other mode)."""
-        batch: set[str] = set()
-        period = 1.0 / self.rate_hz
-        flushed = time.monotonic()
-        async for event in self.client.events(self.rate_hz, **({} if vcpus == "all" else {"vcpus": vcpus})):
-            message = self.model.apply(event)
-            if vcpus != "all" and isinstance(message, CountersSampled):
-                batch.add(message.name)
-                if message.name == self.vcpu_focus:
-                    self.broadcast(message)
-                now = time.monotonic()
-                if now - flushed >= period:
-                    self.broadcast(CountersBatch(batch))
-                    batch, flushed = set(), now
-            elif message is not None:
+    def deliver(self, message) -> bool:
+        """Tell the screen what an event changed. A fleet of up to BIG_FLEET VMs: one message per
+        event. A big fleet: the screen hears of samples once per tick (CountersBatch); the VM whose
+        detail is open still gets its CountersSampled. True when the fleet crossed BIG_FLEET."""
+        if message is None:
+            return False
+        if self.feed_vcpus != "all" and isinstance(message, CountersSampled):
+            self._batch.add(message.name)
+            if message.name == self.vcpu_focus:
                 self.broadcast(message)
-                if self.wanted_feed() != vcpus:
-                    return True
-        return False
+            now = time.monotonic()
+            if now - self._flushed >= 1.0 / self.rate_hz:
+                self.broadcast(CountersBatch(self._batch))
+                self._batch, self._flushed = set(), now
+            return False
+        self.broadcast(message)
+        return self.wanted_feed() != self.feed_vcpus
 
     async def reconnect(self) -> None:
         """Until it works: bring the daemon back and re-read the model; then the figures are live again."""
@@ -188,7 +206,8 @@ class MtevmApp(App):
         was, self.daemon_lost = self.daemon_lost, reason
         self.set_class(reason is not None, "-daemon-lost")
         if (was is None) != (reason is None):
-            self.notify(f"{self.connection_label} lost: {reason}; starting it again" if reason
+            self.notify(f"{self.connection_label} lost: {reason}; reconnecting (starting it again if it is gone)"
+                        if reason
                         else f"{self.connection_label} is back", severity="warning" if reason else "information")
         self.refresh_status()
 

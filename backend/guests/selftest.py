@@ -66,7 +66,7 @@ class TestResult:
 
 async def list_tests(client, vm: str) -> list[TestInfo]:
     out = b""
-    async for msg in client.exec(vm, ["cat", f"{SELFTEST_DIR}/list"], path="/bin/cat"):
+    async for msg in client.exec(vm, [f"{SELFTEST_DIR}/list"], path="/bin/cat"):
         if msg["type"] == "exec-output" and msg["stream"] == "stdout":
             out += msg["data"]
     return parse_list(out.decode(errors="replace"))
@@ -91,7 +91,7 @@ async def run_tests(client, vm: str, names: list[str]) -> AsyncIterator[tuple[st
         t0 = time.monotonic()
         partial = {"stdout": "", "stderr": ""}
         seen: set[int] = set()
-        async for msg in client.exec(vm, [name], path=f"{SELFTEST_DIR}/{name}", cwd=SELFTEST_DIR):
+        async for msg in client.exec(vm, [], path=f"{SELFTEST_DIR}/{name}", cwd=SELFTEST_DIR):
             if msg["type"] == "exec-output":
                 stream = msg.get("stream", "stdout")
                 text = partial.get(stream, "") + msg["data"].decode(errors="replace")

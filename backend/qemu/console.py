@@ -25,7 +25,10 @@ LOG_NAME = "console.log"
 LOG_MAX_BYTES = 256 * 1024       # per file; with the rotated one at most 512 KiB per VM
 RECENT_LINES = 200               # kept in memory for panic reports
 PANIC_RE = re.compile(r"Kernel panic - not syncing")
-PANIC_CONTEXT = 40               # lines of the console shown with a panic
+PANIC_END_RE = re.compile(r"---\[ end Kernel panic")
+PANIC_BEFORE = 8                 # console lines before the panic line kept with it
+PANIC_MAX = 80                   # the panic report (call trace etc.) is kept up to its end marker or this
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")   # terminal control sequences (the shell's cursor query)
 SUBSCRIBER_QUEUE = 1024          # chunks buffered per attached user; a stalled one loses the oldest
 CONNECT_POLL = 0.05
 
@@ -106,6 +109,7 @@ class SerialConsole:
         self.on_panic = on_panic
         self.recent: deque[str] = deque(maxlen=RECENT_LINES)
         self.panic: list[str] | None = None       # the panic lines, once the guest kernel panicked
+        self._panic_open = False
         self.connected = asyncio.Event()
         self._partial = ""
         self._subscribers: set[asyncio.Queue] = set()
@@ -147,11 +151,17 @@ class SerialConsole:
         text = self._partial + chunk.decode(errors="replace")
         *lines, self._partial = text.replace("\r", "").split("\n")
         for line in lines:
+            line = ANSI_RE.sub("", line)
             self.recent.append(line)
-            if self.panic is None and PANIC_RE.search(line):
-                self.panic = list(self.recent)[-PANIC_CONTEXT:]
-                if self.on_panic is not None:
-                    self.on_panic(self.panic)
+            if self.panic is None:
+                if PANIC_RE.search(line):
+                    self.panic = list(self.recent)[-PANIC_BEFORE - 1:]
+                    self._panic_open = True
+                    if self.on_panic is not None:
+                        self.on_panic(self.panic)
+            elif self._panic_open and len(self.panic) < PANIC_MAX:
+                self.panic.append(line)      # the report goes on (CPU, call trace) up to its end marker
+                self._panic_open = not PANIC_END_RE.search(line)
 
     def subscribe(self) -> asyncio.Queue:
         """A queue of output chunks (bytes) from now on; ``None`` in it means the console closed."""

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
 import termios
@@ -16,6 +15,7 @@ import pytest
 
 from backend.qemu.console import ConsoleLog, SerialConsole, read_log
 from backend.qemu.driver import kill_strays
+from tests.helpers.pty_io import read_until, reap
 
 SMALL_VM = ("--host", "local", "--memory", "128M", "--vcpus", "2")
 
@@ -24,25 +24,6 @@ def ok(run_mtevm, *args):
     r = run_mtevm(*args, "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def read_until(fd: int, needle: bytes, timeout: float = 20.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen; got {seen[-500:]!r}"
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    assert needle in seen, seen
-    return seen
 
 
 def test_the_log_is_bounded_and_rotated(tmp_path):
@@ -63,8 +44,11 @@ async def test_a_panic_on_the_console_is_caught_with_its_lines(tmp_path):
     console._received(b"[   1.0] sysrq: Trigger a crash\r\n[   1.1] Kernel panic - not syn")
     assert console.panic is None
     console._received(b"cing: sysrq triggered crash\r\n[   1.2] CPU: 0 PID: 1\r\n")
-    assert seen and console.panic[-1] == "[   1.1] Kernel panic - not syncing: sysrq triggered crash"
+    assert seen and "[   1.1] Kernel panic - not syncing: sysrq triggered crash" in console.panic
     assert "sysrq: Trigger a crash" in console.panic[0]
+    console._received(b"[   1.3] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---\r\n\x1b[6nmore\r\n")
+    assert console.panic[-2:] == ["[   1.2] CPU: 0 PID: 1",
+                                  "[   1.3] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---"]
 
 
 @pytest.mark.qemu
@@ -97,10 +81,7 @@ def test_console_log_and_attach_through_a_real_pty(run_mtevm, mtevm_daemon, mtev
             assert proc.wait(10) == 0
             assert termios.tcgetattr(master) == before                       # the terminal is restored
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            os.close(master)
+            reap(master, proc)
 
         r = run_mtevm("console", "nope")
         assert r.returncode == 1 and "no VM named 'nope'" in r.stderr
