@@ -20,7 +20,7 @@ from typing import Any
 
 from backend import cli_guests
 from backend.definition import split_qemu_args
-from backend.errors import ConfigError, MtevmError
+from backend.errors import ConfigError, MtevmError, StateError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -568,16 +568,24 @@ async def run_command(args) -> int:
         if pid is not None:
             raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
                              "drop --no-daemon, or stop it with 'mtevm daemon stop'")
-    if args.command == "delete" and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete VM {args.name!r} without confirmation: pass --yes")
-        answer = input(f"Delete VM {args.name!r}? This cannot be undone. [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("not deleted", file=sys.stderr)
-            return EXIT_FAILED
     client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
     async with client:
+        if args.command == "delete" and not args.yes and not await _confirm_delete(client, args.name):
+            print("not deleted", file=sys.stderr)
+            return EXIT_FAILED
         return await _dispatch(client, args)
+
+
+async def _confirm_delete(client, name: str) -> bool:
+    """Ask before deleting, but only a question that can be answered yes: an unknown or running VM
+    is refused first (as the app does), never after the user said yes."""
+    vm = await client.show(name)
+    if vm["state"] not in ("stopped", "crashed"):
+        raise StateError(f"VM {vm['name']!r} is {vm['state']}: stop it first")
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to delete VM {name!r} without confirmation: pass --yes")
+    answer = input(f"Delete VM {name!r}? This cannot be undone. [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _warn_start(vm: dict) -> None:
