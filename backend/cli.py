@@ -30,7 +30,7 @@ COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop",
             "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
             "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
-_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors", "--timeout"}
 
 
 class UsageError(MtevmError):
@@ -55,11 +55,16 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
                         help="run the service in this process instead of talking to the daemon")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mtevm", description=(
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
+    # Before the command word only: `shutdown --timeout` is the guest's grace period.
+    parser.add_argument("--timeout", dest="daemon_timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                             "config.toml 'timeout')")
     # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
     common = OneLineParser(add_help=False)
     _dir_options(common, argparse.SUPPRESS)
@@ -568,7 +573,10 @@ async def run_command(args) -> int:
         if pid is not None:
             raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
                              "drop --no-daemon, or stop it with 'mtevm daemon stop'")
-    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
+    from backend.config import resolve_timeout
+    timeout = resolve_timeout(args.daemon_timeout)
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir,
+                           timeout=timeout)
     async with client:
         if args.command == "delete" and not args.yes and not await _confirm_delete(client, args.name):
             print("not deleted", file=sys.stderr)

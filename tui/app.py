@@ -21,7 +21,7 @@ from textual.screen import Screen
 
 from backend.client import HEARTBEAT_PERIOD
 from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, check_refresh_rate,
-                            load_config)
+                            load_config, resolve_timeout)
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import StatusBar
@@ -298,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", default=None, help="where VM definitions are kept")
     p.add_argument("--runtime-dir", default=None, help="where the daemon's socket lives")
     p.add_argument("--config", default=None, help="config.toml to read (default: the user config)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                        "config.toml 'timeout')")
     p.add_argument("--colors", choices=["auto", "16", "full"], default="auto",
                    help="16: ANSI colours only (automatic for TERM=linux)")
     p.add_argument("--keys", action="store_true", help="print every binding id and its key, then exit")
@@ -312,6 +315,7 @@ def run_app(argv: list[str] | None = None) -> int:
         keymap.check_keymap(config.keymap)
         if args.rate is not None:
             check_refresh_rate(args.rate, "--rate")
+        resolve_timeout(args.timeout, config)       # a bad --timeout or MTEVM_TIMEOUT: exit 2 now
     except MtevmError as e:
         print(f"mtevm: {e}", file=sys.stderr)
         return 2
@@ -324,7 +328,8 @@ def run_app(argv: list[str] | None = None) -> int:
         from backend.client import connect
         if args.no_daemon:
             return await connect(in_process=True, state_dir=args.state_dir)
-        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir,
+                             timeout=resolve_timeout(args.timeout, config))
 
     ansi = {"16": True, "full": False, "auto": wants_16_colours() or None}[args.colors]
     app = MtevmApp(connect_client, rate_hz=args.rate, config=config, ansi_color=ansi, watch_terminal=True,
