@@ -518,15 +518,24 @@ async def _watch_counters(client, args) -> int:
             continue
         c = event["counters"]
         if args.json:
-            print(json.dumps(c), flush=True)
+            print(json.dumps({**c, "skipped": event.get("skipped", 0)}), flush=True)
             continue
         faults = c["vm"]["sync_faults"] + c["vm"]["async_faults"]
         rate = (faults - last[1]) / (c["time"] - last[0]) if last and c["time"] > last[0] else 0.0
         last = (c["time"], faults)
-        print(f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
-              f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
-              f"faults/s {rate:.1f}", flush=True)
+        print(counters_line(c, rate, event.get("skipped", 0)), flush=True)
     return 0
+
+
+def counters_line(c: dict, faults_per_s: float, skipped: int = 0) -> str:
+    """One ``counters --watch`` line; a client that fell behind is told how many samples it missed
+    (the daemon coalesces them: the line shows the latest counters)."""
+    line = (f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
+            f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
+            f"faults/s {faults_per_s:.1f}")
+    if skipped:
+        line += f"  (skipped {skipped} sample{'s' if skipped != 1 else ''}: this terminal fell behind)"
+    return line
 
 
 async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
