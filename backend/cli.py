@@ -18,16 +18,19 @@ import sys
 import time
 from typing import Any
 
-from backend.errors import ConfigError, MtevmError
+from backend import cli_guests
+from backend.definition import split_qemu_args
+from backend.errors import ConfigError, MtevmError, StateError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve")
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
+            "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
-_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors", "--timeout"}
 
 
 class UsageError(MtevmError):
@@ -52,11 +55,20 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
                         help="run the service in this process instead of talking to the daemon")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mtevm", description=(
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
+    from tui.options import add_app_options, add_version   # argparse only: no Textual for --help
+    add_version(parser)
+    app_group = parser.add_argument_group("the app's options (mtevm without a COMMAND opens the app)")
+    parser.set_defaults(app_options=add_app_options(app_group, dest_prefix="app_"))
+    # Before the command word only: `shutdown --timeout` is the guest's grace period.
+    parser.add_argument("--timeout", dest="daemon_timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                             "config.toml 'timeout')")
     # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
     common = OneLineParser(add_help=False)
     _dir_options(common, argparse.SUPPRESS)
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", "all VMs", as_json)
     p = add("show", "one VM: config, vCPUs, counters, blockers, pending changes", as_json)
     p.add_argument("name")
+    p.add_argument("--argv", action="store_true", help="print the VM's QEMU command line")
 
     p = add("create", "define a VM (it starts stopped)", as_json)
     p.add_argument("name")
@@ -107,7 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
                    help="local host only, repeatable: extra QEMU arguments, -object/-device and a value, "
                         "split like a shell would, e.g. --qemu-arg='-device ivshmem-plain,memdev=shm' "
-                        "(or one word per --qemu-arg=...); kept with the VM and used at every start")
+                        "(or one word per --qemu-arg=...); kept with the VM and used at every start. "
+                        "QEMU runs as you: arguments that name host files (mem-path=, file=, romfile=, dir=, "
+                        "...) could read or overwrite any file you can, and are refused without "
+                        "--allow-host-files")
+    p.add_argument("--allow-host-files", action="store_true", default=None,
+                   help="let this VM's --qemu-arg options name host files and devices (e.g. "
+                        "memory-backend-file,mem-path=/dev/shm/x or loader,file=...); QEMU can then read "
+                        "and write them with your rights. Kept with the VM and shown by 'mtevm show'")
+    cli_guests.add_create_options(p)
 
     for name, help_ in (("start", "boot a VM"), ("stop", "power a VM off")):
         add(name, help_, as_json).add_argument("name")
@@ -131,14 +152,161 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-tags", action="store_true", help="also copy the MTE tags (KVM_ARM_MTE_COPY_TAGS)")
     p.add_argument("--no-wait", action="store_true", help="return once the migration has started")
     add("migrations", "the migration history, newest first", as_json)
+    cli_guests.add_commands(add, as_json)
+    _add_operations(add, as_json)
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    from backend.guests import image_cli
+    image_cli.add_parser(sub, [common])
     p = sub.add_parser("tagcheck", help="tag-check tools: 'mtevm tagcheck replay TRACE'", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_operations(add, as_json) -> None:
+    """The everyday operations: pause, resume, reboot, shutdown, edit, clone, snapshot, migrate-cancel, monitor."""
+    for name, help_ in (("pause", "pause a running VM (QMP stop): its counters hold still"),
+                        ("resume", "resume a paused VM (QMP cont)"),
+                        ("reboot", "reboot a VM: the guest agent's clean reboot, else a reset (QMP system_reset)"),
+                        ("migrate-cancel", "cancel a VM's running migration (QMP migrate_cancel); it stays here")):
+        add(name, help_, as_json).add_argument("name")
+    p = add("shutdown", "power a VM off gracefully (guest agent); without an agent, or after --timeout, stop it",
+            as_json)
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="how long the guest gets (default 30)")
+    p = add("edit", "change a VM's definition (a running VM: at its next start, as pending changes)", as_json)
+    p.add_argument("name")
+    p.add_argument("--vcpus", type=int, metavar="N")
+    p.add_argument("--memory", metavar="SIZE", help="e.g. 256M, 1G")
+    p.add_argument("--cpu", metavar="MODEL")
+    p.add_argument("--accel", choices=["kvm", "tcg"])
+    for flag, dest, help_ in (("mte", "mte", "MTE"), ("secure", "secure", "EL3 with secure tag memory"),
+                              ("only-migratable", "only_migratable", "QEMU's -only-migratable")):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(f"--{flag}", dest=dest, action="store_true", default=None, help=f"{help_} on")
+        group.add_argument(f"--no-{flag}", dest=dest, action="store_false", help=f"{help_} off")
+    p.add_argument("--qemu-args", "--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
+                   help="the VM's extra QEMU arguments (replace the old ones; repeatable, shell-split, "
+                        "-object/-device and a value); --no-qemu-args removes them")
+    p.add_argument("--no-qemu-args", action="store_true", help="remove the VM's extra QEMU arguments")
+    p.add_argument("--workload", metavar="K=V,...", help="workload parameters to change, e.g. seed=3,tcf=async")
+    p.add_argument("--tcf", metavar="MODE[,MODE...]")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--rate", type=int)
+    p = add("clone", "copy a VM's definition (and its disks, where it has any) to a new stopped VM", as_json)
+    p.add_argument("name")
+    p.add_argument("new_name", metavar="NEW")
+    p = add("snapshot", "save, restore, list or delete a VM's snapshots (its whole state, MTE tags included)",
+            as_json)
+    p.add_argument("name")
+    p.add_argument("action", choices=["save", "restore", "list", "delete"])
+    p.add_argument("tag", nargs="?", help="save: default the time; restore: default the newest; delete: required")
+    p.add_argument("--yes", "-y", action="store_true", help="delete / restore over a running VM without asking")
+    p = add("monitor", "pass one QMP (JSON) or HMP command to the VM's QEMU, through mtevm's connection", as_json)
+    p.add_argument("name")
+    p.add_argument("--hmp", action="store_true", help="an HMP command line (e.g. 'info mtree'), not QMP")
+    p.add_argument("words", nargs="+", metavar="COMMAND",
+                   help='QMP: query-status, or query-status {"arg": 1}, or {"execute": ...}; HMP: info mtree '
+                        "(put -- before a command with options of its own)")
+
+
+def edit_changes(args) -> dict:
+    """The edit command's options as an edit() request."""
+    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable")
+               if getattr(args, k) is not None}
+    if args.no_qemu_args and args.qemu_args:
+        raise ConfigError("--no-qemu-args and --qemu-args: give one of them")
+    if args.no_qemu_args:
+        changes["qemu_args"] = []
+    elif args.qemu_args:
+        changes["qemu_args"] = split_qemu_args(args.qemu_args)
+    workload = parse_workload(args.workload)
+    for key in ("tcf", "seed", "rate"):
+        if getattr(args, key) is not None:
+            workload[key] = getattr(args, key)
+    if workload:
+        changes["workload"] = workload
+    if not changes:
+        raise ConfigError("edit: nothing to change (see 'mtevm edit --help')")
+    return changes
+
+
+def _confirm(question: str, refusal: str) -> bool:
+    """Ask on a terminal; without one, refuse with ``refusal`` (pass --yes)."""
+    if not sys.stdin.isatty():
+        raise UsageError(refusal)
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def print_snapshots(snaps: list[dict]) -> None:
+    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS"],
+           [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
+             _size(s["bytes"]), s["counters"]["checked"], s["counters"]["sync_faults"] + s["counters"]["async_faults"],
+             s["tags"]] for s in snaps])
+
+
+async def _dispatch_operation(client, args, out) -> int | None:
+    """The everyday operations; None if ``args.command`` is not one of them."""
+    cmd, name = args.command, getattr(args, "name", None)
+    if cmd in ("pause", "resume"):
+        vm = await (client.pause if cmd == "pause" else client.resume)(name)
+        out(vm, lambda v: print(f"VM {v['name']}: {v['state']}"))
+    elif cmd in ("reboot", "shutdown"):
+        vm = await (client.reboot(name) if cmd == "reboot" else client.shutdown(name, args.timeout))
+        out(vm, lambda v: print(v["outcome"]["message"]))
+    elif cmd == "migrate-cancel":
+        m = await client.migrate_cancel(name)
+        out(m, lambda m: print(f"migration {m['id']} of VM {m['vm']} to {m['dst']}: cancel requested; "
+                               "the VM keeps running on " + m["src"]))
+    elif cmd == "edit":
+        vm = await client.edit(name, edit_changes(args))
+        out(vm, lambda v: print(f"VM {v['name']}: pending at its next start: {_pending(v['pending'])}"
+                                if v["pending"] else f"VM {v['name']}: definition changed"))
+    elif cmd == "clone":
+        vm = await client.clone(name, args.new_name)
+        out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
+                                + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
+    elif cmd == "snapshot":
+        return await _snapshot(client, args, out)
+    elif cmd == "monitor":
+        command = " ".join(args.words)
+        reply = await client.monitor(name, command, hmp=args.hmp)
+        out(reply, lambda r: print(r["return"].rstrip("\n") if args.hmp else json.dumps(r["return"], indent=2)))
+    else:
+        return None
+    return 0
+
+
+async def _snapshot(client, args, out) -> int:
+    name, tag, action = args.name, args.tag, args.action
+    if action == "list":
+        out(await client.snapshot_list(name), print_snapshots)
+        return 0
+    if action == "save":
+        snap = await client.snapshot_save(name, tag)
+        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} ({_size(s['bytes'])}, tags: {s['tags']})"))
+        return 0
+    if action == "delete" and tag is None:
+        raise UsageError("snapshot delete: give the TAG to delete (see 'mtevm snapshot NAME list')")
+    if not args.yes:
+        running = action == "restore" and (await client.show(name))["state"] not in ("stopped", "crashed")
+        if action == "delete" or running:
+            what = (f"Delete snapshot {tag!r} of VM {name!r}?" if action == "delete" else
+                    f"Restore VM {name!r} to snapshot {tag or '(newest)'}? Its current state is lost.")
+            if not _confirm(what, f"refusing to {action} a snapshot of VM {name!r} without confirmation: pass --yes"):
+                print(f"not {action}d", file=sys.stderr)
+                return EXIT_FAILED
+    if action == "delete":
+        snap = await client.snapshot_delete(name, tag)
+        out(snap, lambda s: print(f"VM {name}: deleted snapshot {s['tag']}"))
+    else:
+        vm = await client.snapshot_restore(name, tag)
+        out(vm, lambda v: print(f"VM {name}: restored snapshot {v['snapshot']['tag']}, {v['state']}"))
+    return 0
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -157,6 +325,11 @@ def _command_word(argv: list[str]) -> str | None:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def counted(n: int, noun: str) -> str:
+    """"1 vCPU", "2 vCPUs": every count the CLI prints goes through here."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
     width = None if sys.stdout.isatty() else 200  # no terminal: don't wrap at 80 columns
@@ -228,32 +401,47 @@ def _vcpu_rows(vcpus: list[dict]) -> list[list]:
         f = c.get("last_fault")
         rows.append([c["index"], "yes" if c["kvm_mte"] else "no", c["tcf"], c["checked"], c["unchecked"],
                      c["sync_faults"], c["async_faults"],
-                     f and f"{f['kind']} {f['access']} {f['addr']} ptr {f['ptr_tag']:x} mem {f['mem_tag']:x}"])
+                     f and " ".join(str(x) for x in (f["kind"], f["access"], f["addr"]) if x is not None)
+                     + f" ptr {_tag(f['ptr_tag'])} mem {_tag(f['mem_tag'])}"])
     return rows
 
 
 _VCPU_COLUMNS = ["VCPU", "KVM_MTE", "TCF", "CHECKED", "UNCHECKED", "SYNC", "ASYNC", "LAST FAULT"]
 
 
+def _tag(value: int | None) -> str:
+    """A tag in hex, or '-' where it is not known (a Linux guest's async fault has no address)."""
+    return "-" if value is None else f"{value:x}"
+
+
 def print_detail(vm: dict) -> None:
     c = vm["config"]
+    guest_rows: list[list] = []
+    cli_guests.print_guest(vm, lambda label, value: guest_rows.append([label, value]))
     _table(f"VM {vm['name']}", ["", ""], [
         ["host", vm["host"]], ["state", vm["state"]],
-        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
+        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {counted(c['vcpus'], 'vCPU')}, {_size(c['memory'])}"],
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
         ["qemu args", shlex.join(vm.get("qemu_args") or [])],
+        ["host files", "allowed (qemu args may name host files: QEMU reads and writes them as you)"
+         if vm.get("allow_host_files") else "refused in qemu args"],
         ["workload", ", ".join(f"{k}={v}" for k, v in vm["workload"].items())],
         ["faults/s", f"{vm['faults_per_s']:.1f}"],
         ["tag memory", vm["tag_memory"] and f"{vm['tag_memory']['tagged_pages']} tagged pages, "
                                            f"{vm['tag_memory']['bytes']} bytes"],
         ["migration", "; ".join(vm["blocked_reasons"]) or "allowed" if vm["state"] == "running" else ""],
-        ["last error", vm["last_error"]]])
+        ["last error", vm["last_error"]],
+        ["cannot start", "; ".join(vm.get("warnings") or [])],
+        *guest_rows])
     _table("vCPUs", _VCPU_COLUMNS, _vcpu_rows(vm["vcpus"]))
     if vm["last_faults"]:
-        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE"],
-               [[f["vcpu"], f["kind"], f["access"], f["addr"], f"{f['ptr_tag']:x}", f"{f['mem_tag']:x}", f["size"]]
-                for f in vm["last_faults"]])
+        _table("last faults", ["VCPU", "KIND", "ACCESS", "ADDR", "PTR TAG", "MEM TAG", "SIZE", "PROCESS"],
+               [[f["vcpu"], f["kind"], f["access"], f["addr"], _tag(f["ptr_tag"]), _tag(f["mem_tag"]), f["size"],
+                 f.get("comm") and f"{f['comm']} ({f.get('pid')})"] for f in vm["last_faults"]])
+    if vm.get("processes"):
+        _table("processes (tag-check faults)", ["PID", "COMM", "SYNC", "ASYNC"],
+               [[p["pid"], p["comm"], p["sync"], p["async"]] for p in vm["processes"]])
     if vm["stderr"]:
         _table("stderr", ["LINE"], [[line] for line in vm["stderr"]])
 
@@ -304,7 +492,7 @@ def parse_workload(text: str | None) -> dict:
 
 def definition_from_args(args) -> dict:
     config: dict = {"name": args.name}
-    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable"):
+    for key in ("host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "allow_host_files"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     workload = parse_workload(args.workload)
@@ -315,18 +503,10 @@ def definition_from_args(args) -> dict:
         config["workload"] = workload
     if args.qemu_args:
         config["qemu_args"] = split_qemu_args(args.qemu_args)
+    guest = cli_guests.guest_from_args(args)
+    if guest is not None:
+        config["guest"] = guest
     return config
-
-
-def split_qemu_args(values: list[str]) -> list[str]:
-    """The --qemu-arg values, each split with shell rules, as one argument list."""
-    out: list[str] = []
-    for value in values:
-        try:
-            out += shlex.split(value)
-        except ValueError as e:
-            raise ConfigError(f"--qemu-arg {value!r}: {e}") from None
-    return out
 
 
 async def _watch_counters(client, args) -> int:
@@ -338,15 +518,24 @@ async def _watch_counters(client, args) -> int:
             continue
         c = event["counters"]
         if args.json:
-            print(json.dumps(c), flush=True)
+            print(json.dumps({**c, "skipped": event.get("skipped", 0)}), flush=True)
             continue
         faults = c["vm"]["sync_faults"] + c["vm"]["async_faults"]
         rate = (faults - last[1]) / (c["time"] - last[0]) if last and c["time"] > last[0] else 0.0
         last = (c["time"], faults)
-        print(f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
-              f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
-              f"faults/s {rate:.1f}", flush=True)
+        print(counters_line(c, rate, event.get("skipped", 0)), flush=True)
     return 0
+
+
+def counters_line(c: dict, faults_per_s: float, skipped: int = 0) -> str:
+    """One ``counters --watch`` line; a client that fell behind is told how many samples it missed
+    (the daemon coalesces them: the line shows the latest counters)."""
+    line = (f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
+            f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
+            f"faults/s {faults_per_s:.1f}")
+    if skipped:
+        line += f"  (skipped {skipped} sample{'s' if skipped != 1 else ''}: this terminal fell behind)"
+    return line
 
 
 async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
@@ -393,16 +582,34 @@ async def run_command(args) -> int:
         if pid is not None:
             raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
                              "drop --no-daemon, or stop it with 'mtevm daemon stop'")
-    if args.command == "delete" and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete VM {args.name!r} without confirmation: pass --yes")
-        answer = input(f"Delete VM {args.name!r}? This cannot be undone. [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+    from backend.config import resolve_timeout
+    timeout = resolve_timeout(args.daemon_timeout)
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir,
+                           timeout=timeout)
+    async with client:
+        if args.command == "delete" and not args.yes and not await _confirm_delete(client, args.name):
             print("not deleted", file=sys.stderr)
             return EXIT_FAILED
-    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
-    async with client:
         return await _dispatch(client, args)
+
+
+async def _confirm_delete(client, name: str) -> bool:
+    """Ask before deleting, but only a question that can be answered yes: an unknown or running VM
+    is refused first (as the app does), never after the user said yes."""
+    vm = await client.show(name)
+    if vm["state"] not in ("stopped", "crashed"):
+        raise StateError(f"VM {vm['name']!r} is {vm['state']}: stop it first")
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to delete VM {name!r} without confirmation: pass --yes")
+    answer = input(f"Delete VM {name!r}? This cannot be undone. [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _warn_start(vm: dict) -> None:
+    """The daemon's warnings (QEMU's text): the definition is stored but cannot start on its host.
+    The same rule and words as the app's forms; on stderr, so --json output stays one document."""
+    for text in vm.get("warnings") or []:
+        print(f"mtevm: warning: VM {vm['name']} cannot start on {vm['host']}: {text}", file=sys.stderr)
 
 
 async def _dispatch(client, args) -> int:
@@ -424,13 +631,16 @@ async def _dispatch(client, args) -> int:
         out(await client.probe(args.host), print_probe)
     elif cmd == "list":
         out(await client.list(), print_list)
+    elif cmd == "show" and args.argv:
+        out(await client.argv(args.name), lambda a: print(cli_guests.argv_text(a)))
     elif cmd == "show":
         out(await client.show(args.name), print_detail)
     elif cmd == "create":
         vm = await client.create(definition_from_args(args))
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
-                                f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
+                                f"cpu {v['config']['cpu']}, {counted(v['config']['vcpus'], 'vCPU')}, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "start":
         out(await client.start(args.name), lambda v: print(f"started VM {v['name']} on {v['host']}"))
     elif cmd == "stop":
@@ -443,6 +653,7 @@ async def _dispatch(client, args) -> int:
         out(vm, lambda v: print(
             f"VM {v['name']}: MTE {args.state} at its next start (pending)" if "mte" in v["pending"]
             else f"VM {v['name']}: MTE {_onoff(v['config']['mte'])}"))
+        _warn_start(vm)
     elif cmd == "tcf":
         vm = await client.set_tcf(args.name, args.vcpu, args.mode)
         out(vm, lambda v: print(f"VM {v['name']}: TCF {', '.join(v['workload']['tcf'])}"))
@@ -461,6 +672,10 @@ async def _dispatch(client, args) -> int:
             return EXIT_FAILED
     elif cmd == "migrations":
         out(await client.migrations(), print_migrations)
+    elif cmd in ("console", "exec", "selftest"):
+        return await cli_guests.run(client, args, out)
+    else:
+        return await _dispatch_operation(client, args, out) or 0
     return 0
 
 
@@ -511,9 +726,16 @@ def main(argv: list[str] | None = None) -> int:
         from backend.tagcheck.replay import main as replay_main
         return replay_main(rest[1:])
     args = parser.parse_args(argv)  # exits 2 with a one-line error on bad usage
+    given = [f"--{dest.removeprefix('app_')}" for dest in args.app_options if getattr(args, dest, None) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the app "
+                     f"(mtevm without a command), not of '{args.command}'")
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)
+        elif args.command == "image":
+            from backend.guests import image_cli
+            code = image_cli.run(args)
         else:
             code = asyncio.run(run_command(args))
         sys.stdout.flush()   # inside the try: a reader that went away shows up here at the latest

@@ -19,12 +19,13 @@ import json
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
-from backend.daemon.api import ROUTES, format_query
-from backend.daemon.events import check_event_rate
+from backend.config import DEFAULT_TIMEOUT
+from backend.daemon.api import CONSOLE_PATH, ROUTES, SHUTDOWN_GRACE, format_query
+from backend.daemon.events import HEARTBEAT_PERIOD, check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
 
-REQUEST_TIMEOUT = 300.0  # starting a real QEMU VM takes seconds; nothing legitimate takes minutes
+__all__ = ["Client", "connect", "HEARTBEAT_PERIOD"]
 
 
 def _plain(data: Any) -> Any:
@@ -39,7 +40,7 @@ class InProcessTransport:
         self.service = service
         self._owned = owned
 
-    async def call(self, op: str, **kwargs) -> Any:
+    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
         return _plain(await getattr(self.service, ROUTES[op].service_method)(**kwargs))
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
@@ -50,20 +51,97 @@ class InProcessTransport:
         finally:
             await events.aclose()
 
+    def console(self, name: str):
+        return _InProcessConsole(self.service, name)
+
     async def close(self) -> None:
         if self._owned:
             await self.service.close()
+
+    async def revive(self) -> None:
+        """The service lives in this process: nothing to bring back."""
+
+
+class _InProcessConsole:
+    def __init__(self, service, name: str):
+        self.service, self.name, self.session = service, name, None
+
+    async def __aenter__(self):
+        self.session = self.service.console_session(self.name)
+        return self.session
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+
+class _SocketConsole:
+    """The daemon's console WebSocket as read()/write()."""
+
+    def __init__(self, transport: "SocketTransport", name: str):
+        self.t, self.name, self.ws = transport, name, None
+
+    async def __aenter__(self) -> "_SocketConsole":
+        import aiohttp
+        url = "http://mtevm" + CONSOLE_PATH.replace("{name:[^/]*}", quote(self.name, safe=""))
+        try:
+            self.ws = await self.t._session.ws_connect(url, autoping=True, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status >= 400:   # the daemon refused (no such VM, not running): its JSON error
+                resp = await self.t._session.get(url)
+                async with resp:
+                    try:
+                        err = (await resp.json(content_type=None))["error"]
+                    except (ValueError, KeyError, TypeError):
+                        raise MtevmError(f"the mtevm daemon refused the console: {e.status} {e.message}") from None
+                    raise error_from_name(err["class"], err["message"]) from None
+            raise MtevmError(f"cannot attach to the console: {e}") from None
+        except aiohttp.ClientConnectionError as e:
+            raise MtevmError(f"lost the connection to the mtevm daemon at {self.t.paths.socket}: {e}") from None
+        return self
+
+    async def read(self) -> bytes | None:
+        import aiohttp
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                return msg.data
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.ERROR):
+                return None
+
+    async def write(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ws.close()
 
 
 class SocketTransport:
     """HTTP/JSON over the daemon's Unix socket, one aiohttp session per client."""
 
-    def __init__(self, paths: Paths):
-        import aiohttp
+    def __init__(self, paths: Paths, start_daemon: bool = True, timeout: float = DEFAULT_TIMEOUT):
         self.paths = paths
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=paths.socket),
+        self.start_daemon = start_daemon
+        self.timeout = timeout         # seconds for one request's answer (streams: none)
+        self._session = self._new_session()
+
+    def _new_session(self):
+        import aiohttp
+        return aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self.paths.socket),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def revive(self) -> None:
+        """After the daemon went away: start it again as ``connect`` does (unless this client was made
+        with start_daemon=False), and reconnect with a fresh session (no pooled connection to the
+        dead daemon is reused). Raises MtevmError if it cannot be brought back."""
+        from backend.daemon import launch
+        if self.start_daemon:
+            await asyncio.to_thread(launch.ensure_daemon, self.paths)
+        elif not await asyncio.to_thread(launch.socket_alive, self.paths):
+            raise MtevmError(f"no mtevm daemon is running (socket {self.paths.socket}): run 'mtevm daemon'")
+        old, self._session = self._session, self._new_session()
+        await old.close()
 
     def _request(self, op: str, kwargs: dict) -> tuple[str, str, dict]:
         route = ROUTES[op]
@@ -99,6 +177,8 @@ class SocketTransport:
                                                timeout=aiohttp.ClientTimeout(total=timeout), **opts)
         except aiohttp.ClientConnectionError as e:
             raise MtevmError(f"lost the connection to the mtevm daemon at {self.paths.socket}: {e}") from None
+        except TimeoutError:
+            raise self._no_answer(timeout) from None
         if resp.status >= 400:
             try:
                 err = (await resp.json(content_type=None))["error"]
@@ -109,10 +189,28 @@ class SocketTransport:
                 resp.release()
         return resp
 
-    async def call(self, op: str, **kwargs) -> Any:
-        resp = await self._send(op, kwargs, REQUEST_TIMEOUT)
+    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
+        """One request; ``extra_wait``: seconds the operation itself may rightly take (a guest's
+        shutdown grace), added to the timeout."""
+        timeout = self.timeout + extra_wait
+        resp = await self._send(op, kwargs, timeout)
         async with resp:
-            return await resp.json()
+            try:
+                return await resp.json()
+            except TimeoutError:             # the answer started, then the daemon stopped sending
+                raise self._no_answer(timeout) from None
+
+    def _no_answer(self, timeout: float) -> MtevmError:
+        """One line for a daemon that does not answer in time (stopped, overloaded, stuck)."""
+        from backend.daemon.launch import daemon_pid
+        try:
+            pid = daemon_pid(self.paths)
+        except (OSError, MtevmError):
+            pid = None
+        who = f"the mtevm daemon (pid {pid})" if pid else "the mtevm daemon"
+        return MtevmError(f"{who} did not answer within {timeout:g} s (socket {self.paths.socket}): it may be "
+                          "stopped or stuck. Wait longer with --timeout SECONDS (or MTEVM_TIMEOUT), or restart "
+                          "it with 'mtevm daemon stop' and run the command again")
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
         import aiohttp
@@ -133,6 +231,9 @@ class SocketTransport:
             except aiohttp.ClientPayloadError:
                 return  # the daemon stopped: the stream simply ends
 
+    def console(self, name: str):
+        return _SocketConsole(self, name)
+
     async def close(self) -> None:
         await self._session.close()
 
@@ -151,6 +252,11 @@ class Client:
 
     async def close(self) -> None:
         await self._t.close()
+
+    async def revive(self) -> None:
+        """Bring the daemon back after it went away (started again, as ``connect`` would) and
+        reconnect; a no-op in-process. Raises MtevmError if it cannot."""
+        await self._t.revive()
 
     @property
     def in_process(self) -> bool:
@@ -174,8 +280,8 @@ class Client:
     async def show(self, name: str) -> dict:
         return await self._t.call("show", name=name)
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
-        return await self._t.call("create", config=config, validate_only=validate_only)
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        return await self._t.call("create", config=config, validate_only=validate_only, existing=existing)
 
     async def start(self, name: str) -> dict:
         return await self._t.call("start", name=name)
@@ -204,18 +310,94 @@ class Client:
     async def migrations(self) -> list[dict]:
         return await self._t.call("migrations")
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    async def argv(self, name: str) -> list[str]:
+        """The VM's QEMU command line (running: the one it runs; stopped: the one start would run)."""
+        return await self._t.call("argv", name=name)
+
+    async def console_log(self, name: str, lines: int = 100) -> dict:
+        """``{"name", "log": path, "lines": [...]}``: the end of the VM's console log."""
+        return await self._t.call("console_log", name=name, lines=lines)
+
+    async def exec(self, name: str, args: list[str] = (), *, program: str | None = None, data: bytes | None = None,
+                   path: str | None = None, cwd: str | None = None) -> AsyncIterator[dict]:
+        """Run a program in a Linux guest: ``data`` (a static aarch64 ELF's bytes) named ``program``,
+        or a ``path`` in the guest. Yields exec-started, exec-output (``data`` as bytes) and
+        exec-exit (status, signal, pid, faults) messages; errors raise MtevmError subclasses."""
+        import base64
+        body = {"args": list(args), "program": program, "path": path, "cwd": cwd,
+                "data": base64.b64encode(data).decode() if data is not None else None}
+        stream = self._t.stream("exec", name=name, **{k: v for k, v in body.items() if v is not None})
+        try:
+            async for msg in stream:
+                if msg.get("type") == "failed":
+                    raise error_from_name(msg.get("class", "MtevmError"), msg.get("message", "exec failed"))
+                if msg.get("type") == "exec-output":
+                    msg["data"] = base64.b64decode(msg.get("data") or "")
+                yield msg
+        finally:
+            await stream.aclose()
+
+    def console(self, name: str):
+        """``async with client.console(name) as c``: ``await c.read()`` -> bytes (None: the console
+        closed), ``await c.write(data)``."""
+        return self._t.console(name)
+
+    # -- everyday operations (backend.daemon.vm_operations) ------------------------------------------
+    async def pause(self, name: str) -> dict:
+        return await self._t.call("pause", name=name)
+
+    async def resume(self, name: str) -> dict:
+        return await self._t.call("resume", name=name)
+
+    async def reboot(self, name: str) -> dict:
+        return await self._t.call("reboot", name=name)
+
+    async def shutdown(self, name: str, timeout: float | None = None) -> dict:
+        return await self._t.call("shutdown", extra_wait=SHUTDOWN_GRACE if timeout is None else timeout, name=name,
+                                  **({} if timeout is None else {"timeout": timeout}))
+
+    async def edit(self, name: str, changes: dict) -> dict:
+        return await self._t.call("edit", name=name, changes=changes)
+
+    async def clone(self, name: str, new_name: str) -> dict:
+        return await self._t.call("clone", name=name, new_name=new_name)
+
+    async def migrate_cancel(self, name: str) -> dict:
+        return await self._t.call("migrate_cancel", name=name)
+
+    async def monitor(self, name: str, command: str, hmp: bool = False) -> dict:
+        return await self._t.call("monitor", name=name, command=command, hmp=hmp)
+
+    async def snapshot_list(self, name: str) -> list[dict]:
+        return await self._t.call("snapshot_list", name=name)
+
+    async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
+        return await self._t.call("snapshot_save", name=name, tag=tag)
+
+    async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
+        return await self._t.call("snapshot_restore", name=name, tag=tag)
+
+    async def snapshot_delete(self, name: str, tag: str) -> dict:
+        return await self._t.call("snapshot_delete", name=name, tag=tag)
+
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
+        A stream with nothing to say sends a heartbeat event every HEARTBEAT_PERIOD seconds, so
+        silence for several periods means the daemon hangs. ``vcpus``: whose counters events carry
+        per-vCPU figures: "all", "none" (VM totals only: a front end watching a big fleet) or one VM's name.
 
         A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
-        return self._t.stream("events", rate_hz=rate_hz)
+        return self._t.stream("events", rate_hz=rate_hz, vcpus=vcpus)
 
 
 async def connect(in_process: bool = False, runtime_dir: str | None = None, state_dir: str | None = None,
-                  *, start_daemon: bool = True, hosts: dict | None = None) -> Client:
+                  *, start_daemon: bool = True, hosts: dict | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> Client:
     """A Client: in-process (a fresh Service on ``state_dir``) or to the daemon (started on demand).
 
     ``hosts`` (in-process only) replaces the registry's hosts, e.g. to give tests their own drivers.
+    ``timeout``: seconds to wait for each answer of the daemon (backend.config.resolve_timeout
+    gives the user's choice); then MtevmError in one line.
     """
     paths = Paths.resolve(runtime_dir, state_dir)
     if in_process:
@@ -228,4 +410,4 @@ async def connect(in_process: bool = False, runtime_dir: str | None = None, stat
         await asyncio.to_thread(launch.ensure_daemon, paths)
     elif not await asyncio.to_thread(launch.socket_alive, paths):
         raise MtevmError(f"no mtevm daemon is running (socket {paths.socket}): run 'mtevm daemon'")
-    return Client(SocketTransport(paths))
+    return Client(SocketTransport(paths, start_daemon=start_daemon, timeout=timeout))

@@ -1,4 +1,5 @@
-"""Where mtevm keeps its files: a runtime dir (socket, pid, locks) and a state dir (store, logs).
+"""Where mtevm keeps its files: a runtime dir (socket, pid, locks), a state dir (store, logs) and a
+cache dir (guest images, downloaded packages; see cache_dir()).
 
 Both follow the XDG rules through platformdirs, can be moved with ``MTEVM_RUNTIME_DIR`` /
 ``MTEVM_STATE_DIR`` (or ``--runtime-dir`` / ``--state-dir``), and are created private (0700)
@@ -42,6 +43,12 @@ def default_runtime_dir() -> str:
 
 def default_state_dir() -> str:
     return platformdirs.user_state_dir(APP)
+
+
+def cache_dir() -> str:
+    """Downloaded packages and built guest images: ``MTEVM_CACHE_DIR``, else the XDG cache dir.
+    Everything there can be rebuilt (``mtevm image build``), so it may be deleted at any time."""
+    return os.path.abspath(os.environ.get("MTEVM_CACHE_DIR") or platformdirs.user_cache_dir(APP))
 
 
 @dataclass(frozen=True)

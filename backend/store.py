@@ -19,7 +19,7 @@ from typing import Iterator
 
 from backend.errors import StoreError, StoreWriteError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -31,7 +31,9 @@ CREATE TABLE vms (
     state      TEXT NOT NULL DEFAULT 'stopped',
     last_error TEXT,
     created    REAL NOT NULL,
-    qemu_args  TEXT NOT NULL DEFAULT '[]' -- extra QEMU arguments (local host), a JSON list
+    qemu_args  TEXT NOT NULL DEFAULT '[]', -- extra QEMU arguments (local host), a JSON list
+    guest      TEXT NOT NULL DEFAULT '{}', -- what a local VM boots: GuestConfig.to_dict() ({} = builtin)
+    allow_host_files INTEGER NOT NULL DEFAULT 0 -- may qemu_args name host files (--allow-host-files)
 );
 CREATE TABLE pending (                   -- changes to apply at the next start, e.g. {"mte": true}
     vm    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
@@ -66,6 +68,10 @@ _TABLES = {"vms", "pending", "runtime", "migrations"}   # in every version (host
 _UPGRADES = {
     2: ["ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'"],
     3: [_HOSTS_TABLE],
+    # Version 3 stores, written before Linux guests existed: their VMs boot the builtin guest.
+    4: ["ALTER TABLE vms ADD COLUMN guest TEXT NOT NULL DEFAULT '{}'"],
+    # Version 4 stores: no VM opted in to host files in its qemu_args.
+    5: ["ALTER TABLE vms ADD COLUMN allow_host_files INTEGER NOT NULL DEFAULT 0"],
 }
 
 
@@ -83,6 +89,8 @@ class VmRow:
     pending: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
     qemu_args: list = field(default_factory=list)
+    guest: dict = field(default_factory=dict)
+    allow_host_files: bool = False     # qemu_args may name host files (the user opted in)
 
 
 def check_writable(path: str) -> None:
@@ -151,6 +159,19 @@ def _check_existing(path: str) -> None:
     except sqlite3.DatabaseError as e:
         raise StoreError(f"the mtevm store {path} is corrupted ({e}); "
                          "it was left untouched: move it away to start with an empty store") from None
+
+
+def _write_definition(db: sqlite3.Connection, name: str, *, host: str | None = None, config: dict | None = None,
+                      workload: dict | None = None, qemu_args: list | None = None,
+                      pending: dict | None = None) -> None:
+    """The given parts of a VM's definition (None: unchanged), inside the caller's transaction."""
+    if host is not None:
+        db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
+    for column, value in (("config", config), ("workload", workload), ("qemu_args", qemu_args)):
+        if value is not None:
+            db.execute(f"UPDATE vms SET {column}=? WHERE name=?", (json.dumps(value), name))
+    if pending is not None:
+        _replace_pending(db, name, pending)
 
 
 def _replace_pending(db: sqlite3.Connection, name: str, pending: dict) -> None:
@@ -222,11 +243,12 @@ class Store:
     # -- VM definitions ---------------------------------------------------------------------------
     def load_vms(self) -> list[VmRow]:
         rows = {}
-        for name, host, config, workload, state, last_error, created, qemu_args in self._db.execute(
-                "SELECT name, host, config, workload, state, last_error, created, qemu_args FROM vms "
-                "ORDER BY created, name"):
+        for name, host, config, workload, state, last_error, created, qemu_args, guest, host_files in self._db.execute(
+                "SELECT name, host, config, workload, state, last_error, created, qemu_args, guest, allow_host_files "
+                "FROM vms ORDER BY created, name"):
             rows[name] = VmRow(name, host, json.loads(config), json.loads(workload), state, last_error, created,
-                               qemu_args=json.loads(qemu_args))
+                               qemu_args=json.loads(qemu_args), guest=json.loads(guest),
+                               allow_host_files=bool(host_files))
         for vm, key, value in self._db.execute("SELECT vm, key, value FROM pending"):
             rows[vm].pending[key] = json.loads(value)
         for vm, info in self._db.execute("SELECT vm, info FROM runtime"):
@@ -235,38 +257,26 @@ class Store:
 
     def add_vm(self, row: VmRow) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms (name, host, config, workload, state, last_error, created, qemu_args, guest, "
+                       "allow_host_files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.name, row.host, json.dumps(row.config), json.dumps(row.workload),
-                        row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args)))
+                        row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args),
+                        json.dumps(row.guest), int(row.allow_host_files)))
 
-    def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
-                  workload: dict | None = None, pending: dict | None = None) -> None:
-        """Change a definition (and, when given, replace its pending changes) in one transaction."""
+    def update_vm(self, name: str, **definition) -> None:
+        """Change a definition (host=, config=, workload=, qemu_args=, and pending= which replaces the
+        pending changes; each when given) in one transaction."""
         with self._tx() as db:
-            if host is not None:
-                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
-            if config is not None:
-                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
-            if workload is not None:
-                db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
-            if pending is not None:
-                _replace_pending(db, name, pending)
+            _write_definition(db, name, **definition)
 
     def set_state(self, name: str, state: str, last_error: str | None = None,
-                  runtime: dict | None = None, *, config: dict | None = None, pending: dict | None = None,
-                  host: str | None = None) -> None:
-        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. ``config``,
-        ``pending`` and ``host`` (when given) change in the same transaction (a start applies pending
+                  runtime: dict | None = None, **definition) -> None:
+        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. The
+        ``definition`` keys of update_vm change in the same transaction (a start applies pending
         changes; a migration moves the VM)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET state=?, last_error=? WHERE name=?", (state, last_error, name))
-            if host is not None:
-                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
-            if config is not None:
-                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
-            if pending is not None:
-                _replace_pending(db, name, pending)
+            _write_definition(db, name, **definition)
             if runtime is not None:
                 db.execute("DELETE FROM runtime WHERE vm=?", (name,))
                 if runtime:

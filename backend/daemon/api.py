@@ -30,6 +30,13 @@ def parse_float(key: str, text: str) -> float:
     return value
 
 
+def parse_int(key: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"query parameter {key}: {text!r} is not a whole number") from None
+
+
 def parse_str(key: str, text: str) -> str:
     return text
 
@@ -58,6 +65,10 @@ class Route:
 
 # {name:[^/]*}: an empty or odd name still reaches the Service, which answers "no VM named ..."
 # exactly as it does in-process.
+# The default time a guest agent gets to power off (shutdown without timeout): the server applies
+# it, and a client waits that much longer for the answer.
+SHUTDOWN_GRACE = 30.0
+
 _VM = "/v1/vms/{name:[^/]*}"
 
 ROUTES: dict[str, Route] = {r.op: r for r in (
@@ -67,7 +78,7 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("probe", "GET", "/v1/probe", query={"host": ("host", parse_str)}),
     Route("list", "GET", "/v1/vms"),
     Route("create", "POST", "/v1/vms", body_whole="config",
-          query={"validate_only": ("validate_only", parse_bool)}),
+          query={"validate_only": ("validate_only", parse_bool), "existing": ("existing", parse_bool)}),
     Route("show", "GET", _VM),
     Route("delete", "DELETE", _VM),
     Route("start", "POST", _VM + "/start"),
@@ -78,5 +89,27 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("counters", "GET", _VM + "/counters"),
     Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
     Route("migrations", "GET", "/v1/migrations"),
-    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float), "vcpus": ("vcpus", parse_str)},
+          stream=True),
+    # Guests of the local host (backend.daemon.guest_ops). The interactive console is a WebSocket
+    # on CONSOLE_PATH (not in this table: it is not request/response).
+    Route("argv", "GET", _VM + "/argv"),
+    Route("console_log", "GET", _VM + "/console/log", query={"lines": ("lines", parse_int)}),
+    Route("exec", "POST", _VM + "/exec", stream=True,
+          body={k: k for k in ("args", "program", "data", "path", "cwd")}),
+    # the everyday operations (backend.daemon.vm_operations)
+    Route("pause", "POST", _VM + "/pause"),
+    Route("resume", "POST", _VM + "/resume"),
+    Route("reboot", "POST", _VM + "/reboot"),
+    Route("shutdown", "POST", _VM + "/shutdown", body={"timeout": "timeout"}),
+    Route("edit", "PATCH", _VM, body={"changes": "changes"}),
+    Route("clone", "POST", _VM + "/clone", body={"new_name": "new_name"}),
+    Route("migrate_cancel", "POST", _VM + "/migrate/cancel"),
+    Route("monitor", "POST", _VM + "/monitor", body={"command": "command", "hmp": "hmp"}),
+    Route("snapshot_list", "GET", _VM + "/snapshots"),
+    Route("snapshot_save", "POST", _VM + "/snapshots", body={"tag": "tag"}),
+    Route("snapshot_restore", "POST", _VM + "/snapshots/restore", body={"tag": "tag"}),
+    Route("snapshot_delete", "POST", _VM + "/snapshots/delete", body={"tag": "tag"}),
 )}
+
+CONSOLE_PATH = _VM + "/console"   # GET, upgraded to a WebSocket: binary frames both ways

@@ -15,9 +15,10 @@ import os
 
 from aiohttp import web
 
-from backend.daemon.api import ROUTES, Route
+from backend.daemon.api import CONSOLE_PATH, ROUTES, Route
 from backend.daemon.launch import peer_uid
 from backend.daemon.service import Service
+from backend import jsonvalues
 from backend.errors import ConfigError, MtevmError, NotFoundError, error_payload
 
 log = logging.getLogger("mtevm.daemon")
@@ -66,9 +67,9 @@ async def _read_body(request: web.Request):
     if not request.can_read_body:
         return {}
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"the request body is not JSON: {e}") from None
+        return jsonvalues.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as e:    # bad syntax, bad UTF-8, nested too deeply
+        raise ConfigError(f"the request body is not usable JSON: {e}") from None
 
 
 async def _kwargs(request: web.Request, route: Route) -> dict:
@@ -136,8 +137,40 @@ async def _stream(request: web.Request, events) -> web.StreamResponse:
     return resp
 
 
+MAX_REQUEST = 64 << 20   # an exec request carries a program of up to 32 MiB as base64
+
+
+def _console_handler(service: Service):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """``mtevm console``: a WebSocket; guest output as binary frames, typed input back."""
+        session = service.console_session(request.match_info["name"])   # errors: plain JSON replies
+        ws = web.WebSocketResponse(heartbeat=None)
+        await ws.prepare(request)
+
+        async def pump_out() -> None:
+            while (chunk := await session.read()) is not None:
+                await ws.send_bytes(chunk)
+            await ws.close()
+
+        out = asyncio.ensure_future(pump_out())
+        try:
+            async for msg in ws:
+                if msg.type == web.WSMsgType.BINARY:
+                    await session.write(msg.data)
+                elif msg.type == web.WSMsgType.TEXT:
+                    await session.write(msg.data.encode())
+        finally:
+            out.cancel()
+            await asyncio.gather(out, return_exceptions=True)
+            await session.close()
+        return ws
+
+    return handle
+
+
 def build_app(service: Service) -> web.Application:
-    app = web.Application(middlewares=[only_our_uid, errors_as_json])
+    app = web.Application(middlewares=[only_our_uid, errors_as_json], client_max_size=MAX_REQUEST)
     for route in ROUTES.values():
         app.router.add_route(route.method, route.path, _handler(service, route))
+    app.router.add_route("GET", CONSOLE_PATH, _console_handler(service))
     return app

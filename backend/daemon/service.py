@@ -18,8 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from backend.daemon.events import EventBus, check_event_rate
+from backend.daemon.events import HEARTBEAT_PERIOD, EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
+from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
+from backend.guests.definition import GuestConfig
+from backend.daemon.vm_operations import VmOperations
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts, create_libvirt_host
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -31,8 +34,8 @@ from backend.store import Store, VmRow
 log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
-               "qemu_args")
-ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
+               "qemu_args", "guest", "allow_host_files")
+ACTIVE_STATES = ("starting", "running", "stopping", "migrating", "paused")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
@@ -82,6 +85,8 @@ class VmRecord:
     stderr: list[str] = field(default_factory=list)
     rate: FaultRate = field(default_factory=FaultRate)
     qemu_args: list[str] = field(default_factory=list)   # extra QEMU arguments (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)   # what it boots (local host only)
+    allow_host_files: bool = False   # qemu_args may name host files (create --allow-host-files)
     operation: Operation | None = None   # the one operation running on this VM (backend.daemon.operations)
 
 
@@ -103,8 +108,9 @@ def _stopped_vcpus(rec: VmRecord) -> list[dict]:
              "last_fault": None} for i in range(rec.config.vcpus)]
 
 
-class Service:
-    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
+class Service(GuestOps, VmOperations):
+    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``.
+    The everyday operations (pause, snapshots, edit, ...) are in backend.daemon.vm_operations."""
 
     def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
         self.paths = paths
@@ -114,6 +120,7 @@ class Service:
         self.bus = EventBus()
         self.store: Store | None = None
         self._migrations: dict[int, dict] = {}
+        self._cancel_requested: set[int] = set()     # migration ids the user cancelled
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         self._closed = False
@@ -127,49 +134,91 @@ class Service:
             self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
             for h in self.store.load_hosts():
                 await self._open_host(create_libvirt_host(h["name"], h["uri"]))
-            for m in self.store.load_migrations():
+            cut_short: dict[str, dict] = {}     # VM -> its migration the last daemon did not see end
+            for m in self.store.load_migrations():   # newest first
                 self._migrations[m["id"]] = m
+                if m["state"] in ("setup", "active"):
+                    cut_short.setdefault(m["vm"], m)
+            for row in self.store.load_vms():
+                await self._load_vm(row, cut_short.pop(row.name, None))
+            for m in self._migrations.values():
                 if m["state"] in ("setup", "active"):
                     self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
                                            finished=time.time())
-            for row in self.store.load_vms():
-                await self._load_vm(row)
+            for host in self.hosts.values():
+                for pid in await host.reap():
+                    log.warning("host %s: stopped QEMU pid %d, which no VM owns any more", host.name, pid)
         except BaseException:
             self.store.close()
             raise
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
-    async def _load_vm(self, row: VmRow) -> None:
+    async def _load_vm(self, row: VmRow, migration: dict | None) -> None:
         try:
             config = VirtMachineConfig.from_dict(row.config)
             workload = WorkloadConfig.from_dict(row.workload)
+            guest = GuestConfig.from_dict(row.guest)
         except (MtevmError, TypeError, ValueError) as e:
             log.error("VM %s: stored definition is not valid any more (%s); it is kept in the store "
                       "but not shown", row.name, e)
             return
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
-                       qemu_args=list(row.qemu_args))
+                       qemu_args=list(row.qemu_args), guest=guest, allow_host_files=row.allow_host_files)
         self.vms[rec.name] = rec
-        if row.state not in ACTIVE_STATES:
-            rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
-            return
         host = self.hosts.get(row.host)
-        if host is None or host.kind == "simulated" or not row.runtime:
+        if host is None or host.kind == "simulated":
             # Simulated VMs lived inside the previous daemon: they stopped with it.
-            self._note_state(rec, "stopped", runtime={})
+            if row.state != "stopped" or row.runtime:
+                self._note_state(rec, row.state if row.state == "crashed" else "stopped", runtime={})
             return
+        await self._recover(rec, host, row, migration)
+
+    async def _recover(self, rec: VmRecord, host: Host, row: VmRow, migration: dict | None) -> None:
+        """Make the VM what QEMU says it is. The store holds the last daemon's intent ("starting",
+        "running", "stopping", ...) and runtime; the host finds every QEMU of the VM and adopts the
+        one that really runs it (a start or migration the last daemon did not live to finish) or
+        stops them all (a stop it did not finish, or a stopped VM). A cut-short migration's record
+        gets its real outcome: completed if the VM now runs on the destination QEMU."""
+        want_running = row.state in ACTIVE_STATES and row.state != "stopping"
         try:
-            rec.running = await host.reattach(self._spec(rec), row.runtime)
-        except Exception as e:  # a reattach that fails must not stop the daemon from starting
-            log.exception("VM %s: reattach failed", rec.name)
-            rec.last_error = f"reattach failed: {e}"
-        if rec.running is not None and rec.running.state == "running":
-            rec.state = "running"
-            log.info("VM %s: reattached", rec.name)
+            found = await host.recover(self._spec(rec), row.runtime, want_running=want_running)
+        except Exception as e:   # a recovery that fails must not stop the daemon from starting
+            log.exception("VM %s: recovery failed", rec.name)
+            found, error = None, f"reattach failed: {e}"
         else:
-            rec.running = None
+            error = found.reason
+        if found and found.stopped:
+            log.warning("VM %s: stopped QEMU pid(s) %s that no longer ran it", rec.name,
+                        ", ".join(map(str, found.stopped)))
+        if migration is not None:
+            self._settle_migration(rec, migration, found)
+        if found is not None and found.vm is not None and found.vm.state == "running":
+            rec.running = found.vm
+            self._note_state(rec, "paused" if found.vm.paused else "running", runtime=found.vm.runtime_info())
+            log.info("VM %s: %s", rec.name, "adopted" if row.state != "running" else "reattached")
+        elif want_running and row.state != "starting" and (row.runtime or error):
             self._note_state(rec, "crashed", runtime={},
-                             last_error=rec.last_error or "the VM was gone when the daemon restarted")
+                             last_error=error or "the VM was gone when the daemon restarted")
+        elif row.state != "stopped" or row.runtime:
+            self._note_state(rec, "crashed" if row.state == "crashed" else "stopped", runtime={},
+                             last_error=error if row.state == "starting" else KEEP)
+
+    def _settle_migration(self, rec: VmRecord, m: dict, found) -> None:
+        """The real outcome of a migration the last daemon did not see end, from what QEMU said."""
+        if found is not None and found.vm is not None and found.moved:
+            self._update_migration(m, state="completed", progress=1.0, finished=time.time(),
+                                   reason="completed while no daemon watched it (found by the next daemon)")
+            if m["dst"] != rec.host and m["dst"] in self.hosts:
+                rec.host = m["dst"]
+                try:
+                    self.store.update_vm(rec.name, host=rec.host)
+                except StoreError as e:
+                    log.error("VM %s: %s", rec.name, e)
+            return
+        where = "the VM runs on its source" if found is not None and found.vm is not None else "the VM is not running"
+        self._update_migration(m, state="failed", finished=time.time(),
+                               reason=f"the daemon stopped during the migration, which QEMU had not "
+                                      f"completed; {where}")
 
     async def close(self) -> None:
         """Stop cleanly: simulated VMs stop and are saved as stopped; real QEMU VMs keep running
@@ -220,7 +269,12 @@ class Service:
 
     def _spec(self, rec: VmRecord) -> VmSpec:
         return VmSpec(rec.config, rec.workload, os.path.join(self.paths.vm_runtime_root, rec.name),
-                      extra_args=list(rec.qemu_args))
+                      extra_args=list(rec.qemu_args), guest=rec.guest, log_dir=self._log_dir(rec.name),
+                      allow_host_files=rec.allow_host_files)
+
+    def _log_dir(self, name: str) -> str:
+        """A VM's console log lives in the state dir: it outlives the VM, the daemon and a reboot."""
+        return os.path.join(self.paths.state_dir, "vms", name)
 
     def _vcpus(self, rec: VmRecord) -> list[dict]:
         return rec.running.vcpus() if rec.running is not None else _stopped_vcpus(rec)
@@ -242,12 +296,29 @@ class Service:
                            "secure": c.secure, "only_migratable": c.only_migratable},
                 "workload": rec.workload.to_dict(),
                 "qemu_args": list(rec.qemu_args),
+                "allow_host_files": rec.allow_host_files,
                 "vcpus": self._vcpus(rec),
                 "blocked_reasons": list(await running.blocked_reasons()) if running else [],
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
                 "stderr": running.stderr_tail() if running else list(rec.stderr),
-                "migration_targets": self._migration_targets(rec)}
+                "migration_targets": self._migration_targets(rec),
+                "warnings": self._start_warnings(rec.host, self._next_config(rec)),
+                **guest_detail(rec.guest, running)}
+
+    def _next_config(self, rec: VmRecord) -> VirtMachineConfig:
+        """The definition the VM's next start realizes: its config with any pending change applied."""
+        return self._pending_applied(rec).get("config", rec.config)
+
+    def _start_warnings(self, host_name: str, config: VirtMachineConfig) -> list[str]:
+        """Why ``config`` can never start on ``host_name``: the host's dry run of the seed's decision
+        tree (QEMU's text), [] if it can. The one rule behind create, validate_only and every VmDetail,
+        so the forms and the CLI warn alike."""
+        try:
+            self.hosts[host_name].check_config(config)
+        except MtevmError as e:
+            return [str(e)]
+        return []
 
     def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
         """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
@@ -263,7 +334,8 @@ class Service:
         error = rec.last_error if last_error is KEEP else last_error
         if persist:
             self.store.set_state(rec.name, state, error, runtime=runtime,
-                                 **{k: v.to_dict() if k == "config" else v for k, v in definition.items()})
+                                 **{k: v.to_dict() if k in ("config", "workload") else v
+                                    for k, v in definition.items()})
         self._apply_state(rec, state, error, definition)
 
     def _note_state(self, rec: VmRecord, state: str, *, runtime: dict | None = None, last_error=KEEP,
@@ -343,16 +415,18 @@ class Service:
         return next((vm for vm in self._foreign_vms() if vm["name"] == name), None)
 
     async def show(self, name: str) -> dict:
-        foreign = self._foreign(name) if name not in self.vms else None
+        foreign = self._foreign(name) if _check_name(name) not in self.vms else None
         if foreign is not None:
             return {**foreign, "config": {k: foreign[k] for k in ("accel", "cpu", "vcpus", "memory", "mte")}
-                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [], "vcpus": [],
+                    | {"secure": False, "only_migratable": False}, "workload": {}, "qemu_args": [],
+                    "allow_host_files": False, "vcpus": [],
                     "blocked_reasons": [], "last_faults": [], "tag_memory": None, "stderr": []}
         return await self._detail(self._vm(name))
 
-    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str]]:
-        """A create() request -> (host name, machine config, workload, qemu_args), with the documented
-        defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass them to."""
+    def _parse_definition(self, config) -> tuple[str, VirtMachineConfig, WorkloadConfig, list[str], bool]:
+        """A create() request -> (host name, machine config, workload, qemu_args, allow_host_files), with
+        the documented defaults. qemu_args are checked by the host: only ``local`` runs a QEMU to pass
+        them to, and only with allow_host_files may they name host files."""
         if not isinstance(config, dict):
             raise ConfigError(f"a VM definition must be a JSON object, not {type(config).__name__}")
         unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
@@ -361,10 +435,11 @@ class Service:
         host_name = config.get("host", DEFAULT_HOST)
         if host_name is None:
             host_name = DEFAULT_HOST
-        if not isinstance(host_name, str) or host_name not in self.hosts:
-            raise ConfigError(f"unknown host {host_name!r} (hosts: {', '.join(self.hosts)})")
-        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"))
-        machine = {k: v for k, v in config.items() if k not in ("host", "workload", "qemu_args") and v is not None}
+        self._host(host_name)      # an unknown host: the same NotFoundError as migrate --to and probe --host
+        allow_host_files = _check_bool("allow_host_files", config.get("allow_host_files", False))
+        qemu_args = self.hosts[host_name].check_extra_args(config.get("qemu_args"), allow_host_files=allow_host_files)
+        machine = {k: v for k, v in config.items()
+                   if k not in ("host", "workload", "qemu_args", "guest", "allow_host_files") and v is not None}
         machine.setdefault("accel", _default_accel(self.hosts[host_name]))
         machine.setdefault("cpu", "host" if machine["accel"] == "kvm" else "max")
         try:
@@ -374,30 +449,46 @@ class Service:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid VM definition: {e}") from None
-        return host_name, vm_config, workload, qemu_args
+        self.hosts[host_name].check_limits(vm_config, workload)   # what this host can honour, before anything runs
+        return host_name, vm_config, workload, qemu_args, allow_host_files
 
-    async def create(self, config: dict, validate_only: bool = False) -> dict:
+    async def create(self, config: dict, validate_only: bool = False, existing: bool = False) -> dict:
+        """Store a new definition (VmDetail, with ``warnings``), or with ``validate_only`` only check it:
+        ``{"ok", "error", "warnings"}``. ``error``: the definition is malformed (nothing is stored).
+        ``warnings``: it is well formed but can never start on its host, with QEMU's text from the
+        seed's decision tree (dry run); such a definition is accepted, since the user may move it.
+        ``existing`` (with validate_only): check it as the new definition of that existing VM (the
+        edit form), not as a new one."""
         _check_bool("validate_only", validate_only)
+        _check_bool("existing", existing)
+        if existing and not validate_only:
+            raise ConfigError("existing applies to validate_only: change a VM with its own operations")
         if validate_only:
             try:
-                host_name, vm_config, _, _ = self._parse_definition(config)
-                if vm_config.name in self.vms:
+                host_name, vm_config, *_ = self._parse_definition(config)
+                await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
+                if existing:
+                    self._vm(vm_config.name)
+                elif vm_config.name in self.vms:
                     raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-                self.hosts[host_name].check_config(vm_config)
             except MtevmError as e:
-                return {"ok": False, "error": str(e)}
-            return {"ok": True, "error": None}
-        host_name, vm_config, workload, qemu_args = self._parse_definition(config)
+                return {"ok": False, "error": str(e), "warnings": []}
+            return {"ok": True, "error": None, "warnings": self._start_warnings(host_name, vm_config)}
+        host_name, vm_config, workload, qemu_args, allow_host_files = self._parse_definition(config)
+        guest = await asyncio.to_thread(parse_guest, config.get("guest"), self.hosts[host_name])
         if vm_config.name in self.vms:
             raise ConfigError(f"a VM named {vm_config.name!r} already exists")
-        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args)
+        rec = VmRecord(vm_config.name, host_name, vm_config, workload, qemu_args=qemu_args, guest=guest,
+                       allow_host_files=allow_host_files)
         host = self.hosts[host_name]
         await host.define(self._spec(rec))      # libvirt: the persistent domain (checked first)
         try:
-            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args))
+            self.store.add_vm(VmRow(rec.name, host_name, vm_config.to_dict(), workload.to_dict(), qemu_args=qemu_args,
+                                    guest=guest.to_dict(), allow_host_files=allow_host_files))
         except BaseException:
             await host.undefine(rec.name)
             raise
+        remove_console_log(self._log_dir(rec.name))   # an older VM of that name left its log
         self.vms[rec.name] = rec
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
@@ -410,6 +501,10 @@ class Service:
             await self.hosts[rec.host].undefine(rec.name)    # libvirt: undefine the domain
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
+            remove_console_log(self._log_dir(rec.name))
+            host = self.hosts.get(rec.host)
+            if host is not None:
+                host.forget(self._spec(rec))     # its runtime directory and QEMU logs go with it
             self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
@@ -448,12 +543,20 @@ class Service:
         return await self._detail(rec)
 
     def _pending_applied(self, rec: VmRecord) -> dict:
-        """The definition with the pending changes applied ({} when none): config=, pending=."""
+        """The definition with the pending changes applied ({} when none): config=, pending= (and
+        workload=, qemu_args= when those are pending: see backend.daemon.vm_operations.edit)."""
         if not rec.pending:
             return {}
+        pending = dict(rec.pending)
+        workload, qemu_args = pending.pop("workload", None), pending.pop("qemu_args", None)
         d = rec.config.to_dict()
-        d.update(rec.pending)
-        return {"config": VirtMachineConfig.from_dict(d), "pending": {}}
+        d.update(pending)
+        applied = {"config": VirtMachineConfig.from_dict(d), "pending": {}}
+        if workload:
+            applied["workload"] = WorkloadConfig.from_dict({**rec.workload.to_dict(), **workload})
+        if qemu_args is not None:
+            applied["qemu_args"] = list(qemu_args)
+        return applied
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
@@ -461,7 +564,7 @@ class Service:
             return await self._stop(rec)
 
     async def _stop(self, rec: VmRecord) -> dict:
-        if rec.state != "running":
+        if rec.state not in ("running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
         # Intent first ("stopping", the runtime kept): a daemon killed now is followed by one that
         # finishes the stop. A store that cannot be written refuses the stop: nothing changed.
@@ -510,7 +613,8 @@ class Service:
         rec = self._vm(name)
         if vcpu is not None and (not isinstance(vcpu, int) or isinstance(vcpu, bool)
                                  or not 0 <= vcpu < rec.config.vcpus):
-            raise ConfigError(f"vcpu must be a vCPU index 0..{rec.config.vcpus - 1} or null (all), not {vcpu!r}")
+            raise ConfigError(f"VM {rec.name!r} has no vCPU {vcpu!r}: give a vCPU index 0..{rec.config.vcpus - 1}, "
+                              "or no vCPU to set all of them")
         if tcf not in TCF_NAMES:
             raise ConfigError(f"tcf {tcf!r} is not one of {', '.join(TCF_NAMES)}")
         if vcpu is None:
@@ -540,7 +644,7 @@ class Service:
         vcpus = await running.sample()
         total = sum(v["sync_faults"] + v["async_faults"] for v in vcpus)
         rec.rate.update(time.monotonic(), total)
-        if running.state == "crashed" and rec.running is running and rec.state == "running":
+        if running.state == "crashed" and rec.running is running and rec.state in ("running", "paused"):
             rec.stderr = running.stderr_tail()
             rec.running = None
             rec.rate.reset()
@@ -577,38 +681,67 @@ class Service:
                     except Exception:
                         log.exception("VM %s: sampling failed", rec.name)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """State changes and migration progress as they happen, plus a counters event per running
-        VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
-        return self._events(check_event_rate(rate_hz))
+        VM every 1/rate_hz seconds. ``vcpus``: whose counters events carry the per-vCPU list
+        ("all", "none": VM totals only, or a VM name). A bad argument raises here, before any iteration."""
+        if not isinstance(vcpus, str) or not vcpus:
+            raise ConfigError(f"vcpus must be \"all\", \"none\" or a VM name, not {vcpus!r}")
+        return self._events(check_event_rate(rate_hz), vcpus)
 
-    async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+    async def _events(self, rate_hz: float, vcpus: str = "all") -> AsyncIterator[dict]:
+        """Counter samples are coalesced per VM for a slow client: when the client is ready for
+        the next round, each VM's sample is taken then (the latest wins, nothing queues up), and
+        carries ``skipped``: how many of this VM's ticks passed since its last delivered sample
+        without one. Memory per client: one tick number per VM. A queued state/migration event
+        that had to be dropped (queue full) is counted in the next one's ``skipped_events``."""
         q = self.bus.subscribe()
         period = 1.0 / rate_hz
         loop = asyncio.get_running_loop()
-        next_tick = loop.time()
+        start = next_tick = loop.time()
+        last_sent = loop.time()
+        delivered: dict[str, int] = {}          # VM name -> the tick of its last delivered sample
         try:
             while True:
-                timeout = next_tick - loop.time()
+                if loop.time() - last_sent >= HEARTBEAT_PERIOD:       # nothing else said for a while
+                    last_sent = loop.time()
+                    yield {"type": "heartbeat", "time": time.time()}
+                timeout = min(next_tick, last_sent + HEARTBEAT_PERIOD) - loop.time()
                 if timeout > 0:
                     try:
                         event = await asyncio.wait_for(q.get(), timeout)
                     except TimeoutError:
-                        pass
-                    else:
-                        if event is None:  # the service is closing
-                            return
-                        yield event
+                        continue            # a tick or a heartbeat is due: decided above and below
+                    if event is None:  # the service is closing
+                        return
+                    last_sent = loop.time()
+                    dropped = self.bus.dropped(q)
+                    yield {**event, "skipped_events": dropped} if dropped else event
+                    continue
+                now = loop.time()
+                if now < next_tick:
+                    continue                # the heartbeat was due, not the tick
+                tick = int((now - start) / period)
+                next_tick = start + (tick + 1) * period
+                running = [rec for rec in list(self.vms.values())
+                           if rec.running is not None and rec.state in ("running", "migrating")]
+                for name in set(delivered) - {rec.name for rec in running}:
+                    del delivered[name]
+                for rec in running:
+                    try:
+                        counters = await self._counters(rec)
+                    except Exception:
+                        log.exception("VM %s: sampling failed", rec.name)
                         continue
-                next_tick = max(next_tick + period, loop.time())
-                for rec in list(self.vms.values()):
-                    if rec.running is not None and rec.state in ("running", "migrating"):
-                        try:
-                            counters = await self._counters(rec)
-                        except Exception:
-                            log.exception("VM %s: sampling failed", rec.name)
-                            continue
-                        yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
+                    if vcpus != "all" and vcpus != rec.name:
+                        del counters["vcpus"]          # VM totals only: a big fleet's list needs no more
+                    skipped = max(0, tick - delivered.get(rec.name, tick - 1) - 1)
+                    delivered[rec.name] = tick
+                    last_sent = loop.time()
+                    yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters,
+                           "skipped": skipped}
+                    # a client that took longer than a tick to take this round: later VMs get a fresher tick
+                    tick = max(tick, int((loop.time() - start) / period))
         finally:
             self.bus.unsubscribe(q)
 
@@ -694,7 +827,11 @@ class Service:
             raise
         except Exception as e:
             reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
-            self._update_migration(m, state="failed", reason=reason, finished=time.time())
+            if m["id"] in self._cancel_requested:
+                self._update_migration(m, state="cancelled", reason="cancelled by the user", finished=time.time())
+            else:
+                self._update_migration(m, state="failed", reason=reason, finished=time.time())
+            self._cancel_requested.discard(m["id"])
             self._set_state(rec, "running", persist=False)
             log.warning("VM %s: migration %d to %s failed: %s", rec.name, m["id"], dst.name, reason)
             return

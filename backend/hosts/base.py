@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from backend.guests.definition import GuestConfig
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 
@@ -35,6 +36,20 @@ class VmSpec:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     runtime_dir: str = ""     # a private directory for this VM's sockets and logs (local host)
     extra_args: list[str] = field(default_factory=list)   # the definition's qemu_args (local host only)
+    guest: GuestConfig = field(default_factory=GuestConfig)  # what a local VM boots (builtin, linux, custom)
+    log_dir: str = ""         # where the VM's console log is kept (its state dir; local host)
+    allow_host_files: bool = False   # extra_args may name host files (the user opted in: --allow-host-files)
+
+
+@dataclass
+class Recovery:
+    """What Host.recover found: the adopted VM (or None) and what happened to the others."""
+
+    vm: "RunningVm | None"
+    stopped: list[int] = field(default_factory=list)   # pids of the processes it stopped
+    moved: bool = False      # the adopted VM is not the saved one: a migration had completed
+    others: bool = False     # more than one process was found: a migration was under way
+    reason: str | None = None   # why nothing was adopted, when something was found
 
 
 class Host(abc.ABC):
@@ -54,7 +69,7 @@ class Host(abc.ABC):
     def check_config(self, config: VirtMachineConfig) -> None:
         """Dry-run the seed's decision tree for ``config`` on this host; raise RealizeError."""
 
-    def check_extra_args(self, extra_args) -> list[str]:
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
         """Validate a definition's ``qemu_args``; hosts without a QEMU process refuse any."""
         from backend.errors import ConfigError
         if extra_args:
@@ -64,6 +79,10 @@ class Host(abc.ABC):
             raise ConfigError("qemu_args must be a list of strings")
         return []
 
+    def check_limits(self, config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+        """ConfigError (naming the limit) if this host cannot honour the definition; checked at
+        create, in the create form (validate_only) and at start, before anything runs."""
+
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> "RunningVm":
         """Boot the VM. Raises RealizeError (QEMU's text) leaving nothing behind."""
@@ -71,6 +90,20 @@ class Host(abc.ABC):
     async def reattach(self, spec: VmSpec, runtime: dict) -> "RunningVm | None":
         """Find a VM that outlived the previous daemon (``runtime`` is what it saved); None if gone."""
         return None
+
+    async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> "Recovery":
+        """At daemon start-up: what became of this VM (``runtime`` is what the last daemon saved).
+        Adopt what really runs it if ``want_running``, else stop it. LocalHost asks QEMU and does
+        both; the default only reattaches ``runtime`` (what runs is shown running, whatever the
+        last daemon meant to do: the user can stop it again)."""
+        return Recovery(await self.reattach(spec, runtime) if runtime else None)
+
+    async def reap(self) -> list[int]:
+        """After start-up reconciliation: stop what this host launched that no VM adopted; pids."""
+        return []
+
+    def forget(self, spec: VmSpec) -> None:
+        """The VM was deleted: remove what the host kept for it (runtime files, logs)."""
 
     def can_migrate_to(self, dst: "Host") -> str | None:
         """None if VMs of this host can migrate to ``dst``, else the reason."""
@@ -99,6 +132,20 @@ class Host(abc.ABC):
 
     def foreign_vms(self) -> list[dict]:
         """VMs on this host that mtevm did not make (read-only VmSummary entries)."""
+        return []
+
+    # -- everyday operations (pause, snapshots, clone; issue 12) ----------------------------------
+    def snapshot_refusal(self) -> str | None:
+        """None if this host keeps VM snapshots (the VM's whole state, tags included), else why not."""
+        return f"host {self.name} is {self.kind}: it keeps no VM snapshots (only local QEMU VMs have them)"
+
+    async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "RunningVm":
+        """Boot ``spec`` from a state file that ``RunningVm.save_state`` wrote (running, or paused)."""
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} cannot restore snapshots")
+
+    def clone_storage(self, src: VmSpec, dst: VmSpec) -> list[str]:
+        """Copy the disks of ``src`` for its clone ``dst``; returns the files made. The built-in guest
+        has no disks: nothing to copy (hosts whose VMs have disk images override this)."""
         return []
 
 
@@ -159,3 +206,52 @@ class RunningVm(abc.ABC):
 
     def stderr_tail(self) -> list[str]:
         return []
+
+    # -- everyday operations (issue 12). A host that cannot do one raises StateError saying why;
+    # -- the Service checks the VM's state before calling any of them.
+    paused: bool = False     # vCPUs stopped (QMP ``stop``); the Service shows the VM as "paused"
+
+    async def pause(self) -> None:
+        """Stop the vCPUs; counters hold still until ``resume``."""
+        raise _unsupported(f"host {self.host.name} cannot pause a VM")
+
+    async def resume(self) -> None:
+        raise _unsupported(f"host {self.host.name} cannot resume a VM")
+
+    async def refresh_run_state(self) -> None:
+        """Re-read running/paused from the VM (a monitor command may have changed it)."""
+
+    async def reset(self) -> None:
+        """A hard reset (QMP ``system_reset``): the guest boots again, counters begin again."""
+        raise _unsupported(f"host {self.host.name} cannot reset a VM")
+
+    async def guest_power(self, action: str, timeout: float) -> bool:
+        """Ask the guest's own agent for a clean ``"reboot"`` or ``"poweroff"``.
+
+        The hook for guests with an agent (Linux guests, docs/agent-protocol.md): return True once
+        the guest has done it within ``timeout`` (for poweroff: QEMU has exited, and the VM was
+        marked as stopping so the exit is no crash); False when the guest has no agent or it did not
+        answer, and the Service falls back to ``reset`` / ``stop`` and says so. mtevm's built-in
+        bare-metal guest has no agent.
+        """
+        return False
+
+    async def cancel_migration(self) -> None:
+        """Cancel this VM's outgoing migration (QMP ``migrate_cancel``): the VM keeps running here."""
+        raise _unsupported(f"host {self.host.name} cannot cancel a migration")
+
+    async def monitor(self, command: str, *, hmp: bool):
+        """Pass one HMP command line, or one QMP command object as JSON text (``{"execute": ...,
+        "arguments": ...}``), to the VM's QEMU; return QEMU's reply (HMP: text; QMP: the reply
+        object, or its JSON text)."""
+        raise _unsupported(f"host {self.host.name} runs no QEMU: it has no monitor")
+
+    async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
+        """Write the VM's whole state (RAM, tags, devices, vCPUs) to ``state_file``; the VM goes on as
+        it was (running or paused). Returns figures (bytes, time)."""
+        raise _unsupported(self.host.snapshot_refusal() or f"host {self.host.name} cannot save a VM's state")
+
+
+def _unsupported(message: str):
+    from backend.errors import StateError
+    return StateError(message)

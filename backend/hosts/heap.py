@@ -65,6 +65,19 @@ class TaggedHeapWorkload:
         self.recycle(everything)          # the first objects (nothing to free yet) ...
         self.recycle(everything)          # ... and a freed one behind each, for use-after-free
 
+    def export_state(self) -> dict:
+        """Everything but the vCPU and RAM it runs on (picklable: the heap moves between processes
+        and hosts with its slots, its objects' tags and its seeded generator)."""
+        return {k: v for k, v in vars(self).items() if k not in ("cpu", "ram")}
+
+    @classmethod
+    def from_state(cls, cpu: TagCheckCpu, ram: GuestRam, state: dict) -> "TaggedHeapWorkload":
+        """The heap ``export_state`` described, now driving ``cpu`` over ``ram``."""
+        heap = cls.__new__(cls)
+        vars(heap).update(state)
+        heap.cpu, heap.ram = cpu, ram
+        return heap
+
     @property
     def live_objects(self) -> int:
         return self.nslots

@@ -474,9 +474,10 @@ class LibvirtHost(Host):
             raise MtevmError(self.unreachable_text())
         dry_run(config, _ReportedKvm(self.facts) if config.accel == "kvm" else None)
 
-    def check_extra_args(self, extra_args) -> list[str]:
-        """``-object``/``-device`` pairs, as on ``local``: they go into qemu:commandline."""
-        return validate_extra_args(extra_args)
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
+        """``-object``/``-device`` pairs, as on ``local`` (host files only with the VM's opt-in):
+        they go into qemu:commandline."""
+        return validate_extra_args(extra_args, allow_host_files=allow_host_files)
 
     async def define(self, spec: VmSpec) -> None:
         """Check ``spec`` and define (or redefine) its persistent domain, uploading the guest and

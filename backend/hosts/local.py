@@ -12,28 +12,42 @@ instead: a deliberate departure from QEMU, as everywhere in mtevm.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import shlex
 import platform
+import shutil
 import socket
 import tempfile
+from dataclasses import replace
 from typing import Sequence
 
 from backend.errors import ConfigError, MigrationError, RealizeError, StateError
-from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
+from backend.hosts.base import Host, ProgressCallback, Recovery, RunningVm, VmSpec, report_progress
 from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import ram_stats
 from backend.paths import open_private_path
 from backend.qemu import guest_abi
+from backend.guests.definition import disk_format
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
-from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
+from backend.qemu.console import ConsoleLog, SerialConsole
+from backend.qemu.driver import (REATTACH_TIMEOUT, QemuFiles, QemuProcess, kill_pid, marked_processes,
+                                 read_records)
 from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
+SAVE_TIMEOUT = 120.0        # writing or loading a snapshot's state file
+PAUSED_STATUSES = ("paused", "postmigrate", "prelaunch", "suspended", "debug", "io-error", "watchdog",
+                   "guest-panicked", "internal-error", "shutdown")
 LOOPBACK = "127.0.0.1"
+CONSOLE_CONNECT_TIMEOUT = 5.0   # seconds a paused QEMU waits for the daemon to attach its console
+
+log = logging.getLogger("mtevm.local")
 
 
 def free_tcp_port() -> int:
@@ -114,9 +128,10 @@ class LocalHost(Host):
             if kvm is not None:
                 kvm.close()
 
-    def check_extra_args(self, extra_args) -> list[str]:
-        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device)."""
-        return validate_extra_args(extra_args)
+    def check_extra_args(self, extra_args, *, allow_host_files: bool = False) -> list[str]:
+        """``-object``/``-device`` pairs for QEMU's command line (e.g. an ivshmem device); none may
+        name a host file unless ``allow_host_files``."""
+        return validate_extra_args(extra_args, allow_host_files=allow_host_files)
 
     # ----------------------------------------------------------------------------- VMs
     def _vm_dir(self, spec: VmSpec) -> str:
@@ -131,41 +146,77 @@ class LocalHost(Host):
         ``spec.extra_args``, the definition's qemu_args) go on QEMU's command line."""
         if extra_args is None:
             extra_args = spec.extra_args
-        return await self._launch(spec, validate_extra_args(extra_args))
+        return await self._launch(spec, validate_extra_args(extra_args, allow_host_files=spec.allow_host_files))
 
-    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
+    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None,
+                      incoming: str | None = None) -> "LocalVm":
         config = spec.config
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
         qemu = find_qemu(self.qemu_binary)
-        missing = self._guest_missing()
-        if missing:
-            raise RealizeError(missing)
+        if spec.guest.kind == "builtin":
+            missing = self._guest_missing()
+            if missing:
+                raise RealizeError(missing)
+        else:
+            spec.guest.validate()   # its files may have gone or changed since the VM was defined
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
-        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu)
+        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu, incoming=incoming)
         try:
-            proc = await QemuProcess.launch(argv, files)
+            proc = await QemuProcess.launch(argv, files, record={"extra_args": extra_args, "params": params})
         except BaseException:
             _remove(params)
             raise
-        vm = LocalVm(self, spec, proc, extra_args, params)
+        vm = vm_class(spec)(self, spec, proc, extra_args, params)
+        if incoming_port is None and incoming is None:
+            vm.console.log.mark(f"QEMU pid {proc.pid} started")
+            try:   # QEMU waits (-S) until the console is connected: the log has the guest's first line
+                await vm.run_after_console()
+            except BaseException:
+                await vm.stop()
+                raise
         self.vms.add(vm)
         return vm
 
     def launch_argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str] = (),
-                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str]:
-        """QEMU's argv for ``spec`` and the guest parameter file it loads (written here): the one
-        recipe a VM, its migration destination and the start-up benchmark all run."""
-        config = spec.config
-        params = files.path("params") + ".bin"
-        block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
-        argv = build_argv(config, LaunchFiles(files.qmp_socket, self.guest_elf, params, guest_abi.PARAM_ADDR),
-                          qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None)
-        with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
-            f.write(block)
+                    incoming_port: int | None = None, *, qemu: str | None = None,
+                    incoming: str | None = None) -> tuple[list[str], str | None]:
+        """QEMU's argv for ``spec`` and the guest parameter file it loads (written here; None for a
+        Linux guest): the one recipe a VM, its migration destination and the start-up benchmark all run."""
+        argv, params, block = self._argv(spec, files, extra_args, incoming_port, qemu, incoming)
+        if params:
+            with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+                f.write(block)
         return argv, params
+
+    def preview_argv(self, spec: VmSpec, extra_args: Sequence[str] | None = None) -> list[str]:
+        """The command line ``start`` would run now (``mtevm show --argv`` of a stopped VM): the
+        per-launch names are shown as ``LAUNCH``, and nothing is written."""
+        files = QemuFiles(self._vm_dir(spec), "LAUNCH", os.path.join(self._vm_dir(spec), "qmp-LAUNCH.sock"),
+                          os.path.join(self._vm_dir(spec), "qemu-LAUNCH.log"))
+        return self._argv(spec, files, spec.extra_args if extra_args is None else extra_args, None, None)[0]
+
+    def _argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str], incoming_port: int | None,
+              qemu: str | None, incoming: str | None = None) -> tuple[list[str], str | None, bytes]:
+        config, guest = spec.config, spec.guest
+        launch = LaunchFiles(files.qmp_socket, serial_socket=files.socket("serial"))
+        params, block = None, b""
+        if guest.kind == "builtin":
+            params = files.path("params") + ".bin"
+            block = guest_abi.pack_params(spec.workload, config.vcpus, ram_size=config.memory)
+            launch = replace(launch, kernel=self.guest_elf, params_file=params, param_addr=guest_abi.PARAM_ADDR)
+        else:
+            kernel, initrd, append = linux_boot(spec)
+            launch = replace(launch, kernel=kernel, initrd=initrd, append=append,
+                             agent_socket=files.socket("agent") if guest.has_agent else None,
+                             disks=tuple((d, disk_format(d)) for d in guest.disks))
+        argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming,
+                          allow_host_files=spec.allow_host_files)
+        if not incoming_port and not incoming:
+            argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
+        return argv, params, block
 
     async def start_incoming(self, spec: VmSpec, extra_args: list[str]) -> tuple["LocalVm", int]:
         """A migration destination: the same argv plus ``-incoming tcp:127.0.0.1:PORT``."""
@@ -178,6 +229,36 @@ class LocalHost(Host):
                     raise
         raise AssertionError("unreachable")
 
+    # ------------------------------------------------------------------------- snapshots
+    def snapshot_refusal(self) -> str | None:
+        return None     # QEMU writes the whole state, the mach-virt.tag block included, to a file
+
+    def state_uri(self, path: str, *, write: bool) -> str:
+        """The migration URI that writes/reads ``path``: ``file:`` (QEMU >= 8.2), else ``exec:cat``."""
+        version = self._facts()["qemu"].get("version") or "0"
+        major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        if major_minor >= (8, 2) and "," not in path:
+            return f"file:{path}"
+        return f"exec:cat {'> ' if write else ''}{shlex.quote(path)}"
+
+    async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "LocalVm":
+        """A new QEMU with the same argv plus ``-incoming`` reading ``state_file``. The state was
+        saved with the vCPUs stopped, so QEMU stays paused after loading it; ``cont`` unless the
+        snapshot was of a paused VM."""
+        vm = await self._launch(spec, validate_extra_args(spec.extra_args, allow_host_files=spec.allow_host_files),
+                                incoming=self.state_uri(state_file, write=False))
+        vm.console.log.mark(f"QEMU pid {vm.proc.pid} started from a snapshot")
+        try:
+            await vm.wait_loaded(SAVE_TIMEOUT)
+            if not paused:
+                await vm.resume()
+            else:
+                vm.paused = True
+        except BaseException:
+            await vm.stop()
+            raise
+        return vm
+
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
         proc = await QemuProcess.reattach(runtime, self.reattach_timeout)
@@ -189,15 +270,152 @@ class LocalHost(Host):
             await proc.stop()
             _remove(runtime.get("params"))
             raise StateError(f"QEMU pid {proc.pid} did not answer on QMP ({proc.unreachable}); it was stopped")
-        vm = LocalVm(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
+        vm = vm_class(spec)(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
+        vm.console.log.mark(f"reattached to QEMU pid {proc.pid} by a new mtevm daemon")
         self.vms.add(vm)
+        await vm.refresh_run_state()    # it may have been paused
         return vm
 
+    async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> Recovery:
+        """Find out from QEMU itself what became of this VM while no daemon watched it.
+
+        Every QEMU of the VM is found by its launch record (pid + start time, written before the
+        launch returned) or the saved ``runtime``; one launched but never recorded (a daemon killed
+        within microseconds of the fork) by mtevm's mark on its command line, and killed. Each is
+        asked ``query-status``; a source whose outgoing migration still runs is given
+        SETTLE_TIMEOUT to finish, then cancelled. The QEMU that really runs the guest is adopted
+        (a completed migration's destination, else the source) and every other one is stopped,
+        so one VM never has two QEMUs and a stopped VM has none."""
+        vm_dir = self._vm_dir(spec)
+        source_pid = runtime.get("pid") if runtime else None
+        records = read_records(vm_dir)
+        if runtime and all(r["pid"] != source_pid for r in records):
+            records.insert(0, runtime)
+        found: list[tuple[dict, QemuProcess]] = []
+        for record in records:
+            try:
+                proc = await QemuProcess.reattach(record, self.reattach_timeout)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("VM %s: cannot reattach pid %s: %s", spec.config.name, record.get("pid"), e)
+                proc = None
+            if proc is None:
+                _remove(record.get("params"))
+                _remove(QemuFiles.from_dict(record["files"]).record)
+            else:
+                found.append((record, proc))
+        stopped = []
+        known = {proc.pid for _, proc in found}
+        for pid, start in marked_processes(vm_dir).items():
+            if pid not in known and await kill_pid(pid, start):
+                stopped.append(pid)
+        statuses = {}
+        if want_running:
+            for _, proc in found:
+                statuses[proc.pid] = await _settled_status(proc)
+            if "postmigrate" in statuses.values():   # a completed migration: its destination starts running
+                for _, proc in found:
+                    if statuses[proc.pid] == "inmigrate":
+                        statuses[proc.pid] = await _left_inmigrate(proc)
+        if found or stopped:
+            log.info("VM %s: found %s; killed unrecorded %s", spec.config.name,
+                     {p.pid: statuses.get(p.pid, "-") for _, p in found}, stopped)
+        # The one to adopt: a QEMU running the guest (two running, never seen: the source wins), else
+        # one a start left paused (-S) before it let the guest run ("prelaunch": it runs once adopted).
+        # A VM the user paused is adopted paused.
+        order = ("running", "paused", "prelaunch")
+        running = [(r, p) for r, p in found if statuses.get(p.pid) in order]
+        running.sort(key=lambda rp: (order.index(statuses[rp[1].pid]), rp[1].pid != source_pid))
+        adopted = running[0] if running else None
+        for record, proc in found:
+            if adopted is None or proc is not adopted[1]:
+                await proc.stop()
+                _remove(record.get("params"))
+                stopped.append(proc.pid)
+        if adopted is None:
+            seen = ", ".join(f"pid {p.pid} {statuses[p.pid]}" for _, p in found if p.pid in statuses)
+            return Recovery(None, stopped=stopped,
+                            reason=f"no QEMU of the VM was running the guest ({seen})" if seen else None)
+        record, proc = adopted
+        vm = vm_class(spec)(self, spec, proc, list(record.get("extra_args", [])), record.get("params"))
+        vm.console.log.mark(f"QEMU pid {proc.pid} adopted by a new mtevm daemon")
+        if statuses[proc.pid] == "prelaunch":
+            try:
+                await vm.run_after_console()
+            except RealizeError:
+                await vm.stop()
+                return Recovery(None, stopped=stopped + [proc.pid], reason="QEMU did not start the guest")
+        self.vms.add(vm)
+        await vm.refresh_run_state()    # paused by the user: it stays paused
+        moved = source_pid is not None and proc.pid != source_pid
+        return Recovery(vm, stopped=stopped, moved=moved, others=len(found) > 1)
+
+    async def reap(self) -> list[int]:
+        """Kill every QEMU this host launched (mtevm's mark under its runtime root) that no VM
+        adopted: a deleted VM's, or one whose daemon died before it could tell anyone."""
+        if self.runtime_dir is None:
+            return []
+        adopted = {vm.proc.pid for vm in self.vms}
+        killed = []
+        for pid, start in marked_processes(self.runtime_dir).items():
+            if pid not in adopted and await kill_pid(pid, start):
+                killed.append(pid)
+        return killed
+
+    def forget(self, spec: VmSpec) -> None:
+        """The VM is deleted: remove its runtime directory (QEMU logs, stale records) too."""
+        shutil.rmtree(self._vm_dir(spec), ignore_errors=True)
+
     async def close(self) -> None:
-        """The daemon exits: drop QMP connections, leave QEMU running for the next daemon."""
+        """The daemon exits: drop QMP, console and agent connections, leave QEMU running for the
+        next daemon (which reconnects all three)."""
         for vm in list(self.vms):
+            await vm.close_channels()
             await vm.proc.detach()
         self.vms.clear()
+
+
+MIGRATING = ("setup", "active", "device", "pre-switchover", "wait-unplug", "cancelling",
+             "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup")
+SETTLE_TIMEOUT = 10.0       # a migration nobody watched gets this long to end by itself, then is cancelled
+
+
+async def _settled_status(proc: QemuProcess) -> str:
+    """The QEMU's run state once any outgoing migration it runs has ended (finished or cancelled)."""
+    if proc.unreachable or not proc.alive():
+        return "unreachable"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    cancelled = False
+    try:
+        while True:
+            status = (await proc.qmp.execute("query-status"))["status"]
+            if status == "inmigrate":
+                return status     # a destination: it follows its source
+            migration = (await proc.qmp.execute("query-migrate")).get("status")
+            if migration not in MIGRATING:
+                return status
+            if loop.time() > deadline and not cancelled:
+                await proc.qmp.execute("migrate_cancel")
+                cancelled, deadline = True, loop.time() + SETTLE_TIMEOUT
+            elif loop.time() > deadline:
+                return status
+            await asyncio.sleep(MIGRATION_POLL)
+    except QmpError as e:
+        return f"unreachable ({e})"
+
+
+async def _left_inmigrate(proc: QemuProcess, timeout: float = 3.0) -> str:
+    """A destination's run state once it has loaded what its (completed) source sent."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            status = (await proc.qmp.execute("query-status"))["status"]
+            if status != "inmigrate" or loop.time() > deadline:
+                return status
+            await asyncio.sleep(MIGRATION_POLL)
+    except QmpError as e:
+        return f"unreachable ({e})"
 
 
 def _remove(path: str | None) -> None:
@@ -220,6 +438,9 @@ class LocalVm(GuestStatusView, RunningVm):
         self.params_file = params_file
         self._init_status()
         self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
+        self._cancel_wanted = False     # the user cancelled this VM's outgoing migration
+        self.console = SerialConsole(proc.files.socket("serial"), ConsoleLog(spec.log_dir or self.host._vm_dir(spec)),
+                                     proc.alive).start()
         proc.on_exit(self._on_exit)
 
     # ------------------------------------------------------------------------------ state
@@ -233,6 +454,35 @@ class LocalVm(GuestStatusView, RunningVm):
         if not proc.stopping:
             self.host.vms.discard(self)
             _remove(self.params_file)
+            self.console.log.mark(f"QEMU exited: {proc.exit_reason()}")
+
+    async def run_after_console(self, timeout: float = CONSOLE_CONNECT_TIMEOUT) -> None:
+        """Let a QEMU started with -S run once the daemon reads its console (so no boot output is
+        lost: QEMU drops serial output while nobody is connected)."""
+        try:
+            await asyncio.wait_for(self.console.connected.wait(), timeout)
+        except TimeoutError:
+            pass   # run anyway: a VM without its first console lines beats a VM that does not start
+        try:
+            await self.proc.qmp.execute("cont")
+        except QmpError as e:
+            raise RealizeError(f"QEMU did not start the guest: {e}") from None
+
+    async def close_channels(self) -> None:
+        """Stop reading the console (and, for Linux guests, the agent)."""
+        await self.console.close()
+
+    def argv(self) -> list[str]:
+        """The QEMU command line this VM runs."""
+        return list(self.proc.argv)
+
+    def guest_facts(self) -> dict | None:
+        """What the guest says about itself (Linux guests with the agent); None for the others."""
+        return None
+
+    def processes(self) -> list[dict]:
+        """Per-process tag-check faults (Linux guests with the agent); [] for the others."""
+        return []
 
     def stderr_tail(self) -> list[str]:
         lines = self.proc.stderr_tail() + self.guest_error_lines()
@@ -273,6 +523,7 @@ class LocalVm(GuestStatusView, RunningVm):
 
     async def stop(self) -> None:
         await self.proc.stop()
+        await self.close_channels()
         _remove(self.params_file)
         self.host.vms.discard(self)
 
@@ -296,24 +547,45 @@ class LocalVm(GuestStatusView, RunningVm):
                 await self.proc.qmp.execute("migrate_cancel")
             except QmpError:
                 pass
+            self._cancel_wanted = False     # a cancel that came late must not hit the next migration
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
         target._take_history(self)   # the VM's counters and faults go with it
-        await self.stop()
+        await LocalVm.stop(self)   # the source QEMU is paused for good: quit it (no guest poweroff)
         await report_progress(progress, 1.0, stats)
         return target
 
     async def _run_migration(self, target: "LocalVm", port: int, progress: ProgressCallback) -> dict:
-        try:
-            await self.proc.qmp.execute("migrate", {"uri": f"tcp:{LOOPBACK}:{port}"})
-        except QmpError as e:
-            raise MigrationError(str(e)) from None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MIGRATION_TIMEOUT
+        stats = await self._migrate(f"tcp:{LOOPBACK}:{port}", MIGRATION_TIMEOUT, progress)
+        await target.wait_running(deadline - loop.time())
+        return stats
+
+    async def _migrate(self, uri: str, timeout: float, progress: ProgressCallback | None) -> dict:
+        """QMP ``migrate`` to ``uri`` and follow query-migrate to completion: its figures, or
+        MigrationError with QEMU's text (``error-desc``) when it fails or is cancelled. A cancel
+        asked for before QEMU's migration began (``cancel_migration``) is sent once it has."""
+        try:
+            if self._cancel_wanted:
+                raise MigrationError("migration cancelled")
+            try:
+                await self.proc.qmp.execute("migrate", {"uri": uri})
+            except QmpError as e:
+                raise MigrationError(str(e)) from None
+            return await self._follow_migration(timeout, progress)
+        finally:
+            self._cancel_wanted = False
+
+    async def _follow_migration(self, timeout: float, progress: ProgressCallback | None) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             info = await self.proc.qmp.execute("query-migrate")
             status = info.get("status", "none")
+            if self._cancel_wanted and status in ("setup", "active", "pre-switchover", "device"):
+                await self.proc.qmp.execute("migrate_cancel")
             ram = info.get("ram", {})
             stats = {"status": status, **ram_stats(ram),
                      "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
@@ -322,12 +594,81 @@ class LocalVm(GuestStatusView, RunningVm):
             if status in ("failed", "cancelled"):
                 raise MigrationError(info.get("error-desc") or f"migration {status}")
             if loop.time() > deadline:
-                raise MigrationError(f"migration did not complete within {MIGRATION_TIMEOUT:.0f} s")
+                raise MigrationError(f"migration did not complete within {timeout:.0f} s")
             total = stats["ram_total"] or 1
             await report_progress(progress, min(0.99, stats["ram_transferred"] / total), stats)
             await asyncio.sleep(MIGRATION_POLL)
-        await target.wait_running(deadline - loop.time())
         return stats
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """Wait until this QEMU has loaded its ``-incoming`` state (it is then paused or running);
+        RealizeError with QEMU's own text if the load failed (QEMU exits)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                status = (await self.proc.qmp.execute("query-status"))["status"]
+            except QmpError:
+                await self.proc.wait(2.0)
+                raise RealizeError("QEMU could not load the saved state: "
+                                   + " / ".join(self.proc.stderr_tail()[-3:] or [self.proc.exit_reason()])) from None
+            if status in ("paused", "running"):
+                self.paused = status == "paused"
+                return
+            if status != "inmigrate" or loop.time() > deadline:
+                raise RealizeError(f"QEMU is {status} after loading the saved state: "
+                                   + " / ".join(self.stderr_tail()[-3:]))
+            await asyncio.sleep(MIGRATION_POLL)
+
+    # ------------------------------------------------------------------- everyday operations
+    async def pause(self) -> None:
+        await self.proc.qmp.execute("stop")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self.proc.qmp.execute("cont")
+        self.paused = False
+
+    async def refresh_run_state(self) -> None:
+        if self.proc.alive() and not self.proc.unreachable:
+            try:
+                status = await self.proc.qmp.execute("query-status")
+            except QmpError:
+                return
+            self.paused = status.get("status") in PAUSED_STATUSES
+
+    async def reset(self) -> None:
+        """QMP ``system_reset``: the guest boots again from its ELF; its counters begin again."""
+        await self.proc.qmp.execute("system_reset")
+        self._faults.clear()
+
+    async def cancel_migration(self) -> None:
+        self._cancel_wanted = True      # _migrate sends migrate_cancel as soon as QEMU migrates
+        await self.proc.qmp.execute("migrate_cancel")
+
+    async def monitor(self, command: str, *, hmp: bool):
+        """One command through mtevm's QMP connection: an HMP line (QEMU's text back), or a QMP
+        command object as JSON text (``{"return": ...}`` back; QEMU's error as QmpError)."""
+        if hmp:
+            reply = await self.proc.qmp.hmp(command)
+        else:
+            obj = json.loads(command)
+            reply = {"return": await self.proc.qmp.execute(obj["execute"], obj.get("arguments"))}
+        await self.refresh_run_state()
+        return reply
+
+    async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
+        """Migrate to ``state_file`` with the vCPUs stopped (one pass, a consistent state, tags
+        in their ``mach-virt.tag`` RAM block), then let the VM go on as it was."""
+        was_paused = self.paused
+        if not was_paused:
+            await self.pause()
+        try:
+            stats = await self._migrate(self.host.state_uri(state_file, write=True), SAVE_TIMEOUT, progress)
+        finally:
+            if not was_paused:
+                await self.resume()
+        return {"bytes": os.path.getsize(state_file), "total_time_ms": stats.get("total_time_ms")}
 
     async def wait_running(self, timeout: float) -> None:
         """Wait until this (destination) QEMU has loaded the incoming state and runs the guest."""
@@ -343,3 +684,18 @@ class LocalVm(GuestStatusView, RunningVm):
                 raise MigrationError(f"the destination QEMU is still {status} after the migration")
             await asyncio.sleep(MIGRATION_POLL)
 
+
+
+def vm_class(spec: VmSpec) -> type[LocalVm]:
+    """The builtin guest reports through its status block (LocalVm); Linux guests through the
+    agent, or not at all for a custom kernel (backend.hosts.linux.LinuxVm)."""
+    if spec.guest.kind == "builtin":
+        return LocalVm
+    from backend.hosts.linux import LinuxVm
+    return LinuxVm
+
+
+def linux_boot(spec: VmSpec) -> tuple[str, str | None, str]:
+    """-kernel, -initrd and -append of a Linux guest (from backend.hosts.linux)."""
+    from backend.hosts.linux import linux_boot as boot
+    return boot(spec)

@@ -2,9 +2,14 @@
 
 A SimHost is an arm64 machine whose kernel is backend.machine's SimulatedArm64Kvm, with or without
 KVM_CAP_ARM_MTE. Starting a VM runs the same realize() as every other host (QEMU 9.2's decision
-tree, per VM), then gives each vCPU a TagCheckCpu and a TaggedHeapWorkload; one asyncio task per
-VM steps all its vCPUs at the workload's rate. Nothing is installed or started outside this
-process: this is the embedded default host.
+tree, per VM), then gives each vCPU a TagCheckCpu and a TaggedHeapWorkload (backend.hosts.simvcpus)
+that run in a worker process (backend.hosts.workers), never on the daemon's event loop. The VM's
+counters, faults, TCF modes and tag memory live in a shared-memory segment (backend.hosts.simshared)
+that the daemon reads in place. Nothing is installed: this is the embedded default host.
+
+Limits (``check_limits``, before anything runs, each message naming its limit): vCPUs, memory,
+workload rate and heap size that a simulated VM can have, and the machine's capacity in
+vCPU-seconds per second (``WorkerPool.check_room``) when a VM starts.
 
 Migration follows QEMU: refused with the newest blocker's own text (a KVM MTE VM carries "Live
 migration disabled due to MTE enabled"). Beyond QEMU, ``with_tags`` migrates the tags through the
@@ -14,44 +19,86 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections import deque
 
-from backend.errors import ConfigError, MigrationError, RealizeError, StateError
+from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
-from backend.hosts.workload import TCF_NAMES
+from backend.hosts.heap import HEAP_OFFSET
+from backend.hosts.simshared import VmLayout, VmShared
+from backend.hosts.simvcpus import SimVcpus, tcf_code
+from backend.hosts.workers import WorkerPool, layout_dict, shared_pool, vcpu_seconds
+from backend.hosts.workload import TCF_NAMES, WorkloadConfig
 from backend.machine import (MTE_MIGRATION_BLOCKER, MigrationState, RamMigration, RealizedMachine,
-                             SimulatedArm64Kvm, VirtMachineConfig, dry_run, probe_simulated, realize)
+                             SimulatedArm64Kvm, VirtMachineConfig, dry_run, format_size, probe_simulated, realize)
 from backend.machine.migration import PAGE, ram_stats
-from backend.tagcheck import TagCheckCpu
 
-TICKS_PER_S = 10              # a paced VM's task wakes this often (batches = rate / TICKS_PER_S): each
-                              # batch has a fixed cost, so fewer, larger batches keep a daemon with VMs cheap
-MAX_CATCH_UP_S = 0.5          # after a stall, at most this much missed work is made up
-FLAT_OUT_BATCH = 16384        # rate 0: accesses per vCPU per batch (16k amortises the step cost; ~1-2 ms), then yield
 MIGRATION_SECONDS = 0.6       # how long a migration's progress takes, so front ends can show it
 MIGRATION_STEPS = 20          # progress reports per migration phase (RAM, tags, verify)
-FAULT_HISTORY = 200
-FAULTS_PER_BATCH = 5          # the newest faults of each batch that go into the history
+FAULT_LIMIT = 20              # faults shown by last_faults() by default
+
+# What one simulated VM may ask for (a simulated vCPU's cost is its workload, not its RAM, but
+# every vCPU and heap page is real memory and CPU in a worker process).
+MAX_SIM_MEMORY = 64 << 30
+MAX_SIM_RATE = 5_000_000      # accesses/s per vCPU; one core checks ~10-20 M/s flat out (rate 0)
+MAX_SIM_HEAP = 64 << 20       # per vCPU
+MAX_SIM_HEAPS = 1 << 30       # all vCPUs' heaps of one VM: their tags take 1/32 of it in shared memory
+VM_CAPACITY = 1.0             # vCPU-seconds per second one VM can have: its vCPUs share one worker
 
 
-def _new_workload(cpu: TagCheckCpu, ram, spec: VmSpec, index: int):
-    from backend.hosts.heap import TaggedHeapWorkload
-    return TaggedHeapWorkload(cpu, ram, spec.workload, index)
+def check_sim_limits(config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+    """ConfigError naming the limit when a definition asks for more than a simulated host can honour."""
+    if config.memory > MAX_SIM_MEMORY:
+        raise ConfigError(f"memory {format_size(config.memory)} is more than a simulated host gives one VM: "
+                          f"at most {format_size(MAX_SIM_MEMORY)}")
+    if workload.rate > MAX_SIM_RATE:
+        raise ConfigError(f"workload rate {workload.rate} is more than a simulated vCPU can run: at most "
+                          f"{MAX_SIM_RATE} accesses per second per vCPU (rate 0 runs flat out)")
+    if workload.heap_size > MAX_SIM_HEAP:
+        raise ConfigError(f"workload heap_size {format_size(workload.heap_size)} is more than a simulated vCPU "
+                          f"gets: at most {format_size(MAX_SIM_HEAP)} per vCPU")
+    heaps = config.vcpus * workload.heap_size
+    if heaps > MAX_SIM_HEAPS:
+        raise ConfigError(f"workload heap_size: {config.vcpus} vCPU heaps of {format_size(workload.heap_size)} "
+                          f"make {format_size(heaps)}; a simulated VM's heaps may take at most "
+                          f"{format_size(MAX_SIM_HEAPS)} in all")
+    if HEAP_OFFSET + heaps > config.memory:
+        raise ConfigError(f"workload heap_size: {config.vcpus} vCPU heaps of {format_size(workload.heap_size)} "
+                          f"from RAM offset {format_size(HEAP_OFFSET)} need {format_size(HEAP_OFFSET + heaps)} "
+                          f"of memory, the VM has {format_size(config.memory)}")
+    asks = vcpu_seconds(workload.rate, config.vcpus)
+    if asks > VM_CAPACITY:
+        raise ConfigError(f"{config.vcpus} vCPUs at workload rate {workload.rate} need {asks:.2f} vCPU-seconds per "
+                          f"second; a simulated VM gets at most {VM_CAPACITY:g} (its vCPUs share one worker "
+                          "process): lower the rate or the vCPUs, or use rate 0 (flat out)")
+
+
+def _layout(machine: RealizedMachine, spec: VmSpec) -> VmLayout:
+    """The shared segment of a VM: tag memory (if any) sized for the heaps its workload tags."""
+    ram = machine.ram
+    heaps = spec.config.vcpus * spec.workload.heap_size
+    return VmLayout(vcpus=spec.config.vcpus, ram_base=ram.base, ram_size=ram.size, mte=ram.tags is not None,
+                    tag_pages=-(-heaps // PAGE) + 1, tag_span=HEAP_OFFSET + heaps)
 
 
 class SimHost(Host):
-    """A simulated arm64 host. ``host_mte``: its CPUs and KVM have MTE (KVM_CAP_ARM_MTE = 1)."""
+    """A simulated arm64 host. ``host_mte``: its CPUs and KVM have MTE (KVM_CAP_ARM_MTE = 1).
+    ``pool``: the worker processes its vCPUs run in (default: the process's, shared by all hosts)."""
 
     kind = "simulated"
 
-    def __init__(self, name: str, host_mte: bool):
+    def __init__(self, name: str, host_mte: bool, *, pool: WorkerPool | None = None):
         self.name = name
         self.host_mte = host_mte
         self.kvm = SimulatedArm64Kvm(host_mte=host_mte)
         self.description = ("simulated arm64 host whose KVM has KVM_CAP_ARM_MTE" if host_mte else
                             "simulated arm64 host without MTE (no KVM_CAP_ARM_MTE)")
         self.vms: set[SimVm] = set()
+        self._pool = pool
+
+    @property
+    def pool(self) -> WorkerPool:
+        if self._pool is None:
+            self._pool = shared_pool()
+        return self._pool
 
     def info(self) -> dict:
         return {"name": self.name, "kind": self.kind, "description": self.description, "arch": "aarch64",
@@ -60,6 +107,9 @@ class SimHost(Host):
     def probe(self) -> dict:
         return probe_simulated(self.name, host_mte=self.host_mte).to_dict()
 
+    def check_limits(self, config: VirtMachineConfig, workload: WorkloadConfig) -> None:
+        check_sim_limits(config, workload)
+
     def check_config(self, config: VirtMachineConfig) -> None:
         dry_run(config, self.kvm)
 
@@ -67,10 +117,14 @@ class SimHost(Host):
         return realize(config, self.kvm, MigrationState())
 
     async def start(self, spec: VmSpec, *, run: bool = True) -> "SimVm":
-        """Realize ``spec`` here and start its vCPUs. ``run=False``: no background task (the caller
-        steps the VM with ``step``, e.g. for a deterministic number of batches)."""
+        """Realize ``spec`` here and start its vCPUs in a worker process. ``run=False``: they stay
+        paused in this process (the caller steps the VM with ``step``, e.g. a deterministic
+        number of batches)."""
         self.check_extra_args(spec.extra_args)    # no QEMU here: extra QEMU arguments are refused
         spec.workload.validate()
+        self.check_limits(spec.config, spec.workload)
+        if run:
+            self.pool.check_room(self.name, spec.config.name, spec.workload.rate, spec.config.vcpus)
         machine = self._realize(spec.config)      # RealizeError: realize has already undone itself
         try:
             vm = SimVm(self, spec, machine)
@@ -79,114 +133,183 @@ class SimHost(Host):
             raise
         self.vms.add(vm)
         if run:
-            vm.run()
+            try:
+                await vm.run()
+            except BaseException:
+                await vm.stop()
+                raise
         return vm
 
     async def close(self) -> None:
-        """The daemon stops: simulated VMs cannot outlive it."""
+        """The daemon stops: simulated VMs cannot outlive it, nor can idle worker processes."""
         for vm in list(self.vms):
             await vm.stop()
+        if self._pool is not None:
+            self._pool.shutdown_if_idle()
 
 
 class SimVm(RunningVm):
-    """One simulated VM: a realized machine, one TagCheckCpu + heap workload per vCPU, counters."""
+    """One simulated VM: a realized machine, its shared segment, and its vCPUs (SimVcpus), which
+    run in a worker process (``worker``) or, paused, in this one (``paused_vcpus``)."""
 
-    def __init__(self, host: SimHost, spec: VmSpec, machine: RealizedMachine, *, moved_from: "SimVm | None" = None):
+    def __init__(self, host: SimHost, spec: VmSpec, machine: RealizedMachine, *, fresh: bool = True):
         self.host = host
         self.spec = spec
         self.machine = machine
-        self._task: asyncio.Task | None = None
+        self.shared = VmShared.create(_layout(machine, spec))
+        if machine.ram.tags is not None:
+            machine.ram.tags = self.shared.tag_memory   # a new machine's tags are empty: nothing to move
+        self.worker = None
+        self.demand = 0.0                  # vCPU-seconds per second reserved in the worker pool
+        self.paused_vcpus: SimVcpus | None = None
         self._crash: str | None = None
         self._stopped = False
-        if moved_from is None:
-            w = spec.workload
-            self.cpus = [TagCheckCpu(machine.ram, i, tcf=w.tcf_for(i), seed=w.seed * 7919 + i)
-                         for i in range(spec.config.vcpus)]
-            self.workloads = [_new_workload(cpu, machine.ram, spec, i) for i, cpu in enumerate(self.cpus)]
-            self._last_fault: list[dict | None] = [None] * spec.config.vcpus
-            self._faults: deque[dict] = deque(maxlen=FAULT_HISTORY)
-        else:
-            self._take_over(moved_from)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_migration = False
+        if fresh:
+            self._boot()
+
+    def _boot(self) -> None:
+        """Fresh paused vCPUs (heaps, counters from zero) on this VM's shared segment."""
+        for i in range(self.spec.config.vcpus):
+            self.shared.tcf[i] = tcf_code(self.spec.workload.tcf_for(i))
+        try:
+            self.paused_vcpus = SimVcpus(self.shared, self.spec.workload)
+        except BaseException:
+            self.shared.release()
+            raise
 
     # ------------------------------------------------------------------------------ running
     @property
     def state(self) -> str:
         return "crashed" if self._crash else "running"
 
+    @property
+    def worker_pid(self) -> int | None:
+        return self.worker.pid if self.worker is not None else None
+
     def stderr_tail(self) -> list[str]:
         return [self._crash] if self._crash else []
 
     def step(self, accesses: int) -> None:
-        """Run one batch of ``accesses`` on every vCPU (what the background task does each tick)."""
-        now = time.time()
-        for i, workload in enumerate(self.workloads):
-            result = workload.step(accesses)
-            if result.faults:
-                for record in result.records(FAULTS_PER_BATCH):
-                    fault = {"vcpu": i, **record.to_dict(), "time": now}
-                    del fault["index"]
-                    self._faults.appendleft(fault)
-                self._last_fault[i] = self._faults[0]
+        """Run one batch of ``accesses`` on every vCPU of a paused VM (tests and snapshots)."""
+        if self.paused_vcpus is None:
+            raise StateError(f"VM '{self.spec.config.name}' runs in a worker process: pause it to step it by hand")
+        self.paused_vcpus.step(accesses)
 
-    def run(self) -> None:
-        """Start the background task that steps the vCPUs at the workload's rate."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-vm-{self.spec.config.name}")
-
-    async def _run(self) -> None:
-        rate = self.spec.workload.rate
+    async def run(self) -> None:
+        """Hand the paused vCPUs to a worker process, which steps them at the workload's rate."""
+        if self.paused_vcpus is None or self._stopped:
+            return
+        pool = self.host.pool
+        worker = pool.place()
+        state = self.paused_vcpus.export_state()
+        self._loop = asyncio.get_running_loop()
+        self.worker = worker
+        self.demand = vcpu_seconds(self.spec.workload.rate, self.spec.config.vcpus)
+        worker.vms[id(self)] = self
         try:
-            if rate == 0:
-                while True:                     # flat out, but never starve the event loop
-                    self.step(FLAT_OUT_BATCH)
-                    await asyncio.sleep(0)
-            loop = asyncio.get_running_loop()
-            owed, last = 0.0, loop.time()
-            while True:
-                await asyncio.sleep(1.0 / TICKS_PER_S)
-                now = loop.time()
-                owed += rate * min(now - last, MAX_CATCH_UP_S)
-                last = now
-                if owed >= 1:
-                    n = int(owed)
-                    owed -= n
-                    self.step(n)
-        except asyncio.CancelledError:
+            await worker.call("start", id(self), self.shared.name, layout_dict(self.shared.layout),
+                              self.spec.workload.to_dict(), state)
+        except BaseException:
+            worker.vms.pop(id(self), None)
+            self.worker, self.demand = None, 0.0
             raise
-        except Exception as e:        # a bug in the simulation crashes this VM, not the daemon
-            self._crash = f"simulated vCPUs stopped: {type(e).__name__}: {e}"
+        self.paused_vcpus = None
+
+    def worker_lost(self, reason: str) -> None:
+        """Called by the worker's reader thread: the vCPUs are gone (the worker died or they crashed)."""
+        def lost() -> None:
+            self.worker, self.demand = None, 0.0
+            self._crash = self._crash or reason
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(lost)
+                return
+            except RuntimeError:
+                pass
+        lost()
 
     async def _pause(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
+        """Take the vCPUs back from the worker (their state travels; counters are in the segment)."""
+        worker = self.worker
+        if worker is None:
+            if self.paused_vcpus is None:
+                raise StateError(f"VM '{self.spec.config.name}' has no vCPUs left to pause: {self._crash}")
+            return
+        state = await worker.call("detach", id(self))
+        worker.vms.pop(id(self), None)
+        self.worker, self.demand = None, 0.0
+        self.paused_vcpus = SimVcpus(self.shared, self.spec.workload, state)
+
+    # -------------------------------------------------------------------- everyday operations
+    async def pause(self) -> None:
+        """The vCPUs come back from their worker and stand still; so do the counters."""
+        await self._pause()
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self.run()
+        self.paused = False
+
+    async def reset(self) -> None:
+        """As system_reset: a fresh machine (RAM and tags cleared), vCPUs and counters from zero."""
+        was_running = self.worker is not None
+        await self._pause()
+        try:
+            machine = self.host._realize(self.spec.config)
             try:
-                await task
-            except asyncio.CancelledError:
-                pass
+                shared = VmShared.create(_layout(machine, self.spec))
+            except BaseException:
+                machine.close()
+                raise
+        except BaseException:
+            if was_running:
+                await self.run()     # the reset failed: the VM goes on as it was
+            raise
+        old_machine, old_shared = self.machine, self.shared
+        self.shared = shared
+        if machine.ram.tags is not None:
+            machine.ram.tags = self.shared.tag_memory
+        self.machine = machine
+        self._boot()
+        old_shared.release()
+        old_machine.close()
+        if was_running:
+            await self.run()
+
+    async def cancel_migration(self) -> None:
+        """The migration's copy loop stops at its next step; the VM resumes here."""
+        self._cancel_migration = True
 
     async def stop(self) -> None:
-        await self._pause()
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.vms.pop(id(self), None)
+            self.demand = 0.0
+            try:
+                await worker.call("stop", id(self))
+            except MtevmError:
+                pass                   # the worker died, or already dropped the VM: it runs nowhere
+        self.paused_vcpus = None
         if not self._stopped:
             self._stopped = True
+            self.shared.release()
             self.machine.close()
             self.host.vms.discard(self)
 
     # ----------------------------------------------------------------------------- counters
-    def _vcpu_info(self, i: int) -> dict:
-        c = self.cpus[i].counters
-        return {"index": i, "kvm_mte": self.machine.vcpus[i].kvm_mte, "tcf": str(self.cpus[i].tcf),
-                "checked": c.checked, "unchecked": c.unchecked, "sync_faults": c.sync_faults,
-                "async_faults": c.async_faults, "last_fault": dict(self._last_fault[i]) if self._last_fault[i] else None}
-
     def vcpus(self) -> list[dict]:
-        return [self._vcpu_info(i) for i in range(len(self.cpus))]
+        shared = self.shared
+        return [{"index": i, "kvm_mte": v.kvm_mte, "tcf": shared.tcf_name(i), **counts,
+                 "last_fault": shared.last_fault(i)}
+                for i, (v, counts) in enumerate(zip(self.machine.vcpus, shared.counter_rows()))]
 
     async def sample(self) -> list[dict]:
-        return self.vcpus()      # the counters are live in this process
+        return self.vcpus()      # the counters are live in shared memory
 
-    def last_faults(self, limit: int = 20) -> list[dict]:
-        return [dict(f) for f in list(self._faults)[:limit]]
+    def last_faults(self, limit: int = FAULT_LIMIT) -> list[dict]:
+        return self.shared.recent_faults(limit)
 
     def tag_memory(self) -> dict | None:
         tags = self.machine.ram.tags
@@ -195,11 +318,13 @@ class SimVm(RunningVm):
     def set_tcf(self, vcpu: int | None, tcf: str) -> None:
         if tcf not in TCF_NAMES:
             raise ConfigError(f"tcf {tcf!r} is not one of {', '.join(TCF_NAMES)}")
-        n = len(self.cpus)
+        n = self.spec.config.vcpus
         if vcpu is not None and (isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < n):
             raise ConfigError(f"VM '{self.spec.config.name}' has vCPUs 0 to {n - 1}: there is no vCPU {vcpu!r}")
-        for cpu in self.cpus if vcpu is None else [self.cpus[vcpu]]:
-            cpu.tcf = tcf
+        if vcpu is None:
+            self.shared.tcf[:] = tcf_code(tcf)     # the vCPUs read it before their next batch
+        else:
+            self.shared.tcf[vcpu] = tcf_code(tcf)
 
     async def blocked_reasons(self) -> list[str]:
         return list(self.machine.migration.query_migrate().get("blocked-reasons", []))
@@ -223,7 +348,8 @@ class SimVm(RunningVm):
 
     async def migrate_to(self, dst: Host, spec: VmSpec, with_tags: bool,
                          progress: ProgressCallback) -> "SimVm":
-        """Stop-and-copy to ``dst``: pause the vCPUs, copy RAM (and tags), verify, resume there.
+        """Stop-and-copy to ``dst``: pause the vCPUs (back from their worker), copy RAM (and tags)
+        between the two VMs' shared segments, verify, resume there.
 
         A TCG VM's tags always travel (QEMU migrates its tag RAM as a RAM block); a KVM VM's
         tags travel only with ``with_tags``. On failure the source resumes and nothing is left
@@ -235,25 +361,35 @@ class SimVm(RunningVm):
         except RealizeError as e:
             raise MigrationError(f"cannot start VM '{spec.config.name}' on {dst.name}: {e}") from None
         copy_tags = with_tags or self.machine.tag_memory
-        was_running = self._task is not None
-        await self._pause()
+        was_running = self.worker is not None
+        vm = None
         try:
+            await self._pause()
+            vm = SimVm(dst, spec, target, fresh=False)
             stats = await self._copy(target, copy_tags, progress)
-            vm = SimVm(dst, spec, target, moved_from=self)
+            vm.shared.copy_state_from(self.shared)
+            vm.paused_vcpus = SimVcpus(vm.shared, spec.workload, self.paused_vcpus.export_state())
         except BaseException:
+            if vm is not None:
+                vm.shared.release()
             target.close()
             if was_running:
-                self.run()
+                await self.run()
             raise
         stats["with_tags"] = with_tags
         stats["tags"] = ("copied with KVM_ARM_MTE_COPY_TAGS and verified" if copy_tags and self._tags_in_kvm() else
                          "migrated with RAM (TCG tag memory) and verified" if copy_tags else "none")
         dst.vms.add(vm)
         self._stopped = True          # the source's vCPUs now belong to the destination
+        self.paused_vcpus = None
+        self.shared.release()
         self.machine.close()
         self.host.vms.discard(self)
         if was_running:
-            vm.run()
+            try:
+                await vm.run()
+            except MtevmError as e:
+                vm._crash = f"simulated vCPUs could not resume after the migration: {e}"
         await report_progress(progress, 1.0, stats)
         return vm
 
@@ -270,6 +406,8 @@ class SimVm(RunningVm):
         steps = job.steps()
         try:
             for done, _ in steps:
+                if self._cancel_migration:
+                    raise MigrationError("migration cancelled")
                 ram = state.ram
                 ram_done = (ram["total"] - ram["remaining"]) // PAGE
                 tags_done = max(0, done - len(job.data_pages))
@@ -278,20 +416,5 @@ class SimVm(RunningVm):
                 await asyncio.sleep(MIGRATION_SECONDS / n_steps)
         finally:
             steps.close()             # cancelled midway: the source's status says "cancelled"
+            self._cancel_migration = False
         return {"status": "completed", **ram_stats(state.ram), **job.stats}
-
-    def _take_over(self, src: "SimVm") -> None:
-        """Carry the source's vCPU state, counters, fault history and workload onto this machine."""
-        ram = self.machine.ram
-        self.cpus = []
-        for old in src.cpus:
-            cpu = TagCheckCpu(ram, old.index, tcf=old.tcf, tcma0=old.tcma0, tcma1=old.tcma1, tco=old.tco,
-                              gcr_exclude=old.gcr_exclude)
-            cpu.tfsr = old.tfsr
-            cpu.counters = old.counters
-            self.cpus.append(cpu)
-        self.workloads = src.workloads     # the heap (slots, tags' owners, its seeded generator) goes on
-        for workload, cpu in zip(self.workloads, self.cpus):
-            workload.cpu, workload.ram = cpu, ram
-        self._last_fault = src._last_fault
-        self._faults = src._faults

@@ -52,20 +52,40 @@ class TagMemory:
 
     def __init__(self, base: int, size: int):
         validate_region(base, size)
+        self._geometry(base, size)
+        n_chunks = self._n_chunks
+        # Up to DENSE_INDEX_CHUNKS every chunk gets its row now (chunk c -> row c + 1), which
+        # saves the lookup one gather; larger VMs get rows as their chunks are tagged.
+        self._dir = self._array("_dir", n_chunks, np.int64)
+        if self._dense:
+            self._dir[:] = np.arange(1, n_chunks + 1, dtype=np.int64)
+        self._rows = n_chunks + 1 if self._dense else 1
+        self._table = self._array("_table", self._rows * CHUNK_PAGES, np.int64)   # row 0: the untouched chunk
+        self._row_used = self._array("_row_used", n_chunks if self._dense else 0, bool)   # dense rows written
+        self._blocks = self._array("_blocks", TAG_BYTES_PER_PAGE, np.uint8)   # block 0: all tags 0
+        self._n_blocks = 1
+
+    def _geometry(self, base: int, size: int) -> None:
+        """The region and the shape of its index (no arrays yet)."""
         self.base = base
         self.size = size
         self.n_pages = size // PAGE
-        n_chunks = -(-self.n_pages // CHUNK_PAGES)
-        # Up to DENSE_INDEX_CHUNKS every chunk gets its row now (chunk c -> row c + 1), which
-        # saves the lookup one gather; larger VMs get rows as their chunks are tagged.
-        self._dense = n_chunks <= DENSE_INDEX_CHUNKS
-        self._dir = np.arange(1, n_chunks + 1, dtype=np.int64) if self._dense else np.zeros(n_chunks, np.int64)
-        self._rows = n_chunks + 1 if self._dense else 1
-        self._table = np.zeros(self._rows * CHUNK_PAGES, dtype=np.int64)   # row 0: the untouched chunk
-        self._dense_table = self._table[CHUNK_PAGES:]      # dense: page p's block is at [p]
-        self._row_used = np.zeros(n_chunks if self._dense else 0, dtype=bool)   # dense rows written
-        self._blocks = np.zeros(TAG_BYTES_PER_PAGE, dtype=np.uint8)   # block 0: all tags 0
-        self._n_blocks = 1
+        self._n_chunks = -(-self.n_pages // CHUNK_PAGES)
+        self._dense = self._n_chunks <= DENSE_INDEX_CHUNKS
+
+    @property
+    def _dense_table(self) -> np.ndarray:
+        """Dense index: page p's block number is at [p] (the rows after row 0)."""
+        return self._table[CHUNK_PAGES:]
+
+    # ---- storage (overridden by a TagMemory in shared memory: backend.hosts.simshared) ------
+    def _array(self, name: str, length: int, dtype) -> np.ndarray:
+        """A zeroed array for the index or the block pool (``name`` is the attribute)."""
+        return np.zeros(length, dtype=dtype)
+
+    def _grow(self, name: str, needed: int, unit: int) -> None:
+        """Make the array attribute ``name`` hold at least ``needed`` units of ``unit`` elements."""
+        setattr(self, name, _grown(getattr(self, name), needed, unit))
 
     # ---- accounting ----------------------------------------------------------------------
     @property
@@ -104,7 +124,7 @@ class TagMemory:
             chunks = np.unique(pages >> _CHUNK_SHIFT)
             new_chunks = chunks[self._dir[chunks] == 0]
             if len(new_chunks):
-                self._table = _grown(self._table, self._rows + len(new_chunks), CHUNK_PAGES)
+                self._grow("_table", self._rows + len(new_chunks), CHUNK_PAGES)
                 self._dir[new_chunks] = np.arange(self._rows, self._rows + len(new_chunks))
                 self._rows += len(new_chunks)
         slots = self._slots(pages)
@@ -114,7 +134,7 @@ class TagMemory:
             missing = np.unique(slots[fresh])
             if self._dense:
                 self._row_used[(missing // CHUNK_PAGES) - 1] = True
-            self._blocks = _grown(self._blocks, self._n_blocks + len(missing), TAG_BYTES_PER_PAGE)
+            self._grow("_blocks", self._n_blocks + len(missing), TAG_BYTES_PER_PAGE)
             self._table[missing] = np.arange(self._n_blocks, self._n_blocks + len(missing))
             self._n_blocks += len(missing)
             blocks = self._table[slots]

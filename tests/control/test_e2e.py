@@ -15,21 +15,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from backend.daemon.launch import daemon_pid
 
 MTE_BLOCKER = "Live migration disabled due to MTE enabled"
-
-
-@pytest.fixture
-def mtevm(run_mtevm):
-    """Run a command that must succeed; parse its --json output."""
-    def ok(*args: str):
-        r = run_mtevm(*args, "--json")
-        assert r.returncode == 0, f"mtevm {' '.join(args)}: {r.stderr}"
-        return json.loads(r.stdout)
-    return ok
 
 
 def fails(run_mtevm, code: int, *args: str) -> str:
@@ -83,9 +71,10 @@ def test_the_whole_story_on_sim_mte(mtevm, run_mtevm):
     assert mtevm("counters", "web")["vm"]["checked"] >= before    # counters carry on after the move
     assert [x["state"] for x in mtevm("migrations")] == ["completed", "blocked"]
 
+    assert fails(run_mtevm, 1, "delete", "web") == "VM 'web' is running: stop it first"   # before any question
+    mtevm("stop", "web")
     assert fails(run_mtevm, 2, "delete", "web") == ("refusing to delete VM 'web' without confirmation: "
                                                     "pass --yes")
-    mtevm("stop", "web")
     assert mtevm("delete", "web", "--yes") == {"deleted": "web"}
     assert mtevm("list") == []
     assert fails(run_mtevm, 1, "show", "web") == "no VM named 'web'"
@@ -150,7 +139,16 @@ def test_bad_usage_exits_2_and_operation_failures_exit_1(mtevm, run_mtevm):
                                              "(see 'mtevm create --help')")
     assert fails(run_mtevm, 1, "stop", "nosuch") == "no VM named 'nosuch'"
     mtevm("create", "x")
-    assert "unknown host 'mars'" in fails(run_mtevm, 1, "migrate", "x", "--to", "mars")
+    # The same unknown host gives the same error and exit code wherever it is named.
+    assert fails(run_mtevm, 1, "migrate", "x", "--to", "mars") == \
+        fails(run_mtevm, 1, "create", "y", "--host", "mars") == \
+        fails(run_mtevm, 1, "probe", "--host", "mars")
+    assert "unknown host 'mars'" in fails(run_mtevm, 1, "create", "y", "--host", "mars")
+    # Errors speak the user's words, not the API's internals (null, extra_args).
+    vcpu_error = fails(run_mtevm, 2, "tcf", "x", "sync", "--vcpu", "7")
+    assert vcpu_error == "VM 'x' has no vCPU 7: give a vCPU index 0..1, or no vCPU to set all of them"
+    qemu_error = fails(run_mtevm, 2, "create", "q", "--host", "local", "--qemu-arg=-monitor stdio")
+    assert "null" not in vcpu_error + qemu_error and "extra_args" not in qemu_error
     assert mtevm("list")[0]["name"] == "x"
 
 
@@ -222,6 +220,10 @@ def test_delete_asks_on_a_terminal(mtevm_paths, mtevm):
         os.close(master)
         return proc.returncode, out + err
 
+    mtevm("start", "d")                     # running: refused before the question, not after a yes
+    code, text = delete_answering("y")
+    assert code == 1 and "VM 'd' is running: stop it first" in text and "Delete VM" not in text
+    mtevm("stop", "d")
     code, text = delete_answering("n")
     assert code == 1 and "not deleted" in text
     assert [v["name"] for v in mtevm("list")] == ["d"]
@@ -310,14 +312,28 @@ async def test_events_over_the_socket(mtevm_paths):
 
 
 async def test_validate_only_dry_runs_the_seed_without_storing(inproc_client):
+    """One rule (issue 11 item 13): a malformed definition is an error; a well-formed one that can
+    never start on its host is ok, with QEMU's text as a warning (the user may move it)."""
     c = inproc_client
-    assert await c.create({"name": "ok1"}, validate_only=True) == {"ok": True, "error": None}
+    assert await c.create({"name": "ok1"}, validate_only=True) == {"ok": True, "error": None, "warnings": []}
     assert await c.create({"name": "n", "host": "sim-nomte"}, validate_only=True) == \
-        {"ok": False, "error": "MTE requested, but not supported by KVM"}
+        {"ok": True, "error": None, "warnings": ["MTE requested, but not supported by KVM"]}
     assert await c.create({"name": "n", "accel": "tcg", "cpu": "cortex-a57"}, validate_only=True) == \
-        {"ok": False, "error": "MTE requested, but not supported by the guest CPU"}
+        {"ok": True, "error": None, "warnings": ["MTE requested, but not supported by the guest CPU"]}
     assert (await c.create({"name": "n", "vcpus": 0}, validate_only=True))["ok"] is False
     assert await c.list() == []
+
+
+async def test_a_definition_that_cannot_start_is_stored_with_the_warning(inproc_client):
+    c = inproc_client
+    vm = await c.create({"name": "n", "host": "sim-nomte", "mte": True})
+    assert vm["warnings"] == ["MTE requested, but not supported by KVM"]
+    assert (await c.show("n"))["warnings"] == ["MTE requested, but not supported by KVM"]
+    assert (await c.set_mte("n", False))["warnings"] == []          # fixed: no warning any more
+    await c.create({"name": "ok1"})
+    assert await c.create({"name": "ok1", "host": "sim-nomte"}, validate_only=True, existing=True) == \
+        {"ok": True, "error": None, "warnings": ["MTE requested, but not supported by KVM"]}
+    assert (await c.create({"name": "nope"}, validate_only=True, existing=True))["ok"] is False
 
 
 def test_no_command_opens_the_app(run_mtevm):
@@ -354,3 +370,17 @@ async def test_events_carry_the_counters_of_a_512_vcpu_vm(mtevm_paths):
         finally:
             await events.aclose()
         assert [c["index"] for c in e["counters"]["vcpus"]] == list(range(512))
+
+
+def test_cli_create_of_a_vm_that_cannot_start_warns_with_qemus_text(run_mtevm):
+    """The CLI and the forms share one rule: accepted (exit 0), with QEMU's text as a warning."""
+    r = run_mtevm("--no-daemon", "create", "n1", "--host", "sim-nomte", "--mte")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "mtevm: warning: VM n1 cannot start on sim-nomte: MTE requested, but not supported by KVM"
+    r = run_mtevm("--no-daemon", "create", "n2", "--host", "sim-nomte", "--no-mte")
+    assert r.returncode == 0 and r.stderr == ""
+    r = run_mtevm("--no-daemon", "show", "n1")
+    assert r.returncode == 0 and "MTE requested, but not supported by KVM" in r.stdout
+    r = run_mtevm("--no-daemon", "mte", "n2", "on")        # the same rule when MTE is switched on later
+    assert r.returncode == 0
+    assert r.stderr.strip() == "mtevm: warning: VM n2 cannot start on sim-nomte: MTE requested, but not supported by KVM"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from backend.errors import StoreError
-from backend.store import SCHEMA_VERSION, Store, VmRow
+from backend.store import _HOSTS_TABLE, SCHEMA_VERSION, Store, VmRow
 
 
 def digest(path) -> str:
@@ -180,14 +180,17 @@ def test_a_version_1_store_opens_and_is_upgraded_keeping_everything(tmp_path):
     s = Store(str(path))
     [old] = s.load_vms()
     assert (old.name, old.config, old.pending, old.qemu_args) == ("old", {"name": "old"}, {"mte": False}, [])
+    assert old.allow_host_files is False          # older VMs never opted in to host files
     assert [m["reason"] for m in s.load_migrations()] == ["why"]
-    s.add_vm(VmRow("new", "local", {"name": "new"}, {}, qemu_args=["-device", "ivshmem-plain,memdev=shm"]))
+    s.add_vm(VmRow("new", "local", {"name": "new"}, {}, qemu_args=["-device", "ivshmem-plain,memdev=shm"],
+                   allow_host_files=True))
     s.close()
     s = Store(str(path))
     assert {r.name: r.qemu_args for r in s.load_vms()} == {"old": [], "new": ["-device", "ivshmem-plain,memdev=shm"]}
+    assert {r.name: r.allow_host_files for r in s.load_vms()} == {"old": False, "new": True}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     db.close()
 
 
@@ -214,4 +217,24 @@ def test_added_hosts_persist_and_an_upgraded_store_starts_with_none(tmp_path):
     s.close()
     s = Store(str(path))
     assert [h["name"] for h in s.load_hosts()] == ["lab2"]
+    s.close()
+
+
+def test_a_version_3_store_gets_guests_and_its_vms_boot_the_builtin_one(tmp_path):
+    """A store written before Linux guests existed (schema 3): its VMs load with the builtin guest
+    ({}), and a Linux guest's definition is kept across a reopen."""
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA.replace("PRAGMA user_version=1;", ""))
+    db.execute("ALTER TABLE vms ADD COLUMN qemu_args TEXT NOT NULL DEFAULT '[]'")
+    db.execute(_HOSTS_TABLE)
+    db.execute("PRAGMA user_version=3")
+    db.execute("INSERT INTO vms VALUES ('old', 'local', '{\"name\": \"old\"}', '{}', 'stopped', NULL, 1.0, '[]')")
+    db.commit()
+    db.close()
+    s = Store(str(path))
+    s.add_vm(VmRow("lx", "local", {"name": "lx"}, {}, guest={"kind": "linux", "append": "loglevel=7"}))
+    s.close()
+    s = Store(str(path))
+    assert {r.name: r.guest for r in s.load_vms()} == {"old": {}, "lx": {"kind": "linux", "append": "loglevel=7"}}
     s.close()

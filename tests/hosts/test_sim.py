@@ -81,9 +81,10 @@ async def test_start_runs_and_stop_releases_everything(hosts):
     assert all(v["kvm_mte"] and v["tcf"] == "sync" for v in infos)
     assert await vm.blocked_reasons() == [MTE_BLOCKER]
     await wait_for(lambda: totals(vm)["checked"] > 0, "the vCPUs to run")
-    kvm_vm, task = vm.machine.kvm_vm, vm._task
+    kvm_vm, worker = vm.machine.kvm_vm, vm.worker
+    assert worker is not None and worker.vms == {id(vm): vm}    # the vCPUs run in a worker process
     await vm.stop()
-    assert task.done() and kvm_vm.closed and host.vms == set()
+    assert vm.worker is None and worker.vms == {} and kvm_vm.closed and host.vms == set()
     assert vm.machine.migration.query_migrate() == {}
     frozen = totals(vm)
     await asyncio.sleep(0.2)
@@ -223,7 +224,7 @@ async def test_running_vm_migrates_and_keeps_running(hosts):
     moved = totals(dst)["checked"]
     assert moved >= totals(src)["checked"] > 0
     await wait_for(lambda: totals(dst)["checked"] > moved, "the destination to continue")
-    assert src._task is None and dst.state == "running"
+    assert src.worker is None and dst.worker is not None and dst.state == "running"
 
 
 async def test_migration_within_one_host(hosts):

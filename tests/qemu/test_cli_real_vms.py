@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ import time
 import pytest
 
 from backend.qemu.driver import kill_strays, qemus_mentioning, read_tail
+from tests.helpers.cli import error_of, ok
 
 pytestmark = pytest.mark.qemu
 IVSHMEM_BLOCKER = "Migration is disabled when using feature 'peer mode' in device 'ivshmem'"
@@ -33,31 +33,31 @@ def no_qemu_left(mtevm_paths):
 
 @pytest.fixture
 def ivshmem_args(tmp_path):
-    """--qemu-arg options for an ivshmem-plain device on a shared memory file under /dev/shm."""
+    """--qemu-arg options for an ivshmem-plain device on a shared memory file under /dev/shm (a host
+    file: the VM must allow it)."""
     path = f"/dev/shm/mtevm-test-{os.getpid()}-{tmp_path.name}"
     yield ["--qemu-arg=-object", f"--qemu-arg=memory-backend-file,id=shm,mem-path={path},size=1M,share=on",
-           "--qemu-arg=-device ivshmem-plain,memdev=shm"]
+           "--qemu-arg=-device ivshmem-plain,memdev=shm", "--allow-host-files"]
     if os.path.exists(path):
         os.unlink(path)
 
 
-def ok(run_mtevm, *args: str):
-    r = run_mtevm(*args, "--json")
-    assert r.returncode == 0, f"mtevm {' '.join(args)}: {r.stderr}"
-    return json.loads(r.stdout)
-
-
-def error_of(r) -> str:
-    """The one error line of a failed command (stdout stays empty)."""
-    assert r.stdout == "" and r.stderr.startswith("mtevm: error: "), (r.stdout, r.stderr)
-    return r.stderr.strip().removeprefix("mtevm: error: ")
-
-
 def test_an_ivshmem_blocker_reaches_the_user_verbatim(run_mtevm, mtevm_daemon, ivshmem_args, no_qemu_left):
+    mem_path = ivshmem_args[1].split("mem-path=")[1].split(",")[0]
+    # Without the opt-in, a QEMU argument that names a host file is refused before anything exists.
+    r = run_mtevm("create", "shared", *SMALL_VM, *ivshmem_args[:-1])
+    assert r.returncode == 2
+    assert f"mem-path={mem_path} (a host file)" in error_of(r) and "--allow-host-files" in error_of(r)
+    assert not os.path.exists(mem_path) and ok(run_mtevm, "list") == []
+
     vm = ok(run_mtevm, "create", "shared", *SMALL_VM, *ivshmem_args)
     assert vm["qemu_args"] == ["-object", ivshmem_args[1].removeprefix("--qemu-arg="),
                                "-device", "ivshmem-plain,memdev=shm"]
+    assert vm["allow_host_files"] is True
+    [host_files] = [ln for ln in run_mtevm("show", "shared").stdout.splitlines() if "host files" in ln]
+    assert "allowed" in host_files
     assert ok(run_mtevm, "start", "shared")["state"] == "running"
+    assert os.path.getsize(mem_path) == 1 << 20      # allowed, QEMU really made and grew the host file
     try:
         shown = ok(run_mtevm, "show", "shared")
         assert shown["blocked_reasons"] == [IVSHMEM_BLOCKER]
@@ -86,7 +86,8 @@ def test_extra_qemu_arguments_survive_a_daemon_restart(run_mtevm, mtevm_paths, i
     """The definition is persisted: a new daemon (a new Service on the same store) still has it."""
     vm = ok(run_mtevm, "create", "kept", *SMALL_VM, *ivshmem_args)
     assert run_mtevm("daemon", "stop").returncode == 0
-    assert ok(run_mtevm, "show", "kept")["qemu_args"] == vm["qemu_args"]
+    kept = ok(run_mtevm, "show", "kept")
+    assert (kept["qemu_args"], kept["allow_host_files"]) == (vm["qemu_args"], True)
 
 
 def wait_for_state(run_mtevm, name: str, state: str, timeout: float = 30.0) -> dict:

@@ -174,6 +174,37 @@ def test_extra_args_are_validated():
             validate_extra_args(bad)
 
 
+@pytest.mark.parametrize("opt,value,named", [
+    ("-object", "memory-backend-file,id=m,mem-path=/home/u/.bashrc,share=on", "mem-path=/home/u/.bashrc"),
+    ("-device", "loader,file=/etc/shadow,addr=0x40000000", "file=/etc/shadow"),
+    ("-object", "secret,id=s,file=/root/.ssh/id_ed25519", "file=/root/.ssh/id_ed25519"),
+    ("-object", "tls-creds-x509,id=t,dir=/etc/ssl,endpoint=client", "dir=/etc/ssl"),
+    ("-object", "rng-random,id=r,filename=/etc/shadow", "filename=/etc/shadow"),
+    ("-object", "filter-dump,id=f,netdev=n,file=/etc/passwd", "file=/etc/passwd"),
+    ("-object", "input-linux,id=i,evdev=/dev/input/event0", "evdev=/dev/input/event0"),
+    ("-device", "virtio-net-pci,romfile=/tmp/x,,y", "romfile=/tmp/x,y"),      # ",," is QEMU's comma
+    ("-device", "guest-loader,addr=0x1000,kernel=/boot/vmlinuz", "kernel=/boot/vmlinuz"),
+    ("-device", "usb-mtp,rootdir=/home", "rootdir=/home"),
+    ("-device", "usb-host,hostdevice=/dev/bus/usb/001/002", "hostdevice=/dev/bus/usb/001/002"),
+    ("-device", "vfio-pci,host=0000:00:01.0", "host=0000:00:01.0"),
+    ("-device", "usb-host", "usb-host"),
+    ("-object", '{"qom-type": "secret", "id": "s", "file": "/etc/shadow"}', "file=/etc/shadow"),
+    ("-object", "memory-backend-file,id=m,x-future-file-prop=/x", "x-future-file-prop=/x"),
+])
+def test_qemu_args_that_name_host_files_need_the_opt_in(opt, value, named):
+    with pytest.raises(ConfigError, match="--allow-host-files") as err:
+        validate_extra_args([opt, value])
+    assert named in str(err.value) and "read or overwrite any file you can" in str(err.value)
+    assert validate_extra_args([opt, value], allow_host_files=True) == [opt, value]
+
+
+def test_qemu_args_without_host_files_need_no_opt_in():
+    for args in (["-object", "memory-backend-memfd,id=m,size=1M,share=on", "-device", "ivshmem-plain,memdev=m"],
+                 ["-object", "memory-backend-ram,id=r,size=1M"], ["-device", "virtio-net-pci,romfile="],
+                 ["-device", "pci-testdev,addr=0x3"]):
+        assert validate_extra_args(args) == args
+
+
 def test_memory_sizes_in_qemu_syntax():
     assert format_memory(256 << 20) == "256M"
     assert format_memory((256 << 20) + 4096) == f"{(256 << 20) + 4096}B"
@@ -185,7 +216,8 @@ def test_argv_from_a_config():
     files = LaunchFiles("/run/x,y/qmp.sock", "/g/guest.elf", "/run/p.bin", 0x40200000)
     argv = build_argv(config, files, extra_args=["-device", "foo"], incoming="tcp:127.0.0.1:5555")
     assert argv == ["qemu-system-aarch64", "-M", "virt,mte=on,secure=on", "-cpu", "max", "-accel", "tcg",
-                    "-nodefaults", "-display", "none", "-smp", "2", "-m", "128M", "-kernel", "/g/guest.elf",
+                    "-nodefaults", "-nic", "none", "-display", "none", "-smp", "2", "-m", "128M",
+                    "-kernel", "/g/guest.elf",
                     "-qmp", "unix:/run/x,,y/qmp.sock,server=on,wait=off",
                     "-device", "loader,file=/run/p.bin,addr=0x40200000,force-raw=on",
                     "-only-migratable", "-device", "foo", "-incoming", "tcp:127.0.0.1:5555"]

@@ -193,6 +193,12 @@ async def test_sixteen_colours_on_every_screen(make_app):
         seen["migrations"] = non_ansi_colours(app)
         await pilot.press("question_mark")
         seen["help"] = non_ansi_colours(app)
+        await pilot.press("escape", "v")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
+        app.set_daemon_lost("event stream lost")            # the status bar's alarm, the dimmed table
+        await pilot.pause(0.1)
+        seen["daemon lost"] = non_ansi_colours(app)
+        app.set_daemon_lost(None)
         assert seen == {k: set() for k in seen}
 
 
@@ -382,3 +388,26 @@ async def test_checkbox_state_is_readable_in_sixteen_colours(make_app):
         await wait_for(pilot, lambda: "MTE: off" in checks_line(), "MTE shown off")
         assert not app.screen.query_one("#mte").value and checks_line() != before
         assert non_ansi_colours(app) == set()
+
+
+async def test_qemu_args_naming_a_host_file_need_the_forms_opt_in_and_the_detail_says_so(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await open_form_and_name(pilot, app, "loader1")
+        hosts = [h["name"] for h in await app.client.hosts()]
+        await pilot.press("tab", "enter", *["down"] * (hosts.index("local") - hosts.index("sim-mte")), "enter")
+        await wait_for(pilot, lambda: app.screen.query_one("#host-files-row").display, "the host-files opt-in")
+        app.screen.query_one("#qemu_args").focus()
+        await pilot.press(*"-device loader,file=/etc/hostname,addr=0x48000000")
+        await wait_for(pilot, lambda: "file=/etc/hostname (a host file)" in form_message(app)
+                       and "--allow-host-files" in form_message(app), "the host file refused")
+        app.screen.query_one("#allow_host_files").value = True
+        await wait_for(pilot, lambda: "ready to create" in form_message(app), "allowed once opted in")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen) and "loader1" in app.model.vms, "made")
+        assert (await app.client.show("loader1"))["allow_host_files"] is True
+        assert list(app.model.vms) == ["loader1"]
+        await open_detail(pilot, app)
+        await wait_for(pilot, lambda: "host files allowed" in " ".join(screen_text(app).split()),
+                       "the detail naming the opt-in")

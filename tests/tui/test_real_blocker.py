@@ -6,7 +6,6 @@ a real qemu-system-aarch64 process, stopped by the test and checked gone by PID 
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -20,12 +19,9 @@ SIZE = (160, 50)     # wide enough that the blocker text is on one line
 
 @pytest.fixture
 async def shm_args(tmp_path):
-    path = f"/dev/shm/mtevm-test-{os.getpid()}-{tmp_path.name}"
-    yield ["-object", f"memory-backend-file,id=shm,mem-path={path},size=1M,share=on",
-           "-device", "ivshmem-plain,memdev=shm"]
+    # memfd shared memory: no host file, so the VM needs no --allow-host-files
+    yield ["-object", "memory-backend-memfd,id=shm,size=1M,share=on", "-device", "ivshmem-plain,memdev=shm"]
     left = await kill_strays(str(tmp_path))
-    if os.path.exists(path):
-        os.unlink(path)
     assert left == [], f"the test left QEMU processes running: {left}"
 
 

@@ -135,6 +135,12 @@ def scenario(name):
         await wait_for(pilot, lambda: pilot.app.screen.query("#destinations") and
                        pilot.app.screen.query_one("#destinations").option_count, "the destinations")
 
+    async def daemon_lost(pilot, hosts):
+        # How the list looks while the daemon is gone: the status bar says so, the figures are dimmed
+        # (the loss itself, with a real daemon killed by PID, is in test_daemon_lost.py).
+        await fleet(pilot, hosts)
+        pilot.app.set_daemon_lost("event stream lost")
+
     async def help_screen(pilot, hosts):
         await wait_for(pilot, lambda: pilot.app.screen.id == "vm-list", "the VM list")
         await pilot.press("question_mark")
@@ -151,7 +157,7 @@ def scenario(name):
 
 
 SCREENS = ["vm_list", "vm_detail", "vm_form", "hosts_screen", "migrations", "confirm", "migrate_dialog",
-           "help_screen", "palette"]
+           "help_screen", "palette", "daemon_lost"]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

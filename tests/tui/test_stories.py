@@ -41,23 +41,61 @@ async def test_create_mte_vm_on_sim_mte_and_see_kvm_mte_on_every_vcpu(make_app):
         assert "MTE on" in screen_text(app)
 
 
-async def test_mte_on_sim_nomte_shows_the_kvm_error_in_the_form(make_app):
+async def test_mte_on_sim_nomte_warns_with_the_kvm_error_and_creates_on_ctrl_s(make_app):
+    """Issue 11 item 13, one rule with the CLI: a definition that can never start on its host is
+    accepted, with QEMU's text as a warning, in the form and after ctrl+s."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
         await open_form_and_name(pilot, app, "db1")
         await pilot.press("tab", "enter", "down", "enter")          # host: sim-mte -> sim-nomte
         await wait_for(pilot, lambda: app.screen.query_one("#host").value == "sim-nomte", "host sim-nomte")
-        await wait_for(pilot, lambda: "MTE requested, but not supported by KVM" in form_message(app),
-                       "the seed's KVM error in the form")
+        await wait_for(pilot, lambda: "⚠ MTE requested, but not supported by KVM" in form_message(app),
+                       "the seed's KVM error in the form, as a warning")
         assert "MTE requested, but not supported by KVM" in screen_text(app)
-        await pilot.press("ctrl+s")                                  # submitting is refused, nothing made
-        await pilot.pause(0.3)
-        assert isinstance(app.screen, VmFormScreen) and await app.client.list() == []
+        assert app.screen.verdict == {"ok": True, "error": None, "warnings": ["MTE requested, but not supported by KVM"]}
         app.screen.query_one("#host").focus()
         await pilot.press(*["tab"] * 7, "space")                   # host ... seed, then untick MTE
         assert app.screen.focused.id == "mte"
-        await wait_for(pilot, lambda: "ready to create" in form_message(app), "valid without MTE")
+        await wait_for(pilot, lambda: "ready to create" in form_message(app), "valid without MTE, no warning")
+        await pilot.press("space")                                  # MTE on again: the warning is back
+        await wait_for(pilot, lambda: "⚠ MTE requested" in form_message(app), "the warning again")
+        await pilot.press("ctrl+s")                                 # accepted: the user may move it
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen) and "db1" in app.model.vms, "db1 created")
+        assert any("cannot start on sim-nomte: MTE requested, but not supported by KVM" in str(n.message)
+                   for n in app._notifications)
+
+
+async def test_the_edit_form_warns_like_the_create_form(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "db1", host="sim-nomte", mte=False)
+        await open_detail(pilot, app)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmFormScreen), "the edit form")
+        await wait_for(pilot, lambda: "ready to save" in form_message(app), "no warning without MTE")
+        app.screen.query_one("#mte").focus()
+        await pilot.press("space")                                  # MTE on, on a host without KVM MTE
+        await wait_for(pilot, lambda: "⚠ MTE requested, but not supported by KVM" in form_message(app),
+                       "the same warning as the create form and the CLI")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, VmFormScreen), "saved")
+        assert (await app.client.show("db1"))["config"]["mte"] is True
+        assert any("cannot start on sim-nomte" in str(n.message) for n in app._notifications)
+
+
+async def test_ctrl_s_never_fails_silently(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "db1")
+        await open_form_and_name(pilot, app, "db1")                 # a name that exists: an error
+        await wait_for(pilot, lambda: "already exists" in form_message(app), "the error on the verdict line")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: any(n.title == "not saved" and "already exists" in str(n.message)
+                                          for n in app._notifications), "ctrl+s says why it did not save")
+        assert isinstance(app.screen, VmFormScreen) and app.screen.query_one("#name").value == "db1"
 
 
 async def test_cortex_a57_with_tcg_shows_the_guest_cpu_error(make_app):

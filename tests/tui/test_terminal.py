@@ -89,6 +89,23 @@ def test_exits_when_the_pty_hangs_up(app_process):
     assert wait_exit(proc) == 0
 
 
+@pytest.mark.parametrize("after", [0.05, 0.2])
+def test_exits_when_the_pty_closes_right_after_start(tmp_path, after):
+    """Issue 11 item 15: a terminal that dies while the app is still starting (ssh dropped at once).
+    Textual's output thread died at the first failed write and the app then waited forever for
+    room in its queue; it must exit like any other hang-up."""
+    proc, master = spawn_app(tmp_path, "--no-daemon", "--state-dir", str(tmp_path / "state"),
+                             "--runtime-dir", str(tmp_path / "run"))
+    try:
+        time.sleep(after)
+        os.close(master)
+        assert wait_exit(proc) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_exits_on_sighup(app_process):
     proc, master = app_process
     os.kill(proc.pid, signal.SIGHUP)

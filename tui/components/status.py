@@ -1,4 +1,5 @@
-"""One status line: which daemon, how fast counters refresh, and the app clock's time."""
+"""One status line: which daemon (and whether it is lost), how fast counters refresh, how many VMs,
+and the app clock's time."""
 from __future__ import annotations
 
 from textual.app import ComposeResult
@@ -21,8 +22,12 @@ class StatusBar(Cell):
         if not (force or self.app.screen is self.screen):
             return          # Textual repaints a hidden screen's change through the visible one
         app = self.app
-        self.set(f" {app.connection_label} │ {app.rate_hz:g} Hz │ "
-                 f"{len(app.model.vms)} VMs │ {fmt.clock_time(app.clock())} UTC")
+        lost = getattr(app, "daemon_lost", None)
+        self.set_class(lost is not None, "-lost")
+        where = f"{app.connection_label} LOST, reconnecting" if lost else app.connection_label
+        vms = len(app.model.vms)
+        self.set(f" {where} │ {app.rate_hz:g} Hz │ "
+                 f"{vms} VM{'' if vms == 1 else 's'} │ {fmt.clock_time(app.clock())} UTC")
 
 
 def screen_bottom() -> ComposeResult:

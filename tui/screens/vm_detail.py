@@ -6,6 +6,8 @@ own list and are extended with each vCPU's newest fault from the samples.
 """
 from __future__ import annotations
 
+import shlex
+
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
@@ -33,6 +35,10 @@ def describe(vm: dict) -> str:
         f"MTE {mte_text(vm)}  secure {fmt.yes_no(cfg.get('secure'))}  "
         f"only-migratable {fmt.yes_no(cfg.get('only_migratable'))}",
     ]
+    if vm.get("qemu_args"):
+        lines.append(f"QEMU args {escape(shlex.join(vm['qemu_args']))}"
+                     + ("  [$warning](host files allowed: QEMU reads and writes them as you)[/]"
+                        if vm.get("allow_host_files") else ""))
     live = is_live(vm)              # tag memory and blockers belong to a running machine
     tags = vm.get("tag_memory")
     if tags and live:
@@ -43,6 +49,8 @@ def describe(vm: dict) -> str:
         lines.append(f"[$warning]pending (applied at next start): {changes}[/]")
     for reason in (vm.get("blocked_reasons") or []) if live else []:
         lines.append(f"[$warning]migration blocked: {escape(reason)}[/]")
+    for warning in vm.get("warnings") or []:      # the daemon's dry run of the next start (QEMU's text)
+        lines.append(f"[$warning]cannot start on {escape(str(vm.get('host')))}: {escape(warning)}[/]")
     if vm.get("last_error"):
         lines.append(f"[$error]last error: {escape(vm['last_error'])}[/]")
     return "\n".join(lines)
@@ -77,7 +85,12 @@ class VmDetailScreen(VmActions, Screen):
     def on_mount(self) -> None:
         self.sub_title = self.vm_name
         self.query_one("#detail-body").focus()
+        self.app.set_vcpu_focus(self.vm_name)      # a big fleet's feed carries this VM's vCPUs
         self.reload()
+
+    def on_unmount(self) -> None:
+        if self.app.vcpu_focus == self.vm_name:
+            self.app.set_vcpu_focus(None)
 
     def on_screen_resume(self) -> None:
         if self.detail is not None:
@@ -106,7 +119,8 @@ class VmDetailScreen(VmActions, Screen):
     def current(self) -> dict:
         """The definition as last fetched, with the newest summary from the event feed on top: a
         state change shows at once, before the definition is fetched again."""
-        return {**(self.detail or {}), **self.app.model.vms.get(self.vm_name, {})}
+        summary = {k: v for k, v in self.app.model.vms.get(self.vm_name, {}).items() if k != "vcpus"}
+        return {**(self.detail or {}), **summary}      # (a summary's "vcpus" is a count, the detail's a list)
 
     def show_config(self) -> None:
         text = describe(self.current())

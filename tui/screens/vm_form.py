@@ -1,9 +1,11 @@
 """Create a VM (or edit one's MTE and TCF), validated as the user types.
 
-Every change asks the daemon for a dry run (``client.create(cfg, validate_only=True)``), which
-runs the seed's decision tree on the chosen host; its message ("MTE requested, but not supported
-by KVM", ...) is shown under the form, never as a crash. The daemon stays the only judge: the
-form only checks that numbers are numbers.
+Every change asks the daemon for a dry run (``client.create(cfg, validate_only=True)``; the edit
+form adds ``existing=True``), which runs the seed's decision tree on the chosen host. One rule, the
+daemon's, for both forms and ``mtevm create``: a malformed definition is an error (✘, not saved);
+one that can never start on its host is accepted with QEMU's text as a warning (⚠ "MTE requested,
+but not supported by KVM"): the user may move it. The form only checks that numbers are numbers.
+ctrl+s never fails silently: what stops it is on the verdict line and in a notification.
 
 This is one of mtevm's deliberate departures from QEMU 9.2: QEMU prints these messages and exits
 (or aborts, where the seed passes &error_abort), ending every VM of the process; mtevm turns them
@@ -22,7 +24,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
-from backend.cli import split_qemu_args
+from backend.definition import split_qemu_args
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
@@ -52,7 +54,7 @@ class VmFormScreen(Screen):
     def __init__(self, existing: dict | None = None) -> None:
         super().__init__(classes="vm-form")
         self.existing = existing
-        self.verdict: dict | None = None     # the last dry-run answer, {"ok","error"}
+        self.verdict: dict | None = None     # the last dry-run answer, {"ok","error","warnings"}
         self.host_kinds: dict[str, str] = {}
         self.auto_accel = "kvm"               # the accel the form chose itself (follows the host)
 
@@ -84,6 +86,10 @@ class VmFormScreen(Screen):
             yield from self._row("QEMU args", Input(shlex.join(e.get("qemu_args") or []), id="qemu_args",
                                                     placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
                                                     disabled=editing, compact=True), row_id="qemu-args-row")
+            with Horizontal(classes="checks", id="host-files-row"):
+                # QEMU runs as the user: QEMU args naming host files need this opt-in (as --allow-host-files)
+                yield OnOffCheckbox("QEMU args may use host files", e.get("allow_host_files", False),
+                                    id="allow_host_files", disabled=editing)
             with Horizontal(classes="checks"):
                 yield OnOffCheckbox("MTE", cfg.get("mte", True), id="mte")
                 yield OnOffCheckbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
@@ -142,6 +148,8 @@ class VmFormScreen(Screen):
             qemu_args = split_qemu_args([q("#qemu_args", Input).value])
             if qemu_args:
                 cfg["qemu_args"] = qemu_args
+            if q("#allow_host_files", Checkbox).value:
+                cfg["allow_host_files"] = True
         return cfg
 
     def takes_qemu_args(self, host) -> bool:
@@ -150,13 +158,23 @@ class VmFormScreen(Screen):
 
     def show_qemu_args(self, host) -> None:
         self.query_one("#qemu-args-row").display = self.takes_qemu_args(host)
+        self.query_one("#host-files-row").display = self.takes_qemu_args(host)
 
-    def show_verdict(self, ok: bool, text: str) -> None:
-        self.verdict = {"ok": ok, "error": None if ok else text}
+    def show_verdict(self, ok: bool, text: str, warnings: list[str] | None = None) -> None:
+        """The verdict line: ✔ ok, ⚠ ok but cannot start on this host (QEMU's text), ✘ error."""
+        warnings = list(warnings or []) if ok else []
+        self.verdict = {"ok": ok, "error": None if ok else text, "warnings": warnings}
         box = self.query_one("#form-error", Static)
         box.set_class(not ok, "error")
-        box.set_class(ok, "ok")
-        box.update(Content(("✔ " if ok else "✘ ") + text))
+        box.set_class(ok and not warnings, "ok")
+        box.set_class(bool(warnings), "warning")
+        if warnings:
+            text = f"{'; '.join(warnings)} (cannot start on {self.host_name()}; can be saved and moved)"
+        box.update(Content(("⚠ " if warnings else "✔ " if ok else "✘ ") + text))
+
+    def host_name(self) -> str:
+        host = self.query_one("#host").value
+        return host if isinstance(host, str) else "this host"
 
     # -- validation as you type -------------------------------------------------------------------
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -180,20 +198,19 @@ class VmFormScreen(Screen):
         await asyncio.sleep(VALIDATE_DELAY)      # a newer keystroke cancels this one (exclusive)
         if not self.is_current:                   # the form was closed meanwhile
             return
-        if self.existing:
-            self.show_verdict(True, "ready to save")
-            return
         try:
             cfg = self.config()
             if not cfg["name"]:
                 raise FormError("name: give the VM a name")
             if cfg["host"] is Select.BLANK:
                 raise FormError("host: loading hosts…")
-            answer = await self.app.client.create(cfg, validate_only=True)
+            answer = await self.app.client.create(cfg, validate_only=True, existing=self.existing is not None)
         except (FormError, MtevmError) as e:      # MtevmError: the daemon's verdict, or unbalanced quotes
             self.show_verdict(False, str(e))
             return
-        self.show_verdict(bool(answer.get("ok")), "valid: ready to create" if answer.get("ok") else answer["error"])
+        ready = "ready to save" if self.existing else "valid: ready to create"
+        self.show_verdict(bool(answer.get("ok")), ready if answer.get("ok") else answer["error"],
+                          answer.get("warnings"))
 
     # -- submit -----------------------------------------------------------------------------------
     def on_button_pressed(self, event: Button.Pressed) -> None:
@@ -212,26 +229,35 @@ class VmFormScreen(Screen):
             if self.existing:
                 name = self.existing["name"]
                 mte = self.query_one("#mte", Checkbox).value
+                vm = self.existing
                 if mte != mte_at_next_start(self.existing):
-                    await client.set_mte(name, mte)
+                    vm = await client.set_mte(name, mte)
                 tcf = self.query_one("#tcf", Select).value
                 if tcf != (self.existing.get("workload", {}).get("tcf") or ["sync"])[0]:
-                    await client.set_tcf(name, None, tcf)
+                    vm = await client.set_tcf(name, None, tcf)
             else:
-                cfg = self.config()
-                # The daemon would store a VM that cannot start (realize errors come at start);
-                # the form refuses it instead and keeps the user's input with the reason.
-                answer = await client.create(cfg, validate_only=True)
-                if not answer.get("ok"):
-                    self.show_verdict(False, answer.get("error") or "not valid")
-                    return
-                name = (await client.create(cfg))["name"]
+                vm = await client.create(self.config())
+                name = vm["name"]
         except (FormError, MtevmError) as e:
-            self.show_verdict(False, str(e))
+            self.refused(str(e))
+            return
+        except Exception as e:                    # never silent, and no crash that loses the input
+            self.log.error("submit failed", e)
+            self.refused(f"not saved: {type(e).__name__}: {e}")
             return
         await self.app.refresh_model()
-        self.app.notify(f"VM {name!r} {'saved' if self.existing else 'created'}")
+        done = f"VM {name!r} {'saved' if self.existing else 'created'}"
+        if vm.get("warnings"):
+            self.app.notify(f"{done}, but it cannot start on {vm.get('host')}: {'; '.join(vm['warnings'])}",
+                            severity="warning", timeout=10)
+        else:
+            self.app.notify(done)
         self.dismiss()
+
+    def refused(self, text: str) -> None:
+        """ctrl+s did not save: say why on the verdict line and in a notification; keep the input."""
+        self.show_verdict(False, text)
+        self.app.notify(text, title="not saved", severity="error", timeout=10)
 
     def action_back(self) -> None:
         self.dismiss()
