@@ -202,6 +202,60 @@ def test_the_kernels_mte_selftests_pass(lx):
     assert r.returncode == 2 and "no selftest named check_nothing" in r.stderr
 
 
+async def test_the_app_shows_the_guest_its_console_processes_and_selftests(lx, linux_image):
+    """The VM detail of the real app on the real daemon: the guest's facts, the per-process fault
+    table, the live console (what the guest prints after the screen opened, too), QEMU's command
+    line; ``t`` runs the selftests screen."""
+    from textual.widgets import DataTable, Log, Static
+
+    from backend.client import connect
+    from tui.app import MtevmApp
+    from tui.screens.vm_detail import VmDetailScreen
+
+    async def factory():
+        return await connect(runtime_dir=lx.paths.runtime_dir, state_dir=lx.paths.state_dir, start_daemon=False)
+
+    app = MtevmApp(factory)
+    async with app.run_test(size=(160, 60)) as pilot:
+        await pilot.pause(1)
+        screen = VmDetailScreen("lx")
+        await app.push_screen(screen)
+        await pilot.pause(0.5)
+
+        async def until(check, what: str, timeout: float = 30.0) -> None:
+            for _ in range(int(timeout * 10)):
+                if check():
+                    return
+                await pilot.pause(0.1)
+            raise AssertionError(what)
+
+        await until(lambda: any("mtevm: init ready" in ln for ln in screen.query_one("#console", Log).lines),
+                    "the console's log in the detail")
+        config = str(screen.query_one("#vm-config", Static).render())
+        assert "guest linux" in config and "HWCAP2 MTE MTE3" in config
+        result = await asyncio.to_thread(exec_json, lx, linux_image.program("mte-faults"), "2", "1")
+        await until(lambda: f"{result['pid']:>7}  mte-faults" in str(screen.query_one("#procs", Static).render()),
+                    "the program's faults in the process table")
+        assert "-kernel" in str(screen.query_one("#argv", Static).render())
+        # something printed on the console now reaches the open screen live
+        master, proc = await asyncio.to_thread(attach, lx)
+        try:
+            os.write(master, b"echo live-$((40+2))\r")
+            await asyncio.to_thread(read_until, master, b"live-42")
+        finally:
+            await asyncio.to_thread(detach, master, proc)
+        await until(lambda: any("live-42" in ln for ln in screen.query_one("#console", Log).lines),
+                    "live console output in the detail")
+
+        await pilot.press("t")
+        await until(lambda: app.screen is not screen, "the selftests screen")
+        table = app.screen.query_one(DataTable)
+        await until(lambda: table.row_count >= 5 and all(
+            table.get_row_at(i)[1] in ("pass", "skip") for i in range(table.row_count)), "selftests done", 120)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert sum(1 for r in rows if r[1] == "pass") >= 5, rows
+
+
 def test_a_new_daemon_reattaches_console_and_agent(lx, linux_image):
     before = lx.json("show", "lx")
     r = lx.run("daemon", "stop")
