@@ -27,7 +27,8 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop", "delete", "mte", "tcf", "counters",
-            "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest")
+            "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
+            "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
 _VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
 
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return once the migration has started")
     add("migrations", "the migration history, newest first", as_json)
     cli_guests.add_commands(add, as_json)
+    _add_operations(add, as_json)
     p = add("daemon", "run the daemon (in the background unless --foreground), or 'daemon stop'", as_json)
     p.add_argument("action", nargs="?", choices=["stop"], help="stop the running daemon")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
@@ -153,6 +155,149 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the app in a web browser (textual-serve)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_operations(add, as_json) -> None:
+    """The everyday operations: pause, resume, reboot, shutdown, edit, clone, snapshot, migrate-cancel, monitor."""
+    for name, help_ in (("pause", "pause a running VM (QMP stop): its counters hold still"),
+                        ("resume", "resume a paused VM (QMP cont)"),
+                        ("reboot", "reboot a VM: the guest agent's clean reboot, else a reset (QMP system_reset)"),
+                        ("migrate-cancel", "cancel a VM's running migration (QMP migrate_cancel); it stays here")):
+        add(name, help_, as_json).add_argument("name")
+    p = add("shutdown", "power a VM off gracefully (guest agent); without an agent, or after --timeout, stop it",
+            as_json)
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="how long the guest gets (default 30)")
+    p = add("edit", "change a VM's definition (a running VM: at its next start, as pending changes)", as_json)
+    p.add_argument("name")
+    p.add_argument("--vcpus", type=int, metavar="N")
+    p.add_argument("--memory", metavar="SIZE", help="e.g. 256M, 1G")
+    p.add_argument("--cpu", metavar="MODEL")
+    p.add_argument("--accel", choices=["kvm", "tcg"])
+    for flag, dest, help_ in (("mte", "mte", "MTE"), ("secure", "secure", "EL3 with secure tag memory"),
+                              ("only-migratable", "only_migratable", "QEMU's -only-migratable")):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(f"--{flag}", dest=dest, action="store_true", default=None, help=f"{help_} on")
+        group.add_argument(f"--no-{flag}", dest=dest, action="store_false", help=f"{help_} off")
+    p.add_argument("--qemu-args", "--qemu-arg", dest="qemu_args", action="append", metavar="ARGS",
+                   help="the VM's extra QEMU arguments (replace the old ones; repeatable, shell-split, "
+                        "-object/-device and a value); --no-qemu-args removes them")
+    p.add_argument("--no-qemu-args", action="store_true", help="remove the VM's extra QEMU arguments")
+    p.add_argument("--workload", metavar="K=V,...", help="workload parameters to change, e.g. seed=3,tcf=async")
+    p.add_argument("--tcf", metavar="MODE[,MODE...]")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--rate", type=int)
+    p = add("clone", "copy a VM's definition (and its disks, where it has any) to a new stopped VM", as_json)
+    p.add_argument("name")
+    p.add_argument("new_name", metavar="NEW")
+    p = add("snapshot", "save, restore, list or delete a VM's snapshots (its whole state, MTE tags included)",
+            as_json)
+    p.add_argument("name")
+    p.add_argument("action", choices=["save", "restore", "list", "delete"])
+    p.add_argument("tag", nargs="?", help="save: default the time; restore: default the newest; delete: required")
+    p.add_argument("--yes", "-y", action="store_true", help="delete / restore over a running VM without asking")
+    p = add("monitor", "pass one QMP (JSON) or HMP command to the VM's QEMU, through mtevm's connection", as_json)
+    p.add_argument("name")
+    p.add_argument("--hmp", action="store_true", help="an HMP command line (e.g. 'info mtree'), not QMP")
+    p.add_argument("words", nargs="+", metavar="COMMAND",
+                   help='QMP: query-status, or query-status {"arg": 1}, or {"execute": ...}; HMP: info mtree '
+                        "(put -- before a command with options of its own)")
+
+
+def edit_changes(args) -> dict:
+    """The edit command's options as an edit() request."""
+    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable")
+               if getattr(args, k) is not None}
+    if args.no_qemu_args and args.qemu_args:
+        raise ConfigError("--no-qemu-args and --qemu-args: give one of them")
+    if args.no_qemu_args:
+        changes["qemu_args"] = []
+    elif args.qemu_args:
+        changes["qemu_args"] = split_qemu_args(args.qemu_args)
+    workload = parse_workload(args.workload)
+    for key in ("tcf", "seed", "rate"):
+        if getattr(args, key) is not None:
+            workload[key] = getattr(args, key)
+    if workload:
+        changes["workload"] = workload
+    if not changes:
+        raise ConfigError("edit: nothing to change (see 'mtevm edit --help')")
+    return changes
+
+
+def _confirm(question: str, refusal: str) -> bool:
+    """Ask on a terminal; without one, refuse with ``refusal`` (pass --yes)."""
+    if not sys.stdin.isatty():
+        raise UsageError(refusal)
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def print_snapshots(snaps: list[dict]) -> None:
+    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS"],
+           [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
+             _size(s["bytes"]), s["counters"]["checked"], s["counters"]["sync_faults"] + s["counters"]["async_faults"],
+             s["tags"]] for s in snaps])
+
+
+async def _dispatch_operation(client, args, out) -> int | None:
+    """The everyday operations; None if ``args.command`` is not one of them."""
+    cmd, name = args.command, getattr(args, "name", None)
+    if cmd in ("pause", "resume"):
+        vm = await (client.pause if cmd == "pause" else client.resume)(name)
+        out(vm, lambda v: print(f"VM {v['name']}: {v['state']}"))
+    elif cmd in ("reboot", "shutdown"):
+        vm = await (client.reboot(name) if cmd == "reboot" else client.shutdown(name, args.timeout))
+        out(vm, lambda v: print(v["outcome"]["message"]))
+    elif cmd == "migrate-cancel":
+        m = await client.migrate_cancel(name)
+        out(m, lambda m: print(f"migration {m['id']} of VM {m['vm']} to {m['dst']}: cancel requested; "
+                               "the VM keeps running on " + m["src"]))
+    elif cmd == "edit":
+        vm = await client.edit(name, edit_changes(args))
+        out(vm, lambda v: print(f"VM {v['name']}: pending at its next start: {_pending(v['pending'])}"
+                                if v["pending"] else f"VM {v['name']}: definition changed"))
+    elif cmd == "clone":
+        vm = await client.clone(name, args.new_name)
+        out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
+                                + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
+    elif cmd == "snapshot":
+        return await _snapshot(client, args, out)
+    elif cmd == "monitor":
+        command = " ".join(args.words)
+        reply = await client.monitor(name, command, hmp=args.hmp)
+        out(reply, lambda r: print(r["return"].rstrip("\n") if args.hmp else json.dumps(r["return"], indent=2)))
+    else:
+        return None
+    return 0
+
+
+async def _snapshot(client, args, out) -> int:
+    name, tag, action = args.name, args.tag, args.action
+    if action == "list":
+        out(await client.snapshot_list(name), print_snapshots)
+        return 0
+    if action == "save":
+        snap = await client.snapshot_save(name, tag)
+        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} ({_size(s['bytes'])}, tags: {s['tags']})"))
+        return 0
+    if action == "delete" and tag is None:
+        raise UsageError("snapshot delete: give the TAG to delete (see 'mtevm snapshot NAME list')")
+    if not args.yes:
+        running = action == "restore" and (await client.show(name))["state"] not in ("stopped", "crashed")
+        if action == "delete" or running:
+            what = (f"Delete snapshot {tag!r} of VM {name!r}?" if action == "delete" else
+                    f"Restore VM {name!r} to snapshot {tag or '(newest)'}? Its current state is lost.")
+            if not _confirm(what, f"refusing to {action} a snapshot of VM {name!r} without confirmation: pass --yes"):
+                print(f"not {action}d", file=sys.stderr)
+                return EXIT_FAILED
+    if action == "delete":
+        snap = await client.snapshot_delete(name, tag)
+        out(snap, lambda s: print(f"VM {name}: deleted snapshot {s['tag']}"))
+    else:
+        vm = await client.snapshot_restore(name, tag)
+        out(vm, lambda v: print(f"VM {name}: restored snapshot {v['snapshot']['tag']}, {v['state']}"))
+    return 0
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -495,6 +640,8 @@ async def _dispatch(client, args) -> int:
         out(await client.migrations(), print_migrations)
     elif cmd in ("console", "exec", "selftest"):
         return await cli_guests.run(client, args, out)
+    else:
+        return await _dispatch_operation(client, args, out) or 0
     return 0
 
 

@@ -326,6 +326,43 @@ class Client:
         closed), ``await c.write(data)``."""
         return self._t.console(name)
 
+    # -- everyday operations (backend.daemon.vm_operations) ------------------------------------------
+    async def pause(self, name: str) -> dict:
+        return await self._t.call("pause", name=name)
+
+    async def resume(self, name: str) -> dict:
+        return await self._t.call("resume", name=name)
+
+    async def reboot(self, name: str) -> dict:
+        return await self._t.call("reboot", name=name)
+
+    async def shutdown(self, name: str, timeout: float | None = None) -> dict:
+        return await self._t.call("shutdown", name=name, **({} if timeout is None else {"timeout": timeout}))
+
+    async def edit(self, name: str, changes: dict) -> dict:
+        return await self._t.call("edit", name=name, changes=changes)
+
+    async def clone(self, name: str, new_name: str) -> dict:
+        return await self._t.call("clone", name=name, new_name=new_name)
+
+    async def migrate_cancel(self, name: str) -> dict:
+        return await self._t.call("migrate_cancel", name=name)
+
+    async def monitor(self, name: str, command: str, hmp: bool = False) -> dict:
+        return await self._t.call("monitor", name=name, command=command, hmp=hmp)
+
+    async def snapshot_list(self, name: str) -> list[dict]:
+        return await self._t.call("snapshot_list", name=name)
+
+    async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
+        return await self._t.call("snapshot_save", name=name, tag=tag)
+
+    async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
+        return await self._t.call("snapshot_restore", name=name, tag=tag)
+
+    async def snapshot_delete(self, name: str, tag: str) -> dict:
+        return await self._t.call("snapshot_delete", name=name, tag=tag)
+
     def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
 

@@ -161,6 +161,19 @@ def _check_existing(path: str) -> None:
                          "it was left untouched: move it away to start with an empty store") from None
 
 
+def _write_definition(db: sqlite3.Connection, name: str, *, host: str | None = None, config: dict | None = None,
+                      workload: dict | None = None, qemu_args: list | None = None,
+                      pending: dict | None = None) -> None:
+    """The given parts of a VM's definition (None: unchanged), inside the caller's transaction."""
+    if host is not None:
+        db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
+    for column, value in (("config", config), ("workload", workload), ("qemu_args", qemu_args)):
+        if value is not None:
+            db.execute(f"UPDATE vms SET {column}=? WHERE name=?", (json.dumps(value), name))
+    if pending is not None:
+        _replace_pending(db, name, pending)
+
+
 def _replace_pending(db: sqlite3.Connection, name: str, pending: dict) -> None:
     db.execute("DELETE FROM pending WHERE vm=?", (name,))
     db.executemany("INSERT INTO pending (vm, key, value) VALUES (?, ?, ?)",
@@ -250,33 +263,20 @@ class Store:
                         row.state, row.last_error, row.created or time.time(), json.dumps(row.qemu_args),
                         json.dumps(row.guest), int(row.allow_host_files)))
 
-    def update_vm(self, name: str, *, host: str | None = None, config: dict | None = None,
-                  workload: dict | None = None, pending: dict | None = None) -> None:
-        """Change a definition (and, when given, replace its pending changes) in one transaction."""
+    def update_vm(self, name: str, **definition) -> None:
+        """Change a definition (host=, config=, workload=, qemu_args=, and pending= which replaces the
+        pending changes; each when given) in one transaction."""
         with self._tx() as db:
-            if host is not None:
-                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
-            if config is not None:
-                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
-            if workload is not None:
-                db.execute("UPDATE vms SET workload=? WHERE name=?", (json.dumps(workload), name))
-            if pending is not None:
-                _replace_pending(db, name, pending)
+            _write_definition(db, name, **definition)
 
     def set_state(self, name: str, state: str, last_error: str | None = None,
-                  runtime: dict | None = None, *, config: dict | None = None, pending: dict | None = None,
-                  host: str | None = None) -> None:
-        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. ``config``,
-        ``pending`` and ``host`` (when given) change in the same transaction (a start applies pending
+                  runtime: dict | None = None, **definition) -> None:
+        """Record a state change; ``runtime`` (reattach info) is replaced, {} clears it. The
+        ``definition`` keys of update_vm change in the same transaction (a start applies pending
         changes; a migration moves the VM)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET state=?, last_error=? WHERE name=?", (state, last_error, name))
-            if host is not None:
-                db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
-            if config is not None:
-                db.execute("UPDATE vms SET config=? WHERE name=?", (json.dumps(config), name))
-            if pending is not None:
-                _replace_pending(db, name, pending)
+            _write_definition(db, name, **definition)
             if runtime is not None:
                 db.execute("DELETE FROM runtime WHERE vm=?", (name,))
                 if runtime:

@@ -2,16 +2,27 @@
 
 Why a separate entry point: textual-serve runs one app process per browser tab (each one a client
 of the same daemon, like another terminal), so the VMs outlive the tab exactly as they outlive an
-ssh session. There is NO authentication: anyone who can reach the port controls the VMs. So the
-server binds to a loopback address only, and has no switch to do otherwise: the way to reach it from
-another machine is an ssh tunnel, which brings ssh's authentication with it (see docs/remote.md).
+ssh session. Whoever reaches the app controls the VMs, and a loopback port is open to every local
+user (the daemon's Unix socket checks the uid; a TCP port cannot). So, as Jupyter does:
+- each run makes a random secret token and prints the URL that carries it (``/?token=...``);
+  every HTTP and websocket request without it is refused (401 no token, 403 a wrong one). The
+  first page load with the token sets a cookie (HttpOnly, SameSite=Strict) and redirects to
+  the bare URL, so the browser's later requests (static files, the websocket) carry it;
+- the Host header must name a loopback address (or the --public-url's host): a DNS-rebinding page
+  cannot reach the app through a name of its own;
+- a websocket's Origin, when a browser sends one, must be this server itself;
+- the server binds to a loopback address only; from another machine use an ssh tunnel.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import ipaddress
+import secrets
 import shlex
 import sys
+from urllib.parse import urlsplit
 
 DEFAULT_PORT = 8000
 
@@ -42,9 +53,10 @@ def app_command(app_args: list[str]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mtevm serve",
-        description="Serve the mtevm app to a web browser (textual-serve). Unauthenticated: "
-                    "binds to 127.0.0.1; reach it from elsewhere with "
-                    "`ssh -L 8000:127.0.0.1:8000 host` and open http://127.0.0.1:8000/.")
+        description="Serve the mtevm app to a web browser (textual-serve). Each run prints a URL with "
+                    "a secret token (http://127.0.0.1:8000/?token=...); requests without it are refused. "
+                    "Binds to 127.0.0.1 only; reach it from elsewhere with "
+                    "`ssh -L 8000:127.0.0.1:8000 host` and open the printed URL.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="loopback address to listen on (default 127.0.0.1; ::1 or localhost also work)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
@@ -74,19 +86,85 @@ def check_address(host: str, port: int, public_url: str | None = None) -> None:
                          "(or https:// behind a proxy)")
     if not is_loopback(host):
         raise ServeError(
-            f"mtevm serve: refusing to listen on {host}: the web app has no authentication, so anyone "
-            f"who can reach {host}:{port} could control your VMs. Keep the default 127.0.0.1 and use "
-            f"an ssh tunnel (ssh -L {port}:127.0.0.1:{port} this-host).")
+            f"mtevm serve: refusing to listen on {host}: the web app has no authentication but its "
+            f"token, and anyone who can reach {host}:{port} could try it and control your VMs. Keep "
+            f"the default 127.0.0.1 and use an ssh tunnel (ssh -L {port}:127.0.0.1:{port} this-host).")
 
 
-def _make_server(command: str, host: str, port: int, public_url: str | None):
-    """textual-serve's server, announcing itself in mtevm's words (not its logo and raw command)."""
+class Gate:
+    """Who may use the served app: the holder of this run's token, through a loopback name."""
+
+    COOKIE_PREFIX = "mtevm-token-"
+
+    def __init__(self, token: str, public_url: str) -> None:
+        self.token = token
+        self.public_host = (urlsplit(public_url).hostname or "").lower()
+        # One cookie name per token: two servers on one host (cookies ignore ports) do not clash.
+        self.cookie = self.COOKIE_PREFIX + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+    def matches(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def allowed_host(self, host_header: str | None) -> bool:
+        """A loopback name or address, or the --public-url's host (never a name someone else controls)."""
+        if not host_header:
+            return False
+        name = (urlsplit("//" + host_header).hostname or "").lower()
+        return name == self.public_host or is_loopback(name)
+
+    def refusal(self, request) -> tuple[int, str] | None:
+        """None if ``request`` may pass, else (HTTP status, reason)."""
+        if not self.allowed_host(request.headers.get("Host")):
+            return 403, f"Host {request.headers.get('Host')!r} is not this machine's loopback address"
+        origin = request.headers.get("Origin")
+        if origin is not None and request.path.startswith("/ws"):
+            if urlsplit(origin).netloc.lower() != (request.headers.get("Host") or "").lower():
+                return 403, f"websocket from a foreign page (Origin {origin!r})"
+        auth = request.headers.get("Authorization", "")
+        given = (request.query.get("token") or request.cookies.get(self.cookie)
+                 or (auth[6:].strip() if auth.lower().startswith("token ") else None))
+        if given is None:
+            return 401, "no token: open the URL that `mtevm serve` printed (it ends in ?token=...)"
+        if not self.matches(given):
+            return 403, "wrong token: open the URL that this run of `mtevm serve` printed"
+        return None
+
+    def middleware(self):
+        from aiohttp import web
+
+        @web.middleware
+        async def gate(request, handler):
+            refused = self.refusal(request)
+            if refused is not None:
+                status, reason = refused
+                return web.Response(status=status, text=f"mtevm serve: refused: {reason}\n",
+                                    headers={"Cache-Control": "no-store"})
+            if request.path == "/" and "token" in request.query:
+                # Keep the token out of the address bar and history: a cookie carries it from now on.
+                rest = [(k, v) for k, v in request.query.items() if k != "token"]
+                target = "/" + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+                response = web.Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})
+                response.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict", path="/")
+                return response
+            return await handler(request)
+        return gate
+
+
+def _make_server(command: str, host: str, port: int, public_url: str | None, token: str):
+    """textual-serve's server behind the token gate, announcing itself in mtevm's words."""
     from textual_serve.server import Server   # imported late: `mtevm --help` stays fast
 
     class MtevmServer(Server):
+        async def _make_app(self):
+            app = await super()._make_app()
+            app.middlewares.append(Gate(token, self.public_url).middleware())
+            return app
+
         async def on_startup(self, app) -> None:
-            self.console.print(f"mtevm: starting the web app on {self.public_url}/ (no authentication: "
-                               "loopback only; see docs/remote.md). Ctrl+C stops it.", highlight=False)
+            # print, not rich: the URL must stay on one line so that terminals make it a link
+            print("mtevm: serving the app to your browser; open this URL (its token is the password "
+                  "for this run; Ctrl+C stops it):", flush=True)
+            print(f"    {self.public_url}/?token={token}", flush=True)
 
     return MtevmServer(command, host=host, port=port, title="mtevm", public_url=public_url)
 
@@ -99,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServeError as e:
         print(e, file=sys.stderr)
         return 2
-    server = _make_server(app_command(args.app_args), args.host, args.port, args.public_url)
+    server = _make_server(app_command(args.app_args), args.host, args.port, args.public_url,
+                          secrets.token_urlsafe(32))
     try:
         server.serve()
     except OSError as e:           # port in use, address not on this machine

@@ -92,6 +92,19 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("console_log", "GET", _VM + "/console/log", query={"lines": ("lines", parse_int)}),
     Route("exec", "POST", _VM + "/exec", stream=True,
           body={k: k for k in ("args", "program", "data", "path", "cwd")}),
+    # the everyday operations (backend.daemon.vm_operations)
+    Route("pause", "POST", _VM + "/pause"),
+    Route("resume", "POST", _VM + "/resume"),
+    Route("reboot", "POST", _VM + "/reboot"),
+    Route("shutdown", "POST", _VM + "/shutdown", body={"timeout": "timeout"}),
+    Route("edit", "PATCH", _VM, body={"changes": "changes"}),
+    Route("clone", "POST", _VM + "/clone", body={"new_name": "new_name"}),
+    Route("migrate_cancel", "POST", _VM + "/migrate/cancel"),
+    Route("monitor", "POST", _VM + "/monitor", body={"command": "command", "hmp": "hmp"}),
+    Route("snapshot_list", "GET", _VM + "/snapshots"),
+    Route("snapshot_save", "POST", _VM + "/snapshots", body={"tag": "tag"}),
+    Route("snapshot_restore", "POST", _VM + "/snapshots/restore", body={"tag": "tag"}),
+    Route("snapshot_delete", "POST", _VM + "/snapshots/delete", body={"tag": "tag"}),
 )}
 
 CONSOLE_PATH = _VM + "/console"   # GET, upgraded to a WebSocket: binary frames both ways

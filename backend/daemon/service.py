@@ -22,6 +22,7 @@ from backend.daemon.events import EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
 from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
 from backend.guests.definition import GuestConfig
+from backend.daemon.vm_operations import VmOperations
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError, StoreError
 from backend.hosts import DEFAULT_HOST, HOST_NAMES, create_hosts, create_libvirt_host
 from backend.hosts.base import Host, RunningVm, VmSpec
@@ -34,7 +35,7 @@ log = logging.getLogger("mtevm.daemon")
 
 CONFIG_KEYS = ("name", "host", "accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable", "workload",
                "qemu_args", "guest", "allow_host_files")
-ACTIVE_STATES = ("starting", "running", "stopping", "migrating")
+ACTIVE_STATES = ("starting", "running", "stopping", "migrating", "paused")
 SAMPLE_PERIOD = 1.0          # background sampling: keeps faults/s fresh and notices crashed VMs
 RATE_WINDOW = 0.5            # faults/s is computed over at least this many seconds
 PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migration
@@ -107,8 +108,9 @@ def _stopped_vcpus(rec: VmRecord) -> list[dict]:
              "last_fault": None} for i in range(rec.config.vcpus)]
 
 
-class Service(GuestOps):
-    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``."""
+class Service(GuestOps, VmOperations):
+    """The daemon's brain. Create it, ``await open()``, call the API methods, ``await close()``.
+    The everyday operations (pause, snapshots, edit, ...) are in backend.daemon.vm_operations."""
 
     def __init__(self, paths: Paths, hosts: dict[str, Host] | None = None):
         self.paths = paths
@@ -118,6 +120,7 @@ class Service(GuestOps):
         self.bus = EventBus()
         self.store: Store | None = None
         self._migrations: dict[int, dict] = {}
+        self._cancel_requested: set[int] = set()     # migration ids the user cancelled
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         self._closed = False
@@ -169,7 +172,7 @@ class Service(GuestOps):
             log.exception("VM %s: reattach failed", rec.name)
             rec.last_error = f"reattach failed: {e}"
         if rec.running is not None and rec.running.state == "running":
-            rec.state = "running"
+            rec.state = "paused" if rec.running.paused else "running"
             log.info("VM %s: reattached", rec.name)
         else:
             rec.running = None
@@ -264,7 +267,7 @@ class Service(GuestOps):
 
     def _next_config(self, rec: VmRecord) -> VirtMachineConfig:
         """The definition the VM's next start realizes: its config with any pending change applied."""
-        return VirtMachineConfig.from_dict({**rec.config.to_dict(), **rec.pending}) if rec.pending else rec.config
+        return self._pending_applied(rec).get("config", rec.config)
 
     def _start_warnings(self, host_name: str, config: VirtMachineConfig) -> list[str]:
         """Why ``config`` can never start on ``host_name``: the host's dry run of the seed's decision
@@ -290,7 +293,8 @@ class Service(GuestOps):
         error = rec.last_error if last_error is KEEP else last_error
         if persist:
             self.store.set_state(rec.name, state, error, runtime=runtime,
-                                 **{k: v.to_dict() if k == "config" else v for k, v in definition.items()})
+                                 **{k: v.to_dict() if k in ("config", "workload") else v
+                                    for k, v in definition.items()})
         self._apply_state(rec, state, error, definition)
 
     def _note_state(self, rec: VmRecord, state: str, *, runtime: dict | None = None, last_error=KEEP,
@@ -449,6 +453,7 @@ class Service(GuestOps):
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
             remove_console_log(self._log_dir(rec.name))
+            self._delete_snapshots(rec.name)
             self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
@@ -487,12 +492,20 @@ class Service(GuestOps):
         return await self._detail(rec)
 
     def _pending_applied(self, rec: VmRecord) -> dict:
-        """The definition with the pending changes applied ({} when none): config=, pending=."""
+        """The definition with the pending changes applied ({} when none): config=, pending= (and
+        workload=, qemu_args= when those are pending: see backend.daemon.vm_operations.edit)."""
         if not rec.pending:
             return {}
+        pending = dict(rec.pending)
+        workload, qemu_args = pending.pop("workload", None), pending.pop("qemu_args", None)
         d = rec.config.to_dict()
-        d.update(rec.pending)
-        return {"config": VirtMachineConfig.from_dict(d), "pending": {}}
+        d.update(pending)
+        applied = {"config": VirtMachineConfig.from_dict(d), "pending": {}}
+        if workload:
+            applied["workload"] = WorkloadConfig.from_dict({**rec.workload.to_dict(), **workload})
+        if qemu_args is not None:
+            applied["qemu_args"] = list(qemu_args)
+        return applied
 
     async def stop(self, name: str) -> dict:
         rec = self._vm(name)
@@ -500,7 +513,7 @@ class Service(GuestOps):
             return await self._stop(rec)
 
     async def _stop(self, rec: VmRecord) -> dict:
-        if rec.state != "running":
+        if rec.state not in ("running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
         # Intent first ("stopping", the runtime kept): a daemon killed now is followed by one that
         # finishes the stop. A store that cannot be written refuses the stop: nothing changed.
@@ -580,7 +593,7 @@ class Service(GuestOps):
         vcpus = await running.sample()
         total = sum(v["sync_faults"] + v["async_faults"] for v in vcpus)
         rec.rate.update(time.monotonic(), total)
-        if running.state == "crashed" and rec.running is running and rec.state == "running":
+        if running.state == "crashed" and rec.running is running and rec.state in ("running", "paused"):
             rec.stderr = running.stderr_tail()
             rec.running = None
             rec.rate.reset()
@@ -734,7 +747,11 @@ class Service(GuestOps):
             raise
         except Exception as e:
             reason = str(e) if isinstance(e, MtevmError) else f"migration failed: {e!r}"
-            self._update_migration(m, state="failed", reason=reason, finished=time.time())
+            if m["id"] in self._cancel_requested:
+                self._update_migration(m, state="cancelled", reason="cancelled by the user", finished=time.time())
+            else:
+                self._update_migration(m, state="failed", reason=reason, finished=time.time())
+            self._cancel_requested.discard(m["id"])
             self._set_state(rec, "running", persist=False)
             log.warning("VM %s: migration %d to %s failed: %s", rec.name, m["id"], dst.name, reason)
             return

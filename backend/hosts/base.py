@@ -109,6 +109,20 @@ class Host(abc.ABC):
         """VMs on this host that mtevm did not make (read-only VmSummary entries)."""
         return []
 
+    # -- everyday operations (pause, snapshots, clone; issue 12) ----------------------------------
+    def snapshot_refusal(self) -> str | None:
+        """None if this host keeps VM snapshots (the VM's whole state, tags included), else why not."""
+        return f"host {self.name} is {self.kind}: it keeps no VM snapshots (only local QEMU VMs have them)"
+
+    async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "RunningVm":
+        """Boot ``spec`` from a state file that ``RunningVm.save_state`` wrote (running, or paused)."""
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} cannot restore snapshots")
+
+    def clone_storage(self, src: VmSpec, dst: VmSpec) -> list[str]:
+        """Copy the disks of ``src`` for its clone ``dst``; returns the files made. The built-in guest
+        has no disks: nothing to copy (hosts whose VMs have disk images override this)."""
+        return []
+
 
 class RunningVm(abc.ABC):
     spec: VmSpec
@@ -167,3 +181,52 @@ class RunningVm(abc.ABC):
 
     def stderr_tail(self) -> list[str]:
         return []
+
+    # -- everyday operations (issue 12). A host that cannot do one raises StateError saying why;
+    # -- the Service checks the VM's state before calling any of them.
+    paused: bool = False     # vCPUs stopped (QMP ``stop``); the Service shows the VM as "paused"
+
+    async def pause(self) -> None:
+        """Stop the vCPUs; counters hold still until ``resume``."""
+        raise _unsupported(f"host {self.host.name} cannot pause a VM")
+
+    async def resume(self) -> None:
+        raise _unsupported(f"host {self.host.name} cannot resume a VM")
+
+    async def refresh_run_state(self) -> None:
+        """Re-read running/paused from the VM (a monitor command may have changed it)."""
+
+    async def reset(self) -> None:
+        """A hard reset (QMP ``system_reset``): the guest boots again, counters begin again."""
+        raise _unsupported(f"host {self.host.name} cannot reset a VM")
+
+    async def guest_power(self, action: str, timeout: float) -> bool:
+        """Ask the guest's own agent for a clean ``"reboot"`` or ``"poweroff"``.
+
+        The hook for guests with an agent (Linux guests, docs/agent-protocol.md): return True once
+        the guest has done it within ``timeout`` (for poweroff: QEMU has exited, and the VM was
+        marked as stopping so the exit is no crash); False when the guest has no agent or it did not
+        answer, and the Service falls back to ``reset`` / ``stop`` and says so. mtevm's built-in
+        bare-metal guest has no agent.
+        """
+        return False
+
+    async def cancel_migration(self) -> None:
+        """Cancel this VM's outgoing migration (QMP ``migrate_cancel``): the VM keeps running here."""
+        raise _unsupported(f"host {self.host.name} cannot cancel a migration")
+
+    async def monitor(self, command: str, *, hmp: bool):
+        """Pass one HMP command line, or one QMP command object as JSON text (``{"execute": ...,
+        "arguments": ...}``), to the VM's QEMU; return QEMU's reply (HMP: text; QMP: the reply
+        object, or its JSON text)."""
+        raise _unsupported(f"host {self.host.name} runs no QEMU: it has no monitor")
+
+    async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
+        """Write the VM's whole state (RAM, tags, devices, vCPUs) to ``state_file``; the VM goes on as
+        it was (running or paused). Returns figures (bytes, time)."""
+        raise _unsupported(self.host.snapshot_refusal() or f"host {self.host.name} cannot save a VM's state")
+
+
+def _unsupported(message: str):
+    from backend.errors import StateError
+    return StateError(message)

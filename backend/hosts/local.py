@@ -12,7 +12,9 @@ instead: a deliberate departure from QEMU, as everywhere in mtevm.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shlex
 import platform
 import socket
 import tempfile
@@ -36,6 +38,9 @@ GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $M
 GUEST_ELF = str(guest_abi.GUEST_ELF)
 MIGRATION_POLL = 0.02       # seconds between query-migrate polls while a migration runs
 MIGRATION_TIMEOUT = 120.0   # a stalled migration is cancelled after this long
+SAVE_TIMEOUT = 120.0        # writing or loading a snapshot's state file
+PAUSED_STATUSES = ("paused", "postmigrate", "prelaunch", "suspended", "debug", "io-error", "watchdog",
+                   "guest-panicked", "internal-error", "shutdown")
 LOOPBACK = "127.0.0.1"
 CONSOLE_CONNECT_TIMEOUT = 5.0   # seconds a paused QEMU waits for the daemon to attach its console
 
@@ -138,7 +143,8 @@ class LocalHost(Host):
             extra_args = spec.extra_args
         return await self._launch(spec, validate_extra_args(extra_args, allow_host_files=spec.allow_host_files))
 
-    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None) -> "LocalVm":
+    async def _launch(self, spec: VmSpec, extra_args: list[str], incoming_port: int | None = None,
+                      incoming: str | None = None) -> "LocalVm":
         config = spec.config
         if config.accel != "tcg":
             self.check_config(config)    # per-VM error where QEMU would abort (see module doc)
@@ -151,14 +157,14 @@ class LocalHost(Host):
             spec.guest.validate()   # its files may have gone or changed since the VM was defined
         spec.workload.validate()
         files = QemuFiles.new(self._vm_dir(spec))
-        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu)
+        argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu, incoming=incoming)
         try:
             proc = await QemuProcess.launch(argv, files)
         except BaseException:
             _remove(params)
             raise
         vm = vm_class(spec)(self, spec, proc, extra_args, params)
-        if incoming_port is None:
+        if incoming_port is None and incoming is None:
             vm.console.log.mark(f"QEMU pid {proc.pid} started")
             try:   # QEMU waits (-S) until the console is connected: the log has the guest's first line
                 await vm.run_after_console()
@@ -169,10 +175,11 @@ class LocalHost(Host):
         return vm
 
     def launch_argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str] = (),
-                    incoming_port: int | None = None, *, qemu: str | None = None) -> tuple[list[str], str | None]:
+                    incoming_port: int | None = None, *, qemu: str | None = None,
+                    incoming: str | None = None) -> tuple[list[str], str | None]:
         """QEMU's argv for ``spec`` and the guest parameter file it loads (written here; None for a
         Linux guest): the one recipe a VM, its migration destination and the start-up benchmark all run."""
-        argv, params, block = self._argv(spec, files, extra_args, incoming_port, qemu)
+        argv, params, block = self._argv(spec, files, extra_args, incoming_port, qemu, incoming)
         if params:
             with os.fdopen(open_private_path(params, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 f.write(block)
@@ -186,7 +193,7 @@ class LocalHost(Host):
         return self._argv(spec, files, spec.extra_args if extra_args is None else extra_args, None, None)[0]
 
     def _argv(self, spec: VmSpec, files: QemuFiles, extra_args: Sequence[str], incoming_port: int | None,
-              qemu: str | None) -> tuple[list[str], str | None, bytes]:
+              qemu: str | None, incoming: str | None = None) -> tuple[list[str], str | None, bytes]:
         config, guest = spec.config, spec.guest
         launch = LaunchFiles(files.qmp_socket, serial_socket=files.socket("serial"))
         params, block = None, b""
@@ -200,9 +207,9 @@ class LocalHost(Host):
                              agent_socket=files.socket("agent") if guest.has_agent else None,
                              disks=tuple((d, disk_format(d)) for d in guest.disks))
         argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
-                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else None,
+                          incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming,
                           allow_host_files=spec.allow_host_files)
-        if not incoming_port:
+        if not incoming_port and not incoming:
             argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
         return argv, params, block
 
@@ -216,6 +223,36 @@ class LocalHost(Host):
                 if attempt or "Address already in use" not in str(e):
                     raise
         raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------- snapshots
+    def snapshot_refusal(self) -> str | None:
+        return None     # QEMU writes the whole state, the mach-virt.tag block included, to a file
+
+    def state_uri(self, path: str, *, write: bool) -> str:
+        """The migration URI that writes/reads ``path``: ``file:`` (QEMU >= 8.2), else ``exec:cat``."""
+        version = self._facts()["qemu"].get("version") or "0"
+        major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        if major_minor >= (8, 2) and "," not in path:
+            return f"file:{path}"
+        return f"exec:cat {'> ' if write else ''}{shlex.quote(path)}"
+
+    async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "LocalVm":
+        """A new QEMU with the same argv plus ``-incoming`` reading ``state_file``. The state was
+        saved with the vCPUs stopped, so QEMU stays paused after loading it; ``cont`` unless the
+        snapshot was of a paused VM."""
+        vm = await self._launch(spec, validate_extra_args(spec.extra_args, allow_host_files=spec.allow_host_files),
+                                incoming=self.state_uri(state_file, write=False))
+        vm.console.log.mark(f"QEMU pid {vm.proc.pid} started from a snapshot")
+        try:
+            await vm.wait_loaded(SAVE_TIMEOUT)
+            if not paused:
+                await vm.resume()
+            else:
+                vm.paused = True
+        except BaseException:
+            await vm.stop()
+            raise
+        return vm
 
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
@@ -231,6 +268,7 @@ class LocalHost(Host):
         vm = vm_class(spec)(self, spec, proc, list(runtime.get("extra_args", [])), runtime.get("params"))
         vm.console.log.mark(f"reattached to QEMU pid {proc.pid} by a new mtevm daemon")
         self.vms.add(vm)
+        await vm.refresh_run_state()    # it may have been paused
         return vm
 
     async def close(self) -> None:
@@ -262,6 +300,7 @@ class LocalVm(GuestStatusView, RunningVm):
         self.params_file = params_file
         self._init_status()
         self._cpu_indexes: list[int] | None = None   # from query-cpus-fast, once: vCPUs don't change
+        self._cancel_wanted = False     # the user cancelled this VM's outgoing migration
         self.console = SerialConsole(proc.files.socket("serial"), ConsoleLog(spec.log_dir or self.host._vm_dir(spec)),
                                      proc.alive).start()
         proc.on_exit(self._on_exit)
@@ -370,6 +409,7 @@ class LocalVm(GuestStatusView, RunningVm):
                 await self.proc.qmp.execute("migrate_cancel")
             except QmpError:
                 pass
+            self._cancel_wanted = False     # a cancel that came late must not hit the next migration
             raise
         stats["tags"] = "migrated with RAM (TCG mach-virt.tag block)" if self.spec.config.mte else "none"
         stats["with_tags"] = with_tags
@@ -379,15 +419,35 @@ class LocalVm(GuestStatusView, RunningVm):
         return target
 
     async def _run_migration(self, target: "LocalVm", port: int, progress: ProgressCallback) -> dict:
-        try:
-            await self.proc.qmp.execute("migrate", {"uri": f"tcp:{LOOPBACK}:{port}"})
-        except QmpError as e:
-            raise MigrationError(str(e)) from None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MIGRATION_TIMEOUT
+        stats = await self._migrate(f"tcp:{LOOPBACK}:{port}", MIGRATION_TIMEOUT, progress)
+        await target.wait_running(deadline - loop.time())
+        return stats
+
+    async def _migrate(self, uri: str, timeout: float, progress: ProgressCallback | None) -> dict:
+        """QMP ``migrate`` to ``uri`` and follow query-migrate to completion: its figures, or
+        MigrationError with QEMU's text (``error-desc``) when it fails or is cancelled. A cancel
+        asked for before QEMU's migration began (``cancel_migration``) is sent once it has."""
+        try:
+            if self._cancel_wanted:
+                raise MigrationError("migration cancelled")
+            try:
+                await self.proc.qmp.execute("migrate", {"uri": uri})
+            except QmpError as e:
+                raise MigrationError(str(e)) from None
+            return await self._follow_migration(timeout, progress)
+        finally:
+            self._cancel_wanted = False
+
+    async def _follow_migration(self, timeout: float, progress: ProgressCallback | None) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             info = await self.proc.qmp.execute("query-migrate")
             status = info.get("status", "none")
+            if self._cancel_wanted and status in ("setup", "active", "pre-switchover", "device"):
+                await self.proc.qmp.execute("migrate_cancel")
             ram = info.get("ram", {})
             stats = {"status": status, **ram_stats(ram),
                      "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
@@ -396,12 +456,81 @@ class LocalVm(GuestStatusView, RunningVm):
             if status in ("failed", "cancelled"):
                 raise MigrationError(info.get("error-desc") or f"migration {status}")
             if loop.time() > deadline:
-                raise MigrationError(f"migration did not complete within {MIGRATION_TIMEOUT:.0f} s")
+                raise MigrationError(f"migration did not complete within {timeout:.0f} s")
             total = stats["ram_total"] or 1
             await report_progress(progress, min(0.99, stats["ram_transferred"] / total), stats)
             await asyncio.sleep(MIGRATION_POLL)
-        await target.wait_running(deadline - loop.time())
         return stats
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """Wait until this QEMU has loaded its ``-incoming`` state (it is then paused or running);
+        RealizeError with QEMU's own text if the load failed (QEMU exits)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                status = (await self.proc.qmp.execute("query-status"))["status"]
+            except QmpError:
+                await self.proc.wait(2.0)
+                raise RealizeError("QEMU could not load the saved state: "
+                                   + " / ".join(self.proc.stderr_tail()[-3:] or [self.proc.exit_reason()])) from None
+            if status in ("paused", "running"):
+                self.paused = status == "paused"
+                return
+            if status != "inmigrate" or loop.time() > deadline:
+                raise RealizeError(f"QEMU is {status} after loading the saved state: "
+                                   + " / ".join(self.stderr_tail()[-3:]))
+            await asyncio.sleep(MIGRATION_POLL)
+
+    # ------------------------------------------------------------------- everyday operations
+    async def pause(self) -> None:
+        await self.proc.qmp.execute("stop")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self.proc.qmp.execute("cont")
+        self.paused = False
+
+    async def refresh_run_state(self) -> None:
+        if self.proc.alive() and not self.proc.unreachable:
+            try:
+                status = await self.proc.qmp.execute("query-status")
+            except QmpError:
+                return
+            self.paused = status.get("status") in PAUSED_STATUSES
+
+    async def reset(self) -> None:
+        """QMP ``system_reset``: the guest boots again from its ELF; its counters begin again."""
+        await self.proc.qmp.execute("system_reset")
+        self._faults.clear()
+
+    async def cancel_migration(self) -> None:
+        self._cancel_wanted = True      # _migrate sends migrate_cancel as soon as QEMU migrates
+        await self.proc.qmp.execute("migrate_cancel")
+
+    async def monitor(self, command: str, *, hmp: bool):
+        """One command through mtevm's QMP connection: an HMP line (QEMU's text back), or a QMP
+        command object as JSON text (``{"return": ...}`` back; QEMU's error as QmpError)."""
+        if hmp:
+            reply = await self.proc.qmp.hmp(command)
+        else:
+            obj = json.loads(command)
+            reply = {"return": await self.proc.qmp.execute(obj["execute"], obj.get("arguments"))}
+        await self.refresh_run_state()
+        return reply
+
+    async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
+        """Migrate to ``state_file`` with the vCPUs stopped (one pass, a consistent state, tags
+        in their ``mach-virt.tag`` RAM block), then let the VM go on as it was."""
+        was_paused = self.paused
+        if not was_paused:
+            await self.pause()
+        try:
+            stats = await self._migrate(self.host.state_uri(state_file, write=True), SAVE_TIMEOUT, progress)
+        finally:
+            if not was_paused:
+                await self.resume()
+        return {"bytes": os.path.getsize(state_file), "total_time_ms": stats.get("total_time_ms")}
 
     async def wait_running(self, timeout: float) -> None:
         """Wait until this (destination) QEMU has loaded the incoming state and runs the guest."""

@@ -165,14 +165,19 @@ class SimVm(RunningVm):
         self._crash: str | None = None
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_migration = False
         if fresh:
-            for i in range(spec.config.vcpus):
-                self.shared.tcf[i] = tcf_code(spec.workload.tcf_for(i))
-            try:
-                self.paused_vcpus = SimVcpus(self.shared, spec.workload)
-            except BaseException:
-                self.shared.release()
-                raise
+            self._boot()
+
+    def _boot(self) -> None:
+        """Fresh paused vCPUs (heaps, counters from zero) on this VM's shared segment."""
+        for i in range(self.spec.config.vcpus):
+            self.shared.tcf[i] = tcf_code(self.spec.workload.tcf_for(i))
+        try:
+            self.paused_vcpus = SimVcpus(self.shared, self.spec.workload)
+        except BaseException:
+            self.shared.release()
+            raise
 
     # ------------------------------------------------------------------------------ running
     @property
@@ -236,6 +241,46 @@ class SimVm(RunningVm):
         worker.vms.pop(id(self), None)
         self.worker, self.demand = None, 0.0
         self.paused_vcpus = SimVcpus(self.shared, self.spec.workload, state)
+
+    # -------------------------------------------------------------------- everyday operations
+    async def pause(self) -> None:
+        """The vCPUs come back from their worker and stand still; so do the counters."""
+        await self._pause()
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self.run()
+        self.paused = False
+
+    async def reset(self) -> None:
+        """As system_reset: a fresh machine (RAM and tags cleared), vCPUs and counters from zero."""
+        was_running = self.worker is not None
+        await self._pause()
+        try:
+            machine = self.host._realize(self.spec.config)
+            try:
+                shared = VmShared.create(_layout(machine, self.spec))
+            except BaseException:
+                machine.close()
+                raise
+        except BaseException:
+            if was_running:
+                await self.run()     # the reset failed: the VM goes on as it was
+            raise
+        old_machine, old_shared = self.machine, self.shared
+        self.shared = shared
+        if machine.ram.tags is not None:
+            machine.ram.tags = self.shared.tag_memory
+        self.machine = machine
+        self._boot()
+        old_shared.release()
+        old_machine.close()
+        if was_running:
+            await self.run()
+
+    async def cancel_migration(self) -> None:
+        """The migration's copy loop stops at its next step; the VM resumes here."""
+        self._cancel_migration = True
 
     async def stop(self) -> None:
         worker, self.worker = self.worker, None
@@ -361,6 +406,8 @@ class SimVm(RunningVm):
         steps = job.steps()
         try:
             for done, _ in steps:
+                if self._cancel_migration:
+                    raise MigrationError("migration cancelled")
                 ram = state.ram
                 ram_done = (ram["total"] - ram["remaining"]) // PAGE
                 tags_done = max(0, done - len(job.data_pages))
@@ -369,4 +416,5 @@ class SimVm(RunningVm):
                 await asyncio.sleep(MIGRATION_SECONDS / n_steps)
         finally:
             steps.close()             # cancelled midway: the source's status says "cancelled"
+            self._cancel_migration = False
         return {"status": "completed", **ram_stats(state.ram), **job.stats}

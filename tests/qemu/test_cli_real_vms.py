@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ import time
 import pytest
 
 from backend.qemu.driver import kill_strays, qemus_mentioning, read_tail
+from tests.helpers.cli import error_of, ok
 
 pytestmark = pytest.mark.qemu
 IVSHMEM_BLOCKER = "Migration is disabled when using feature 'peer mode' in device 'ivshmem'"
@@ -40,18 +40,6 @@ def ivshmem_args(tmp_path):
            "--qemu-arg=-device ivshmem-plain,memdev=shm", "--allow-host-files"]
     if os.path.exists(path):
         os.unlink(path)
-
-
-def ok(run_mtevm, *args: str):
-    r = run_mtevm(*args, "--json")
-    assert r.returncode == 0, f"mtevm {' '.join(args)}: {r.stderr}"
-    return json.loads(r.stdout)
-
-
-def error_of(r) -> str:
-    """The one error line of a failed command (stdout stays empty)."""
-    assert r.stdout == "" and r.stderr.startswith("mtevm: error: "), (r.stdout, r.stderr)
-    return r.stderr.strip().removeprefix("mtevm: error: ")
 
 
 def test_an_ivshmem_blocker_reaches_the_user_verbatim(run_mtevm, mtevm_daemon, ivshmem_args, no_qemu_left):

@@ -76,7 +76,8 @@ class MigrateScreen(ModalScreen[None]):
         for h in sorted(hosts, key=lambda h: (why_not(h) is not None, h["name"] == own)):
             reason = why_not(h)
             same = "  (same host)" if h["name"] == own else ""
-            text = f"{h['name']}{same}  {h.get('description', '')}" + (f"\n  ✘ {reason}" if reason else "")
+            # an impossible target shows why instead of what it is: the reason is what the user needs
+            text = f"{h['name']}  ✘ {reason}" if reason else f"{h['name']}{same}  {h.get('description', '')}"
             options.add_option(Option(text, id=h["name"], disabled=reason is not None))
         first = next((i for i in range(options.option_count) if not options.get_option_at_index(i).disabled), None)
         options.highlighted = first

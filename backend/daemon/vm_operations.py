@@ -1,0 +1,436 @@
+"""The everyday VM operations of the Service: pause/resume, reboot/shutdown, edit, clone, snapshots,
+migrate-cancel and the monitor pass-through (what virsh suspend/resume/reboot/shutdown/edit/
+snapshot-*/domjobabort/qemu-monitor-command do).
+
+A mixin of backend.daemon.service.Service, so the service module keeps the life cycle and this one
+the operations; both share the Service's records, store and event bus. The hosts do the work
+(backend.hosts.base.RunningVm); each operation here checks the VM's state first and says why not.
+
+Snapshots are the VM's whole state written by QEMU's migration to a file, vCPUs stopped: RAM,
+devices, and under TCG the ``mach-virt.tag`` RAM block, so the MTE tags come back with it. They are
+kept in the state dir (``snapshots/<vm>/<tag>.state`` and a ``.json`` beside it with the definition
+they were taken with); a restore across a changed definition is refused before QEMU is involved.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import time
+
+from backend.daemon.operations import claim
+from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
+from backend.hosts.workload import WorkloadConfig
+from backend.machine import VirtMachineConfig
+from backend.paths import ensure_private_dir
+from backend.store import VmRow
+
+SHUTDOWN_TIMEOUT = 30.0      # seconds a guest agent gets to power off before mtevm stops the VM
+REBOOT_TIMEOUT = 30.0
+MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
+EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")
+LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
+MONITOR_REFUSED = {"quit": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "q": "use 'mtevm stop NAME' (or 'mtevm shutdown NAME')",
+                   "migrate": "use 'mtevm migrate NAME --to HOST' or 'mtevm snapshot NAME save'",
+                   "migrate-incoming": "use 'mtevm snapshot NAME restore TAG'",
+                   "migrate_incoming": "use 'mtevm snapshot NAME restore TAG'"}
+
+
+def parse_qmp_command(command: str) -> tuple[str, dict | None]:
+    """``{"execute": "x", "arguments": {...}}`` or ``x`` or ``x {"arg": 1}`` -> (name, arguments)."""
+    text = command.strip()
+    try:
+        if text.startswith("{"):
+            obj = json.loads(text)
+            if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
+                raise ConfigError('monitor: a QMP command object needs "execute": "<command>"')
+            name, arguments = obj["execute"], obj.get("arguments")
+        else:
+            name, _, rest = text.partition(" ")
+            arguments = json.loads(rest) if rest.strip() else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"monitor: the QMP arguments are not JSON: {e}") from None
+    if not name:
+        raise ConfigError("monitor: give a QMP command, e.g. query-status (or --hmp 'info mtree')")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise ConfigError("monitor: QMP arguments must be a JSON object")
+    return name, arguments
+
+
+def _monitor_request(command: str, hmp: bool) -> str:
+    """The command as the host gets it (HMP: the line; QMP: a command object as JSON), after
+    refusing what would end or move the VM behind mtevm's back."""
+    if hmp:
+        word = command.split(None, 1)[0]
+    else:
+        word, arguments = parse_qmp_command(command)
+        command = json.dumps({"execute": word, **({"arguments": arguments} if arguments is not None else {})})
+    if word in MONITOR_REFUSED:
+        raise ConfigError(f"monitor: mtevm does not pass '{word}' to QEMU: {MONITOR_REFUSED[word]}")
+    return command
+
+
+def _monitor_reply(reply):
+    """A QMP reply as an object (a host may hand back its JSON text); QEMU's error as QmpError."""
+    if isinstance(reply, str):
+        reply = json.loads(reply)
+    if isinstance(reply, dict) and "error" in reply:
+        raise MtevmError(reply["error"].get("desc", str(reply["error"])))
+    return reply.get("return") if isinstance(reply, dict) else reply
+
+
+def _check_tag(tag) -> str:
+    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        raise ConfigError(f"snapshot tag {tag!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    return tag
+
+
+def _claiming(verb: str):
+    """Run the operation under the VM's claim (backend.daemon.operations): taken before the first
+    await, so a second operation on a busy VM is refused at once ("VM 'x' is pausing")."""
+    def wrap(method):
+        @functools.wraps(method)
+        async def run(self, name, *args, **kwargs):
+            with claim(self._vm(name), verb):
+                return await method(self, name, *args, **kwargs)
+        return run
+    return wrap
+
+
+def _describe(d: dict) -> str:
+    from backend.machine.config import format_size
+    return ", ".join(f"{k}={format_size(v) if k == 'memory' else json.dumps(v)}" for k, v in d.items())
+
+
+class VmOperations:
+    """Mixin for Service (uses its ``_vm``, ``_detail``, ``_set_state``, ``store``, ``hosts``, ...)."""
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _live(self, name: str, *states: str):
+        rec = self._vm(name)
+        states = states or LIVE_STATES
+        if rec.state not in states or rec.running is None:
+            raise StateError(f"VM {rec.name!r} is {rec.state}, not {' or '.join(states)}")
+        return rec
+
+    async def _with_outcome(self, rec, how: str, message: str) -> dict:
+        return {**await self._detail(rec), "outcome": {"how": how, "message": message}}
+
+    # -- pause / resume ---------------------------------------------------------------------------
+    @_claiming("pausing")
+    async def pause(self, name: str) -> dict:
+        """QMP ``stop``: the vCPUs stop, counters hold still; the VM is "paused" everywhere."""
+        return await self._switch(name, "running", "paused", lambda vm: vm.pause())
+
+    @_claiming("resuming")
+    async def resume(self, name: str) -> dict:
+        """QMP ``cont``: the vCPUs go on and so do the counters."""
+        return await self._switch(name, "paused", "running", lambda vm: vm.resume())
+
+    async def _switch(self, name: str, before: str, after: str, call) -> dict:
+        rec = self._live(name, before)
+        await call(rec.running)
+        rec.rate.reset()
+        self._note_state(rec, after)     # a fact by now: QEMU has stopped / resumed
+        return await self._detail(rec)
+
+    # -- reboot / shutdown ------------------------------------------------------------------------
+    @_claiming("rebooting")
+    async def reboot(self, name: str) -> dict:
+        """The guest agent's clean reboot where the guest has one, else QMP ``system_reset``."""
+        rec = self._live(name)
+        running = rec.running
+        if await running.guest_power("reboot", REBOOT_TIMEOUT):
+            how, message = "agent", f"VM {rec.name}: the guest's agent rebooted it"
+        else:
+            await running.reset()
+            how = "reset"
+            message = (f"VM {rec.name}: the guest has no agent to reboot it (the built-in mtevm guest): "
+                       "reset it instead (QMP system_reset)")
+        rec.rate.reset()
+        self.bus.publish("vm", vm=self._summary(rec))
+        return await self._with_outcome(rec, how, message)
+
+    @_claiming("shutting down")
+    async def shutdown(self, name: str, timeout: float = SHUTDOWN_TIMEOUT) -> dict:
+        """Graceful power-off through the guest's agent; the built-in guest (no agent) or an agent
+        that does not finish within ``timeout`` is stopped instead (QMP quit), and the answer says so."""
+        rec = self._live(name)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ConfigError(f"timeout must be a number of seconds in (0, 3600], not {timeout!r}")
+        running = rec.running
+        self._set_state(rec, "stopping", runtime=running.runtime_info())   # intent first, as stop
+        try:
+            graceful = await running.guest_power("poweroff", float(timeout))
+        except MtevmError:
+            graceful = False
+        if graceful:
+            how, message = "agent", f"VM {rec.name}: the guest's agent powered it off"
+        elif getattr(running, "has_agent", False):
+            how, message = "stop", (f"VM {rec.name}: the guest did not power off within {timeout:g} s: "
+                                    "stopped it instead (QMP quit)")
+        else:
+            how, message = "stop", (f"VM {rec.name}: the guest has no agent to power it off (the built-in mtevm "
+                                    "guest): stopped it instead (QMP quit)")
+        rec.running = None
+        try:
+            await running.stop()
+        finally:
+            rec.rate.reset()
+            self._note_state(rec, "stopped", runtime={})
+        return await self._with_outcome(rec, how, message)
+
+    # -- migrate-cancel ---------------------------------------------------------------------------
+    async def migrate_cancel(self, name: str) -> dict:
+        """QMP ``migrate_cancel``: the VM keeps running on its host; the history says "cancelled"."""
+        rec = self._vm(name)
+        m = next((m for m in sorted(self._migrations.values(), key=lambda m: -m["id"])
+                  if m["vm"] == rec.name and m["state"] in ("setup", "active")), None)
+        if rec.state != "migrating" or m is None or rec.running is None:
+            raise StateError(f"VM {rec.name!r} is {rec.state}: it has no migration to cancel")
+        self._cancel_requested.add(m["id"])
+        await rec.running.cancel_migration()
+        return dict(m)
+
+    # -- monitor ----------------------------------------------------------------------------------
+    async def monitor(self, name: str, command: str, hmp: bool = False):
+        """One QMP command (JSON) or HMP command line through mtevm's own QMP connection."""
+        rec = self._live(name, "running", "paused", "migrating")
+        if not isinstance(command, str) or not command.strip():
+            raise ConfigError("monitor: give a command, e.g. query-status, or --hmp 'info mtree'")
+        if not isinstance(hmp, bool):
+            raise ConfigError(f"hmp must be true or false, not {hmp!r}")
+        reply = await rec.running.monitor(_monitor_request(command, hmp), hmp=hmp)
+        if rec.state in LIVE_STATES:        # e.g. 'stop' / 'cont' typed at the monitor
+            state = "paused" if rec.running.paused else "running"
+            if state != rec.state:
+                self._note_state(rec, state)
+        return {"vm": rec.name, "hmp": hmp, "command": command,
+                "return": reply if hmp else _monitor_reply(reply)}
+
+    # -- edit / clone -----------------------------------------------------------------------------
+    def _next_definition(self, rec, changes: dict | None = None):
+        """(config, workload, qemu_args) the VM will boot with: its definition, its pending changes,
+        then ``changes``; validated (ConfigError) and checked by the host's decision tree (RealizeError)."""
+        merged = {**rec.pending, **(changes or {})}
+        machine = rec.config.to_dict()
+        machine.update({k: v for k, v in merged.items() if k in MACHINE_KEYS})
+        host = self.hosts[rec.host]
+        try:
+            config = VirtMachineConfig.from_dict(machine)
+            workload = rec.workload.to_dict()
+            workload.update(merged.get("workload") or {})
+            workload = WorkloadConfig.from_dict(workload)
+        except MtevmError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            raise ConfigError(f"invalid change: {e}") from None
+        qemu_args = host.check_extra_args(merged["qemu_args"]) if "qemu_args" in merged else list(rec.qemu_args)
+        host.check_config(config)      # the seed's decision tree, with its messages
+        return config, workload, qemu_args
+
+    @_claiming("being edited")
+    async def edit(self, name: str, changes: dict) -> dict:
+        """Change vCPUs, memory, CPU model, accel, MTE, secure, only-migratable, QEMU arguments or the
+        workload. A stopped VM takes them now; a running one at its next start (``pending``), as MTE."""
+        rec = self._vm(name)
+        if not isinstance(changes, dict) or not changes:
+            raise ConfigError("edit: give at least one change, e.g. {\"vcpus\": 2} "
+                              f"(editable: {', '.join(EDIT_KEYS)})")
+        unknown = sorted(str(k) for k in changes if k not in EDIT_KEYS)
+        if unknown:
+            raise ConfigError(f"edit: {', '.join(unknown)} cannot be edited (editable: {', '.join(EDIT_KEYS)})")
+        if "workload" in changes and not isinstance(changes["workload"], dict):
+            raise ConfigError("edit: workload must be an object of workload parameters")
+        if rec.state in ("starting", "stopping", "migrating"):
+            raise StateError(f"VM {rec.name!r} is {rec.state}: edit it when that has finished")
+        config, workload, qemu_args = self._next_definition(rec, changes)
+        if rec.state in ("stopped", "crashed"):     # the store first: a failed write changes nothing
+            self.store.update_vm(rec.name, config=config.to_dict(), workload=workload.to_dict(),
+                                 qemu_args=qemu_args, pending={})
+            rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
+        else:
+            pending = self._pending_between(rec, config, workload, qemu_args)
+            self.store.update_vm(rec.name, pending=pending)
+            rec.pending = pending
+        self.bus.publish("vm", vm=self._summary(rec))
+        return await self._detail(rec)
+
+    @staticmethod
+    def _pending_between(rec, config, workload, qemu_args) -> dict:
+        """What differs from the running definition: the pending changes (none: back to current)."""
+        pending = {k: v for k, v in config.to_dict().items()
+                   if k in MACHINE_KEYS and v != getattr(rec.config, k)}
+        now = rec.workload.to_dict()
+        changed = {k: v for k, v in workload.to_dict().items() if now.get(k) != v}
+        if changed:
+            pending["workload"] = changed
+        if qemu_args != list(rec.qemu_args):
+            pending["qemu_args"] = qemu_args
+        return pending
+
+    async def clone(self, name: str, new_name: str) -> dict:
+        """A new stopped VM with the definition ``name`` will boot with (pending changes included),
+        on the same host, and copies of its disks where it has any."""
+        rec = self._vm(name)
+        if not isinstance(new_name, str):
+            raise ConfigError(f"a VM name must be a string, not {type(new_name).__name__}")
+        if new_name in self.vms:
+            raise ConfigError(f"a VM named {new_name!r} already exists")
+        config, workload, qemu_args = self._next_definition(rec)
+        d = config.to_dict()
+        d["name"] = new_name
+        config = VirtMachineConfig.from_dict(d)      # the new name is checked like any other
+        host = self.hosts[rec.host]
+        from backend.daemon.service import VmRecord
+        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args))
+        copied = host.clone_storage(self._spec(rec), self._spec(new))
+        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args))
+        self.vms[new.name] = new
+        self.bus.publish("vm", vm=self._summary(new))
+        return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def _snapshot_dir(self, vm: str) -> str:
+        return os.path.join(self.paths.state_dir, "snapshots", vm)
+
+    def _snapshot_files(self, vm: str, tag: str) -> tuple[str, str]:
+        base = os.path.join(self._snapshot_dir(vm), tag)
+        return base + ".state", base + ".json"
+
+    def _snapshot_meta(self, vm: str, tag: str) -> dict:
+        state, meta = self._snapshot_files(vm, _check_tag(tag))
+        try:
+            with open(meta) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            raise NotFoundError(f"VM {vm!r} has no snapshot {tag!r}") from None
+        except (OSError, ValueError) as e:
+            raise MtevmError(f"snapshot {tag!r} of VM {vm!r}: its description {meta} is unreadable: {e}") from None
+        if not os.path.exists(state):
+            raise MtevmError(f"snapshot {tag!r} of VM {vm!r}: its state file {state} is missing")
+        return info
+
+    async def snapshot_list(self, name: str) -> list[dict]:
+        rec = self._vm(name)
+        folder = self._snapshot_dir(rec.name)
+        out = []
+        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if entry.endswith(".json") and _TAG_RE.match(entry[:-5]):
+                try:
+                    out.append(self._snapshot_meta(rec.name, entry[:-5]))
+                except MtevmError:
+                    continue
+        return sorted(out, key=lambda s: s["created"])
+
+    @_claiming("saving a snapshot")
+    async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
+        """The whole state of a running or paused VM, MTE tags included, under ``tag`` (default:
+        the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE)."""
+        rec = self._live(name)
+        tag = _check_tag(tag) if tag is not None else time.strftime("snap-%Y%m%d-%H%M%S")
+        state_file, meta_file = self._snapshot_files(rec.name, tag)
+        if os.path.exists(meta_file):
+            raise ConfigError(f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag")
+        # As QEMU's savevm: a migration blocker (its own text) refuses the snapshot.
+        refusal = self.hosts[rec.host].snapshot_refusal()
+        blockers = await rec.running.blocked_reasons()
+        if blockers:
+            raise MigrationError(blockers[0])
+        if refusal:
+            raise StateError(refusal)
+        ensure_private_dir(self._snapshot_dir(rec.name))
+        partial = state_file + ".partial"
+        running, was_running = rec.running, rec.state == "running"
+        if was_running:      # counters and state from the same instant: the vCPUs stand still
+            await running.pause()
+        try:
+            counters = await self._counters(rec)
+            stats = await running.save_state(partial)
+            os.replace(partial, state_file)
+        except BaseException:
+            if os.path.exists(partial):
+                os.unlink(partial)
+            raise
+        finally:
+            if was_running:
+                await running.resume()
+        info = {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
+                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
+                "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
+                "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
+                if rec.config.mte and rec.config.accel == "tcg" else "none"}
+        with open(meta_file + ".partial", "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(meta_file + ".partial", meta_file)
+        return info
+
+    @_claiming("restoring a snapshot")
+    async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
+        """Bring the VM back to a snapshot (the newest without ``tag``): its QEMU, if any, is replaced
+        by one that loads the state; the VM is running or paused as it was when saved."""
+        rec = self._vm(name)
+        if rec.state not in ("stopped", "crashed", "running", "paused"):
+            raise StateError(f"VM {rec.name!r} is {rec.state}: restore it when that has finished")
+        if tag is None:
+            snaps = await self.snapshot_list(rec.name)
+            if not snaps:
+                raise NotFoundError(f"VM {rec.name!r} has no snapshots")
+            tag = snaps[-1]["tag"]
+        info = self._snapshot_meta(rec.name, tag)
+        host = self.hosts[rec.host]
+        if info.get("host") != rec.host:
+            raise StateError(f"snapshot {tag!r} was taken on host {info.get('host')}, VM {rec.name!r} is on "
+                             f"{rec.host}: restore refused")
+        config, workload, qemu_args = self._next_definition(rec)
+        saved = {**VirtMachineConfig.from_dict(info["config"]).to_dict(), "qemu_args": info.get("qemu_args", []),
+                 "workload": WorkloadConfig.from_dict(info.get("workload")).to_dict()}
+        now = {**config.to_dict(), "qemu_args": qemu_args, "workload": workload.to_dict()}
+        differs = {k: v for k, v in now.items() if k != "name" and saved.get(k) != v}
+        if differs:
+            was = {k: saved.get(k) for k in differs}
+            raise StateError(f"snapshot {tag!r} of VM {rec.name!r} was taken with {_describe(was)}; the VM "
+                             f"{'will now boot' if rec.pending else 'now has'} {_describe(differs)}: restore "
+                             "refused (QEMU can only load a state into the machine that saved it)")
+        state_file, _ = self._snapshot_files(rec.name, tag)
+        if rec.running is not None:
+            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
+            running, rec.running = rec.running, None
+            await running.stop()
+        # As a start: the intent stored first, pending changes (already checked equal) applied.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
+        try:
+            running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
+        except BaseException as e:
+            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
+            raise
+        await running.sample()          # the counters the snapshot brought back, shown at once
+        try:
+            self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
+                            last_error=None)
+        except MtevmError:
+            await running.stop()        # the store cannot say it runs: it must not run (as start)
+            self._note_state(rec, "stopped", runtime={})
+            raise
+        rec.running = running
+        rec.rate.reset()
+        return {**await self._detail(rec), "snapshot": info}
+
+    @_claiming("deleting a snapshot")
+    async def snapshot_delete(self, name: str, tag: str) -> dict:
+        rec = self._vm(name)
+        info = self._snapshot_meta(rec.name, tag)
+        for path in self._snapshot_files(rec.name, tag):
+            os.unlink(path)
+        return info
+
+    def _delete_snapshots(self, vm: str) -> None:
+        """A deleted VM's snapshots go with it."""
+        shutil.rmtree(self._snapshot_dir(vm), ignore_errors=True)
