@@ -20,7 +20,7 @@ from typing import Any
 
 from backend import cli_guests
 from backend.definition import split_qemu_args
-from backend.errors import ConfigError, MtevmError
+from backend.errors import ConfigError, MtevmError, StateError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -30,7 +30,7 @@ COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop",
             "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
             "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
-_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors", "--timeout"}
 
 
 class UsageError(MtevmError):
@@ -55,11 +55,16 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
                         help="run the service in this process instead of talking to the daemon")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mtevm", description=(
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
+    # Before the command word only: `shutdown --timeout` is the guest's grace period.
+    parser.add_argument("--timeout", dest="daemon_timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                             "config.toml 'timeout')")
     # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
     common = OneLineParser(add_help=False)
     _dir_options(common, argparse.SUPPRESS)
@@ -559,16 +564,27 @@ async def run_command(args) -> int:
         if pid is not None:
             raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
                              "drop --no-daemon, or stop it with 'mtevm daemon stop'")
-    if args.command == "delete" and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete VM {args.name!r} without confirmation: pass --yes")
-        answer = input(f"Delete VM {args.name!r}? This cannot be undone. [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+    from backend.config import resolve_timeout
+    timeout = resolve_timeout(args.daemon_timeout)
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir,
+                           timeout=timeout)
+    async with client:
+        if args.command == "delete" and not args.yes and not await _confirm_delete(client, args.name):
             print("not deleted", file=sys.stderr)
             return EXIT_FAILED
-    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
-    async with client:
         return await _dispatch(client, args)
+
+
+async def _confirm_delete(client, name: str) -> bool:
+    """Ask before deleting, but only a question that can be answered yes: an unknown or running VM
+    is refused first (as the app does), never after the user said yes."""
+    vm = await client.show(name)
+    if vm["state"] not in ("stopped", "crashed"):
+        raise StateError(f"VM {vm['name']!r} is {vm['state']}: stop it first")
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to delete VM {name!r} without confirmation: pass --yes")
+    answer = input(f"Delete VM {name!r}? This cannot be undone. [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _warn_start(vm: dict) -> None:

@@ -19,8 +19,9 @@ from textual.app import App, SystemCommand
 from textual.markup import escape
 from textual.screen import Screen
 
+from backend.client import HEARTBEAT_PERIOD
 from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, check_refresh_rate,
-                            load_config)
+                            load_config, resolve_timeout)
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import StatusBar
@@ -32,6 +33,7 @@ from tui.screens.vm_list import VmListScreen
 
 ClientFactory = Callable[[], Awaitable["object"]]
 RETRY_SECONDS = 2.0           # between attempts to resume a lost event stream
+STALL_SECONDS = 5 * HEARTBEAT_PERIOD    # no event (not even a heartbeat) this long: the daemon hangs
 
 
 class MtevmApp(App):
@@ -115,16 +117,30 @@ class MtevmApp(App):
     async def follow_events(self) -> None:
         """Fold the daemon's event stream into the model and tell the screens. When the stream is
         lost, say so at once (status bar, dimmed live figures), start the daemon again as the CLI
-        does (``client.revive``), re-read everything and follow it anew."""
+        does (``client.revive``), re-read everything and follow it anew. A daemon that hangs
+        (SIGSTOP, deadlock) is noticed too: the stream carries a heartbeat when it has nothing else."""
         while self.client is not None:
+            events = self.client.events(self.rate_hz)
             try:
-                async for event in self.client.events(self.rate_hz):
+                while True:
+                    try:
+                        event = await asyncio.wait_for(anext(events), STALL_SECONDS)
+                    except StopAsyncIteration:
+                        reason = "the daemon ended the event stream"
+                        break
+                    except TimeoutError:
+                        reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
+                        break
                     message = self.model.apply(event)
                     if message is not None:
                         self.broadcast(message)
-                reason = "the daemon ended the event stream"
             except Exception as e:          # whatever broke the stream, the app stays up and retries
                 reason = f"event stream lost: {e}"
+            finally:
+                try:
+                    await events.aclose()
+                except Exception:
+                    pass
             if self.client is None:
                 return
             self.set_daemon_lost(reason)
@@ -149,7 +165,8 @@ class MtevmApp(App):
         was, self.daemon_lost = self.daemon_lost, reason
         self.set_class(reason is not None, "-daemon-lost")
         if (was is None) != (reason is None):
-            self.notify(f"{self.connection_label} lost: {reason}; starting it again" if reason
+            self.notify(f"{self.connection_label} lost: {reason}; reconnecting (starting it again if it is gone)"
+                        if reason
                         else f"{self.connection_label} is back", severity="warning" if reason else "information")
         self.refresh_status()
 
@@ -240,6 +257,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", default=None, help="where VM definitions are kept")
     p.add_argument("--runtime-dir", default=None, help="where the daemon's socket lives")
     p.add_argument("--config", default=None, help="config.toml to read (default: the user config)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                        "config.toml 'timeout')")
     p.add_argument("--colors", choices=["auto", "16", "full"], default="auto",
                    help="16: ANSI colours only (automatic for TERM=linux)")
     p.add_argument("--keys", action="store_true", help="print every binding id and its key, then exit")
@@ -254,6 +274,7 @@ def run_app(argv: list[str] | None = None) -> int:
         keymap.check_keymap(config.keymap)
         if args.rate is not None:
             check_refresh_rate(args.rate, "--rate")
+        resolve_timeout(args.timeout, config)       # a bad --timeout or MTEVM_TIMEOUT: exit 2 now
     except MtevmError as e:
         print(f"mtevm: {e}", file=sys.stderr)
         return 2
@@ -266,7 +287,8 @@ def run_app(argv: list[str] | None = None) -> int:
         from backend.client import connect
         if args.no_daemon:
             return await connect(in_process=True, state_dir=args.state_dir)
-        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+        return await connect(in_process=False, runtime_dir=args.runtime_dir, state_dir=args.state_dir,
+                             timeout=resolve_timeout(args.timeout, config))
 
     ansi = {"16": True, "full": False, "auto": wants_16_colours() or None}[args.colors]
     app = MtevmApp(connect_client, rate_hz=args.rate, config=config, ansi_color=ansi, watch_terminal=True,

@@ -65,6 +65,10 @@ class Route:
 
 # {name:[^/]*}: an empty or odd name still reaches the Service, which answers "no VM named ..."
 # exactly as it does in-process.
+# The default time a guest agent gets to power off (shutdown without timeout): the server applies
+# it, and a client waits that much longer for the answer.
+SHUTDOWN_GRACE = 30.0
+
 _VM = "/v1/vms/{name:[^/]*}"
 
 ROUTES: dict[str, Route] = {r.op: r for r in (

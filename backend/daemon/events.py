@@ -14,6 +14,8 @@ from backend.errors import ConfigError
 
 QUEUE_LIMIT = 1000
 MAX_EVENT_RATE = 50.0
+HEARTBEAT_PERIOD = 1.0   # an event stream with nothing to say still sends {"type": "heartbeat"} this often,
+                         # so a client can tell an idle daemon from a hung one (SIGSTOP, deadlock)
 
 
 def check_event_rate(rate_hz) -> float:
