@@ -386,13 +386,14 @@ class Client:
     async def snapshot_delete(self, name: str, tag: str) -> dict:
         return await self._t.call("snapshot_delete", name=name, tag=tag)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
         A stream with nothing to say sends a heartbeat event every HEARTBEAT_PERIOD seconds, so
-        silence for several periods means the daemon hangs.
+        silence for several periods means the daemon hangs. ``vcpus``: whose counters events carry
+        per-vCPU figures: "all", "none" (VM totals only: a front end watching a big fleet) or one VM's name.
 
         A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
-        return self._t.stream("events", rate_hz=rate_hz)
+        return self._t.stream("events", rate_hz=rate_hz, vcpus=vcpus)
 
 
 async def connect(in_process: bool = False, runtime_dir: str | None = None, state_dir: str | None = None,

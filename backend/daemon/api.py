@@ -89,7 +89,8 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("counters", "GET", _VM + "/counters"),
     Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
     Route("migrations", "GET", "/v1/migrations"),
-    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float), "vcpus": ("vcpus", parse_str)},
+          stream=True),
     # Guests of the local host (backend.daemon.guest_ops). The interactive console is a WebSocket
     # on CONSOLE_PATH (not in this table: it is not request/response).
     Route("argv", "GET", _VM + "/argv"),

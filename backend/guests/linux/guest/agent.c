@@ -13,6 +13,7 @@
  * keeps counting, and the next faults message carries the totals. */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -890,6 +891,48 @@ static void reap(void)
 			}
 }
 
+/* ---- the workload's TCF ---- */
+
+/* {"type":"tcf","cpu":N|null,"tcf":"sync"}: the workload process of that vCPU (all: null)
+ * switches its tag check fault mode; the next "workload" message shows it. */
+static void set_workload_tcf(struct jobj *o)
+{
+	struct jfield *idf = json_get(o, "id"), *cpuf = json_get(o, "cpu");
+	struct buf id = { 0 };
+	if (idf && idf->type == J_STR)
+		buf_json_str(&id, idf->str, idf->len);
+	else if (idf && idf->type == J_NUM)
+		buf_add(&id, idf->raw, idf->raw_len);
+	const char *mode = json_str(o, "tcf");
+	static const char *modes[] = { "none", "sync", "async", "asymm" };
+	int ok = 0;
+	for (unsigned i = 0; mode && i < sizeof modes / sizeof *modes; i++)
+		ok |= !strcmp(mode, modes[i]);
+	int fd = -1;
+	if (!ok)
+		send_error(&id, "tcf: %s is not one of none, sync, async, asymm", mode ? mode : "(missing)");
+	else if ((fd = open(WL_FILE, O_RDWR | O_CLOEXEC)) < 0)
+		send_error(&id, "tcf: no workload is running in this guest (kernel command line mtevm.workload=1 starts it)");
+	else {
+		struct wl_cpu w[WL_MAX_CPUS];
+		ssize_t n = pread(fd, w, sizeof w, 0);
+		int count = n > 0 ? (int)(n / (ssize_t)sizeof *w) : 0, hit = 0;
+		int only = cpuf && cpuf->type == J_NUM ? (int)cpuf->num : -1;
+		for (int i = 0; i < count; i++) {
+			if (w[i].cpu < 0 || !w[i].pid || (only >= 0 && w[i].cpu != only))
+				continue;
+			char want[sizeof w[i].want_tcf] = "";
+			snprintf(want, sizeof want, "%s", mode);
+			(void)!pwrite(fd, want, sizeof want, (off_t)((size_t)i * sizeof *w + offsetof(struct wl_cpu, want_tcf)));
+			hit++;
+		}
+		if (!hit)
+			send_error(&id, "tcf: the workload has no process on cpu %d", only);
+		close(fd);
+	}
+	free(id.p);
+}
+
 /* ---- power ---- */
 
 static void power(int cmd, const char *reason)
@@ -929,6 +972,8 @@ static void handle_message(char *line)
 		f = json_get(&o, "fault_address");
 		if (f && f->type == J_BOOL)
 			set_fault_address((int)f->num);
+	} else if (!strcmp(type, "tcf")) {
+		set_workload_tcf(&o);
 	} else if (!strcmp(type, "exec")) {
 		start_exec(&o);
 	} else if (!strcmp(type, "poweroff")) {
