@@ -83,3 +83,25 @@ def test_counters_move_and_match_the_workloads_own(guest):
     pid_cpu = {c["pid"]: c["cpu"] for c in work["cpus"]}
     assert all(pid_cpu[e["pid"]] == e["cpu"] for e in events if e["pid"] in pid_cpu)
     assert faults["totals"]["sync"] == per_cpu[0]["sync"] + per_cpu[1]["sync"]
+
+
+def test_tcf_changes_while_the_workload_runs(guest):
+    """The host's 'tcf' message: vCPU 0 goes from sync to async at once, without a reboot."""
+    _, link = guest
+    link.send({"type": "tcf", "id": "t1", "cpu": 0, "tcf": "async"})
+    deadline = time.monotonic() + 30
+    start_async = None
+    while time.monotonic() < deadline:
+        work, _, _ = _latest(link, 0.3)
+        cpu0 = next(c for c in work["cpus"] if c["cpu"] == 0)
+        if cpu0["tcf"] == "async":
+            start_async = cpu0["async"] if start_async is None else start_async
+            if cpu0["async"] > start_async:
+                break
+    else:
+        pytest.fail(f"vCPU 0 did not switch to async and fault: {work}")
+    assert next(c for c in work["cpus"] if c["cpu"] == 1)["tcf"] == "asymm"     # untouched
+
+    link.send({"type": "tcf", "id": "t2", "cpu": 0, "tcf": "fast"})
+    err = link.wait_for("error", timeout=10)
+    assert err["id"] == "t2" and "fast is not one of none, sync, async, asymm" in err["message"]

@@ -13,6 +13,7 @@
  * keeps counting, and the next faults message carries the totals. */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -51,8 +52,13 @@
 #define TRACE_BUFFER_KB_SAMPLE "4"   /* per CPU: the newest ~70 signals */
 #define TRACE_SAMPLE_BYTES_PER_CPU 8192 /* of trace lines read per batch with histograms (~70 events) */
 #define EVENT TRACING "/events/signal/signal_generate"
-#define HIST_CPU "hist:keys=common_cpu,code:vals=hitcount:size=256 if sig == 11"
-#define HIST_PROC "hist:keys=pid,comm,code:vals=hitcount:size=4096 if sig == 11"
+/* One histogram (one hash-map update per SIGSEGV, in the kernel) gives every exact count: per CPU,
+ * per process, in total. Its keys are ints (a comm key would be hashed on every fault). */
+#define HIST_KEYS "hist:keys=common_cpu,pid,code:vals=hitcount:size=4096"
+#define HIST HIST_KEYS " if sig == 11"
+#define HIST_CLEAR HIST_KEYS ":clear if sig == 11"
+#define HIST_FOLD_AT 3000             /* entries: fold the counts into the agent's and clear the map */
+#define SAMPLE_WINDOW_MS 25           /* with the histogram, events are recorded this long per batch */
 #define SEGV_MTEAERR_CODE 8           /* asynchronous tag-check fault */
 #define SEGV_MTESERR_CODE 9           /* synchronous tag-check fault */
 
@@ -73,8 +79,10 @@ struct event {
 
 struct proc {
 	int pid;
-	char comm[17];
-	uint64_t sync, async;
+	char comm[17];         /* "" until known (a sampled event, an exec, /proc/PID/comm) */
+	uint64_t sync, async;  /* as last sent */
+	uint64_t nsync, nasync; /* being summed from the histogram */
+	uint64_t bsync, basync; /* folded in before the histogram was last cleared */
 	uint64_t touched;      /* batch number of the last change */
 };
 
@@ -92,6 +100,7 @@ static struct buf out, in, tracebuf;
 static int interval_ms = 250;
 static uint64_t seq, batch_no, total_sync, total_async, dropped, dropped_total;
 static uint64_t cpu_sync[MAX_CPUS], cpu_async[MAX_CPUS];
+static uint64_t base_cpu_sync[MAX_CPUS], base_cpu_async[MAX_CPUS];   /* folded before a clear */
 static int n_cpus;
 static struct event events[MAX_EVENTS];
 static int n_events;
@@ -285,13 +294,15 @@ static void setup_fault_address(void)
 	fault_addr_available = 1;
 	snprintf(fault_addr_why, sizeof fault_addr_why,
 		 "off: the host turns it on with {\"type\":\"config\",\"fault_address\":true} (a kprobe on "
-		 "do_tag_check_fault: it slows sync faults, about a third under TCG)");
+		 "do_tag_check_fault, and every fault recorded rather than sampled: it slows faulting programs)");
 }
 
 static void set_fault_address(int on)
 {
 	if (!fault_addr_available || on == fault_addr_on)
 		return;
+	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail. */
+	write_file(EVENT "/enable", "1");
 	if (write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0")) {
 		snprintf(fault_addr_why, sizeof fault_addr_why, "cannot enable the tagfault kprobe (%s)", strerror(errno));
 		return;
@@ -311,14 +322,13 @@ static void setup_tracing(void)
 	write_file(TRACING "/trace_clock", "mono");   /* so event times are CLOCK_MONOTONIC */
 	write_file(TRACING "/events/mtevm/tagfault/enable", "0");
 	write_file(TRACING "/kprobe_events", "");    /* a previous agent's probe */
-	/* Exact counts from two in-kernel histograms (a hash-map update per signal, in the kernel):
-	 * per CPU and per process. A histogram left by a previous agent is kept (EEXIST): its counts
-	 * go on. Without CONFIG_HIST_TRIGGERS, every trace line is read and counted instead. */
-	hist_on = (append_file(EVENT "/trigger", HIST_CPU) == 0 || errno == EEXIST) &&
-		  (append_file(EVENT "/trigger", HIST_PROC) == 0 || errno == EEXIST);
-	/* The ring buffer then only feeds the sample of recent events (what a fault looked like):
-	 * a small one bounds the agent's work per batch, whatever the fault rate. Formatting and
-	 * reading every event would cost a faulting program half its speed under TCG. */
+	/* Exact counts from an in-kernel histogram. One left by a previous agent is kept (EEXIST):
+	 * its counts go on. Without CONFIG_HIST_TRIGGERS, every trace line is read and counted. */
+	hist_on = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+	/* With it, the ring buffer only feeds a sample of recent events (what a fault looked like),
+	 * recorded during a short window after each batch into a small buffer: recording, formatting
+	 * and reading every fault would cost a faulting program a large part of its speed under TCG.
+	 * Writing 0 to 'enable' keeps the tracepoint live for the histogram (soft-disabled). */
 	write_file(TRACING "/buffer_size_kb", hist_on ? TRACE_BUFFER_KB_SAMPLE : TRACE_BUFFER_KB_ALL);
 	if (write_file(EVENT "/filter", "sig == 11") || write_file(EVENT "/enable", "1")) {
 		snprintf(tracing_error, sizeof tracing_error, "cannot enable signal:signal_generate: %s", strerror(errno));
@@ -332,27 +342,32 @@ static void setup_tracing(void)
 		snprintf(tracing_error, sizeof tracing_error, "cannot open trace_pipe: %s", strerror(errno));
 }
 
-/* The (pid, comm) entry, created on first sight; NULL when the table is full (then the process
+/* The entry of a pid, created on first sight; NULL when the table is full (then the process
  * still counts in the totals and per-CPU figures). */
-static struct proc *proc_for(int pid, const char *comm)
+static struct proc *proc_for(int pid)
 {
 	unsigned h = (unsigned)pid * 2654435761u;
-	for (const char *c = comm; *c; c++)
-		h = h * 31 + (unsigned char)*c;
 	for (unsigned i = 0; i < PROC_SLOTS; i++) {
 		struct proc *p = &procs[(h + i) % PROC_SLOTS];
-		if (p->pid == pid && !strcmp(p->comm, comm))
+		if (p->pid == pid)
 			return p;
 		if (!p->pid) {
 			if (n_procs >= PROC_SLOTS / 2)
 				return NULL;
 			n_procs++;
 			p->pid = pid;
-			snprintf(p->comm, sizeof p->comm, "%s", comm);
 			return p;
 		}
 	}
 	return NULL;
+}
+
+/* Learn a process's name (from a sampled event or an exec); the first one known wins. */
+static void learn_comm(int pid, const char *comm)
+{
+	struct proc *p = proc_for(pid);
+	if (p && !p->comm[0])
+		snprintf(p->comm, sizeof p->comm, "%s", comm);
 }
 
 /* The CPU, pid (of the task that ran) and timestamp in a trace line's prefix:
@@ -425,8 +440,9 @@ static void handle_trace_line(char *line)
 
 	if (cpu >= n_cpus)
 		n_cpus = cpu + 1;
+	learn_comm(target, comm);
 	if (!hist_on) {
-		struct proc *p = proc_for(target, comm);
+		struct proc *p = proc_for(target);
 		if (p) {
 			p->touched = batch_no + 1;
 			if (code == SEGV_MTESERR_CODE)
@@ -484,9 +500,8 @@ static void read_trace(void)
 
 /* ---- batches ---- */
 
-/* Counts from the two histograms: lines like
- *   { common_cpu:          1, code:          9 } hitcount:         10
- *   { pid:        108, comm: mte-faults          , code:          9 } hitcount:         10 */
+/* Counts from the histogram: lines like
+ *   { common_cpu:          1, pid:        108, code:          9 } hitcount:         10 */
 static void read_hist(void)
 {
 	static struct buf h;
@@ -501,48 +516,38 @@ static void read_hist(void)
 	close(fd);
 	if (!h.len)
 		return;
-	uint64_t cs[MAX_CPUS] = { 0 }, ca[MAX_CPUS] = { 0 };
+	uint64_t cs[MAX_CPUS], ca[MAX_CPUS];
+	memcpy(cs, base_cpu_sync, sizeof cs);
+	memcpy(ca, base_cpu_async, sizeof ca);
+	for (int i = 0; i < PROC_SLOTS; i++) {
+		procs[i].nsync = procs[i].bsync;
+		procs[i].nasync = procs[i].basync;
+	}
+	int entries = 0;
 	for (char *line = h.p, *nl; line && *line; line = nl ? nl + 1 : NULL) {
 		nl = strchr(line, '\n');
 		if (nl)
 			*nl = 0;
-		if (line[0] != '{')
+		int cpu, pid, code;
+		unsigned long long count;
+		if (sscanf(line, " Entries: %d", &entries) == 1)
 			continue;
-		char *code_s = strstr(line, " code:"), *hit_s = strstr(line, "hitcount:");
-		if (!code_s || !hit_s)
+		if (sscanf(line, "{ common_cpu: %d, pid: %d, code: %d } hitcount: %llu", &cpu, &pid, &code, &count) != 4)
 			continue;
-		for (char *q; (q = strstr(code_s + 1, " code:")); )
-			code_s = q;   /* the last one: a comm may contain " code:" */
-		int code = atoi(code_s + 6);
-		unsigned long long count = strtoull(hit_s + 9, NULL, 10);
-		if (code != SEGV_MTESERR_CODE && code != SEGV_MTEAERR_CODE)
+		if ((code != SEGV_MTESERR_CODE && code != SEGV_MTEAERR_CODE) || cpu < 0 || cpu >= MAX_CPUS)
 			continue;
-		char *cpu_s = strstr(line, "common_cpu:");
-		if (cpu_s && cpu_s < code_s) {
-			int cpu = atoi(cpu_s + 11);
-			if (cpu < 0 || cpu >= MAX_CPUS)
-				continue;
-			if (cpu >= n_cpus)
-				n_cpus = cpu + 1;
-			(code == SEGV_MTESERR_CODE ? cs : ca)[cpu] = count;
-			continue;
-		}
-		char *pid_s = strstr(line, "pid:"), *comm_s = strstr(line, ", comm: ");
-		if (!pid_s || !comm_s || comm_s > code_s)
-			continue;
-		char comm[17];
-		char *c0 = comm_s + 8, *c1 = code_s - 1;   /* c1: the ',' before " code:" */
-		while (c1 > c0 && (c1[-1] == ' '))
-			c1--;
-		size_t cl = (size_t)(c1 - c0) > 16 ? 16 : (size_t)(c1 - c0);
-		memcpy(comm, c0, cl);
-		comm[cl] = 0;
-		struct proc *p = proc_for(atoi(pid_s + 4), comm);
-		if (!p)
-			continue;
-		uint64_t *slot = code == SEGV_MTESERR_CODE ? &p->sync : &p->async;
-		if (*slot != count) {
-			*slot = count;
+		if (cpu >= n_cpus)
+			n_cpus = cpu + 1;
+		(code == SEGV_MTESERR_CODE ? cs : ca)[cpu] += count;
+		struct proc *p = proc_for(pid);
+		if (p)
+			*(code == SEGV_MTESERR_CODE ? &p->nsync : &p->nasync) += count;
+	}
+	for (int i = 0; i < PROC_SLOTS; i++) {
+		struct proc *p = &procs[i];
+		if (p->pid && (p->nsync != p->sync || p->nasync != p->async)) {
+			p->sync = p->nsync;
+			p->async = p->nasync;
 			p->touched = batch_no + 1;
 		}
 	}
@@ -557,6 +562,30 @@ static void read_hist(void)
 		faults_changed = 1;
 	total_sync = ts;
 	total_async = ta;
+	/* The map has a fixed size (a key is a CPU, pid and code): before it fills up, keep the
+	 * counts here and start it afresh. Faults between the read above and the clear are lost:
+	 * a few, once per ~1000 faulting processes. */
+	if (entries >= HIST_FOLD_AT && append_file(EVENT "/trigger", HIST_CLEAR) == 0) {
+		memcpy(base_cpu_sync, cpu_sync, sizeof base_cpu_sync);
+		memcpy(base_cpu_async, cpu_async, sizeof base_cpu_async);
+		for (int i = 0; i < PROC_SLOTS; i++) {
+			procs[i].bsync = procs[i].sync;
+			procs[i].basync = procs[i].async;
+		}
+	}
+}
+
+/* A process's name for the host: learnt from an event or an exec, else /proc/PID/comm if it
+ * still runs, else "" (a short-lived process none of whose faults was sampled). */
+static const char *comm_of(struct proc *p)
+{
+	if (!p->comm[0]) {
+		char path[64];
+		snprintf(path, sizeof path, "/proc/%d/comm", p->pid);
+		if (read_file(path, p->comm, sizeof p->comm))
+			p->comm[0] = 0;
+	}
+	return p->comm;
 }
 
 static void send_faults(void)
@@ -598,7 +627,8 @@ static void send_faults(void)
 		if (!p->pid || p->touched <= batch_no)
 			continue;
 		buf_printf(&m, "%s{\"pid\":%d,\"comm\":", first ? "" : ",", p->pid);
-		buf_json_str(&m, p->comm, strlen(p->comm));
+		const char *comm = comm_of(p);
+		buf_json_str(&m, comm, strlen(comm));
 		buf_printf(&m, ",\"sync\":%llu,\"async\":%llu}", (unsigned long long)p->sync, (unsigned long long)p->async);
 		first = 0;
 	}
@@ -784,6 +814,9 @@ static void start_exec(struct jobj *o)
 	}
 	fcntl(po[0], F_SETFL, O_NONBLOCK);
 	fcntl(pe[0], F_SETFL, O_NONBLOCK);
+	char comm[16];
+	snprintf(comm, sizeof comm, "%s", base);   /* the kernel's comm: the file name, 15 bytes */
+	learn_comm(pid, comm);
 	memset(x, 0, sizeof *x);
 	x->used = 1;
 	x->id = id;
@@ -858,6 +891,48 @@ static void reap(void)
 			}
 }
 
+/* ---- the workload's TCF ---- */
+
+/* {"type":"tcf","cpu":N|null,"tcf":"sync"}: the workload process of that vCPU (all: null)
+ * switches its tag check fault mode; the next "workload" message shows it. */
+static void set_workload_tcf(struct jobj *o)
+{
+	struct jfield *idf = json_get(o, "id"), *cpuf = json_get(o, "cpu");
+	struct buf id = { 0 };
+	if (idf && idf->type == J_STR)
+		buf_json_str(&id, idf->str, idf->len);
+	else if (idf && idf->type == J_NUM)
+		buf_add(&id, idf->raw, idf->raw_len);
+	const char *mode = json_str(o, "tcf");
+	static const char *modes[] = { "none", "sync", "async", "asymm" };
+	int ok = 0;
+	for (unsigned i = 0; mode && i < sizeof modes / sizeof *modes; i++)
+		ok |= !strcmp(mode, modes[i]);
+	int fd = -1;
+	if (!ok)
+		send_error(&id, "tcf: %s is not one of none, sync, async, asymm", mode ? mode : "(missing)");
+	else if ((fd = open(WL_FILE, O_RDWR | O_CLOEXEC)) < 0)
+		send_error(&id, "tcf: no workload is running in this guest (kernel command line mtevm.workload=1 starts it)");
+	else {
+		struct wl_cpu w[WL_MAX_CPUS];
+		ssize_t n = pread(fd, w, sizeof w, 0);
+		int count = n > 0 ? (int)(n / (ssize_t)sizeof *w) : 0, hit = 0;
+		int only = cpuf && cpuf->type == J_NUM ? (int)cpuf->num : -1;
+		for (int i = 0; i < count; i++) {
+			if (w[i].cpu < 0 || !w[i].pid || (only >= 0 && w[i].cpu != only))
+				continue;
+			char want[sizeof w[i].want_tcf] = "";
+			snprintf(want, sizeof want, "%s", mode);
+			(void)!pwrite(fd, want, sizeof want, (off_t)((size_t)i * sizeof *w + offsetof(struct wl_cpu, want_tcf)));
+			hit++;
+		}
+		if (!hit)
+			send_error(&id, "tcf: the workload has no process on cpu %d", only);
+		close(fd);
+	}
+	free(id.p);
+}
+
 /* ---- power ---- */
 
 static void power(int cmd, const char *reason)
@@ -897,6 +972,8 @@ static void handle_message(char *line)
 		f = json_get(&o, "fault_address");
 		if (f && f->type == J_BOOL)
 			set_fault_address((int)f->num);
+	} else if (!strcmp(type, "tcf")) {
+		set_workload_tcf(&o);
 	} else if (!strcmp(type, "exec")) {
 		start_exec(&o);
 	} else if (!strcmp(type, "poweroff")) {
@@ -937,6 +1014,14 @@ static void read_port(void)
 	}
 }
 
+static void arm_once(int tfd, int ms)
+{
+	struct itimerspec it = { 0 };
+	it.it_value.tv_sec = ms / 1000;
+	it.it_value.tv_nsec = (ms % 1000) * 1000000L;
+	timerfd_settime(tfd, 0, &it, NULL);
+}
+
 static void arm_timer(int tfd, int ms)
 {
 	struct itimerspec it = { 0 };
@@ -974,8 +1059,12 @@ int main(void)
 	check_connected();
 	int armed_ms = interval_ms;
 	arm_timer(tfd, interval_ms);
+	/* Without the histogram: read trace_pipe every TRACE_READ_MS. With it: end each sampling window. */
 	int trace_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-	arm_timer(trace_tfd, TRACE_READ_MS);
+	if (hist_on)
+		arm_once(trace_tfd, SAMPLE_WINDOW_MS);
+	else
+		arm_timer(trace_tfd, TRACE_READ_MS);
 
 	for (;;) {
 		struct pollfd p[4 + 2 * MAX_EXECS];
@@ -985,8 +1074,8 @@ int main(void)
 		p[n++] = (struct pollfd){ .fd = tfd, .events = POLLIN };
 		p[n++] = (struct pollfd){ .fd = sfd, .events = POLLIN };
 		int port_i = -1;
-		/* trace_pipe is read every TRACE_READ_MS, not polled: a wake-up per fault would cost the
-		 * faulting program far more (under TCG the agent's vCPU competes for the host's CPUs). */
+		/* trace_pipe is read on timers, not polled: a wake-up per fault would cost the faulting
+		 * program far more (under TCG the agent's vCPU competes for the host's CPUs). */
 		p[n++] = (struct pollfd){ .fd = trace_tfd, .events = POLLIN };
 		if (connected) {
 			port_i = n;
@@ -1018,7 +1107,9 @@ int main(void)
 		if (p[2].revents) {
 			uint64_t ticks;
 			(void)!read(trace_tfd, &ticks, sizeof ticks);
-			if (trace_fd >= 0 && !hist_on)
+			if (hist_on && !fault_addr_on)
+				write_file(EVENT "/enable", "0");     /* the sampling window ends */
+			else if (trace_fd >= 0)
 				read_trace();
 		}
 		if (port_i >= 0 && p[port_i].revents & POLLHUP)
@@ -1043,6 +1134,11 @@ int main(void)
 				read_trace();
 			send_faults();
 			send_workload();
+			if (hist_on && trace_fd >= 0) {   /* the next sampling window (all the time with addresses) */
+				write_file(EVENT "/enable", "1");
+				if (!fault_addr_on)
+					arm_once(trace_tfd, SAMPLE_WINDOW_MS);
+			}
 			if (armed_ms != interval_ms) {
 				armed_ms = interval_ms;
 				arm_timer(tfd, interval_ms);
