@@ -25,7 +25,7 @@ from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.paths import ensure_private_dir
+from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
@@ -290,9 +290,13 @@ class VmOperations:
         config = VirtMachineConfig.from_dict(d)      # the new name is checked like any other
         host = self.hosts[rec.host]
         from backend.daemon.service import VmRecord
-        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args))
+        if rec.guest.disks:     # two VMs writing one disk image would corrupt it
+            raise ConfigError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): copy them and "
+                              "create the new VM with the copies (mtevm create ... --disk COPY)")
+        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args), guest=rec.guest)
         copied = host.clone_storage(self._spec(rec), self._spec(new))
-        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args))
+        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args,
+                                guest=rec.guest.to_dict()))
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
         return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
@@ -367,7 +371,7 @@ class VmOperations:
                 "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
                 "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
                 if rec.config.mte and rec.config.accel == "tcg" else "none"}
-        with open(meta_file + ".partial", "w") as f:
+        with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(meta_file + ".partial", meta_file)
         return info
