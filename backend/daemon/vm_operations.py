@@ -298,11 +298,14 @@ class VmOperations:
         config = VirtMachineConfig.from_dict(d)      # the new name is checked like any other
         host = self.hosts[rec.host]
         from backend.daemon.service import VmRecord
-        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args),
+        if rec.guest.disks:     # two VMs writing one disk image would corrupt it
+            raise ConfigError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): copy them and "
+                              "create the new VM with the copies (mtevm create ... --disk COPY)")
+        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args), guest=rec.guest,
                        allow_host_files=rec.allow_host_files)
         copied = host.clone_storage(self._spec(rec), self._spec(new))
         self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args,
-                                allow_host_files=new.allow_host_files))
+                                guest=rec.guest.to_dict(), allow_host_files=new.allow_host_files))
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
         return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
