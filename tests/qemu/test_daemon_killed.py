@@ -157,14 +157,17 @@ def test_a_launch_the_daemon_never_recorded_is_reaped_by_its_mark_not_by_name(ru
     other = subprocess.Popen([shutil.which("qemu-system-aarch64"), "-M", "virt", "-nodefaults", "-display", "none",
                               "-qmp", f"unix:{tmp_path}/other.sock,server=on,wait=off"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Nor a user's tool that names a socket of the VM (as `socat - unix:.../serial.sock` would).
+    console = subprocess.Popen(["sh", "-c", "sleep 60", f"unix:{mtevm_paths.vm_runtime_root}/boot/serial.sock"])
     try:
         [vm] = ok(run_mtevm, "list")
         assert vm["state"] == "stopped"
         assert proc_start_time(held) is None         # killed by the new daemon (at most a zombie of init's)
-        assert other.poll() is None                  # not ours: left alone
+        assert other.poll() is None and console.poll() is None    # not ours: left alone
     finally:
-        other.kill()
-        other.wait()
+        for p in (other, console):
+            p.kill()
+            p.wait()
     assert qemus(mtevm_paths) == []
 
 
