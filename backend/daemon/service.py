@@ -655,7 +655,7 @@ class Service(GuestOps, VmOperations):
                         continue
                 next_tick = max(next_tick + period, loop.time())
                 for rec in list(self.vms.values()):
-                    if rec.running is not None and rec.state in ("running", "migrating"):
+                    if rec.running is not None and rec.state in ("running", "migrating", "paused"):
                         try:
                             counters = await self._counters(rec)
                         except Exception:

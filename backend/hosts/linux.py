@@ -150,6 +150,31 @@ class LinuxVm(LocalVm):
             raise StateError(f"VM '{self.spec.config.name}' is not running")
         return self.agent
 
+    @property
+    def has_agent(self) -> bool:
+        return self.agent is not None
+
+    async def guest_power(self, action: str, timeout: float) -> bool:
+        """The agent's clean ``poweroff`` (True once QEMU has exited) or ``reboot`` (True once the
+        rebooted guest's agent says hello again), within ``timeout``; False if there is no agent
+        to ask or it did not finish (mtevm then stops / resets the VM and says so)."""
+        if self.agent is None or not self.agent.ready.is_set() or not self.proc.alive() or self._panicked:
+            return False
+        if action == "poweroff":
+            self.proc.stopping = True        # the exit that follows is no crash
+            try:
+                await self.agent.send({"type": "poweroff"})
+            except (MtevmError, OSError):
+                return False
+            return await self.proc.wait(timeout)
+        self.agent.ready.clear()             # set again by the hello of the agent after the reboot
+        try:
+            await self.agent.send({"type": "reboot"})
+            await self.agent.wait_ready(timeout)
+        except (MtevmError, OSError):
+            return False
+        return True
+
     async def stop(self) -> None:
         """Power off through the agent (clean), then QEMU quit / SIGTERM / SIGKILL if it does not."""
         if self.agent is not None and self.agent.ready.is_set() and self.proc.alive() and not self._panicked:
