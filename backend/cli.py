@@ -20,7 +20,7 @@ from typing import Any
 
 from backend import cli_guests
 from backend.definition import split_qemu_args
-from backend.errors import ConfigError, MtevmError
+from backend.errors import ConfigError, MtevmError, StateError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -30,7 +30,7 @@ COMMANDS = ("probe", "hosts", "host", "list", "show", "create", "start", "stop",
             "migrate", "migrations", "daemon", "tagcheck", "serve", "image", "console", "exec", "selftest",
             "pause", "resume", "reboot", "shutdown", "edit", "clone", "snapshot", "migrate-cancel", "monitor")
 # Options of the app (tui.app) and of the CLI that take a value: needed to find the command word.
-_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors"}
+_VALUE_OPTIONS = {"--runtime-dir", "--state-dir", "--rate", "--config", "--colors", "--timeout"}
 
 
 class UsageError(MtevmError):
@@ -55,11 +55,20 @@ def _dir_options(parser: argparse.ArgumentParser, default) -> None:
                         help="run the service in this process instead of talking to the daemon")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mtevm", description=(
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
+    from tui.options import add_app_options, add_version   # argparse only: no Textual for --help
+    add_version(parser)
+    app_group = parser.add_argument_group("the app's options (mtevm without a COMMAND opens the app)")
+    parser.set_defaults(app_options=add_app_options(app_group, dest_prefix="app_"))
+    # Before the command word only: `shutdown --timeout` is the guest's grace period.
+    parser.add_argument("--timeout", dest="daemon_timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
+                             "config.toml 'timeout')")
     # The same options after the command word; SUPPRESS keeps them from resetting the ones given before it.
     common = OneLineParser(add_help=False)
     _dir_options(common, argparse.SUPPRESS)
@@ -318,6 +327,11 @@ def _command_word(argv: list[str]) -> str | None:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def counted(n: int, noun: str) -> str:
+    """"1 vCPU", "2 vCPUs": every count the CLI prints goes through here."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
     width = None if sys.stdout.isatty() else 200  # no terminal: don't wrap at 80 columns
@@ -408,7 +422,7 @@ def print_detail(vm: dict) -> None:
     cli_guests.print_guest(vm, lambda label, value: guest_rows.append([label, value]))
     _table(f"VM {vm['name']}", ["", ""], [
         ["host", vm["host"]], ["state", vm["state"]],
-        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
+        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {counted(c['vcpus'], 'vCPU')}, {_size(c['memory'])}"],
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
         ["qemu args", shlex.join(vm.get("qemu_args") or [])],
@@ -506,15 +520,24 @@ async def _watch_counters(client, args) -> int:
             continue
         c = event["counters"]
         if args.json:
-            print(json.dumps(c), flush=True)
+            print(json.dumps({**c, "skipped": event.get("skipped", 0)}), flush=True)
             continue
         faults = c["vm"]["sync_faults"] + c["vm"]["async_faults"]
         rate = (faults - last[1]) / (c["time"] - last[0]) if last and c["time"] > last[0] else 0.0
         last = (c["time"], faults)
-        print(f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
-              f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
-              f"faults/s {rate:.1f}", flush=True)
+        print(counters_line(c, rate, event.get("skipped", 0)), flush=True)
     return 0
+
+
+def counters_line(c: dict, faults_per_s: float, skipped: int = 0) -> str:
+    """One ``counters --watch`` line; a client that fell behind is told how many samples it missed
+    (the daemon coalesces them: the line shows the latest counters)."""
+    line = (f"{time.strftime('%H:%M:%S', time.localtime(c['time']))}  checked {c['vm']['checked']}  "
+            f"unchecked {c['vm']['unchecked']}  sync {c['vm']['sync_faults']}  async {c['vm']['async_faults']}  "
+            f"faults/s {faults_per_s:.1f}")
+    if skipped:
+        line += f"  (skipped {skipped} sample{'s' if skipped != 1 else ''}: this terminal fell behind)"
+    return line
 
 
 async def _wait_migration(client, migration: dict, show_progress: bool) -> dict:
@@ -561,16 +584,27 @@ async def run_command(args) -> int:
         if pid is not None:
             raise UsageError(f"an mtevm daemon is running (pid {pid}) for {paths.runtime_dir}: "
                              "drop --no-daemon, or stop it with 'mtevm daemon stop'")
-    if args.command == "delete" and not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete VM {args.name!r} without confirmation: pass --yes")
-        answer = input(f"Delete VM {args.name!r}? This cannot be undone. [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+    from backend.config import resolve_timeout
+    timeout = resolve_timeout(args.daemon_timeout)
+    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir,
+                           timeout=timeout)
+    async with client:
+        if args.command == "delete" and not args.yes and not await _confirm_delete(client, args.name):
             print("not deleted", file=sys.stderr)
             return EXIT_FAILED
-    client = await connect(in_process=args.no_daemon, runtime_dir=paths.runtime_dir, state_dir=paths.state_dir)
-    async with client:
         return await _dispatch(client, args)
+
+
+async def _confirm_delete(client, name: str) -> bool:
+    """Ask before deleting, but only a question that can be answered yes: an unknown or running VM
+    is refused first (as the app does), never after the user said yes."""
+    vm = await client.show(name)
+    if vm["state"] not in ("stopped", "crashed"):
+        raise StateError(f"VM {vm['name']!r} is {vm['state']}: stop it first")
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to delete VM {name!r} without confirmation: pass --yes")
+    answer = input(f"Delete VM {name!r}? This cannot be undone. [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _warn_start(vm: dict) -> None:
@@ -606,7 +640,7 @@ async def _dispatch(client, args) -> int:
     elif cmd == "create":
         vm = await client.create(definition_from_args(args))
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
-                                f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
+                                f"cpu {v['config']['cpu']}, {counted(v['config']['vcpus'], 'vCPU')}, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
         _warn_start(vm)
     elif cmd == "start":
@@ -694,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
         from backend.tagcheck.replay import main as replay_main
         return replay_main(rest[1:])
     args = parser.parse_args(argv)  # exits 2 with a one-line error on bad usage
+    given = [f"--{dest.removeprefix('app_')}" for dest in args.app_options if getattr(args, dest, None) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the app "
+                     f"(mtevm without a command), not of '{args.command}'")
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)

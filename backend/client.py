@@ -19,12 +19,13 @@ import json
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
-from backend.daemon.api import CONSOLE_PATH, ROUTES, format_query
-from backend.daemon.events import check_event_rate
+from backend.config import DEFAULT_TIMEOUT
+from backend.daemon.api import CONSOLE_PATH, ROUTES, SHUTDOWN_GRACE, format_query
+from backend.daemon.events import HEARTBEAT_PERIOD, check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
 
-REQUEST_TIMEOUT = 300.0  # starting a real QEMU VM takes seconds; nothing legitimate takes minutes
+__all__ = ["Client", "connect", "HEARTBEAT_PERIOD"]
 
 
 def _plain(data: Any) -> Any:
@@ -39,7 +40,7 @@ class InProcessTransport:
         self.service = service
         self._owned = owned
 
-    async def call(self, op: str, **kwargs) -> Any:
+    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
         return _plain(await getattr(self.service, ROUTES[op].service_method)(**kwargs))
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
@@ -118,9 +119,10 @@ class _SocketConsole:
 class SocketTransport:
     """HTTP/JSON over the daemon's Unix socket, one aiohttp session per client."""
 
-    def __init__(self, paths: Paths, start_daemon: bool = True):
+    def __init__(self, paths: Paths, start_daemon: bool = True, timeout: float = DEFAULT_TIMEOUT):
         self.paths = paths
         self.start_daemon = start_daemon
+        self.timeout = timeout         # seconds for one request's answer (streams: none)
         self._session = self._new_session()
 
     def _new_session(self):
@@ -175,6 +177,8 @@ class SocketTransport:
                                                timeout=aiohttp.ClientTimeout(total=timeout), **opts)
         except aiohttp.ClientConnectionError as e:
             raise MtevmError(f"lost the connection to the mtevm daemon at {self.paths.socket}: {e}") from None
+        except TimeoutError:
+            raise self._no_answer(timeout) from None
         if resp.status >= 400:
             try:
                 err = (await resp.json(content_type=None))["error"]
@@ -185,10 +189,28 @@ class SocketTransport:
                 resp.release()
         return resp
 
-    async def call(self, op: str, **kwargs) -> Any:
-        resp = await self._send(op, kwargs, REQUEST_TIMEOUT)
+    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
+        """One request; ``extra_wait``: seconds the operation itself may rightly take (a guest's
+        shutdown grace), added to the timeout."""
+        timeout = self.timeout + extra_wait
+        resp = await self._send(op, kwargs, timeout)
         async with resp:
-            return await resp.json()
+            try:
+                return await resp.json()
+            except TimeoutError:             # the answer started, then the daemon stopped sending
+                raise self._no_answer(timeout) from None
+
+    def _no_answer(self, timeout: float) -> MtevmError:
+        """One line for a daemon that does not answer in time (stopped, overloaded, stuck)."""
+        from backend.daemon.launch import daemon_pid
+        try:
+            pid = daemon_pid(self.paths)
+        except (OSError, MtevmError):
+            pid = None
+        who = f"the mtevm daemon (pid {pid})" if pid else "the mtevm daemon"
+        return MtevmError(f"{who} did not answer within {timeout:g} s (socket {self.paths.socket}): it may be "
+                          "stopped or stuck. Wait longer with --timeout SECONDS (or MTEVM_TIMEOUT), or restart "
+                          "it with 'mtevm daemon stop' and run the command again")
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
         import aiohttp
@@ -331,7 +353,8 @@ class Client:
         return await self._t.call("reboot", name=name)
 
     async def shutdown(self, name: str, timeout: float | None = None) -> dict:
-        return await self._t.call("shutdown", name=name, **({} if timeout is None else {"timeout": timeout}))
+        return await self._t.call("shutdown", extra_wait=SHUTDOWN_GRACE if timeout is None else timeout, name=name,
+                                  **({} if timeout is None else {"timeout": timeout}))
 
     async def edit(self, name: str, changes: dict) -> dict:
         return await self._t.call("edit", name=name, changes=changes)
@@ -357,18 +380,24 @@ class Client:
     async def snapshot_delete(self, name: str, tag: str) -> dict:
         return await self._t.call("snapshot_delete", name=name, tag=tag)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """Events as they happen (vm, counters every 1/rate_hz s, migration); ends if the daemon stops.
+        A stream with nothing to say sends a heartbeat event every HEARTBEAT_PERIOD seconds, so
+        silence for several periods means the daemon hangs. ``vcpus``: whose counters events carry
+        per-vCPU figures: "all", "none" (VM totals only: a front end watching a big fleet) or one VM's name.
 
         A bad rate raises ConfigError at the first iteration, as any error of the stream does."""
-        return self._t.stream("events", rate_hz=rate_hz)
+        return self._t.stream("events", rate_hz=rate_hz, vcpus=vcpus)
 
 
 async def connect(in_process: bool = False, runtime_dir: str | None = None, state_dir: str | None = None,
-                  *, start_daemon: bool = True, hosts: dict | None = None) -> Client:
+                  *, start_daemon: bool = True, hosts: dict | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> Client:
     """A Client: in-process (a fresh Service on ``state_dir``) or to the daemon (started on demand).
 
     ``hosts`` (in-process only) replaces the registry's hosts, e.g. to give tests their own drivers.
+    ``timeout``: seconds to wait for each answer of the daemon (backend.config.resolve_timeout
+    gives the user's choice); then MtevmError in one line.
     """
     paths = Paths.resolve(runtime_dir, state_dir)
     if in_process:
@@ -381,4 +410,4 @@ async def connect(in_process: bool = False, runtime_dir: str | None = None, stat
         await asyncio.to_thread(launch.ensure_daemon, paths)
     elif not await asyncio.to_thread(launch.socket_alive, paths):
         raise MtevmError(f"no mtevm daemon is running (socket {paths.socket}): run 'mtevm daemon'")
-    return Client(SocketTransport(paths, start_daemon=start_daemon))
+    return Client(SocketTransport(paths, start_daemon=start_daemon, timeout=timeout))

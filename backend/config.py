@@ -5,6 +5,8 @@ another file). A missing file means defaults; a broken one is a ConfigError nami
 what is wrong, and the file is never rewritten by mtevm. Example::
 
     refresh_rate = 4          # live counter updates per second (0.5 .. 30)
+    timeout = 60              # seconds a command waits for the daemon's answer (1 .. 3600);
+                              # $MTEVM_TIMEOUT and `mtevm --timeout` override it
 
     [keymap]                  # binding id = key(s); the ids are listed by `mtevm --keys`
     vm_start = "S"
@@ -25,7 +27,13 @@ DEFAULT_REFRESH_RATE = 4.0
 MIN_REFRESH_RATE = 0.5
 MAX_REFRESH_RATE = 30.0
 CONFIG_ENV = "MTEVM_CONFIG"
-_KNOWN_KEYS = {"refresh_rate", "keymap"}
+TIMEOUT_ENV = "MTEVM_TIMEOUT"
+# How long a client waits for one answer from the daemon. Starting or stopping a real QEMU takes
+# seconds (its QMP start-up limit is 20 s, a stop escalates over 11 s); a stopped or wedged
+# daemon must not hold a command for minutes.
+DEFAULT_TIMEOUT = 60.0
+MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 3600.0
+_KNOWN_KEYS = {"refresh_rate", "keymap", "timeout"}
 
 
 def default_config_path() -> Path:
@@ -46,12 +54,36 @@ def check_refresh_rate(value: object, where: str = "refresh rate") -> float:
     return rate
 
 
+def check_timeout(value: object, where: str = "timeout") -> float:
+    """Seconds to wait for the daemon, within MIN_TIMEOUT..MAX_TIMEOUT, or a ConfigError saying why not."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{where}: {value!r} is not a number of seconds")
+    if not MIN_TIMEOUT <= value <= MAX_TIMEOUT:
+        raise ConfigError(f"{where}: {value:g} is outside {MIN_TIMEOUT:g}..{MAX_TIMEOUT:g} seconds")
+    return float(value)
+
+
+def resolve_timeout(flag: object = None, config: "UserConfig | None" = None) -> float:
+    """The daemon timeout: ``--timeout``, else $MTEVM_TIMEOUT, else the config's ``timeout``, else 60 s."""
+    if flag is not None:
+        return check_timeout(flag, "--timeout")
+    if os.environ.get(TIMEOUT_ENV):
+        return check_timeout(os.environ[TIMEOUT_ENV], TIMEOUT_ENV)
+    return (config or load_config()).timeout
+
+
 @dataclass
 class UserConfig:
     """Settings the user chose. ``keymap`` maps a binding id to a key string (Textual's syntax)."""
 
     refresh_rate: float = DEFAULT_REFRESH_RATE
     keymap: dict[str, str] = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT   # seconds a client waits for one answer from the daemon
     path: Path | None = None       # the file it came from (None: defaults only)
 
     @classmethod
@@ -67,7 +99,8 @@ class UserConfig:
         for binding_id, keys in keymap.items():
             if not isinstance(keys, str) or not keys.strip():
                 raise ConfigError(f"{where}: keymap.{binding_id} must be a key string such as \"ctrl+s\", got {keys!r}")
-        return cls(refresh_rate=rate, keymap={k: v.strip() for k, v in keymap.items()})
+        timeout = check_timeout(data.get("timeout", DEFAULT_TIMEOUT), f"{where}: timeout")
+        return cls(refresh_rate=rate, keymap={k: v.strip() for k, v in keymap.items()}, timeout=timeout)
 
 
 def load_config(path: str | os.PathLike | None = None) -> UserConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -167,6 +168,35 @@ def bench_heap(results: dict) -> None:
         print(f"heap workload, one vCPU flat out, {n}-access steps: {rate / 1e6:.2f} M checked accesses/s")
 
 
+def _peak_rss_of(argv: list[str]) -> int:
+    """Peak resident memory (bytes) of one child process run to its end (wait4's rusage)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}")
+    return usage.ru_maxrss * 1024
+
+
+def bench_replay_memory(results: dict, lines: int = 200_000) -> None:
+    """`mtevm tagcheck replay` streams its trace: its peak RSS must not grow with the file.
+    (It read the whole file and split it first: peak RSS was 6.6x the trace.)"""
+    print()
+    with tempfile.TemporaryDirectory() as tmp:
+        small, big = Path(tmp) / "small.jsonl", Path(tmp) / "big.jsonl"
+        line = '{"op":"load","ptr":"0x40001000","size":8}\n'
+        small.write_text(line * 10)
+        big.write_text(line * lines)
+        replay = [sys.executable, "-m", "backend.cli", "tagcheck", "replay", "--json"]
+        base = _peak_rss_of([*replay, str(small)])
+        peak = _peak_rss_of([*replay, str(big)])
+        size = big.stat().st_size
+    ratio = (peak - base) / size
+    results["replay_peak_rss_growth_per_trace_byte"] = ratio
+    print(f"tagcheck replay of a {size / 2**20:.1f} MiB trace ({lines} ops): peak RSS {peak / 2**20:.1f} MiB, "
+          f"{(peak - base) / 2**20:.1f} MiB above a 10-line trace = {ratio:.2f}x the file (was 6.6x)")
+
+
 def main() -> dict:
     results: dict = {}
     load = os.getloadavg()[0]
@@ -175,6 +205,7 @@ def main() -> dict:
     bench_batches(results)
     bench_memory(results)
     bench_heap(results)
+    bench_replay_memory(results)
     return results
 
 

@@ -65,6 +65,10 @@ class Route:
 
 # {name:[^/]*}: an empty or odd name still reaches the Service, which answers "no VM named ..."
 # exactly as it does in-process.
+# The default time a guest agent gets to power off (shutdown without timeout): the server applies
+# it, and a client waits that much longer for the answer.
+SHUTDOWN_GRACE = 30.0
+
 _VM = "/v1/vms/{name:[^/]*}"
 
 ROUTES: dict[str, Route] = {r.op: r for r in (
@@ -85,7 +89,8 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     Route("counters", "GET", _VM + "/counters"),
     Route("migrate", "POST", _VM + "/migrate", body={"to_host": "to", "with_tags": "with_tags"}),
     Route("migrations", "GET", "/v1/migrations"),
-    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float)}, stream=True),
+    Route("events", "GET", "/v1/events", query={"rate_hz": ("rate", parse_float), "vcpus": ("vcpus", parse_str)},
+          stream=True),
     # Guests of the local host (backend.daemon.guest_ops). The interactive console is a WebSocket
     # on CONSOLE_PATH (not in this table: it is not request/response).
     Route("argv", "GET", _VM + "/argv"),

@@ -126,7 +126,20 @@ def ensure_daemon(paths: Paths) -> None:
     with _flocked(paths.start_lock, START_TIMEOUT):
         if socket_alive(paths):
             return  # another client started it while we waited for the lock
+        check_socket_not_lost(paths)
         start_background(paths)
+
+
+def check_socket_not_lost(paths: Paths) -> None:
+    """A daemon holds the pid lock but nothing answers on its socket: the socket file was deleted
+    (e.g. by a /tmp cleaner). No client can reach that daemon and no second one may start, so say
+    exactly that and how to recover, instead of 'a daemon is already running'."""
+    pid = daemon_pid(paths)
+    if pid and not os.path.lexists(paths.socket):
+        raise MtevmError(f"the mtevm daemon (pid {pid}) is running, but its socket {paths.socket} is gone "
+                         "(deleted), so no client can reach it. Recover with 'mtevm daemon stop' (it stops "
+                         f"pid {pid} through its pid file; running QEMU VMs keep running and are taken back) "
+                         "and run the command again: a new daemon starts with a new socket")
 
 
 def _released(paths: Paths, timeout: float) -> bool:

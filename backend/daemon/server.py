@@ -18,6 +18,7 @@ from aiohttp import web
 from backend.daemon.api import CONSOLE_PATH, ROUTES, Route
 from backend.daemon.launch import peer_uid
 from backend.daemon.service import Service
+from backend import jsonvalues
 from backend.errors import ConfigError, MtevmError, NotFoundError, error_payload
 
 log = logging.getLogger("mtevm.daemon")
@@ -66,9 +67,9 @@ async def _read_body(request: web.Request):
     if not request.can_read_body:
         return {}
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"the request body is not JSON: {e}") from None
+        return jsonvalues.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as e:    # bad syntax, bad UTF-8, nested too deeply
+        raise ConfigError(f"the request body is not usable JSON: {e}") from None
 
 
 async def _kwargs(request: web.Request, route: Route) -> dict:

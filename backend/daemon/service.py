@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from backend.daemon.events import EventBus, check_event_rate
+from backend.daemon.events import HEARTBEAT_PERIOD, EventBus, check_event_rate
 from backend.daemon.operations import Operation, claim
 from backend.daemon.guest_ops import GuestOps, guest_detail, parse_guest, remove_console_log
 from backend.guests.definition import GuestConfig
@@ -134,19 +134,26 @@ class Service(GuestOps, VmOperations):
             self.hosts = self._hosts_override or create_hosts(self.paths.vm_runtime_root)
             for h in self.store.load_hosts():
                 await self._open_host(create_libvirt_host(h["name"], h["uri"]))
-            for m in self.store.load_migrations():
+            cut_short: dict[str, dict] = {}     # VM -> its migration the last daemon did not see end
+            for m in self.store.load_migrations():   # newest first
                 self._migrations[m["id"]] = m
+                if m["state"] in ("setup", "active"):
+                    cut_short.setdefault(m["vm"], m)
+            for row in self.store.load_vms():
+                await self._load_vm(row, cut_short.pop(row.name, None))
+            for m in self._migrations.values():
                 if m["state"] in ("setup", "active"):
                     self._update_migration(m, state="failed", reason="the daemon stopped during the migration",
                                            finished=time.time())
-            for row in self.store.load_vms():
-                await self._load_vm(row)
+            for host in self.hosts.values():
+                for pid in await host.reap():
+                    log.warning("host %s: stopped QEMU pid %d, which no VM owns any more", host.name, pid)
         except BaseException:
             self.store.close()
             raise
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
-    async def _load_vm(self, row: VmRow) -> None:
+    async def _load_vm(self, row: VmRow, migration: dict | None) -> None:
         try:
             config = VirtMachineConfig.from_dict(row.config)
             workload = WorkloadConfig.from_dict(row.workload)
@@ -158,26 +165,60 @@ class Service(GuestOps, VmOperations):
         rec = VmRecord(row.name, row.host, config, workload, "stopped", row.last_error, dict(row.pending),
                        qemu_args=list(row.qemu_args), guest=guest, allow_host_files=row.allow_host_files)
         self.vms[rec.name] = rec
-        if row.state not in ACTIVE_STATES:
-            rec.state = row.state if row.state in ("stopped", "crashed") else "stopped"
-            return
         host = self.hosts.get(row.host)
-        if host is None or host.kind == "simulated" or not row.runtime:
+        if host is None or host.kind == "simulated":
             # Simulated VMs lived inside the previous daemon: they stopped with it.
-            self._note_state(rec, "stopped", runtime={})
+            if row.state != "stopped" or row.runtime:
+                self._note_state(rec, row.state if row.state == "crashed" else "stopped", runtime={})
             return
+        await self._recover(rec, host, row, migration)
+
+    async def _recover(self, rec: VmRecord, host: Host, row: VmRow, migration: dict | None) -> None:
+        """Make the VM what QEMU says it is. The store holds the last daemon's intent ("starting",
+        "running", "stopping", ...) and runtime; the host finds every QEMU of the VM and adopts the
+        one that really runs it (a start or migration the last daemon did not live to finish) or
+        stops them all (a stop it did not finish, or a stopped VM). A cut-short migration's record
+        gets its real outcome: completed if the VM now runs on the destination QEMU."""
+        want_running = row.state in ACTIVE_STATES and row.state != "stopping"
         try:
-            rec.running = await host.reattach(self._spec(rec), row.runtime)
-        except Exception as e:  # a reattach that fails must not stop the daemon from starting
-            log.exception("VM %s: reattach failed", rec.name)
-            rec.last_error = f"reattach failed: {e}"
-        if rec.running is not None and rec.running.state == "running":
-            rec.state = "paused" if rec.running.paused else "running"
-            log.info("VM %s: reattached", rec.name)
+            found = await host.recover(self._spec(rec), row.runtime, want_running=want_running)
+        except Exception as e:   # a recovery that fails must not stop the daemon from starting
+            log.exception("VM %s: recovery failed", rec.name)
+            found, error = None, f"reattach failed: {e}"
         else:
-            rec.running = None
+            error = found.reason
+        if found and found.stopped:
+            log.warning("VM %s: stopped QEMU pid(s) %s that no longer ran it", rec.name,
+                        ", ".join(map(str, found.stopped)))
+        if migration is not None:
+            self._settle_migration(rec, migration, found)
+        if found is not None and found.vm is not None and found.vm.state == "running":
+            rec.running = found.vm
+            self._note_state(rec, "paused" if found.vm.paused else "running", runtime=found.vm.runtime_info())
+            log.info("VM %s: %s", rec.name, "adopted" if row.state != "running" else "reattached")
+        elif want_running and row.state != "starting" and (row.runtime or error):
             self._note_state(rec, "crashed", runtime={},
-                             last_error=rec.last_error or "the VM was gone when the daemon restarted")
+                             last_error=error or "the VM was gone when the daemon restarted")
+        elif row.state != "stopped" or row.runtime:
+            self._note_state(rec, "crashed" if row.state == "crashed" else "stopped", runtime={},
+                             last_error=error if row.state == "starting" else KEEP)
+
+    def _settle_migration(self, rec: VmRecord, m: dict, found) -> None:
+        """The real outcome of a migration the last daemon did not see end, from what QEMU said."""
+        if found is not None and found.vm is not None and found.moved:
+            self._update_migration(m, state="completed", progress=1.0, finished=time.time(),
+                                   reason="completed while no daemon watched it (found by the next daemon)")
+            if m["dst"] != rec.host and m["dst"] in self.hosts:
+                rec.host = m["dst"]
+                try:
+                    self.store.update_vm(rec.name, host=rec.host)
+                except StoreError as e:
+                    log.error("VM %s: %s", rec.name, e)
+            return
+        where = "the VM runs on its source" if found is not None and found.vm is not None else "the VM is not running"
+        self._update_migration(m, state="failed", finished=time.time(),
+                               reason=f"the daemon stopped during the migration, which QEMU had not "
+                                      f"completed; {where}")
 
     async def close(self) -> None:
         """Stop cleanly: simulated VMs stop and are saved as stopped; real QEMU VMs keep running
@@ -453,7 +494,9 @@ class Service(GuestOps, VmOperations):
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
             remove_console_log(self._log_dir(rec.name))
-            self._delete_snapshots(rec.name)
+            host = self.hosts.get(rec.host)
+            if host is not None:
+                host.forget(self._spec(rec))     # its runtime directory and QEMU logs go with it
             self.bus.publish("vm", deleted=rec.name)
 
     # -- running ----------------------------------------------------------------------------------
@@ -630,38 +673,67 @@ class Service(GuestOps, VmOperations):
                     except Exception:
                         log.exception("VM %s: sampling failed", rec.name)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """State changes and migration progress as they happen, plus a counters event per running
-        VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
-        return self._events(check_event_rate(rate_hz))
+        VM every 1/rate_hz seconds. ``vcpus``: whose counters events carry the per-vCPU list
+        ("all", "none": VM totals only, or a VM name). A bad argument raises here, before any iteration."""
+        if not isinstance(vcpus, str) or not vcpus:
+            raise ConfigError(f"vcpus must be \"all\", \"none\" or a VM name, not {vcpus!r}")
+        return self._events(check_event_rate(rate_hz), vcpus)
 
-    async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+    async def _events(self, rate_hz: float, vcpus: str = "all") -> AsyncIterator[dict]:
+        """Counter samples are coalesced per VM for a slow client: when the client is ready for
+        the next round, each VM's sample is taken then (the latest wins, nothing queues up), and
+        carries ``skipped``: how many of this VM's ticks passed since its last delivered sample
+        without one. Memory per client: one tick number per VM. A queued state/migration event
+        that had to be dropped (queue full) is counted in the next one's ``skipped_events``."""
         q = self.bus.subscribe()
         period = 1.0 / rate_hz
         loop = asyncio.get_running_loop()
-        next_tick = loop.time()
+        start = next_tick = loop.time()
+        last_sent = loop.time()
+        delivered: dict[str, int] = {}          # VM name -> the tick of its last delivered sample
         try:
             while True:
-                timeout = next_tick - loop.time()
+                if loop.time() - last_sent >= HEARTBEAT_PERIOD:       # nothing else said for a while
+                    last_sent = loop.time()
+                    yield {"type": "heartbeat", "time": time.time()}
+                timeout = min(next_tick, last_sent + HEARTBEAT_PERIOD) - loop.time()
                 if timeout > 0:
                     try:
                         event = await asyncio.wait_for(q.get(), timeout)
                     except TimeoutError:
-                        pass
-                    else:
-                        if event is None:  # the service is closing
-                            return
-                        yield event
+                        continue            # a tick or a heartbeat is due: decided above and below
+                    if event is None:  # the service is closing
+                        return
+                    last_sent = loop.time()
+                    dropped = self.bus.dropped(q)
+                    yield {**event, "skipped_events": dropped} if dropped else event
+                    continue
+                now = loop.time()
+                if now < next_tick:
+                    continue                # the heartbeat was due, not the tick
+                tick = int((now - start) / period)
+                next_tick = start + (tick + 1) * period
+                running = [rec for rec in list(self.vms.values())
+                           if rec.running is not None and rec.state in ("running", "migrating", "paused")]
+                for name in set(delivered) - {rec.name for rec in running}:
+                    del delivered[name]
+                for rec in running:
+                    try:
+                        counters = await self._counters(rec)
+                    except Exception:
+                        log.exception("VM %s: sampling failed", rec.name)
                         continue
-                next_tick = max(next_tick + period, loop.time())
-                for rec in list(self.vms.values()):
-                    if rec.running is not None and rec.state in ("running", "migrating", "paused"):
-                        try:
-                            counters = await self._counters(rec)
-                        except Exception:
-                            log.exception("VM %s: sampling failed", rec.name)
-                            continue
-                        yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
+                    if vcpus != "all" and vcpus != rec.name:
+                        del counters["vcpus"]          # VM totals only: a big fleet's list needs no more
+                    skipped = max(0, tick - delivered.get(rec.name, tick - 1) - 1)
+                    delivered[rec.name] = tick
+                    last_sent = loop.time()
+                    yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters,
+                           "skipped": skipped}
+                    # a client that took longer than a tick to take this round: later VMs get a fresher tick
+                    tick = max(tick, int((loop.time() - start) / period))
         finally:
             self.bus.unsubscribe(q)
 

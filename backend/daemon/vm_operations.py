@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 
+from backend.daemon.api import SHUTDOWN_GRACE
 from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
@@ -28,7 +29,7 @@ from backend.machine import VirtMachineConfig
 from backend.paths import ensure_private_dir
 from backend.store import VmRow
 
-SHUTDOWN_TIMEOUT = 30.0      # seconds a guest agent gets to power off before mtevm stops the VM
+SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
 REBOOT_TIMEOUT = 30.0
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
 EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")

@@ -41,6 +41,17 @@ class VmSpec:
     allow_host_files: bool = False   # extra_args may name host files (the user opted in: --allow-host-files)
 
 
+@dataclass
+class Recovery:
+    """What Host.recover found: the adopted VM (or None) and what happened to the others."""
+
+    vm: "RunningVm | None"
+    stopped: list[int] = field(default_factory=list)   # pids of the processes it stopped
+    moved: bool = False      # the adopted VM is not the saved one: a migration had completed
+    others: bool = False     # more than one process was found: a migration was under way
+    reason: str | None = None   # why nothing was adopted, when something was found
+
+
 class Host(abc.ABC):
     name: str
     kind: str            # "simulated" | "local"
@@ -79,6 +90,20 @@ class Host(abc.ABC):
     async def reattach(self, spec: VmSpec, runtime: dict) -> "RunningVm | None":
         """Find a VM that outlived the previous daemon (``runtime`` is what it saved); None if gone."""
         return None
+
+    async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> "Recovery":
+        """At daemon start-up: what became of this VM (``runtime`` is what the last daemon saved).
+        Adopt what really runs it if ``want_running``, else stop it. LocalHost asks QEMU and does
+        both; the default only reattaches ``runtime`` (what runs is shown running, whatever the
+        last daemon meant to do: the user can stop it again)."""
+        return Recovery(await self.reattach(spec, runtime) if runtime else None)
+
+    async def reap(self) -> list[int]:
+        """After start-up reconciliation: stop what this host launched that no VM adopted; pids."""
+        return []
+
+    def forget(self, spec: VmSpec) -> None:
+        """The VM was deleted: remove what the host kept for it (runtime files, logs)."""
 
     def can_migrate_to(self, dst: "Host") -> str | None:
         """None if VMs of this host can migrate to ``dst``, else the reason."""

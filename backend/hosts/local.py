@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import platform
 import shlex
@@ -23,7 +24,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from backend.errors import ConfigError, MigrationError, RealizeError, StateError
-from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
+from backend.hosts.base import Host, ProgressCallback, Recovery, RunningVm, VmSpec, report_progress
 from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
 from backend.machine.migration import ram_stats
@@ -32,7 +33,8 @@ from backend.qemu import guest_abi
 from backend.guests.definition import disk_format
 from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra_args
 from backend.qemu.console import ConsoleLog, SerialConsole
-from backend.qemu.driver import REATTACH_TIMEOUT, QemuFiles, QemuProcess
+from backend.qemu.driver import (REATTACH_TIMEOUT, QemuFiles, QemuProcess, kill_pid, marked_processes,
+                                 read_records)
 from backend.qemu.qmp import QmpError
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
@@ -44,6 +46,8 @@ PAUSED_STATUSES = ("paused", "postmigrate", "prelaunch", "suspended", "debug", "
                    "guest-panicked", "internal-error", "shutdown")
 LOOPBACK = "127.0.0.1"
 CONSOLE_CONNECT_TIMEOUT = 5.0   # seconds a paused QEMU waits for the daemon to attach its console
+
+log = logging.getLogger("mtevm.local")
 
 
 def free_tcp_port() -> int:
@@ -160,7 +164,7 @@ class LocalHost(Host):
         files = QemuFiles.new(self._vm_dir(spec))
         argv, params = self.launch_argv(spec, files, extra_args, incoming_port, qemu=qemu, incoming=incoming)
         try:
-            proc = await QemuProcess.launch(argv, files)
+            proc = await QemuProcess.launch(argv, files, record={"extra_args": extra_args, "params": params})
         except BaseException:
             _remove(params)
             raise
@@ -292,6 +296,95 @@ class LocalHost(Host):
         await vm.refresh_run_state()    # it may have been paused
         return vm
 
+    async def recover(self, spec: VmSpec, runtime: dict, *, want_running: bool) -> Recovery:
+        """Find out from QEMU itself what became of this VM while no daemon watched it.
+
+        Every QEMU of the VM is found by its launch record (pid + start time, written before the
+        launch returned) or the saved ``runtime``; one launched but never recorded (a daemon killed
+        within microseconds of the fork) by mtevm's mark on its command line, and killed. Each is
+        asked ``query-status``; a source whose outgoing migration still runs is given
+        SETTLE_TIMEOUT to finish, then cancelled. The QEMU that really runs the guest is adopted
+        (a completed migration's destination, else the source) and every other one is stopped,
+        so one VM never has two QEMUs and a stopped VM has none."""
+        vm_dir = self._vm_dir(spec)
+        source_pid = runtime.get("pid") if runtime else None
+        records = read_records(vm_dir)
+        if runtime and all(r["pid"] != source_pid for r in records):
+            records.insert(0, runtime)
+        found: list[tuple[dict, QemuProcess]] = []
+        for record in records:
+            try:
+                proc = await QemuProcess.reattach(record, self.reattach_timeout)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("VM %s: cannot reattach pid %s: %s", spec.config.name, record.get("pid"), e)
+                proc = None
+            if proc is None:
+                _remove(record.get("params"))
+                _remove(QemuFiles.from_dict(record["files"]).record)
+            else:
+                found.append((record, proc))
+        stopped = []
+        known = {proc.pid for _, proc in found}
+        for pid, start in marked_processes(vm_dir).items():
+            if pid not in known and await kill_pid(pid, start):
+                stopped.append(pid)
+        statuses = {}
+        if want_running:
+            for _, proc in found:
+                statuses[proc.pid] = await _settled_status(proc)
+            if "postmigrate" in statuses.values():   # a completed migration: its destination starts running
+                for _, proc in found:
+                    if statuses[proc.pid] == "inmigrate":
+                        statuses[proc.pid] = await _left_inmigrate(proc)
+        if found or stopped:
+            log.info("VM %s: found %s; killed unrecorded %s", spec.config.name,
+                     {p.pid: statuses.get(p.pid, "-") for _, p in found}, stopped)
+        # The one to adopt: a QEMU running the guest (two running, never seen: the source wins), else
+        # one a start left paused (-S) before it let the guest run ("prelaunch": it runs once adopted).
+        # A VM the user paused is adopted paused.
+        order = ("running", "paused", "prelaunch")
+        running = [(r, p) for r, p in found if statuses.get(p.pid) in order]
+        running.sort(key=lambda rp: (order.index(statuses[rp[1].pid]), rp[1].pid != source_pid))
+        adopted = running[0] if running else None
+        for record, proc in found:
+            if adopted is None or proc is not adopted[1]:
+                await proc.stop()
+                _remove(record.get("params"))
+                stopped.append(proc.pid)
+        if adopted is None:
+            seen = ", ".join(f"pid {p.pid} {statuses[p.pid]}" for _, p in found if p.pid in statuses)
+            return Recovery(None, stopped=stopped,
+                            reason=f"no QEMU of the VM was running the guest ({seen})" if seen else None)
+        record, proc = adopted
+        vm = vm_class(spec)(self, spec, proc, list(record.get("extra_args", [])), record.get("params"))
+        vm.console.log.mark(f"QEMU pid {proc.pid} adopted by a new mtevm daemon")
+        if statuses[proc.pid] == "prelaunch":
+            try:
+                await vm.run_after_console()
+            except RealizeError:
+                await vm.stop()
+                return Recovery(None, stopped=stopped + [proc.pid], reason="QEMU did not start the guest")
+        self.vms.add(vm)
+        await vm.refresh_run_state()    # paused by the user: it stays paused
+        moved = source_pid is not None and proc.pid != source_pid
+        return Recovery(vm, stopped=stopped, moved=moved, others=len(found) > 1)
+
+    async def reap(self) -> list[int]:
+        """Kill every QEMU this host launched (mtevm's mark under its runtime root) that no VM
+        adopted: a deleted VM's, or one whose daemon died before it could tell anyone."""
+        if self.runtime_dir is None:
+            return []
+        adopted = {vm.proc.pid for vm in self.vms}
+        killed = []
+        for pid, start in marked_processes(self.runtime_dir).items():
+            if pid not in adopted and await kill_pid(pid, start):
+                killed.append(pid)
+        return killed
+
+    def forget(self, spec: VmSpec) -> None:
+        """The VM is deleted: remove its runtime directory (QEMU logs, stale records) too."""
+        shutil.rmtree(self._vm_dir(spec), ignore_errors=True)
+
     async def close(self) -> None:
         """The daemon exits: drop QMP, console and agent connections, leave QEMU running for the
         next daemon (which reconnects all three)."""
@@ -304,6 +397,50 @@ class LocalHost(Host):
 def _remove_all(paths: list[str]) -> None:
     for path in paths:
         _remove(path)
+
+
+MIGRATING = ("setup", "active", "device", "pre-switchover", "wait-unplug", "cancelling",
+             "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup")
+SETTLE_TIMEOUT = 10.0       # a migration nobody watched gets this long to end by itself, then is cancelled
+
+
+async def _settled_status(proc: QemuProcess) -> str:
+    """The QEMU's run state once any outgoing migration it runs has ended (finished or cancelled)."""
+    if proc.unreachable or not proc.alive():
+        return "unreachable"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    cancelled = False
+    try:
+        while True:
+            status = (await proc.qmp.execute("query-status"))["status"]
+            if status == "inmigrate":
+                return status     # a destination: it follows its source
+            migration = (await proc.qmp.execute("query-migrate")).get("status")
+            if migration not in MIGRATING:
+                return status
+            if loop.time() > deadline and not cancelled:
+                await proc.qmp.execute("migrate_cancel")
+                cancelled, deadline = True, loop.time() + SETTLE_TIMEOUT
+            elif loop.time() > deadline:
+                return status
+            await asyncio.sleep(MIGRATION_POLL)
+    except QmpError as e:
+        return f"unreachable ({e})"
+
+
+async def _left_inmigrate(proc: QemuProcess, timeout: float = 3.0) -> str:
+    """A destination's run state once it has loaded what its (completed) source sent."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            status = (await proc.qmp.execute("query-status"))["status"]
+            if status != "inmigrate" or loop.time() > deadline:
+                return status
+            await asyncio.sleep(MIGRATION_POLL)
+    except QmpError as e:
+        return f"unreachable ({e})"
 
 
 def _remove(path: str | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from backend.errors import ConfigError
+from backend.jsonvalues import is_int, is_number
 
 TCF_NAMES = ("none", "sync", "async", "asymm")
 
@@ -33,13 +34,13 @@ class WorkloadConfig:
                 raise ConfigError(f"workload tcf: {t!r} is not one of none, sync, async, asymm")
         for name in ("uaf_rate", "overflow_rate", "wild_rate"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            if not is_number(v) or not 0.0 <= v <= 1.0:
                 raise ConfigError(f"workload {name}: {v!r} is not a probability between 0 and 1")
-        if not isinstance(self.rate, int) or self.rate < 0:
+        if not is_int(self.rate) or self.rate < 0:
             raise ConfigError(f"workload rate: {self.rate!r} is not a number of accesses per second >= 0")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"workload seed: {self.seed!r} is not an integer in 0..2^63-1")
-        if not isinstance(self.heap_size, int) or not 4096 <= self.heap_size <= 1 << 30 or self.heap_size % 4096:
+        if not is_int(self.heap_size) or not 4096 <= self.heap_size <= 1 << 30 or self.heap_size % 4096:
             raise ConfigError(f"workload heap_size: {self.heap_size!r} is not a multiple of 4096 in 4K..1G")
 
     def to_dict(self) -> dict:

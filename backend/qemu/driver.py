@@ -8,6 +8,7 @@ an earlier daemon (reattach), and signals through that pidfd so a reused pid is 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from backend.errors import RealizeError
+from backend.errors import ConfigError, RealizeError
 from backend.paths import ensure_private_dir, open_private_path
 from backend.qemu.qmp import QmpConnection, QmpError, QmpGone
 
@@ -82,6 +83,11 @@ class QemuFiles:
         """Another per-launch file in the runtime directory (e.g. the guest parameter block)."""
         return os.path.join(self.runtime_dir, f"{suffix}-{self.launch_id}")
 
+    @property
+    def record(self) -> str:
+        """The launch record: this QEMU's pid and start time, written before ``launch`` returns."""
+        return self.path("launch") + ".json"
+
     def socket(self, kind: str) -> str:
         """The path of another socket QEMU serves for this launch (``serial``, ``agent``), beside
         the QMP socket."""
@@ -123,6 +129,94 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
     return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
 
 
+def write_record(path: str, record: dict) -> None:
+    """Write a launch record durably (temporary file, fsync, rename): a reader sees all of it or none."""
+    tmp = f"{path}.tmp"
+    fd = open_private_path(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_records(runtime_dir: str) -> list[dict]:
+    """The launch records left in a VM's runtime directory (oldest first; unreadable ones skipped)."""
+    try:
+        names = sorted(os.listdir(runtime_dir), key=lambda n: _mtime(os.path.join(runtime_dir, n)))
+    except OSError:
+        return []
+    records = []
+    for name in names:
+        if name.startswith("launch-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(runtime_dir, name), "rb") as f:
+                    record = json.loads(f.read())
+                int(record["pid"]), int(record["start_time"]), QemuFiles.from_dict(record["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            records.append(record)
+    return records
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def marked_processes(root: str) -> dict[int, int]:
+    """{pid: start time} of this user's live processes that carry mtevm's mark for ``root`` (a
+    hosts' VM runtime root): an argument naming a file under it that only mtevm's QEMU command
+    line names (``-qmp unix:<root>/...`` or ``-device loader,file=<root>/...``). A launch the
+    daemon did not live to record is found this way; never by process name."""
+    prefix = os.fsencode(os.path.join(os.path.abspath(root), ""))
+    marks = (b"unix:" + prefix, b"loader,file=" + prefix)
+    uid = os.getuid()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.startswith(marks) for arg in argv):
+            start = proc_start_time(int(entry))
+            if start is not None:
+                found[int(entry)] = start
+    return found
+
+
+async def kill_pid(pid: int, start_time: int, timeout: float = 5.0) -> bool:
+    """SIGKILL ``pid`` if it is still the process that started at ``start_time`` (a pidfd makes a
+    reused pid safe); wait until it is gone and reap it if it is our child. True if it was killed."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if proc_start_time(pid) != start_time:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while proc_start_time(pid) is not None and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return True
+    finally:
+        os.close(fd)
+
+
 def qemus_mentioning(path: str) -> list[int]:
     """Live QEMU processes whose command line contains ``path`` (a VM's runtime directory names
     every QEMU mtevm started for that VM: its QMP socket and parameter file are in it)."""
@@ -148,23 +242,17 @@ async def kill_strays(path: str, timeout: float = 5.0) -> list[int]:
     until each is gone (reaping our own children) and return their PIDs."""
     pids = qemus_mentioning(path)
     for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while proc_start_time(pid) is not None and loop.time() < deadline:
-                await asyncio.sleep(0.01)
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        finally:
-            os.close(fd)
+        start = proc_start_time(pid)
+        if start is not None:
+            await kill_pid(pid, start, timeout)
     return pids
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class QemuProcess:
@@ -189,9 +277,13 @@ class QemuProcess:
 
     # ----------------------------------------------------------------------------- start
     @classmethod
-    async def launch(cls, argv: list[str], files: QemuFiles,
-                     ready_timeout: float = READY_TIMEOUT) -> "QemuProcess":
-        """Start QEMU and wait for QMP. On failure: RealizeError with QEMU's stderr, nothing left."""
+    async def launch(cls, argv: list[str], files: QemuFiles, ready_timeout: float = READY_TIMEOUT,
+                     record: dict | None = None) -> "QemuProcess":
+        """Start QEMU and wait for QMP. On failure: RealizeError with QEMU's stderr, nothing left.
+
+        Right after the fork, before waiting for QMP, the launch record (``runtime_info()`` plus
+        ``record``) is written durably to ``files.record``: a daemon killed at any later moment
+        leaves its successor the pid and start time of every QEMU it started."""
         with os.fdopen(open_private_path(files.log, os.O_WRONLY, exclusive=True), "wb") as log:
             try:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -202,6 +294,10 @@ class QemuProcess:
         start_time = proc_start_time(popen.pid) or 0
         proc = cls(popen.pid, start_time, files, argv, popen)
         try:
+            try:
+                write_record(files.record, {**proc.runtime_info(), **(record or {})})
+            except (OSError, ConfigError) as e:
+                raise RealizeError(f"cannot record QEMU's pid in {files.record}: {getattr(e, 'strerror', e)}") from None
             await proc.qmp.connect(proc.alive, ready_timeout)
         except BaseException as e:   # includes cancellation: never leave a half-started QEMU
             proc.stopping = True
@@ -263,6 +359,7 @@ class QemuProcess:
         self._close_pidfd()
         self._reap()
         self.files.remove_socket()
+        _unlink(self.files.record)    # the record describes a live QEMU only
         self._exited.set()
         for cb in self._exit_callbacks:
             cb(self)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from backend.errors import ConfigError
+from backend.jsonvalues import is_int, is_number
 
 if TYPE_CHECKING:  # backend/qemu sits below backend/hosts: use the workload by its attributes only
     from backend.hosts.workload import WorkloadConfig
@@ -133,12 +134,12 @@ def parse_xp(text: str) -> bytes:
 # --- packing ---------------------------------------------------------------------------------------
 
 def _check_nvcpus(nvcpus: int) -> None:
-    if not isinstance(nvcpus, int) or not 1 <= nvcpus <= MAX_VCPUS:
+    if not is_int(nvcpus) or not 1 <= nvcpus <= MAX_VCPUS:
         raise ConfigError(f"the MTE guest runs on 1 to {MAX_VCPUS} vCPUs, not {nvcpus!r}")
 
 
 def _ppm(name: str, value: float) -> int:
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise ConfigError(f"workload {name}: {value!r} is not a probability between 0 and 1")
     return round(value * PPM)
 
@@ -255,17 +256,17 @@ def pack_params(workload: "WorkloadConfig", nvcpus: int, mode: str = "workload",
             raise ConfigError(f"workload tcf: {name!r} is not one of none, sync, async, asymm")
         tcf.append(TCF_NAMES.index(name))
     rate = workload.rate
-    if not isinstance(rate, int) or not 0 <= rate < 1 << 32:
+    if not is_int(rate) or not 0 <= rate < 1 << 32:
         raise ConfigError(f"workload rate: {rate!r} is not a number of accesses per second >= 0")
     heap_size = workload.heap_size
-    if not isinstance(heap_size, int) or heap_size < 4096 or heap_size % 4096:
+    if not is_int(heap_size) or heap_size < 4096 or heap_size % 4096:
         raise ConfigError(f"workload heap_size: {heap_size!r} is not a multiple of 4096 >= 4096")
     heap_end = HEAP_BASE + nvcpus * heap_size
     if heap_end > min(RAM_BASE + ram_size, MAPPED_END):
         raise ConfigError(f"workload heap_size: {nvcpus} vCPUs x {heap_size} bytes do not fit in "
                           f"{ram_size >> 20} MiB of RAM above {HEAP_BASE:#x} (the guest maps RAM up to {MAPPED_END:#x})")
     seed = workload.seed
-    if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+    if not is_int(seed) or not 0 <= seed < 1 << 64:
         raise ConfigError(f"workload seed: {seed!r} is not an integer in 0..2^64-1")
     records: list[bytes] = []
     if mode == "trace":

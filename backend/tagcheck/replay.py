@@ -29,9 +29,11 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
+from backend import jsonvalues
 from backend.errors import ConfigError, MtevmError
+from backend.jsonvalues import is_int
 from backend.tagcheck.cpu import TagCheckCpu
 from backend.tagcheck.pointers import LOW56, physical
 from backend.tagcheck.ram import GuestRam
@@ -71,7 +73,7 @@ class ReplayResult:
 
 
 def _int(value, name: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         n = value
     elif isinstance(value, str) and value[:2].lower() == "0x":
         try:
@@ -88,9 +90,11 @@ def _int(value, name: str) -> int:
 def _parse(text: str) -> dict:
     """One trace line as a checked op dict; ValueError saying what is wrong."""
     try:
-        op = json.loads(text)
+        op = jsonvalues.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:              # nested too deeply, a number too long to convert
+        raise ValueError(f"not usable JSON ({e})") from None
     if not isinstance(op, dict):
         raise ValueError("an op must be a JSON object")
     name = op.get("op")
@@ -172,6 +176,15 @@ def replay(lines: Iterable[str], ram_base: int = DEFAULT_RAM_BASE,
     return result
 
 
+def read_lines(f) -> Iterator[str]:
+    """The lines of a binary file, decoded one at a time (a trace is never read whole)."""
+    for n, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise TraceError(n, "not UTF-8 text") from None
+
+
 def parse_size(text: str) -> int:
     """Bytes from "256M", "1G", "4096" (the machine definitions' size rule) or "0x10000000"."""
     from backend.machine.config import parse_size as parse_machine_size   # only when --ram-size is given
@@ -229,17 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ram-size", type=parse_size, default=DEFAULT_RAM_SIZE, help="guest RAM size (default 256M)")
     args = p.parse_args(argv)
     try:
-        if args.trace == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            with open(args.trace, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"mtevm tagcheck replay: cannot read {args.trace}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
+        f = sys.stdin.buffer if args.trace == "-" else open(args.trace, "rb")
+    except OSError as e:
+        print(f"mtevm tagcheck replay: cannot read {args.trace}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        result = replay(lines, args.ram_base, args.ram_size)
+        with f:
+            result = replay(read_lines(f), args.ram_base, args.ram_size)   # streamed: one line in memory
+    except OSError as e:
+        print(f"mtevm tagcheck replay: cannot read {args.trace}: {e.strerror}", file=sys.stderr)
+        return 2
     except TraceError as e:
         print(f"mtevm tagcheck replay: {args.trace}: {e}", file=sys.stderr)
         return 2

@@ -71,9 +71,10 @@ def test_the_whole_story_on_sim_mte(mtevm, run_mtevm):
     assert mtevm("counters", "web")["vm"]["checked"] >= before    # counters carry on after the move
     assert [x["state"] for x in mtevm("migrations")] == ["completed", "blocked"]
 
+    assert fails(run_mtevm, 1, "delete", "web") == "VM 'web' is running: stop it first"   # before any question
+    mtevm("stop", "web")
     assert fails(run_mtevm, 2, "delete", "web") == ("refusing to delete VM 'web' without confirmation: "
                                                     "pass --yes")
-    mtevm("stop", "web")
     assert mtevm("delete", "web", "--yes") == {"deleted": "web"}
     assert mtevm("list") == []
     assert fails(run_mtevm, 1, "show", "web") == "no VM named 'web'"
@@ -219,6 +220,10 @@ def test_delete_asks_on_a_terminal(mtevm_paths, mtevm):
         os.close(master)
         return proc.returncode, out + err
 
+    mtevm("start", "d")                     # running: refused before the question, not after a yes
+    code, text = delete_answering("y")
+    assert code == 1 and "VM 'd' is running: stop it first" in text and "Delete VM" not in text
+    mtevm("stop", "d")
     code, text = delete_answering("n")
     assert code == 1 and "not deleted" in text
     assert [v["name"] for v in mtevm("list")] == ["d"]

@@ -4,6 +4,7 @@ JSON-lines client for the agent. Whoever starts a BareLinux stops it (by PID, in
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -155,3 +156,17 @@ class BareLinux:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def booted(image: BuiltImage, smp: int = 2, append: str = ""):
+    """(vm, link): booted to /init's first line, the agent answering; QEMU stopped at exit."""
+    vm = BareLinux(image, smp=smp, append=append).start()
+    try:
+        vm.wait_console("mtevm: init ready")
+        link = vm.connect()
+        link.hello()
+        yield vm, link
+        link.close()
+    finally:
+        vm.stop()

@@ -7,6 +7,7 @@ completes, history records the true outcome, and no QEMU is left behind.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -62,3 +63,16 @@ async def test_a_migration_during_a_stop_is_refused(client, mtevm_paths):
     assert stop["state"] == "stopped"
     assert await client.migrations() == []      # nothing was attempted, so nothing is recorded
     assert qemus_mentioning(mtevm_paths.vm_runtime_root) == []
+
+
+async def test_deleting_a_vm_removes_its_runtime_directory_and_qemu_logs(client, mtevm_paths):
+    await client.create({"name": "gone", **SMALL_VM})
+    await client.start("gone")
+    await client.stop("gone")
+    vm_dir = os.path.join(mtevm_paths.vm_runtime_root, "gone")
+    assert any(f.startswith("qemu-") and f.endswith(".log") for f in os.listdir(vm_dir))
+    await client.delete("gone")
+    assert not os.path.exists(vm_dir)
+    # A new VM of the same name starts with nothing of the old one's.
+    await client.create({"name": "gone", **SMALL_VM})
+    assert (await client.show("gone"))["stderr"] == []

@@ -123,3 +123,41 @@ def test_replay_api_raises_trace_error_with_line_number():
     assert e.value.line_no == 2 and str(e.value).startswith("line 2: unknown op")
     result = replay([json.dumps(x) for x in TRACE[:4]])
     assert result.to_json()["faults"] == [{"i": 3, "kind": "sync", "addr": "0x4000000c"}]
+
+
+def _one_line_exit_2(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr[-2000:])
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    return p.stderr.strip()
+
+
+def test_deeply_nested_json_is_a_one_line_error_not_a_traceback(tmp_path):
+    nested = "[" * 100_000 + "]" * 100_000
+    err = _one_line_exit_2(run_cli(tmp_path, ['{"op":"ldg","addr":"0x40000000"}', nested]))
+    assert err.endswith("line 2: not usable JSON (nested too deeply (more than 64 levels))")
+
+
+def test_a_trace_that_is_not_utf8_names_its_line(tmp_path):
+    trace = tmp_path / "bin.jsonl"
+    trace.write_bytes(b'{"op":"ldg","addr":"0x40000000"}\n\xff\xfe\n')
+    p = subprocess.run([sys.executable, "-m", "backend.cli", "tagcheck", "replay", str(trace)],
+                       capture_output=True, text=True, timeout=60)
+    assert _one_line_exit_2(p).endswith("line 2: not UTF-8 text")
+
+
+def test_replay_streams_its_trace_a_bad_line_is_reported_while_the_writer_still_writes():
+    """The trace is read line by line: the first bad line ends the replay at once, without waiting
+    for (or holding) the rest of a trace that may be endless or larger than memory."""
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "tagcheck", "replay", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write('{"op":"ldg","addr":"0x40000000"}\n{"op":"jump"}\n')
+        proc.stdin.flush()                       # and the writer keeps the pipe open
+        assert proc.wait(timeout=60) == 2        # a replay that reads to EOF first never gets here
+        assert "line 2: unknown op \"jump\"" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()

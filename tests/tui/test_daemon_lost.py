@@ -13,7 +13,7 @@ import signal
 from backend.client import connect
 from backend.daemon.launch import daemon_pid
 from tests.tui.pilot_helpers import create_vm, screen_rows, started, wait_for
-from tui.app import MtevmApp
+from tui.app import STALL_SECONDS, MtevmApp
 from tui.components.status import StatusBar
 
 BUGGY = {"seed": 7, "uaf_rate": 0.02, "overflow_rate": 0.01, "wild_rate": 0.0}
@@ -57,3 +57,24 @@ async def test_a_killed_daemon_is_shown_lost_dimmed_and_started_again(mtevm_path
         shown = app.model.vms["web1"]["state"]
         assert shown == (await app.client.show("web1"))["state"], "the list shows what the new daemon says"
         assert shown != "running" or (app.model.faults_per_s("web1") is not None)
+
+
+async def test_a_hung_daemon_is_shown_lost_until_it_answers_again(mtevm_paths, mtevm_daemon):
+    """A daemon that stops answering (SIGSTOP) while nothing runs: the stream's heartbeats stop, so
+    the app shows it lost; after SIGCONT it is back. No second daemon is started meanwhile."""
+    async def factory():
+        return await connect(runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
+    app = MtevmApp(factory)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot, app)
+        await create_vm(app, "idle1")                      # stopped: no counters, only heartbeats flow
+        await pilot.pause(STALL_SECONDS + 1)
+        assert status(app).startswith(" daemon │"), "an idle daemon is not taken for a hung one"
+        os.kill(mtevm_daemon, signal.SIGSTOP)
+        try:
+            await wait_for(pilot, lambda: "daemon LOST" in status(app), "the hung daemon in the status bar")
+        finally:
+            os.kill(mtevm_daemon, signal.SIGCONT)
+        await wait_for(pilot, lambda: status(app).startswith(" daemon │"), "the daemon answering again")
+        assert daemon_pid(mtevm_paths) == mtevm_daemon
+        assert "idle1" in app.model.vms

@@ -24,7 +24,7 @@ class StatusBar(Cell):
         app = self.app
         lost = getattr(app, "daemon_lost", None)
         self.set_class(lost is not None, "-lost")
-        where = f"{app.connection_label} LOST, restarting" if lost else app.connection_label
+        where = f"{app.connection_label} LOST, reconnecting" if lost else app.connection_label
         vms = len(app.model.vms)
         self.set(f" {where} │ {app.rate_hz:g} Hz │ "
                  f"{vms} VM{'' if vms == 1 else 's'} │ {fmt.clock_time(app.clock())} UTC")

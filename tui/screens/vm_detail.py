@@ -85,7 +85,12 @@ class VmDetailScreen(VmActions, Screen):
     def on_mount(self) -> None:
         self.sub_title = self.vm_name
         self.query_one("#detail-body").focus()
+        self.app.set_vcpu_focus(self.vm_name)      # a big fleet's feed carries this VM's vCPUs
         self.reload()
+
+    def on_unmount(self) -> None:
+        if self.app.vcpu_focus == self.vm_name:
+            self.app.set_vcpu_focus(None)
 
     def on_screen_resume(self) -> None:
         if self.detail is not None:

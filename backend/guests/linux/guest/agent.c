@@ -13,6 +13,7 @@
  * keeps counting, and the next faults message carries the totals. */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -38,13 +39,26 @@
 #define PORT_NAME "org.mtevm.agent.0"
 #define TRACING "/sys/kernel/tracing"
 #define EXEC_DIR "/tmp/mtevm-exec"
+#define AGENT_READY "/run/mtevm/agent-ready"
 #define MAX_CPUS 256
 #define MAX_EVENTS 1000
-#define MAX_PROCS 512
+#define PROC_SLOTS 8192              /* processes with faults the agent tells apart */
 #define MAX_EXECS 16
 #define MAX_EXEC_BYTES (32L << 20)
 #define OUT_HIGH_WATER (1L << 20)     /* stop reading exec output above this much unsent */
 #define MAX_IN_LINE (48L << 20)       /* 32 MiB of ELF in base64, plus the message */
+#define TRACE_READ_MS 100             /* without histograms trace_pipe is read this often (2 MB per CPU holds >1 s of faults) */
+#define TRACE_BUFFER_KB_ALL "2048"
+#define TRACE_BUFFER_KB_SAMPLE "4"   /* per CPU: the newest ~70 signals */
+#define TRACE_SAMPLE_BYTES_PER_CPU 8192 /* of trace lines read per batch with histograms (~70 events) */
+#define EVENT TRACING "/events/signal/signal_generate"
+/* One histogram (one hash-map update per SIGSEGV, in the kernel) gives every exact count: per CPU,
+ * per process, in total. Its keys are ints (a comm key would be hashed on every fault). */
+#define HIST_KEYS "hist:keys=common_cpu,pid,code:vals=hitcount:size=4096"
+#define HIST HIST_KEYS " if sig == 11"
+#define HIST_CLEAR HIST_KEYS ":clear if sig == 11"
+#define HIST_FOLD_AT 3000             /* entries: fold the counts into the agent's and clear the map */
+#define SAMPLE_WINDOW_MS 25           /* with the histogram, events are recorded this long per batch */
 #define SEGV_MTEAERR_CODE 8           /* asynchronous tag-check fault */
 #define SEGV_MTESERR_CODE 9           /* synchronous tag-check fault */
 
@@ -65,8 +79,10 @@ struct event {
 
 struct proc {
 	int pid;
-	char comm[17];
-	uint64_t sync, async;
+	char comm[17];         /* "" until known (a sampled event, an exec, /proc/PID/comm) */
+	uint64_t sync, async;  /* as last sent */
+	uint64_t nsync, nasync; /* being summed from the histogram */
+	uint64_t bsync, basync; /* folded in before the histogram was last cleared */
 	uint64_t touched;      /* batch number of the last change */
 };
 
@@ -84,14 +100,18 @@ static struct buf out, in, tracebuf;
 static int interval_ms = 250;
 static uint64_t seq, batch_no, total_sync, total_async, dropped, dropped_total;
 static uint64_t cpu_sync[MAX_CPUS], cpu_async[MAX_CPUS];
+static uint64_t base_cpu_sync[MAX_CPUS], base_cpu_async[MAX_CPUS];   /* folded before a clear */
 static int n_cpus;
 static struct event events[MAX_EVENTS];
 static int n_events;
 static int faults_changed = 1;
-static struct proc procs[MAX_PROCS];
+static struct proc procs[PROC_SLOTS];
+static int n_procs;
+static int hist_on;                    /* counting by in-kernel histograms (else from trace lines) */
+static uint64_t sent_total;            /* sync + async at the previous faults message */
 static struct exec execs[MAX_EXECS];
 static char tracing_error[256], fault_addr_why[256];
-static int fault_addr_on;
+static int fault_addr_on, fault_addr_available;
 static struct { int pid; uint64_t far; int valid; } last_far[MAX_CPUS];
 static struct wl_cpu wl_last[WL_MAX_CPUS];
 static unsigned exec_counter;
@@ -103,9 +123,10 @@ static double now_mono(void)
 	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int write_file(const char *path, const char *text)
+/* Write text to a sysfs/tracefs file: replacing (O_TRUNC) or appending (O_APPEND, for triggers). */
+static int put_file(const char *path, const char *text, int mode)
 {
-	int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+	int fd = open(path, O_WRONLY | mode | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
 	ssize_t n = write(fd, text, strlen(text));
@@ -113,6 +134,16 @@ static int write_file(const char *path, const char *text)
 	close(fd);
 	errno = e;
 	return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	return put_file(path, text, O_TRUNC);
+}
+
+static int append_file(const char *path, const char *text)
+{
+	return put_file(path, text, O_APPEND);
 }
 
 static int read_file(const char *path, char *dst, size_t cap)
@@ -234,18 +265,23 @@ static void send_hello(void)
 		buf_printf(&m, "null");
 	else
 		buf_json_str(&m, tracing_error, strlen(tracing_error));
-	buf_printf(&m, ",\"fault_address\":%s,\"fault_address_why\":", fault_addr_on ? "true" : "false");
+	buf_printf(&m, ",\"fault_address_available\":%s,\"fault_address\":%s,\"fault_address_why\":",
+		   fault_addr_available ? "true" : "false", fault_addr_on ? "true" : "false");
 	if (fault_addr_on)
 		buf_printf(&m, "\"sync faults: kprobe on do_tag_check_fault; async faults have no address\"");
 	else
 		buf_json_str(&m, fault_addr_why, strlen(fault_addr_why));
-	buf_printf(&m, ",\"interval_ms\":%d,\"uptime\":%.3f}", interval_ms, now_mono());
+	buf_printf(&m, ",\"counting\":\"%s\",\"interval_ms\":%d,\"uptime\":%.3f}",
+		   hist_on ? "histogram" : "trace", interval_ms, now_mono());
 	send_msg(&m);
 	free(m.p);
 }
 
 /* ---- tracing ---- */
 
+/* The kprobe that gives sync faults their address. Defined at start, enabled only when the host
+ * asks (config fault_address=true): a kprobe is a BRK exception and a single-step on every sync
+ * fault, which under TCG costs a faulting program about a third of its speed. */
 static void setup_fault_address(void)
 {
 	/* do_tag_check_fault(far, esr, regs) is reached through the fault_info table for every
@@ -255,16 +291,28 @@ static void setup_fault_address(void)
 			 "the kernel refused a kprobe on do_tag_check_fault (%s)", strerror(errno));
 		return;
 	}
-	if (write_file(TRACING "/events/mtevm/tagfault/enable", "1")) {
+	fault_addr_available = 1;
+	snprintf(fault_addr_why, sizeof fault_addr_why,
+		 "off: the host turns it on with {\"type\":\"config\",\"fault_address\":true} (a kprobe on "
+		 "do_tag_check_fault, and every fault recorded rather than sampled: it slows faulting programs)");
+}
+
+static void set_fault_address(int on)
+{
+	if (!fault_addr_available || on == fault_addr_on)
+		return;
+	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail. */
+	write_file(EVENT "/enable", "1");
+	if (write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0")) {
 		snprintf(fault_addr_why, sizeof fault_addr_why, "cannot enable the tagfault kprobe (%s)", strerror(errno));
 		return;
 	}
-	fault_addr_on = 1;
+	fault_addr_on = on;
 }
 
 static void setup_tracing(void)
 {
-	const char *ev = TRACING "/events/signal/signal_generate";
+	const char *ev = EVENT;
 	if (access(ev, F_OK)) {
 		snprintf(tracing_error, sizeof tracing_error, "%s: %s (is tracefs mounted?)", ev, strerror(errno));
 		return;
@@ -272,17 +320,21 @@ static void setup_tracing(void)
 	write_file(TRACING "/tracing_on", "0");
 	write_file(TRACING "/events/signal/signal_generate/enable", "0");
 	write_file(TRACING "/trace_clock", "mono");   /* so event times are CLOCK_MONOTONIC */
-	write_file(TRACING "/buffer_size_kb", "2048");
+	write_file(TRACING "/events/mtevm/tagfault/enable", "0");
 	write_file(TRACING "/kprobe_events", "");    /* a previous agent's probe */
-	if (write_file(TRACING "/events/signal/signal_generate/filter", "sig == 11") ||
-	    write_file(TRACING "/events/signal/signal_generate/enable", "1")) {
+	/* Exact counts from an in-kernel histogram. One left by a previous agent is kept (EEXIST):
+	 * its counts go on. Without CONFIG_HIST_TRIGGERS, every trace line is read and counted. */
+	hist_on = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+	/* With it, the ring buffer only feeds a sample of recent events (what a fault looked like),
+	 * recorded during a short window after each batch into a small buffer: recording, formatting
+	 * and reading every fault would cost a faulting program a large part of its speed under TCG.
+	 * Writing 0 to 'enable' keeps the tracepoint live for the histogram (soft-disabled). */
+	write_file(TRACING "/buffer_size_kb", hist_on ? TRACE_BUFFER_KB_SAMPLE : TRACE_BUFFER_KB_ALL);
+	if (write_file(EVENT "/filter", "sig == 11") || write_file(EVENT "/enable", "1")) {
 		snprintf(tracing_error, sizeof tracing_error, "cannot enable signal:signal_generate: %s", strerror(errno));
 		return;
 	}
-	if (getenv("MTEVM_NO_FAULT_ADDRESS"))
-		snprintf(fault_addr_why, sizeof fault_addr_why, "turned off (MTEVM_NO_FAULT_ADDRESS)");
-	else
-		setup_fault_address();
+	setup_fault_address();
 	write_file(TRACING "/trace", "");             /* start from an empty buffer */
 	write_file(TRACING "/tracing_on", "1");
 	trace_fd = open(TRACING "/trace_pipe", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
@@ -290,19 +342,32 @@ static void setup_tracing(void)
 		snprintf(tracing_error, sizeof tracing_error, "cannot open trace_pipe: %s", strerror(errno));
 }
 
-static struct proc *proc_for(int pid, const char *comm)
+/* The entry of a pid, created on first sight; NULL when the table is full (then the process
+ * still counts in the totals and per-CPU figures). */
+static struct proc *proc_for(int pid)
 {
-	struct proc *oldest = &procs[0];
-	for (int i = 0; i < MAX_PROCS; i++) {
-		if (procs[i].pid == pid && !strcmp(procs[i].comm, comm))
-			return &procs[i];
-		if (procs[i].touched < oldest->touched)
-			oldest = &procs[i];
+	unsigned h = (unsigned)pid * 2654435761u;
+	for (unsigned i = 0; i < PROC_SLOTS; i++) {
+		struct proc *p = &procs[(h + i) % PROC_SLOTS];
+		if (p->pid == pid)
+			return p;
+		if (!p->pid) {
+			if (n_procs >= PROC_SLOTS / 2)
+				return NULL;
+			n_procs++;
+			p->pid = pid;
+			return p;
+		}
 	}
-	memset(oldest, 0, sizeof *oldest);   /* the table is full: forget the longest-quiet process */
-	oldest->pid = pid;
-	snprintf(oldest->comm, sizeof oldest->comm, "%s", comm);
-	return oldest;
+	return NULL;
+}
+
+/* Learn a process's name (from a sampled event or an exec); the first one known wins. */
+static void learn_comm(int pid, const char *comm)
+{
+	struct proc *p = proc_for(pid);
+	if (p && !p->comm[0])
+		snprintf(p->comm, sizeof p->comm, "%s", comm);
 }
 
 /* The CPU, pid (of the task that ran) and timestamp in a trace line's prefix:
@@ -375,13 +440,22 @@ static void handle_trace_line(char *line)
 
 	if (cpu >= n_cpus)
 		n_cpus = cpu + 1;
-	struct proc *p = proc_for(target, comm);
-	p->touched = batch_no + 1;
-	if (code == SEGV_MTESERR_CODE)
-		total_sync++, cpu_sync[cpu]++, p->sync++;
-	else
-		total_async++, cpu_async[cpu]++, p->async++;
-	faults_changed = 1;
+	learn_comm(target, comm);
+	if (!hist_on) {
+		struct proc *p = proc_for(target);
+		if (p) {
+			p->touched = batch_no + 1;
+			if (code == SEGV_MTESERR_CODE)
+				p->sync++;
+			else
+				p->async++;
+		}
+		if (code == SEGV_MTESERR_CODE)
+			total_sync++, cpu_sync[cpu]++;
+		else
+			total_async++, cpu_async[cpu]++;
+		faults_changed = 1;
+	}
 	if (n_events < MAX_EVENTS) {
 		struct event *e = &events[n_events++];
 		e->cpu = cpu;
@@ -394,7 +468,7 @@ static void handle_trace_line(char *line)
 			e->has_addr = 1;
 			e->far = last_far[cpu].far;
 		}
-	} else {
+	} else if (!hist_on) {
 		dropped++;
 	}
 	last_far[cpu].valid = 0;
@@ -403,8 +477,14 @@ static void handle_trace_line(char *line)
 static void read_trace(void)
 {
 	char chunk[65536];
-	for (;;) {
-		ssize_t n = read(trace_fd, chunk, sizeof chunk);
+	/* With histograms the lines are only a sample: take about what the small buffers held at
+	 * this moment and stop, or the agent would keep reading as long as a program keeps faulting. */
+	long budget = hist_on ? (long)n_cpus * TRACE_SAMPLE_BYTES_PER_CPU : -1;
+	while (budget != 0) {
+		size_t want = budget > 0 && budget < (long)sizeof chunk ? (size_t)budget : sizeof chunk;
+		ssize_t n = read(trace_fd, chunk, want);
+		if (budget > 0)
+			budget -= n > 0 ? n : budget;
 		if (n <= 0)
 			break;
 		buf_add(&tracebuf, chunk, (size_t)n);
@@ -420,11 +500,106 @@ static void read_trace(void)
 
 /* ---- batches ---- */
 
+/* Counts from the histogram: lines like
+ *   { common_cpu:          1, pid:        108, code:          9 } hitcount:         10 */
+static void read_hist(void)
+{
+	static struct buf h;
+	int fd = open(EVENT "/hist", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	h.len = 0;
+	char chunk[65536];
+	ssize_t n;
+	while ((n = read(fd, chunk, sizeof chunk)) > 0)
+		buf_add(&h, chunk, (size_t)n);
+	close(fd);
+	if (!h.len)
+		return;
+	uint64_t cs[MAX_CPUS], ca[MAX_CPUS];
+	memcpy(cs, base_cpu_sync, sizeof cs);
+	memcpy(ca, base_cpu_async, sizeof ca);
+	for (int i = 0; i < PROC_SLOTS; i++) {
+		procs[i].nsync = procs[i].bsync;
+		procs[i].nasync = procs[i].basync;
+	}
+	int entries = 0;
+	for (char *line = h.p, *nl; line && *line; line = nl ? nl + 1 : NULL) {
+		nl = strchr(line, '\n');
+		if (nl)
+			*nl = 0;
+		int cpu, pid, code;
+		unsigned long long count;
+		if (sscanf(line, " Entries: %d", &entries) == 1)
+			continue;
+		if (sscanf(line, "{ common_cpu: %d, pid: %d, code: %d } hitcount: %llu", &cpu, &pid, &code, &count) != 4)
+			continue;
+		if ((code != SEGV_MTESERR_CODE && code != SEGV_MTEAERR_CODE) || cpu < 0 || cpu >= MAX_CPUS)
+			continue;
+		if (cpu >= n_cpus)
+			n_cpus = cpu + 1;
+		(code == SEGV_MTESERR_CODE ? cs : ca)[cpu] += count;
+		struct proc *p = proc_for(pid);
+		if (p)
+			*(code == SEGV_MTESERR_CODE ? &p->nsync : &p->nasync) += count;
+	}
+	for (int i = 0; i < PROC_SLOTS; i++) {
+		struct proc *p = &procs[i];
+		if (p->pid && (p->nsync != p->sync || p->nasync != p->async)) {
+			p->sync = p->nsync;
+			p->async = p->nasync;
+			p->touched = batch_no + 1;
+		}
+	}
+	uint64_t ts = 0, ta = 0;
+	for (int c = 0; c < MAX_CPUS; c++) {
+		cpu_sync[c] = cs[c];
+		cpu_async[c] = ca[c];
+		ts += cs[c];
+		ta += ca[c];
+	}
+	if (ts != total_sync || ta != total_async)
+		faults_changed = 1;
+	total_sync = ts;
+	total_async = ta;
+	/* The map has a fixed size (a key is a CPU, pid and code): before it fills up, keep the
+	 * counts here and start it afresh. Faults between the read above and the clear are lost:
+	 * a few, once per ~1000 faulting processes. */
+	if (entries >= HIST_FOLD_AT && append_file(EVENT "/trigger", HIST_CLEAR) == 0) {
+		memcpy(base_cpu_sync, cpu_sync, sizeof base_cpu_sync);
+		memcpy(base_cpu_async, cpu_async, sizeof base_cpu_async);
+		for (int i = 0; i < PROC_SLOTS; i++) {
+			procs[i].bsync = procs[i].sync;
+			procs[i].basync = procs[i].async;
+		}
+	}
+}
+
+/* A process's name for the host: learnt from an event or an exec, else /proc/PID/comm if it
+ * still runs, else "" (a short-lived process none of whose faults was sampled). */
+static const char *comm_of(struct proc *p)
+{
+	if (!p->comm[0]) {
+		char path[64];
+		snprintf(path, sizeof path, "/proc/%d/comm", p->pid);
+		if (read_file(path, p->comm, sizeof p->comm))
+			p->comm[0] = 0;
+	}
+	return p->comm;
+}
+
 static void send_faults(void)
 {
+	if (hist_on)
+		read_hist();
 	if (!faults_changed || !connected)
 		return;
 	struct buf m = { 0 };
+	if (hist_on) {   /* faults the sample of events does not show */
+		uint64_t delta = total_sync + total_async - sent_total;
+		dropped = delta > (uint64_t)n_events ? delta - (uint64_t)n_events : 0;
+	}
+	sent_total = total_sync + total_async;
 	dropped_total += dropped;
 	buf_printf(&m, "{\"type\":\"faults\",\"seq\":%llu,\"totals\":{\"sync\":%llu,\"async\":%llu},\"events\":[",
 		   (unsigned long long)++seq, (unsigned long long)total_sync, (unsigned long long)total_async);
@@ -447,12 +622,13 @@ static void send_faults(void)
 			   (unsigned long long)cpu_sync[c], (unsigned long long)cpu_async[c]);
 	buf_printf(&m, "],\"processes\":[");
 	int first = 1;
-	for (int i = 0; i < MAX_PROCS; i++) {
+	for (int i = 0; i < PROC_SLOTS; i++) {
 		struct proc *p = &procs[i];
 		if (!p->pid || p->touched <= batch_no)
 			continue;
 		buf_printf(&m, "%s{\"pid\":%d,\"comm\":", first ? "" : ",", p->pid);
-		buf_json_str(&m, p->comm, strlen(p->comm));
+		const char *comm = comm_of(p);
+		buf_json_str(&m, comm, strlen(comm));
 		buf_printf(&m, ",\"sync\":%llu,\"async\":%llu}", (unsigned long long)p->sync, (unsigned long long)p->async);
 		first = 0;
 	}
@@ -638,6 +814,9 @@ static void start_exec(struct jobj *o)
 	}
 	fcntl(po[0], F_SETFL, O_NONBLOCK);
 	fcntl(pe[0], F_SETFL, O_NONBLOCK);
+	char comm[16];
+	snprintf(comm, sizeof comm, "%s", base);   /* the kernel's comm: the file name, 15 bytes */
+	learn_comm(pid, comm);
 	memset(x, 0, sizeof *x);
 	x->used = 1;
 	x->id = id;
@@ -712,6 +891,48 @@ static void reap(void)
 			}
 }
 
+/* ---- the workload's TCF ---- */
+
+/* {"type":"tcf","cpu":N|null,"tcf":"sync"}: the workload process of that vCPU (all: null)
+ * switches its tag check fault mode; the next "workload" message shows it. */
+static void set_workload_tcf(struct jobj *o)
+{
+	struct jfield *idf = json_get(o, "id"), *cpuf = json_get(o, "cpu");
+	struct buf id = { 0 };
+	if (idf && idf->type == J_STR)
+		buf_json_str(&id, idf->str, idf->len);
+	else if (idf && idf->type == J_NUM)
+		buf_add(&id, idf->raw, idf->raw_len);
+	const char *mode = json_str(o, "tcf");
+	static const char *modes[] = { "none", "sync", "async", "asymm" };
+	int ok = 0;
+	for (unsigned i = 0; mode && i < sizeof modes / sizeof *modes; i++)
+		ok |= !strcmp(mode, modes[i]);
+	int fd = -1;
+	if (!ok)
+		send_error(&id, "tcf: %s is not one of none, sync, async, asymm", mode ? mode : "(missing)");
+	else if ((fd = open(WL_FILE, O_RDWR | O_CLOEXEC)) < 0)
+		send_error(&id, "tcf: no workload is running in this guest (kernel command line mtevm.workload=1 starts it)");
+	else {
+		struct wl_cpu w[WL_MAX_CPUS];
+		ssize_t n = pread(fd, w, sizeof w, 0);
+		int count = n > 0 ? (int)(n / (ssize_t)sizeof *w) : 0, hit = 0;
+		int only = cpuf && cpuf->type == J_NUM ? (int)cpuf->num : -1;
+		for (int i = 0; i < count; i++) {
+			if (w[i].cpu < 0 || !w[i].pid || (only >= 0 && w[i].cpu != only))
+				continue;
+			char want[sizeof w[i].want_tcf] = "";
+			snprintf(want, sizeof want, "%s", mode);
+			(void)!pwrite(fd, want, sizeof want, (off_t)((size_t)i * sizeof *w + offsetof(struct wl_cpu, want_tcf)));
+			hit++;
+		}
+		if (!hit)
+			send_error(&id, "tcf: the workload has no process on cpu %d", only);
+		close(fd);
+	}
+	free(id.p);
+}
+
 /* ---- power ---- */
 
 static void power(int cmd, const char *reason)
@@ -748,6 +969,11 @@ static void handle_message(char *line)
 			int ms = (int)f->num;
 			interval_ms = ms < 10 ? 10 : ms > 60000 ? 60000 : ms;
 		}
+		f = json_get(&o, "fault_address");
+		if (f && f->type == J_BOOL)
+			set_fault_address((int)f->num);
+	} else if (!strcmp(type, "tcf")) {
+		set_workload_tcf(&o);
 	} else if (!strcmp(type, "exec")) {
 		start_exec(&o);
 	} else if (!strcmp(type, "poweroff")) {
@@ -788,11 +1014,19 @@ static void read_port(void)
 	}
 }
 
-static void arm_timer(int tfd)
+static void arm_once(int tfd, int ms)
 {
 	struct itimerspec it = { 0 };
-	it.it_interval.tv_sec = interval_ms / 1000;
-	it.it_interval.tv_nsec = (interval_ms % 1000) * 1000000L;
+	it.it_value.tv_sec = ms / 1000;
+	it.it_value.tv_nsec = (ms % 1000) * 1000000L;
+	timerfd_settime(tfd, 0, &it, NULL);
+}
+
+static void arm_timer(int tfd, int ms)
+{
+	struct itimerspec it = { 0 };
+	it.it_interval.tv_sec = ms / 1000;
+	it.it_interval.tv_nsec = (ms % 1000) * 1000000L;
 	it.it_value = it.it_interval;
 	timerfd_settime(tfd, 0, &it, NULL);
 }
@@ -813,6 +1047,8 @@ int main(void)
 	setup_tracing();
 	if (trace_fd < 0)
 		fprintf(stderr, "mtevm-agent: no fault counting: %s\n", tracing_error);
+	/* Counting is set up: /init starts the workload after this, so none of its faults is missed. */
+	close(open(AGENT_READY, O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
 	for (int tries = 0; port_fd < 0 && tries < 200; tries++) {
 		find_port();
 		if (port_fd < 0)
@@ -822,19 +1058,25 @@ int main(void)
 		fprintf(stderr, "mtevm-agent: no virtio-serial port named %s yet; still looking\n", PORT_NAME);
 	check_connected();
 	int armed_ms = interval_ms;
-	arm_timer(tfd);
+	arm_timer(tfd, interval_ms);
+	/* Without the histogram: read trace_pipe every TRACE_READ_MS. With it: end each sampling window. */
+	int trace_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	if (hist_on)
+		arm_once(trace_tfd, SAMPLE_WINDOW_MS);
+	else
+		arm_timer(trace_tfd, TRACE_READ_MS);
 
 	for (;;) {
 		struct pollfd p[4 + 2 * MAX_EXECS];
 		struct exec *owner[4 + 2 * MAX_EXECS];
+		/* p[0] batch timer, p[1] SIGCHLD, p[2] trace read timer, then the port and exec pipes */
 		int n = 0;
 		p[n++] = (struct pollfd){ .fd = tfd, .events = POLLIN };
 		p[n++] = (struct pollfd){ .fd = sfd, .events = POLLIN };
-		int trace_i = -1, port_i = -1;
-		if (trace_fd >= 0) {
-			trace_i = n;
-			p[n++] = (struct pollfd){ .fd = trace_fd, .events = POLLIN };
-		}
+		int port_i = -1;
+		/* trace_pipe is read on timers, not polled: a wake-up per fault would cost the faulting
+		 * program far more (under TCG the agent's vCPU competes for the host's CPUs). */
+		p[n++] = (struct pollfd){ .fd = trace_tfd, .events = POLLIN };
 		if (connected) {
 			port_i = n;
 			p[n++] = (struct pollfd){ .fd = port_fd, .events = POLLIN | (out.len ? POLLOUT : 0) };
@@ -862,8 +1104,14 @@ int main(void)
 				;
 			reap();
 		}
-		if (trace_i >= 0 && p[trace_i].revents)
-			read_trace();
+		if (p[2].revents) {
+			uint64_t ticks;
+			(void)!read(trace_tfd, &ticks, sizeof ticks);
+			if (hist_on && !fault_addr_on)
+				write_file(EVENT "/enable", "0");     /* the sampling window ends */
+			else if (trace_fd >= 0)
+				read_trace();
+		}
 		if (port_i >= 0 && p[port_i].revents & POLLHUP)
 			check_connected();
 		else if (port_i >= 0 && p[port_i].revents & POLLIN)
@@ -886,9 +1134,14 @@ int main(void)
 				read_trace();
 			send_faults();
 			send_workload();
+			if (hist_on && trace_fd >= 0) {   /* the next sampling window (all the time with addresses) */
+				write_file(EVENT "/enable", "1");
+				if (!fault_addr_on)
+					arm_once(trace_tfd, SAMPLE_WINDOW_MS);
+			}
 			if (armed_ms != interval_ms) {
 				armed_ms = interval_ms;
-				arm_timer(tfd);
+				arm_timer(tfd, interval_ms);
 			}
 		} else if (!connected) {
 			check_connected();

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <sys/auxv.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mte.h"
@@ -65,6 +66,8 @@ int main(int argc, char **argv)
 	}
 	mte_tag_range(good, 64);
 	good[0] = 1;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 
 	for (volatile long i = 0; i < want_sync; i++) {
 		in_sync = 1;
@@ -83,6 +86,9 @@ int main(int argc, char **argv)
 		getppid();                               /* ...which is this one */
 	}
 	mte_set_tcf(TCF_NONE);
-	printf("mte-faults: sync %ld/%ld async %ld/%ld\n", (long)got_sync, want_sync, (long)got_async, want_async);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	printf("mte-faults: sync %ld/%ld async %ld/%ld in %.3f s (%.0f faults/s)\n", (long)got_sync, want_sync,
+	       (long)got_async, want_async, secs, secs > 0 ? (double)(got_sync + got_async) / secs : 0.0);
 	return (got_sync == want_sync && got_async == want_async && !got_other) ? 0 : 1;
 }

@@ -121,6 +121,32 @@ static unsigned new_tag(unsigned avoid1, unsigned avoid2)
 	return t;
 }
 
+/* Select a TCF for this vCPU's process: asymm first in the CPU's preferred mode (6.1 resolves
+ * "sync|async" through it), then prctl for this (single-threaded) process. */
+static int apply_tcf(int cpu, enum tcf t)
+{
+	if (t == TCF_ASYMM && set_tcf_preferred(cpu, "asymm"))
+		fprintf(stderr, "mtevm-workload: cpu %d: cannot select asymm in mte_tcf_preferred: %s\n", cpu,
+			strerror(errno));
+	if (mte_set_tcf(t)) {
+		fprintf(stderr, "mtevm-workload: cpu %d: prctl(%s): %s\n", cpu, tcf_name(t), strerror(errno));
+		return -1;
+	}
+	snprintf(me->tcf, sizeof me->tcf, "%s", tcf_name(t));
+	return 0;
+}
+
+/* The agent asked for another mode (host message "tcf"). */
+static void switch_tcf(int cpu)
+{
+	enum tcf t;
+	char want[sizeof me->want_tcf + 1] = "";
+	memcpy(want, me->want_tcf, sizeof me->want_tcf);
+	if (tcf_parse(want, strlen(want), &t) == 0)
+		apply_tcf(cpu, t);
+	me->want_tcf[0] = 0;
+}
+
 static void run_cpu(int cpu, enum tcf tcf, const struct params *p)
 {
 	cpu_set_t set;
@@ -131,10 +157,8 @@ static void run_cpu(int cpu, enum tcf tcf, const struct params *p)
 	struct sigaction sa = { .sa_sigaction = on_segv, .sa_flags = SA_SIGINFO | SA_NODEFER };
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGSEGV, &sa, NULL);
-	if (mte_set_tcf(tcf)) {
-		fprintf(stderr, "mtevm-workload: cpu %d: prctl(%s): %s\n", cpu, tcf_name(tcf), strerror(errno));
+	if (apply_tcf(cpu, tcf))
 		_exit(2);
-	}
 	long n_obj = p->heap / OBJ;
 	char *heap = mmap(NULL, (size_t)p->heap, PROT_READ | PROT_WRITE | PROT_MTE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	unsigned char *tags = malloc((size_t)n_obj);
@@ -192,6 +216,8 @@ static void run_cpu(int cpu, enum tcf tcf, const struct params *p)
 		checked++;
 		if ((checked & 63) == 0) {
 			me->checked = checked;
+			if (me->want_tcf[0] && strncmp(me->want_tcf, me->tcf, sizeof me->tcf))
+				switch_tcf(cpu);
 			if (p->rate > 0) {
 				/* sleep until this many accesses are due at `rate` per second */
 				long long due_ns = (long long)(checked * 1000000000ULL / (unsigned long long)p->rate);
@@ -229,9 +255,6 @@ int main(void)
 	pid_t pids[WL_MAX_CPUS];
 	for (int c = 0; c < n_cpus; c++) {
 		enum tcf t = p.tcf[c < p.n_tcf ? c : p.n_tcf - 1];
-		if (t == TCF_ASYMM && set_tcf_preferred(c, "asymm"))
-			fprintf(stderr, "mtevm-workload: cpu %d: cannot select asymm in mte_tcf_preferred: %s\n", c,
-				strerror(errno));
 		snprintf(w[c].tcf, sizeof w[c].tcf, "%s", tcf_name(t));
 		w[c].checked = w[c].sync = w[c].async = 0;
 		pids[c] = fork();
