@@ -259,6 +259,12 @@ class Client:
         await self._t.revive()
 
     @property
+    def paths(self):
+        """The runtime/state dirs this client works on (a daemon's, or the in-process service's)."""
+        t = self._t
+        return t.paths if hasattr(t, "paths") else getattr(getattr(t, "service", None), "paths", None)
+
+    @property
     def in_process(self) -> bool:
         return isinstance(self._t, InProcessTransport)
 

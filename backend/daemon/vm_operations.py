@@ -26,7 +26,7 @@ from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.paths import ensure_private_dir
+from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
@@ -393,7 +393,7 @@ class VmOperations:
                 "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
                 "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
                 if rec.config.mte and rec.config.accel == "tcg" else "none"}
-        with open(meta_file + ".partial", "w") as f:
+        with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(meta_file + ".partial", meta_file)
         return info
