@@ -32,7 +32,7 @@ from backend.store import VmRow
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
 REBOOT_TIMEOUT = 30.0
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
-EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")
+EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload", "allow_host_files")
 LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
@@ -234,8 +234,12 @@ class VmOperations:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid change: {e}") from None
-        qemu_args = (host.check_extra_args(merged["qemu_args"], allow_host_files=rec.allow_host_files)
-                     if "qemu_args" in merged else list(rec.qemu_args))
+        allow = merged.get("allow_host_files", rec.allow_host_files)
+        if not isinstance(allow, bool):
+            raise ConfigError(f"allow_host_files must be true or false, not {allow!r}")
+        # QEMU arguments are checked against the opt-in they will start with (backend/qemu/argv.py)
+        qemu_args = (host.check_extra_args(merged.get("qemu_args", rec.qemu_args), allow_host_files=allow)
+                     if "qemu_args" in merged or "allow_host_files" in merged else list(rec.qemu_args))
         return config, workload, qemu_args
 
     @_claiming("being edited")
@@ -255,17 +259,20 @@ class VmOperations:
         if rec.state in ("starting", "stopping", "migrating"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: edit it when that has finished")
         config, workload, qemu_args = self._next_definition(rec, changes)
+        # The host-files opt-in gates the next start's check only: it is stored at once, even running.
+        allow = changes.get("allow_host_files", rec.allow_host_files)
         if rec.state in ("stopped", "crashed"):     # the store first: a failed write changes nothing
             spec = self._spec(rec)
             spec.config, spec.workload, spec.extra_args = config, workload, qemu_args
             await self.hosts[rec.host].define(spec)   # libvirt: the domain follows the definition
             self.store.update_vm(rec.name, config=config.to_dict(), workload=workload.to_dict(),
-                                 qemu_args=qemu_args, pending={})
+                                 qemu_args=qemu_args, pending={}, allow_host_files=allow)
             rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
         else:
             pending = self._pending_between(rec, config, workload, qemu_args)
-            self.store.update_vm(rec.name, pending=pending)
+            self.store.update_vm(rec.name, pending=pending, allow_host_files=allow)
             rec.pending = pending
+        rec.allow_host_files = allow
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
