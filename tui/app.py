@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -24,8 +25,9 @@ from backend.config import (MAX_REFRESH_RATE, MIN_REFRESH_RATE, UserConfig, chec
                             load_config, resolve_timeout)
 from backend.errors import MtevmError
 from tui import keymap
+from tui.options import add_app_options, add_version
 from tui.components.status import StatusBar
-from tui.live import CountersSampled, LiveModel, ModelRefreshed, VmDeleted
+from tui.live import BIG_FLEET, CountersBatch, CountersSampled, LiveModel, ModelRefreshed, VmDeleted
 from tui.screens.help import HelpScreen
 from tui.screens.hosts import HostsScreen
 from tui.screens.migrations import MigrationsScreen
@@ -61,6 +63,10 @@ class MtevmApp(App):
         self.connection_label = connection_label
         self.daemon_lost: str | None = None      # why the daemon is unreachable, while it is
         self.model = LiveModel()
+        self.vcpu_focus: str | None = None       # the VM whose vCPUs are on screen (its detail)
+        self.feed_vcpus = "all"                  # whose per-vCPU figures the event feed carries
+        self._batch: set[str] = set()            # big fleet: VMs sampled since the last CountersBatch
+        self._flushed = 0.0
         if ansi_color:
             self.theme = "ansi-dark"
 
@@ -105,7 +111,7 @@ class MtevmApp(App):
         tick. Screens catch up from the model when they are shown again (on_screen_resume).
         """
         self.screen.post_message(message)
-        if not isinstance(message, CountersSampled):      # the VM count may have changed
+        if not isinstance(message, (CountersSampled, CountersBatch)):      # the VM count may have changed
             self.refresh_status()
 
     def refresh_status(self) -> None:
@@ -120,31 +126,62 @@ class MtevmApp(App):
         does (``client.revive``), re-read everything and follow it anew. A daemon that hangs
         (SIGSTOP, deadlock) is noticed too: the stream carries a heartbeat when it has nothing else."""
         while self.client is not None:
-            events = self.client.events(self.rate_hz)
+            self.feed_vcpus = self.wanted_feed()
+            events = self.client.events(self.rate_hz, **({} if self.feed_vcpus == "all"
+                                                          else {"vcpus": self.feed_vcpus}))
+            regear = False
+            reason = "the daemon ended the event stream"
+            loop = asyncio.get_running_loop()
             try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(anext(events), STALL_SECONDS)
-                    except StopAsyncIteration:
-                        reason = "the daemon ended the event stream"
-                        break
-                    except TimeoutError:
-                        reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
-                        break
-                    message = self.model.apply(event)
-                    if message is not None:
-                        self.broadcast(message)
+                # one deadline, pushed back by every event (no task per event at 4 Hz x 64 VMs)
+                async with contextlib.aclosing(events), asyncio.timeout(STALL_SECONDS) as deadline:
+                    async for event in events:
+                        deadline.reschedule(loop.time() + STALL_SECONDS)
+                        if self.deliver(self.model.apply(event)):
+                            regear = True            # the fleet crossed BIG_FLEET: follow in the other mode
+                            break
+            except TimeoutError:
+                reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
             except Exception as e:          # whatever broke the stream, the app stays up and retries
                 reason = f"event stream lost: {e}"
-            finally:
-                try:
-                    await events.aclose()
-                except Exception:
-                    pass
             if self.client is None:
                 return
+            if regear:
+                continue
             self.set_daemon_lost(reason)
             await self.reconnect()
+
+    def wanted_feed(self) -> str:
+        """Whose per-vCPU figures the event feed should carry: all of them for a fleet of up to
+        BIG_FLEET VMs; above that only the VM whose detail is on screen (the list shows VM totals)."""
+        if len(self.model.vms) <= BIG_FLEET:
+            return "all"
+        return self.vcpu_focus or "none"
+
+    def set_vcpu_focus(self, name: str | None) -> None:
+        """The VM whose vCPUs are on screen (None: none); a big fleet's feed follows it."""
+        self.vcpu_focus = name
+        if self.live and self.client is not None and self.feed_vcpus != self.wanted_feed() \
+                and self.daemon_lost is None:
+            self.follow_events()
+
+    def deliver(self, message) -> bool:
+        """Tell the screen what an event changed. A fleet of up to BIG_FLEET VMs: one message per
+        event. A big fleet: the screen hears of samples once per tick (CountersBatch); the VM whose
+        detail is open still gets its CountersSampled. True when the fleet crossed BIG_FLEET."""
+        if message is None:
+            return False
+        if self.feed_vcpus != "all" and isinstance(message, CountersSampled):
+            self._batch.add(message.name)
+            if message.name == self.vcpu_focus:
+                self.broadcast(message)
+            now = time.monotonic()
+            if now - self._flushed >= 1.0 / self.rate_hz:
+                self.broadcast(CountersBatch(self._batch))
+                self._batch, self._flushed = set(), now
+            return False
+        self.broadcast(message)
+        return self.wanted_feed() != self.feed_vcpus
 
     async def reconnect(self) -> None:
         """Until it works: bring the daemon back and re-read the model; then the figures are live again."""
@@ -250,20 +287,18 @@ def wants_16_colours(env: dict | None = None) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mtevm", description="Terminal VM manager for Arm64 virt machines with MTE")
-    p.add_argument("--rate", type=float, default=None,
-                   help="live counter refreshes per second (default: config refresh_rate, else 4)")
+    add_version(p)
+    add_app_options(p)
     p.add_argument("--no-daemon", action="store_true",
                    help="run the service inside the app (VMs stop when the app exits)")
     p.add_argument("--state-dir", default=None, help="where VM definitions are kept")
     p.add_argument("--runtime-dir", default=None, help="where the daemon's socket lives")
-    p.add_argument("--config", default=None, help="config.toml to read (default: the user config)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
                         "config.toml 'timeout')")
-    p.add_argument("--colors", choices=["auto", "16", "full"], default="auto",
-                   help="16: ANSI colours only (automatic for TERM=linux)")
-    p.add_argument("--keys", action="store_true", help="print every binding id and its key, then exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.colors = args.colors or "auto"
+    return args
 
 
 def run_app(argv: list[str] | None = None) -> int:

@@ -46,6 +46,13 @@ VM_KEYS = [
     KeySpec("vm_edit", "e", "edit_vm", "edit", "Edit the VM's definition", show=False),
 ]
 
+GUEST_KEYS = [   # the VM detail screen of a local VM (serial console, Linux guests)
+    KeySpec("vm_console", "c", "console", "console",
+            "Attach to the VM's serial console (the app comes back on ctrl+])", show=False),
+    KeySpec("vm_selftests", "t", "selftests", "selftests",
+            "Run the kernel's MTE selftests in the VM's Linux guest", show=False),
+]
+
 LIST_KEYS = [
     KeySpec("vm_open", "enter", "open_vm", "open", "Open the VM's detail", show=False),
     KeySpec("vm_filter", "slash", "filter", "filter", "Filter the list by name, host or state"),
@@ -66,7 +73,7 @@ BACK_KEYS = [
     KeySpec("back", "escape", "back", "back", "Go back"),
 ]
 
-ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + LIST_KEYS + FORM_KEYS + CONFIRM_KEYS + BACK_KEYS
+ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + GUEST_KEYS + LIST_KEYS + FORM_KEYS + CONFIRM_KEYS + BACK_KEYS
 BINDING_IDS = frozenset(k.id for k in ALL_KEYS)
 
 

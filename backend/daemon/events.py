@@ -29,20 +29,28 @@ def check_event_rate(rate_hz) -> float:
 
 class EventBus:
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue] = set()
+        self._subscribers: dict[asyncio.Queue, int] = {}     # queue -> events dropped since last asked
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT)
-        self._subscribers.add(q)
+        self._subscribers[q] = 0
         return q
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
-        self._subscribers.discard(q)
+        self._subscribers.pop(q, None)
+
+    def dropped(self, q: asyncio.Queue) -> int:
+        """Events this subscriber lost to a full queue since the last call (then 0 again)."""
+        n = self._subscribers.get(q, 0)
+        if n:
+            self._subscribers[q] = 0
+        return n
 
     def _put_all(self, item: dict | None) -> None:
         for q in self._subscribers:
             if q.full():
                 q.get_nowait()  # drop the oldest: never block the publisher
+                self._subscribers[q] += 1
             q.put_nowait(item)
 
     def close(self) -> None:

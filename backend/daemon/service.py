@@ -367,7 +367,15 @@ class Service(GuestOps, VmOperations):
     async def _open_host(self, host: Host) -> None:
         """Add a host that keeps a connection (libvirt): it connects in the background."""
         self.hosts[host.name] = host
-        await host.open(self.bus.publish)
+        await host.open(self._host_event)
+
+    def _host_event(self, type_: str, **payload) -> None:
+        """A host's event; when its connection changes, its VMs' shown states change too."""
+        self.bus.publish(type_, **payload)
+        name = (payload.get("host") or {}).get("name")
+        for rec in list(self.vms.values()):
+            if rec.host == name:
+                self.bus.publish("vm", vm=self._summary(rec))
 
     async def host_add(self, name: str, uri: str) -> dict:
         """Add a libvirt host by URI; persisted. Waits for the first connection attempt (a host
@@ -673,17 +681,26 @@ class Service(GuestOps, VmOperations):
                     except Exception:
                         log.exception("VM %s: sampling failed", rec.name)
 
-    def events(self, rate_hz: float = 4.0) -> AsyncIterator[dict]:
+    def events(self, rate_hz: float = 4.0, vcpus: str = "all") -> AsyncIterator[dict]:
         """State changes and migration progress as they happen, plus a counters event per running
-        VM every 1/rate_hz seconds. A bad rate raises here, before any iteration."""
-        return self._events(check_event_rate(rate_hz))
+        VM every 1/rate_hz seconds. ``vcpus``: whose counters events carry the per-vCPU list
+        ("all", "none": VM totals only, or a VM name). A bad argument raises here, before any iteration."""
+        if not isinstance(vcpus, str) or not vcpus:
+            raise ConfigError(f"vcpus must be \"all\", \"none\" or a VM name, not {vcpus!r}")
+        return self._events(check_event_rate(rate_hz), vcpus)
 
-    async def _events(self, rate_hz: float) -> AsyncIterator[dict]:
+    async def _events(self, rate_hz: float, vcpus: str = "all") -> AsyncIterator[dict]:
+        """Counter samples are coalesced per VM for a slow client: when the client is ready for
+        the next round, each VM's sample is taken then (the latest wins, nothing queues up), and
+        carries ``skipped``: how many of this VM's ticks passed since its last delivered sample
+        without one. Memory per client: one tick number per VM. A queued state/migration event
+        that had to be dropped (queue full) is counted in the next one's ``skipped_events``."""
         q = self.bus.subscribe()
         period = 1.0 / rate_hz
         loop = asyncio.get_running_loop()
-        next_tick = loop.time()
+        start = next_tick = loop.time()
         last_sent = loop.time()
+        delivered: dict[str, int] = {}          # VM name -> the tick of its last delivered sample
         try:
             while True:
                 if loop.time() - last_sent >= HEARTBEAT_PERIOD:       # nothing else said for a while
@@ -698,20 +715,33 @@ class Service(GuestOps, VmOperations):
                     if event is None:  # the service is closing
                         return
                     last_sent = loop.time()
-                    yield event
+                    dropped = self.bus.dropped(q)
+                    yield {**event, "skipped_events": dropped} if dropped else event
                     continue
-                if loop.time() < next_tick:
+                now = loop.time()
+                if now < next_tick:
                     continue                # the heartbeat was due, not the tick
-                next_tick = max(next_tick + period, loop.time())
-                for rec in list(self.vms.values()):
-                    if rec.running is not None and rec.state in ("running", "migrating"):
-                        try:
-                            counters = await self._counters(rec)
-                        except Exception:
-                            log.exception("VM %s: sampling failed", rec.name)
-                            continue
-                        last_sent = loop.time()
-                        yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters}
+                tick = int((now - start) / period)
+                next_tick = start + (tick + 1) * period
+                running = [rec for rec in list(self.vms.values())
+                           if rec.running is not None and rec.state in ("running", "migrating")]
+                for name in set(delivered) - {rec.name for rec in running}:
+                    del delivered[name]
+                for rec in running:
+                    try:
+                        counters = await self._counters(rec)
+                    except Exception:
+                        log.exception("VM %s: sampling failed", rec.name)
+                        continue
+                    if vcpus != "all" and vcpus != rec.name:
+                        del counters["vcpus"]          # VM totals only: a big fleet's list needs no more
+                    skipped = max(0, tick - delivered.get(rec.name, tick - 1) - 1)
+                    delivered[rec.name] = tick
+                    last_sent = loop.time()
+                    yield {"type": "counters", "time": counters["time"], "vm": rec.name, "counters": counters,
+                           "skipped": skipped}
+                    # a client that took longer than a tick to take this round: later VMs get a fresher tick
+                    tick = max(tick, int((loop.time() - start) / period))
         finally:
             self.bus.unsubscribe(q)
 

@@ -20,18 +20,18 @@ import re
 import shutil
 import time
 
-from backend.daemon.api import SHUTDOWN_GRACE
+from backend.daemon.api import REBOOT_WAIT, SHUTDOWN_GRACE
 from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.paths import ensure_private_dir
+from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
-REBOOT_TIMEOUT = 30.0
+REBOOT_TIMEOUT = REBOOT_WAIT
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
-EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")
+EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload", "allow_host_files")
 LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
@@ -232,7 +232,12 @@ class VmOperations:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid change: {e}") from None
-        qemu_args = host.check_extra_args(merged["qemu_args"]) if "qemu_args" in merged else list(rec.qemu_args)
+        allow = merged.get("allow_host_files", rec.allow_host_files)
+        if not isinstance(allow, bool):
+            raise ConfigError(f"allow_host_files must be true or false, not {allow!r}")
+        # QEMU arguments are checked against the opt-in they will start with (backend/qemu/argv.py)
+        qemu_args = (host.check_extra_args(merged.get("qemu_args", rec.qemu_args), allow_host_files=allow)
+                     if "qemu_args" in merged or "allow_host_files" in merged else list(rec.qemu_args))
         host.check_config(config)      # the seed's decision tree, with its messages
         return config, workload, qemu_args
 
@@ -252,14 +257,17 @@ class VmOperations:
         if rec.state in ("starting", "stopping", "migrating"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: edit it when that has finished")
         config, workload, qemu_args = self._next_definition(rec, changes)
+        # The host-files opt-in gates the next start's check only: it is stored at once, even running.
+        allow = changes.get("allow_host_files", rec.allow_host_files)
         if rec.state in ("stopped", "crashed"):     # the store first: a failed write changes nothing
             self.store.update_vm(rec.name, config=config.to_dict(), workload=workload.to_dict(),
-                                 qemu_args=qemu_args, pending={})
+                                 qemu_args=qemu_args, pending={}, allow_host_files=allow)
             rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
         else:
             pending = self._pending_between(rec, config, workload, qemu_args)
-            self.store.update_vm(rec.name, pending=pending)
+            self.store.update_vm(rec.name, pending=pending, allow_host_files=allow)
             rec.pending = pending
+        rec.allow_host_files = allow
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -290,9 +298,14 @@ class VmOperations:
         config = VirtMachineConfig.from_dict(d)      # the new name is checked like any other
         host = self.hosts[rec.host]
         from backend.daemon.service import VmRecord
-        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args))
+        if rec.guest.disks:     # two VMs writing one disk image would corrupt it
+            raise ConfigError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): copy them and "
+                              "create the new VM with the copies (mtevm create ... --disk COPY)")
+        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args), guest=rec.guest,
+                       allow_host_files=rec.allow_host_files)
         copied = host.clone_storage(self._spec(rec), self._spec(new))
-        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args))
+        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args,
+                                guest=rec.guest.to_dict(), allow_host_files=new.allow_host_files))
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
         return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
@@ -367,7 +380,7 @@ class VmOperations:
                 "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
                 "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
                 if rec.config.mte and rec.config.accel == "tcg" else "none"}
-        with open(meta_file + ".partial", "w") as f:
+        with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(meta_file + ".partial", meta_file)
         return info

@@ -113,10 +113,25 @@ def _thread_safe_events_class(libvirtaio):
         """
 
         def _defer(self, fn, *args) -> None:
+            def run():
+                try:
+                    fn(*args)
+                except KeyError:   # a handle of a connection from before switch_loop: gone with it
+                    pass
             try:
-                self.loop.call_soon_threadsafe(fn, *args)
+                self.loop.call_soon_threadsafe(run)
             except RuntimeError:   # the loop is closed: nothing is watched any more
                 pass
+
+        def switch_loop(self, loop) -> None:
+            """Serve a new event loop (libvirt takes its event implementation only once per
+            process; a process that runs several loops one after another, like a test run, moves
+            this one). What was watched for the old loop's connections is dropped with them."""
+            self.loop = loop
+            self.callbacks.clear()
+            self.descriptors.clear()
+            self._pending = 0
+            self._finished = None
 
         def _add_handle(self, fd, event, cb, opaque):
             callback = libvirtaio.FDCallback(self, cb, opaque, descriptor=None, event=event)
@@ -160,10 +175,11 @@ def register_events(loop: asyncio.AbstractEventLoop) -> None:
     """Dispatch libvirt's events on ``loop`` (before the first connection is opened)."""
     global _events
     libvirt, _, libvirtaio = load_libvirt()
-    if _events is not None and _events.loop is loop:
-        return
-    libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
-    _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
+    if _events is None:
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
+        _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
+    elif _events.loop is not loop:
+        _events.switch_loop(loop)
 
 
 # --- the host --------------------------------------------------------------------------------------
@@ -393,7 +409,6 @@ class LibvirtHost(Host):
             report.cpu = {"arch": "?", "mte": None, "source": "unknown: not connected"}
             report.verdict("error", self.unreachable_text())
             return report.to_dict()
-        src = f"libvirt at {self.uri}"
         report.fact("libvirt", f.get("libvirt_version"), "virConnectGetLibVersion")
         report.fact("hostname", f.get("hostname"), "virConnectGetHostname")
         report.fact("host UUID", f.get("host_uuid"), "capabilities host/uuid")
@@ -433,7 +448,6 @@ class LibvirtHost(Host):
         else:
             report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
                                    f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
-        report.fact("source", src, "the URI mtevm connects to")
         return report.to_dict()
 
     def shown_state(self, state: str) -> str:

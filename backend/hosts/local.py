@@ -214,6 +214,11 @@ class LocalHost(Host):
         argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming,
                           allow_host_files=spec.allow_host_files)
+        if guest.kind != "builtin" and config.accel == "tcg" and config.cpu == "max":
+            # Linux signs return addresses with pointer authentication; TCG's architected QARMA
+            # is slow, QEMU's implementation-defined algorithm is not (a guest-visible choice of
+            # -cpu max, made for kernels only: the builtin guest does not use PAC).
+            argv[argv.index("-cpu") + 1] = "max,pauth-impdef=on"
         if not incoming_port and not incoming:
             argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
         return argv, params, block

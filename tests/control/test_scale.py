@@ -3,6 +3,7 @@ crashed VM, never a dead daemon; no worker outlives the daemon. Real daemon, rea
 processes and signals (no timing is asserted: speed goals are in benchmarks/bench_scale.py)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -144,3 +145,39 @@ async def test_a_full_host_says_so_with_both_figures(mtevm_paths):
     finally:
         await client.close()
     assert pool.workers == []                  # closing the hosts stopped the worker
+
+
+async def test_a_slow_event_client_gets_the_latest_sample_and_is_told_what_it_skipped(inproc_client):
+    c = inproc_client
+    for name in ("a", "b"):
+        await c.create({"name": name, "vcpus": 1, "workload": {"rate": 5000}})
+        await c.start(name)
+    events = c.events(rate_hz=20)
+    try:
+        seen: dict[str, list[dict]] = {"a": [], "b": []}
+        async for e in events:
+            if e["type"] == "counters":
+                seen[e["vm"]].append(e)
+                if all(seen.values()):
+                    break
+        assert all(v[0]["skipped"] == 0 for v in seen.values())    # a first sample skips nothing
+        await asyncio.sleep(1.0)              # this client falls 20 ticks behind
+        later: dict[str, dict] = {}
+        async for e in events:
+            if e["type"] == "counters":
+                later.setdefault(e["vm"], e)
+                if len(later) == 2:
+                    break
+    finally:
+        await events.aclose()
+    for name in ("a", "b"):
+        # one sample per VM for the time it was away, the newest, with the count of those it replaced
+        assert later[name]["skipped"] >= 18
+        assert later[name]["counters"]["time"] > seen[name][-1]["counters"]["time"] + 1.0
+
+
+def test_the_watch_line_says_how_many_samples_were_skipped():
+    from backend.cli import counters_line
+    c = {"time": 0.0, "vm": {"checked": 5, "unchecked": 1, "sync_faults": 2, "async_faults": 0}}
+    assert "skipped" not in counters_line(c, 0.0, 0)
+    assert counters_line(c, 1.5, 3).endswith("faults/s 1.5  (skipped 3 samples: this terminal fell behind)")

@@ -169,7 +169,7 @@ class VmFormScreen(Screen):
         box.set_class(ok and not warnings, "ok")
         box.set_class(bool(warnings), "warning")
         if warnings:
-            text = f"{'; '.join(warnings)} (cannot start on {self.host_name()}; can be saved and moved)"
+            text = f"{'; '.join(warnings)} (it can be saved, but will not start on {self.host_name()})"
         box.update(Content(("⚠ " if warnings else "✔ " if ok else "✘ ") + text))
 
     def host_name(self) -> str:

@@ -13,7 +13,7 @@ from tui import format as fmt
 from tui import keymap
 from tui.components.live_table import LiveDataTable, LiveRows
 from tui.components.status import screen_bottom
-from tui.live import ModelRefreshed, CountersSampled, VmChanged, VmDeleted, mte_at_next_start
+from tui.live import ModelRefreshed, CountersBatch, CountersSampled, VmChanged, VmDeleted, mte_at_next_start
 from tui.screens.vm_actions import VmActions
 
 COLUMNS = [("sel", " "), ("name", "name"), ("state", "state"), ("host", "host"), ("accel", "accel"),
@@ -49,8 +49,9 @@ class VmListScreen(VmActions, Screen):
         yield from screen_bottom()
 
     def on_mount(self) -> None:
-        self.rows = LiveRows(self.query_one("#vms", DataTable), COLUMNS,
-                             {"state": len("migrating"), "mte": len("on→off"), "faults": 6})
+        table = self.query_one("#vms", LiveDataTable)
+        self.rows = LiveRows(table, COLUMNS, {"state": len("migrating"), "mte": len("on→off"), "faults": 6})
+        table.on_scrolled = lambda: self.rows.update_visible(self.values_of)
         self.query_one("#filter").display = False
         self.sync_rows()
         self.query_one("#vms").focus()
@@ -78,9 +79,15 @@ class VmListScreen(VmActions, Screen):
         return sorted(vms, key=lambda vm: (str(vm.get(self.sort_key, "")), vm["name"]))
 
     def sync_rows(self) -> None:
-        """Rebuild rows if the visible VMs changed, else update only the cells whose text changed."""
-        self.rows.sync([(vm["name"], self.row_values(vm)) for vm in self.visible_vms()])
+        """Rebuild rows if the visible VMs changed, else update only the cells whose text changed
+        (of the rows in view: the others catch up when scrolled to, so 1,000 VMs cost what a
+        screenful does)."""
+        self.rows.sync_keys([vm["name"] for vm in self.visible_vms()], self.values_of)
         self.update_hint()
+
+    def values_of(self, name: str) -> dict[str, str] | None:
+        vm = self.app.model.vms.get(name)
+        return None if vm is None else self.row_values(vm)
 
     def update_hint(self) -> None:
         parts = [f"sorted by {self.sort_key}"]
@@ -113,6 +120,13 @@ class VmListScreen(VmActions, Screen):
         vm = self.app.model.vms.get(message.name)
         if vm is not None:
             self.rows.update(vm["name"], self.row_values(vm))
+
+    def on_counters_batch(self, message: CountersBatch) -> None:
+        """A big fleet's tick: one message for every VM sampled since the last; only rows in view are touched."""
+        if self.sort_key == "faults":
+            self.sync_rows()               # the order follows the rates (rebuilt only if it changed)
+        else:
+            self.rows.update_visible(self.values_of, only=message.names)
 
     # -- actions -------------------------------------------------------------------------------
     def cursor_vm(self) -> str | None:
