@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 
-from backend.daemon.api import SHUTDOWN_GRACE
+from backend.daemon.api import REBOOT_WAIT, SHUTDOWN_GRACE
 from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
@@ -30,7 +30,7 @@ from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
-REBOOT_TIMEOUT = 30.0
+REBOOT_TIMEOUT = REBOOT_WAIT
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
 EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload", "allow_host_files")
 LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
