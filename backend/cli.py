@@ -270,10 +270,12 @@ async def _dispatch_operation(client, args, out) -> int | None:
                                "the VM keeps running on " + m["src"]))
     elif cmd == "edit":
         vm = await client.edit(name, edit_changes(args))
+        _warn_start(vm)
         out(vm, lambda v: print(f"VM {v['name']}: pending at its next start: {_pending(v['pending'])}"
                                 if v["pending"] else f"VM {v['name']}: definition changed"))
     elif cmd == "clone":
         vm = await client.clone(name, args.new_name)
+        _warn_start(vm)
         out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
                                 + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
     elif cmd == "snapshot":
