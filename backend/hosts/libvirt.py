@@ -30,7 +30,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
-from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
+from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
 from backend.hosts.guest_status import GuestStatusView
 from backend.hosts import libvirt_domain as xml
@@ -709,6 +709,37 @@ class LibvirtVm(GuestStatusView, RunningVm):
         _, libvirt_qemu, _ = load_libvirt()
         flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP if hmp else 0
         return await self.host._call(lambda conn: libvirt_qemu.qemuMonitorCommand(self._domain(conn), command, flags))
+
+    # ------------------------------------------------------------------- everyday operations
+    # Through libvirt's own calls (virsh suspend / resume / reset / domjobabort), so libvirt's view of
+    # the domain stays right; the bare-metal guest has no agent, so reboot is a reset and shutdown
+    # a destroy (the Service says so).
+    async def _dom_call(self, method: str, *args) -> None:
+        if self._gone:
+            raise StateError(f"VM '{self.name}': {self._gone}")
+        await self.host._call(lambda conn: getattr(self._domain(conn), method)(*args))
+
+    async def pause(self) -> None:
+        await self._dom_call("suspend")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self._dom_call("resume")
+        self.paused = False
+
+    async def refresh_run_state(self) -> None:
+        if not self._gone and self.host.status == "connected":
+            try:
+                state = await self.host._call(lambda conn: _domain_state(self._domain(conn)))
+            except MtevmError:
+                return
+            self.paused = state == "paused"
+
+    async def reset(self) -> None:
+        await self._dom_call("reset", 0)
+
+    async def cancel_migration(self) -> None:
+        await self._dom_call("abortJob")
 
     async def sample(self) -> list[dict]:
         if self._gone or self.host.status != "connected":
