@@ -192,6 +192,11 @@ def _add_operations(add, as_json) -> None:
                    help="the VM's extra QEMU arguments (replace the old ones; repeatable, shell-split, "
                         "-object/-device and a value); --no-qemu-args removes them")
     p.add_argument("--no-qemu-args", action="store_true", help="remove the VM's extra QEMU arguments")
+    host_files = p.add_mutually_exclusive_group()
+    host_files.add_argument("--allow-host-files", dest="allow_host_files", action="store_true", default=None,
+                            help="let its QEMU arguments name host files (QEMU reads and writes them as you)")
+    host_files.add_argument("--no-allow-host-files", dest="allow_host_files", action="store_false",
+                            help="refuse host files in its QEMU arguments again")
     p.add_argument("--workload", metavar="K=V,...", help="workload parameters to change, e.g. seed=3,tcf=async")
     p.add_argument("--tcf", metavar="MODE[,MODE...]")
     p.add_argument("--seed", type=int)
@@ -215,7 +220,8 @@ def _add_operations(add, as_json) -> None:
 
 def edit_changes(args) -> dict:
     """The edit command's options as an edit() request."""
-    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable")
+    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable",
+                                             "allow_host_files")
                if getattr(args, k) is not None}
     if args.no_qemu_args and args.qemu_args:
         raise ConfigError("--no-qemu-args and --qemu-args: give one of them")
@@ -264,10 +270,12 @@ async def _dispatch_operation(client, args, out) -> int | None:
                                "the VM keeps running on " + m["src"]))
     elif cmd == "edit":
         vm = await client.edit(name, edit_changes(args))
+        _warn_start(vm)
         out(vm, lambda v: print(f"VM {v['name']}: pending at its next start: {_pending(v['pending'])}"
                                 if v["pending"] else f"VM {v['name']}: definition changed"))
     elif cmd == "clone":
         vm = await client.clone(name, args.new_name)
+        _warn_start(vm)
         out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
                                 + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
     elif cmd == "snapshot":

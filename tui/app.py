@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -129,26 +130,20 @@ class MtevmApp(App):
             events = self.client.events(self.rate_hz, **({} if self.feed_vcpus == "all"
                                                           else {"vcpus": self.feed_vcpus}))
             regear = False
+            reason = "the daemon ended the event stream"
+            loop = asyncio.get_running_loop()
             try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(anext(events), STALL_SECONDS)
-                    except StopAsyncIteration:
-                        reason = "the daemon ended the event stream"
-                        break
-                    except TimeoutError:
-                        reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
-                        break
-                    if self.deliver(self.model.apply(event)):
-                        regear = True            # the fleet crossed BIG_FLEET: follow in the other mode
-                        break
+                # one deadline, pushed back by every event (no task per event at 4 Hz x 64 VMs)
+                async with contextlib.aclosing(events), asyncio.timeout(STALL_SECONDS) as deadline:
+                    async for event in events:
+                        deadline.reschedule(loop.time() + STALL_SECONDS)
+                        if self.deliver(self.model.apply(event)):
+                            regear = True            # the fleet crossed BIG_FLEET: follow in the other mode
+                            break
+            except TimeoutError:
+                reason = f"the daemon sent nothing for {STALL_SECONDS:g} s (not even a heartbeat)"
             except Exception as e:          # whatever broke the stream, the app stays up and retries
                 reason = f"event stream lost: {e}"
-            finally:
-                try:
-                    await events.aclose()
-                except Exception:
-                    pass
             if self.client is None:
                 return
             if regear:

@@ -724,7 +724,7 @@ class Service(GuestOps, VmOperations):
                 tick = int((now - start) / period)
                 next_tick = start + (tick + 1) * period
                 running = [rec for rec in list(self.vms.values())
-                           if rec.running is not None and rec.state in ("running", "migrating")]
+                           if rec.running is not None and rec.state in ("running", "migrating", "paused")]
                 for name in set(delivered) - {rec.name for rec in running}:
                     del delivered[name]
                 for rec in running:

@@ -15,8 +15,8 @@ import asyncio
 import json
 import logging
 import os
-import shlex
 import platform
+import shlex
 import shutil
 import socket
 import tempfile
@@ -234,6 +234,26 @@ class LocalHost(Host):
                     raise
         raise AssertionError("unreachable")
 
+    def clone_storage(self, src: VmSpec, dst: VmSpec) -> list[str]:
+        """Copy each disk of ``src`` beside it as ``<name>-<clone><ext>`` (never over an existing
+        file); returns the copies in the same order, or removes them all and raises."""
+        made: list[str] = []
+        try:
+            for disk in src.guest.disks:
+                root, ext = os.path.splitext(disk)
+                copy = f"{root}-{dst.config.name}{ext}"
+                with open(disk, "rb") as fin, os.fdopen(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                         "wb") as fout:
+                    made.append(copy)
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+        except FileExistsError as e:
+            _remove_all(made)
+            raise ConfigError(f"clone: {e.filename} already exists; move it away or clone under another name") from None
+        except OSError as e:
+            _remove_all(made)
+            raise ConfigError(f"clone: cannot copy disk {e.filename}: {e.strerror}") from None
+        return made
+
     # ------------------------------------------------------------------------- snapshots
     def snapshot_refusal(self) -> str | None:
         return None     # QEMU writes the whole state, the mach-virt.tag block included, to a file
@@ -377,6 +397,11 @@ class LocalHost(Host):
             await vm.close_channels()
             await vm.proc.detach()
         self.vms.clear()
+
+
+def _remove_all(paths: list[str]) -> None:
+    for path in paths:
+        _remove(path)
 
 
 MIGRATING = ("setup", "active", "device", "pre-switchover", "wait-unplug", "cancelling",

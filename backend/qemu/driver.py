@@ -169,11 +169,12 @@ def _mtime(path: str) -> float:
 
 def marked_processes(root: str) -> dict[int, int]:
     """{pid: start time} of this user's live processes that carry mtevm's mark for ``root`` (a
-    hosts' VM runtime root): an argument naming a file under it that only mtevm's QEMU command
-    line names (``-qmp unix:<root>/...`` or ``-device loader,file=<root>/...``). A launch the
-    daemon did not live to record is found this way; never by process name."""
+    hosts' VM runtime root): an option naming a file under it as only mtevm's QEMU command line
+    does (``-qmp unix:<root>/...`` or ``-device loader,file=<root>/...``; a ``socat unix:...`` on
+    a console socket is not one). A launch the daemon did not live to record is found this way;
+    never by process name."""
     prefix = os.fsencode(os.path.join(os.path.abspath(root), ""))
-    marks = (b"unix:" + prefix, b"loader,file=" + prefix)
+    marks = {b"-qmp": b"unix:" + prefix, b"-device": b"loader,file=" + prefix}   # option -> its value
     uid = os.getuid()
     found = {}
     for entry in os.listdir("/proc"):
@@ -186,7 +187,7 @@ def marked_processes(root: str) -> dict[int, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if any(arg.startswith(marks) for arg in argv):
+        if any(marks.get(opt) and value.startswith(marks[opt]) for opt, value in zip(argv, argv[1:])):
             start = proc_start_time(int(entry))
             if start is not None:
                 found[int(entry)] = start
