@@ -69,6 +69,7 @@ class QemuFiles:
     @classmethod
     def new(cls, runtime_dir: str) -> "QemuFiles":
         ensure_private_dir(runtime_dir)        # checked, never through another user's symlink
+        prune_logs(runtime_dir)
         launch_id = secrets.token_hex(4)
         sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
         socket_dir = None
@@ -127,6 +128,25 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
     except OSError:
         return []
     return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
+
+
+KEEP_LOGS = 3               # QEMU logs of ended launches kept per VM (a crash's stderr stays readable)
+
+
+def prune_logs(runtime_dir: str, keep: int = KEEP_LOGS) -> list[str]:
+    """Remove the QEMU logs of ended launches (no launch record: that QEMU is gone) beyond the
+    newest ``keep``, so a VM restarted many times does not pile up logs; returns what went."""
+    try:
+        names = os.listdir(runtime_dir)
+    except OSError:
+        return []
+    live = {n[len("launch-"):-len(".json")] for n in names if n.startswith("launch-") and n.endswith(".json")}
+    ended = [n for n in names if n.startswith("qemu-") and n.endswith(".log") and n[5:-4] not in live]
+    ended.sort(key=lambda n: _mtime(os.path.join(runtime_dir, n)), reverse=True)
+    gone = ended[keep:]
+    for name in gone:
+        _unlink(os.path.join(runtime_dir, name))
+    return gone
 
 
 def write_record(path: str, record: dict) -> None:
