@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "A terminal VM manager for Arm64 virt machines with the Memory Tagging Extension (MTE). "
         "Without a command, opens the app."))
     _dir_options(parser, None)
+    from tui.options import add_app_options, add_version   # argparse only: no Textual for --help
+    add_version(parser)
+    app_group = parser.add_argument_group("the app's options (mtevm without a COMMAND opens the app)")
+    parser.set_defaults(app_options=add_app_options(app_group, dest_prefix="app_"))
     # Before the command word only: `shutdown --timeout` is the guest's grace period.
     parser.add_argument("--timeout", dest="daemon_timeout", type=float, default=None, metavar="SECONDS",
                         help="how long to wait for each answer of the daemon (default 60; env MTEVM_TIMEOUT, "
@@ -188,6 +192,11 @@ def _add_operations(add, as_json) -> None:
                    help="the VM's extra QEMU arguments (replace the old ones; repeatable, shell-split, "
                         "-object/-device and a value); --no-qemu-args removes them")
     p.add_argument("--no-qemu-args", action="store_true", help="remove the VM's extra QEMU arguments")
+    host_files = p.add_mutually_exclusive_group()
+    host_files.add_argument("--allow-host-files", dest="allow_host_files", action="store_true", default=None,
+                            help="let its QEMU arguments name host files (QEMU reads and writes them as you)")
+    host_files.add_argument("--no-allow-host-files", dest="allow_host_files", action="store_false",
+                            help="refuse host files in its QEMU arguments again")
     p.add_argument("--workload", metavar="K=V,...", help="workload parameters to change, e.g. seed=3,tcf=async")
     p.add_argument("--tcf", metavar="MODE[,MODE...]")
     p.add_argument("--seed", type=int)
@@ -211,7 +220,8 @@ def _add_operations(add, as_json) -> None:
 
 def edit_changes(args) -> dict:
     """The edit command's options as an edit() request."""
-    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable")
+    changes = {k: getattr(args, k) for k in ("vcpus", "memory", "cpu", "accel", "mte", "secure", "only_migratable",
+                                             "allow_host_files")
                if getattr(args, k) is not None}
     if args.no_qemu_args and args.qemu_args:
         raise ConfigError("--no-qemu-args and --qemu-args: give one of them")
@@ -260,10 +270,12 @@ async def _dispatch_operation(client, args, out) -> int | None:
                                "the VM keeps running on " + m["src"]))
     elif cmd == "edit":
         vm = await client.edit(name, edit_changes(args))
+        _warn_start(vm)
         out(vm, lambda v: print(f"VM {v['name']}: pending at its next start: {_pending(v['pending'])}"
                                 if v["pending"] else f"VM {v['name']}: definition changed"))
     elif cmd == "clone":
         vm = await client.clone(name, args.new_name)
+        _warn_start(vm)
         out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
                                 + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
     elif cmd == "snapshot":
@@ -321,6 +333,11 @@ def _command_word(argv: list[str]) -> str | None:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def counted(n: int, noun: str) -> str:
+    """"1 vCPU", "2 vCPUs": every count the CLI prints goes through here."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
     width = None if sys.stdout.isatty() else 200  # no terminal: don't wrap at 80 columns
@@ -411,7 +428,7 @@ def print_detail(vm: dict) -> None:
     cli_guests.print_guest(vm, lambda label, value: guest_rows.append([label, value]))
     _table(f"VM {vm['name']}", ["", ""], [
         ["host", vm["host"]], ["state", vm["state"]],
-        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {c['vcpus']} vCPUs, {_size(c['memory'])}"],
+        ["machine", f"virt, accel {c['accel']}, cpu {c['cpu']}, {counted(c['vcpus'], 'vCPU')}, {_size(c['memory'])}"],
         ["mte", _onoff(c["mte"]) + (f"  (pending: {_pending(vm['pending'])}, at next start)" if vm["pending"] else "")],
         ["secure", _onoff(c["secure"])], ["only-migratable", _onoff(c["only_migratable"])],
         ["qemu args", shlex.join(vm.get("qemu_args") or [])],
@@ -629,7 +646,7 @@ async def _dispatch(client, args) -> int:
     elif cmd == "create":
         vm = await client.create(definition_from_args(args))
         out(vm, lambda v: print(f"created VM {v['name']} on {v['host']}: accel {v['config']['accel']}, "
-                                f"cpu {v['config']['cpu']}, {v['config']['vcpus']} vCPUs, "
+                                f"cpu {v['config']['cpu']}, {counted(v['config']['vcpus'], 'vCPU')}, "
                                 f"{_size(v['config']['memory'])}, MTE {_onoff(v['config']['mte'])}"))
         _warn_start(vm)
     elif cmd == "start":
@@ -717,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
         from backend.tagcheck.replay import main as replay_main
         return replay_main(rest[1:])
     args = parser.parse_args(argv)  # exits 2 with a one-line error on bad usage
+    given = [f"--{dest.removeprefix('app_')}" for dest in args.app_options if getattr(args, dest, None) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the app "
+                     f"(mtevm without a command), not of '{args.command}'")
     try:
         if args.command == "daemon":
             code = run_daemon_command(args)

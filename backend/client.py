@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 from backend.config import DEFAULT_TIMEOUT
-from backend.daemon.api import CONSOLE_PATH, ROUTES, SHUTDOWN_GRACE, format_query
+from backend.daemon.api import CONSOLE_PATH, ROUTES, format_query
 from backend.daemon.events import HEARTBEAT_PERIOD, check_event_rate
 from backend.errors import ConfigError, MtevmError, error_from_name
 from backend.paths import Paths
@@ -40,7 +40,7 @@ class InProcessTransport:
         self.service = service
         self._owned = owned
 
-    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
+    async def call(self, op: str, extra_wait: float | None = None, **kwargs) -> Any:
         return _plain(await getattr(self.service, ROUTES[op].service_method)(**kwargs))
 
     async def stream(self, op: str, **kwargs) -> AsyncIterator[dict]:
@@ -189,10 +189,11 @@ class SocketTransport:
                 resp.release()
         return resp
 
-    async def call(self, op: str, extra_wait: float = 0.0, **kwargs) -> Any:
-        """One request; ``extra_wait``: seconds the operation itself may rightly take (a guest's
-        shutdown grace), added to the timeout."""
-        timeout = self.timeout + extra_wait
+    async def call(self, op: str, extra_wait: float | None = None, **kwargs) -> Any:
+        """One request. The answer is awaited for the timeout plus what the operation itself may
+        rightly take: ``extra_wait``, else the route's ``may_take`` (a guest's shutdown grace, a
+        snapshot's state file)."""
+        timeout = self.timeout + (ROUTES[op].may_take if extra_wait is None else extra_wait)
         resp = await self._send(op, kwargs, timeout)
         async with resp:
             try:
@@ -257,6 +258,12 @@ class Client:
         """Bring the daemon back after it went away (started again, as ``connect`` would) and
         reconnect; a no-op in-process. Raises MtevmError if it cannot."""
         await self._t.revive()
+
+    @property
+    def paths(self):
+        """The runtime/state dirs this client works on (a daemon's, or the in-process service's)."""
+        t = self._t
+        return t.paths if hasattr(t, "paths") else getattr(getattr(t, "service", None), "paths", None)
 
     @property
     def in_process(self) -> bool:
@@ -353,8 +360,10 @@ class Client:
         return await self._t.call("reboot", name=name)
 
     async def shutdown(self, name: str, timeout: float | None = None) -> dict:
-        return await self._t.call("shutdown", extra_wait=SHUTDOWN_GRACE if timeout is None else timeout, name=name,
-                                  **({} if timeout is None else {"timeout": timeout}))
+        if timeout is None:
+            return await self._t.call("shutdown", name=name)
+        wait = timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
+        return await self._t.call("shutdown", extra_wait=wait, name=name, timeout=timeout)
 
     async def edit(self, name: str, changes: dict) -> dict:
         return await self._t.call("edit", name=name, changes=changes)

@@ -163,8 +163,10 @@ def _check_existing(path: str) -> None:
 
 def _write_definition(db: sqlite3.Connection, name: str, *, host: str | None = None, config: dict | None = None,
                       workload: dict | None = None, qemu_args: list | None = None,
-                      pending: dict | None = None) -> None:
+                      pending: dict | None = None, allow_host_files: bool | None = None) -> None:
     """The given parts of a VM's definition (None: unchanged), inside the caller's transaction."""
+    if allow_host_files is not None:
+        db.execute("UPDATE vms SET allow_host_files=? WHERE name=?", (int(allow_host_files), name))
     if host is not None:
         db.execute("UPDATE vms SET host=? WHERE name=?", (host, name))
     for column, value in (("config", config), ("workload", workload), ("qemu_args", qemu_args)):
@@ -264,7 +266,7 @@ class Store:
                         json.dumps(row.guest), int(row.allow_host_files)))
 
     def update_vm(self, name: str, **definition) -> None:
-        """Change a definition (host=, config=, workload=, qemu_args=, and pending= which replaces the
+        """Change a definition (host=, config=, workload=, qemu_args=, allow_host_files=, and pending= which replaces the
         pending changes; each when given) in one transaction."""
         with self._tx() as db:
             _write_definition(db, name, **definition)

@@ -65,6 +65,9 @@ SHOTS = [
     Shot("migrations", ["M"], "Migrations: blocked (with QEMU's reason), running, done"),
     Shot("help", ["question_mark"], "Help: every key and what it does"),
     Shot("command-palette", ["ctrl+p"], "Command palette: every action by name"),
+    Shot("vm-edit", ["down", "enter", "e"], "Edit form: every field of the create form; a running VM's changes wait for its next start"),
+    Shot("snapshots-refused", ["down"] * 4 + ["S", "s", "enter"],
+         "Snapshots of a KVM MTE VM: the save refused with QEMU's own text"),
 ]
 
 

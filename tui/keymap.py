@@ -44,6 +44,33 @@ VM_KEYS = [
     KeySpec("vm_toggle_mte", "m", "toggle_mte", "MTE", "Toggle MTE (pending until restart if running)"),
     KeySpec("vm_migrate", "g", "migrate_vm", "migrate", "Migrate the VM to another host"),
     KeySpec("vm_edit", "e", "edit_vm", "edit", "Edit the VM's definition", show=False),
+    # the everyday operations (backend.daemon.vm_operations)
+    KeySpec("vm_pause", "p", "pause_vm", "pause", "Pause the VM(s) (QMP stop), or resume them if paused",
+            show=False),
+    KeySpec("vm_reboot", "R", "reboot_vm", "reboot", "Reboot the VM(s): the guest agent's, else a reset (asks first)",
+            show=False),
+    KeySpec("vm_shutdown", "X", "shutdown_vm", "shutdown", "Shut the VM(s) down gracefully, else stop (asks first)",
+            show=False),
+    KeySpec("vm_clone", "C", "clone_vm", "clone", "Clone the VM's definition to a new stopped VM", show=False),
+    KeySpec("vm_snapshots", "S", "snapshots", "snapshots", "The VM's snapshots: save, restore, delete", show=False),
+]
+
+SNAPSHOT_KEYS = [   # the snapshots screen of one VM
+    KeySpec("snapshot_save", "s", "save_snapshot", "save", "Save a snapshot: the VM's whole state, MTE tags too"),
+    KeySpec("snapshot_restore", "r", "restore_snapshot", "restore", "Restore the selected snapshot (asks first)"),
+    KeySpec("snapshot_delete", "d", "delete_snapshot", "delete", "Delete the selected snapshot (asks first)"),
+]
+
+MIGRATION_KEYS = [  # the migrations screen
+    KeySpec("migration_cancel", "c", "cancel_migration", "cancel",
+            "Cancel the selected running migration; the VM stays (asks first)"),
+]
+
+GUEST_KEYS = [   # the VM detail screen of a local VM (serial console, Linux guests)
+    KeySpec("vm_console", "c", "console", "console",
+            "Attach to the VM's serial console (the app comes back on ctrl+])", show=False),
+    KeySpec("vm_selftests", "t", "selftests", "selftests",
+            "Run the kernel's MTE selftests in the VM's Linux guest", show=False),
 ]
 
 LIST_KEYS = [
@@ -66,7 +93,8 @@ BACK_KEYS = [
     KeySpec("back", "escape", "back", "back", "Go back"),
 ]
 
-ALL_KEYS: list[KeySpec] = APP_KEYS + VM_KEYS + LIST_KEYS + FORM_KEYS + CONFIRM_KEYS + BACK_KEYS
+ALL_KEYS: list[KeySpec] = (APP_KEYS + VM_KEYS + GUEST_KEYS + LIST_KEYS + FORM_KEYS + CONFIRM_KEYS + BACK_KEYS
+                           + SNAPSHOT_KEYS + MIGRATION_KEYS)
 BINDING_IDS = frozenset(k.id for k in ALL_KEYS)
 
 

@@ -14,7 +14,7 @@ from textual.message import Message
 
 HISTORY = 60          # samples kept for a sparkline
 RATE_WINDOW = 1.0     # seconds of samples a rate is computed over
-LIVE_STATES = ("running", "migrating")   # a VM in these states has vCPUs, counters and rates
+LIVE_STATES = ("running", "migrating", "paused")   # these VMs have vCPUs, counters and rates
 BIG_FLEET = 100       # VMs: above this the feed carries per-vCPU figures only for the VM on screen,
                       # and the list hears of new samples once per tick (CountersBatch), not per VM
 

@@ -22,7 +22,7 @@ import ipaddress
 import secrets
 import shlex
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 DEFAULT_PORT = 8000
 
@@ -142,7 +142,8 @@ class Gate:
             if request.path == "/" and "token" in request.query:
                 # Keep the token out of the address bar and history: a cookie carries it from now on.
                 rest = [(k, v) for k, v in request.query.items() if k != "token"]
-                target = "/" + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+                # relative: behind a proxy that serves us under a path prefix it stays under it
+                target = "./" + ("?" + urlencode(rest) if rest else "")
                 response = web.Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})
                 response.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict", path="/")
                 return response

@@ -57,6 +57,8 @@ class Route:
     body_whole: str | None = None                           # keyword that IS the JSON body
     query: dict[str, tuple[str, Callable[[str, str], object]]] = field(default_factory=dict)
     stream: bool = False        # NDJSON stream of events
+    may_take: float = 0.0       # seconds the operation itself may rightly take: the client waits this
+                                # much longer than its timeout (--timeout) for the answer
 
     @property
     def service_method(self) -> str:
@@ -68,6 +70,8 @@ class Route:
 # The default time a guest agent gets to power off (shutdown without timeout): the server applies
 # it, and a client waits that much longer for the answer.
 SHUTDOWN_GRACE = 30.0
+REBOOT_WAIT = 30.0      # vm_operations.REBOOT_TIMEOUT: a guest agent's clean reboot
+SNAPSHOT_WAIT = 120.0   # hosts/local.SAVE_TIMEOUT: writing or loading a snapshot's state file
 
 _VM = "/v1/vms/{name:[^/]*}"
 
@@ -100,15 +104,15 @@ ROUTES: dict[str, Route] = {r.op: r for r in (
     # the everyday operations (backend.daemon.vm_operations)
     Route("pause", "POST", _VM + "/pause"),
     Route("resume", "POST", _VM + "/resume"),
-    Route("reboot", "POST", _VM + "/reboot"),
-    Route("shutdown", "POST", _VM + "/shutdown", body={"timeout": "timeout"}),
+    Route("reboot", "POST", _VM + "/reboot", may_take=REBOOT_WAIT),
+    Route("shutdown", "POST", _VM + "/shutdown", body={"timeout": "timeout"}, may_take=SHUTDOWN_GRACE),
     Route("edit", "PATCH", _VM, body={"changes": "changes"}),
     Route("clone", "POST", _VM + "/clone", body={"new_name": "new_name"}),
     Route("migrate_cancel", "POST", _VM + "/migrate/cancel"),
     Route("monitor", "POST", _VM + "/monitor", body={"command": "command", "hmp": "hmp"}),
     Route("snapshot_list", "GET", _VM + "/snapshots"),
-    Route("snapshot_save", "POST", _VM + "/snapshots", body={"tag": "tag"}),
-    Route("snapshot_restore", "POST", _VM + "/snapshots/restore", body={"tag": "tag"}),
+    Route("snapshot_save", "POST", _VM + "/snapshots", body={"tag": "tag"}, may_take=SNAPSHOT_WAIT),
+    Route("snapshot_restore", "POST", _VM + "/snapshots/restore", body={"tag": "tag"}, may_take=SNAPSHOT_WAIT),
     Route("snapshot_delete", "POST", _VM + "/snapshots/delete", body={"tag": "tag"}),
 )}
 

@@ -368,7 +368,15 @@ class Service(GuestOps, VmOperations):
     async def _open_host(self, host: Host) -> None:
         """Add a host that keeps a connection (libvirt): it connects in the background."""
         self.hosts[host.name] = host
-        await host.open(self.bus.publish)
+        await host.open(self._host_event)
+
+    def _host_event(self, type_: str, **payload) -> None:
+        """A host's event; when its connection changes, its VMs' shown states change too."""
+        self.bus.publish(type_, **payload)
+        name = (payload.get("host") or {}).get("name")
+        for rec in list(self.vms.values()):
+            if rec.host == name:
+                self.bus.publish("vm", vm=self._summary(rec))
 
     async def host_add(self, name: str, uri: str) -> dict:
         """Add a libvirt host by URI; persisted. Waits for the first connection attempt (a host
@@ -717,7 +725,7 @@ class Service(GuestOps, VmOperations):
                 tick = int((now - start) / period)
                 next_tick = start + (tick + 1) * period
                 running = [rec for rec in list(self.vms.values())
-                           if rec.running is not None and rec.state in ("running", "migrating")]
+                           if rec.running is not None and rec.state in ("running", "migrating", "paused")]
                 for name in set(delivered) - {rec.name for rec in running}:
                     del delivered[name]
                 for i, rec in enumerate(running):

@@ -13,6 +13,7 @@ they were taken with); a restore across a changed definition is refused before Q
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -20,18 +21,18 @@ import re
 import shutil
 import time
 
-from backend.daemon.api import SHUTDOWN_GRACE
+from backend.daemon.api import REBOOT_WAIT, SHUTDOWN_GRACE
 from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
-from backend.paths import ensure_private_dir
+from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
-REBOOT_TIMEOUT = 30.0
+REBOOT_TIMEOUT = REBOOT_WAIT
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
-EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload")
+EDIT_KEYS = MACHINE_KEYS + ("qemu_args", "workload", "allow_host_files")
 LIVE_STATES = ("running", "paused")     # a QEMU (or simulated vCPUs) exists
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # QMP/HMP commands that `mtevm monitor` refuses: they end the QEMU or move the VM behind mtevm's back.
@@ -218,7 +219,8 @@ class VmOperations:
     # -- edit / clone -----------------------------------------------------------------------------
     def _next_definition(self, rec, changes: dict | None = None):
         """(config, workload, qemu_args) the VM will boot with: its definition, its pending changes,
-        then ``changes``; validated (ConfigError) and checked by the host's decision tree (RealizeError)."""
+        then ``changes``; validated (ConfigError). What the host's decision tree says of it is the
+        VmDetail's ``warnings``, as for create: a definition that cannot start here is kept, with why."""
         merged = {**rec.pending, **(changes or {})}
         machine = rec.config.to_dict()
         machine.update({k: v for k, v in merged.items() if k in MACHINE_KEYS})
@@ -232,14 +234,19 @@ class VmOperations:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"invalid change: {e}") from None
-        qemu_args = host.check_extra_args(merged["qemu_args"]) if "qemu_args" in merged else list(rec.qemu_args)
-        host.check_config(config)      # the seed's decision tree, with its messages
+        allow = merged.get("allow_host_files", rec.allow_host_files)
+        if not isinstance(allow, bool):
+            raise ConfigError(f"allow_host_files must be true or false, not {allow!r}")
+        # QEMU arguments are checked against the opt-in they will start with (backend/qemu/argv.py)
+        qemu_args = (host.check_extra_args(merged.get("qemu_args", rec.qemu_args), allow_host_files=allow)
+                     if "qemu_args" in merged or "allow_host_files" in merged else list(rec.qemu_args))
         return config, workload, qemu_args
 
     @_claiming("being edited")
     async def edit(self, name: str, changes: dict) -> dict:
         """Change vCPUs, memory, CPU model, accel, MTE, secure, only-migratable, QEMU arguments or the
-        workload. A stopped VM takes them now; a running one at its next start (``pending``), as MTE."""
+        workload. A stopped VM takes them now; a running one at its next start (``pending``), as MTE.
+        The seed's decision tree judges the result as it judges create: its text is in ``warnings``."""
         rec = self._vm(name)
         if not isinstance(changes, dict) or not changes:
             raise ConfigError("edit: give at least one change, e.g. {\"vcpus\": 2} "
@@ -252,14 +259,20 @@ class VmOperations:
         if rec.state in ("starting", "stopping", "migrating"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: edit it when that has finished")
         config, workload, qemu_args = self._next_definition(rec, changes)
+        # The host-files opt-in gates the next start's check only: it is stored at once, even running.
+        allow = changes.get("allow_host_files", rec.allow_host_files)
         if rec.state in ("stopped", "crashed"):     # the store first: a failed write changes nothing
+            spec = self._spec(rec)
+            spec.config, spec.workload, spec.extra_args = config, workload, qemu_args
+            await self.hosts[rec.host].define(spec)   # libvirt: the domain follows the definition
             self.store.update_vm(rec.name, config=config.to_dict(), workload=workload.to_dict(),
-                                 qemu_args=qemu_args, pending={})
+                                 qemu_args=qemu_args, pending={}, allow_host_files=allow)
             rec.config, rec.workload, rec.qemu_args, rec.pending = config, workload, qemu_args, {}
         else:
             pending = self._pending_between(rec, config, workload, qemu_args)
-            self.store.update_vm(rec.name, pending=pending)
+            self.store.update_vm(rec.name, pending=pending, allow_host_files=allow)
             rec.pending = pending
+        rec.allow_host_files = allow
         self.bus.publish("vm", vm=self._summary(rec))
         return await self._detail(rec)
 
@@ -278,7 +291,8 @@ class VmOperations:
 
     async def clone(self, name: str, new_name: str) -> dict:
         """A new stopped VM with the definition ``name`` will boot with (pending changes included),
-        on the same host, and copies of its disks where it has any."""
+        on the same host, with copies of its disks where it has any (the host copies them, beside
+        the originals; a running VM's disks are being written: pause or stop it first)."""
         rec = self._vm(name)
         if not isinstance(new_name, str):
             raise ConfigError(f"a VM name must be a string, not {type(new_name).__name__}")
@@ -288,11 +302,30 @@ class VmOperations:
         d = config.to_dict()
         d["name"] = new_name
         config = VirtMachineConfig.from_dict(d)      # the new name is checked like any other
-        host = self.hosts[rec.host]
         from backend.daemon.service import VmRecord
-        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args))
-        copied = host.clone_storage(self._spec(rec), self._spec(new))
-        self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(), qemu_args=new.qemu_args))
+        from backend.guests.definition import GuestConfig
+        guest = GuestConfig.from_dict(rec.guest.to_dict())
+        if guest.disks and rec.state not in ("stopped", "crashed", "paused"):
+            raise StateError(f"VM {rec.name!r} is {rec.state} and writes its disks: pause or stop it to clone them")
+        new = VmRecord(new_name, rec.host, config, workload, qemu_args=list(qemu_args), guest=guest,
+                       allow_host_files=rec.allow_host_files)
+        host = self.hosts[rec.host]
+        copied = await asyncio.to_thread(host.clone_storage, self._spec(rec), self._spec(new))
+        if copied:
+            guest.disks = list(copied)
+        try:
+            await host.define(self._spec(new))      # libvirt: the clone's persistent domain
+            try:
+                self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(),
+                                        qemu_args=new.qemu_args, guest=guest.to_dict(),
+                                        allow_host_files=new.allow_host_files))
+            except BaseException:
+                await host.undefine(new.name)
+                raise
+        except BaseException:
+            for path in copied:       # nothing half made: the copies go with the failed clone
+                os.unlink(path)
+            raise
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
         return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
@@ -367,7 +400,7 @@ class VmOperations:
                 "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
                 "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
                 if rec.config.mte and rec.config.accel == "tcg" else "none"}
-        with open(meta_file + ".partial", "w") as f:
+        with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(meta_file + ".partial", meta_file)
         return info

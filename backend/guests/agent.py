@@ -50,11 +50,19 @@ class AgentState:
         self.boot_time: float | None = None         # host time of the guest's CLOCK_MONOTONIC zero
         self.bye: str | None = None
         self.updates = 0                            # bumps with every faults/workload message
+        self.boots = 0                              # guest boots seen (a reboot starts the counts anew)
+        self._uptime = -1.0
 
     def apply(self, msg: dict) -> None:
         """Fold one guest -> host message in; unknown types are ignored (forward compatibility)."""
         kind = msg.get("type")
         if kind == "hello":
+            uptime = msg.get("uptime")
+            if isinstance(uptime, (int, float)) and uptime < self._uptime:
+                self._new_boot()            # the guest rebooted: its agent counts from zero again
+            if self.boots == 0 or self.bye:
+                self.boots += 1
+                self.bye = None
             self.facts = msg
             self._clock(msg)
         elif kind == "faults":
@@ -67,9 +75,17 @@ class AgentState:
         elif kind == "bye":
             self.bye = msg.get("reason") or "poweroff"
 
+    def _new_boot(self) -> None:
+        self.cpu_faults, self.workload, self.processes = {}, {}, {}
+        self.totals = {"sync": 0, "async": 0}
+        self.dropped_total = 0
+        self.last_faults.clear()
+        self.bye = self.bye or "reboot"
+
     def _clock(self, msg: dict) -> None:
         uptime = msg.get("uptime")
         if isinstance(uptime, (int, float)):
+            self._uptime = uptime
             self.boot_time = time.time() - uptime
 
     def _faults(self, msg: dict) -> None:
@@ -138,8 +154,9 @@ class AgentState:
 class AgentClient:
     """Connects to one QEMU's agent socket and stays connected while that QEMU lives."""
 
-    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool]):
+    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool], *, fault_address: bool = False):
         self.socket_path = socket_path
+        self.fault_address = fault_address
         self.alive = alive
         self.state = AgentState(vcpus)
         self.ready = asyncio.Event()          # set once the agent said hello on this connection
@@ -182,7 +199,7 @@ class AgentClient:
     async def _say_hello(self) -> None:
         while not self.ready.is_set():
             await self.send({"type": "hello"})
-            await self.send({"type": "config", "interval_ms": INTERVAL_MS})
+            await self.send({"type": "config", "interval_ms": INTERVAL_MS, "fault_address": self.fault_address})
             try:
                 await asyncio.wait_for(self.ready.wait(), 1.0)
             except TimeoutError:

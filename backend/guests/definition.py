@@ -76,6 +76,7 @@ class GuestConfig:
     initrd: str | None = None
     append: str | None = None
     disks: list[str] = field(default_factory=list)
+    fault_address: bool = False   # linux: the agent's kprobe gives sync faults their address (slower faults)
 
     @property
     def has_agent(self) -> bool:
@@ -94,6 +95,10 @@ class GuestConfig:
         if self.kind == "builtin" and (self.append or self.disks):
             raise ConfigError("--append and --disk need a Linux guest (--guest linux or custom); "
                               "the builtin guest is a bare-metal program with no kernel command line or disks")
+        if not isinstance(self.fault_address, bool):
+            raise ConfigError(f"fault_address must be true or false, not {self.fault_address!r}")
+        if self.fault_address and self.kind != "linux":
+            raise ConfigError("--fault-address needs --guest linux (the mtevm agent's kprobe reports the addresses)")
         if self.kind == "custom" and not self.kernel:
             raise ConfigError("--guest custom needs --kernel IMAGE (a raw arm64 kernel Image)")
         if self.append is not None:
@@ -122,6 +127,8 @@ class GuestConfig:
                 d[key] = getattr(self, key)
         if self.disks:
             d["disks"] = list(self.disks)
+        if self.fault_address:
+            d["fault_address"] = True
         return d
 
     @classmethod
@@ -133,10 +140,10 @@ class GuestConfig:
             d = {"kind": d}
         if not isinstance(d, dict):
             raise ConfigError(f"guest must be one of {', '.join(GUEST_KINDS)} or an object, not {d!r}")
-        unknown = set(d) - {"kind", "kernel", "initrd", "append", "disks"}
+        unknown = set(d) - {"kind", "kernel", "initrd", "append", "disks", "fault_address"}
         if unknown:
             raise ConfigError(f"guest: unknown setting(s) {', '.join(sorted(unknown))} "
-                              "(known: kind, kernel, initrd, append, disks)")
+                              "(known: kind, kernel, initrd, append, disks, fault_address)")
         disks = d.get("disks") or []
         if isinstance(disks, str) or not isinstance(disks, list) or not all(isinstance(x, str) for x in disks):
             raise ConfigError("guest disks: give a list of file names")
@@ -144,7 +151,7 @@ class GuestConfig:
             if d.get(key) is not None and not isinstance(d[key], str):
                 raise ConfigError(f"guest {key}: give a string, not {d[key]!r}")
         g = cls(kind=d.get("kind") or DEFAULT_GUEST, kernel=d.get("kernel") or None, initrd=d.get("initrd") or None,
-                append=d.get("append"), disks=list(disks))
+                append=d.get("append"), disks=list(disks), fault_address=d.get("fault_address", False))
         g.validate(check_files=False)
         return g
 

@@ -30,7 +30,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
-from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError
+from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
 from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
 from backend.hosts.guest_status import GuestStatusView
 from backend.hosts import libvirt_domain as xml
@@ -113,10 +113,25 @@ def _thread_safe_events_class(libvirtaio):
         """
 
         def _defer(self, fn, *args) -> None:
+            def run():
+                try:
+                    fn(*args)
+                except KeyError:   # a handle of a connection from before switch_loop: gone with it
+                    pass
             try:
-                self.loop.call_soon_threadsafe(fn, *args)
+                self.loop.call_soon_threadsafe(run)
             except RuntimeError:   # the loop is closed: nothing is watched any more
                 pass
+
+        def switch_loop(self, loop) -> None:
+            """Serve a new event loop (libvirt takes its event implementation only once per
+            process; a process that runs several loops one after another, like a test run, moves
+            this one). What was watched for the old loop's connections is dropped with them."""
+            self.loop = loop
+            self.callbacks.clear()
+            self.descriptors.clear()
+            self._pending = 0
+            self._finished = None
 
         def _add_handle(self, fd, event, cb, opaque):
             callback = libvirtaio.FDCallback(self, cb, opaque, descriptor=None, event=event)
@@ -156,14 +171,21 @@ def _thread_safe_events_class(libvirtaio):
     return _ThreadSafeEvents
 
 
+def register_error_handler() -> None:
+    """libvirt's errors are raised as exceptions; without this libvirt also prints each to stderr."""
+    libvirt, _, _ = load_libvirt()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+
 def register_events(loop: asyncio.AbstractEventLoop) -> None:
     """Dispatch libvirt's events on ``loop`` (before the first connection is opened)."""
     global _events
     libvirt, _, libvirtaio = load_libvirt()
-    if _events is not None and _events.loop is loop:
-        return
-    libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
-    _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
+    if _events is None:
+        register_error_handler()
+        _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
+    elif _events.loop is not loop:
+        _events.switch_loop(loop)
 
 
 # --- the host --------------------------------------------------------------------------------------
@@ -393,7 +415,6 @@ class LibvirtHost(Host):
             report.cpu = {"arch": "?", "mte": None, "source": "unknown: not connected"}
             report.verdict("error", self.unreachable_text())
             return report.to_dict()
-        src = f"libvirt at {self.uri}"
         report.fact("libvirt", f.get("libvirt_version"), "virConnectGetLibVersion")
         report.fact("hostname", f.get("hostname"), "virConnectGetHostname")
         report.fact("host UUID", f.get("host_uuid"), "capabilities host/uuid")
@@ -433,8 +454,13 @@ class LibvirtHost(Host):
         else:
             report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
                                    f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
-        report.fact("source", src, "the URI mtevm connects to")
         return report.to_dict()
+
+    def can_migrate_to(self, dst: Host) -> str | None:
+        """Only to another libvirt host (libvirt itself refuses "the same host")."""
+        if dst is self:
+            return f"host {self.name}: libvirt does not migrate a domain to the host it runs on"
+        return super().can_migrate_to(dst)
 
     def shown_state(self, state: str) -> str:
         """A VM of an unreachable host is ``unknown``: mtevm cannot see it."""
@@ -683,6 +709,37 @@ class LibvirtVm(GuestStatusView, RunningVm):
         _, libvirt_qemu, _ = load_libvirt()
         flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP if hmp else 0
         return await self.host._call(lambda conn: libvirt_qemu.qemuMonitorCommand(self._domain(conn), command, flags))
+
+    # ------------------------------------------------------------------- everyday operations
+    # Through libvirt's own calls (virsh suspend / resume / reset / domjobabort), so libvirt's view of
+    # the domain stays right; the bare-metal guest has no agent, so reboot is a reset and shutdown
+    # a destroy (the Service says so).
+    async def _dom_call(self, method: str, *args) -> None:
+        if self._gone:
+            raise StateError(f"VM '{self.name}': {self._gone}")
+        await self.host._call(lambda conn: getattr(self._domain(conn), method)(*args))
+
+    async def pause(self) -> None:
+        await self._dom_call("suspend")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self._dom_call("resume")
+        self.paused = False
+
+    async def refresh_run_state(self) -> None:
+        if not self._gone and self.host.status == "connected":
+            try:
+                state = await self.host._call(lambda conn: _domain_state(self._domain(conn)))
+            except MtevmError:
+                return
+            self.paused = state == "paused"
+
+    async def reset(self) -> None:
+        await self._dom_call("reset", 0)
+
+    async def cancel_migration(self) -> None:
+        await self._dom_call("abortJob")
 
     async def sample(self) -> list[dict]:
         if self._gone or self.host.status != "connected":

@@ -70,7 +70,8 @@ class LinuxVm(LocalVm):
         self.console.on_panic = self._on_panic
         self.agent: AgentClient | None = None
         if self.spec.guest.has_agent:
-            self.agent = AgentClient(self.proc.files.socket("agent"), self.spec.config.vcpus, self.proc.alive).start()
+            self.agent = AgentClient(self.proc.files.socket("agent"), self.spec.config.vcpus, self.proc.alive,
+                                     fault_address=self.spec.guest.fault_address).start()
         self._panicked = False
 
     # ------------------------------------------------------------------------------ state
@@ -150,14 +151,45 @@ class LinuxVm(LocalVm):
             raise StateError(f"VM '{self.spec.config.name}' is not running")
         return self.agent
 
+    @property
+    def has_agent(self) -> bool:
+        return self.agent is not None
+
+    async def guest_power(self, action: str, timeout: float) -> bool:
+        """The agent's clean ``poweroff`` (True once QEMU has exited) or ``reboot`` (True once the
+        rebooted guest's agent is back); False without an agent or when it did not happen in time."""
+        agent = self.agent
+        if agent is None or not agent.ready.is_set() or not self.proc.alive() or self._panicked:
+            return False
+        if action == "poweroff":
+            self.proc.stopping = True       # the exit that follows is no crash
+            try:
+                await agent.send({"type": "poweroff"})
+            except (MtevmError, OSError):
+                self.proc.stopping = False
+                return False
+            if await self.proc.wait(timeout):
+                return True
+            self.proc.stopping = False
+            return False
+        boots = agent.state.boots
+        try:
+            await agent.send({"type": action})
+        except (MtevmError, OSError):
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and self.proc.alive():
+            if agent.state.boots > boots and agent.ready.is_set():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def reset(self) -> None:
+        await super().reset()
+        self.console.panic, self._panicked = None, False
+
     async def stop(self) -> None:
         """Power off through the agent (clean), then QEMU quit / SIGTERM / SIGKILL if it does not."""
-        if self.agent is not None and self.agent.ready.is_set() and self.proc.alive() and not self._panicked:
-            self.proc.stopping = True
-            try:
-                await self.agent.send({"type": "poweroff"})
-            except (MtevmError, OSError):
-                pass
-            else:
-                await self.proc.wait(POWEROFF_TIMEOUT)
+        await self.guest_power("poweroff", POWEROFF_TIMEOUT)
         await super().stop()

@@ -15,8 +15,8 @@ import asyncio
 import json
 import logging
 import os
-import shlex
 import platform
+import shlex
 import shutil
 import socket
 import tempfile
@@ -214,6 +214,11 @@ class LocalHost(Host):
         argv = build_argv(config, launch, qemu=qemu or find_qemu(self.qemu_binary), extra_args=extra_args,
                           incoming=f"tcp:{LOOPBACK}:{incoming_port}" if incoming_port else incoming,
                           allow_host_files=spec.allow_host_files)
+        if guest.kind != "builtin" and config.accel == "tcg" and config.cpu == "max":
+            # Linux signs return addresses with pointer authentication; TCG's architected QARMA
+            # is slow, QEMU's implementation-defined algorithm is not (a guest-visible choice of
+            # -cpu max, made for kernels only: the builtin guest does not use PAC).
+            argv[argv.index("-cpu") + 1] = "max,pauth-impdef=on"
         if not incoming_port and not incoming:
             argv.append("-S")   # start paused; LocalVm.run_after_console lets it run
         return argv, params, block
@@ -228,6 +233,26 @@ class LocalHost(Host):
                 if attempt or "Address already in use" not in str(e):
                     raise
         raise AssertionError("unreachable")
+
+    def clone_storage(self, src: VmSpec, dst: VmSpec) -> list[str]:
+        """Copy each disk of ``src`` beside it as ``<name>-<clone><ext>`` (never over an existing
+        file); returns the copies in the same order, or removes them all and raises."""
+        made: list[str] = []
+        try:
+            for disk in src.guest.disks:
+                root, ext = os.path.splitext(disk)
+                copy = f"{root}-{dst.config.name}{ext}"
+                with open(disk, "rb") as fin, os.fdopen(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                         "wb") as fout:
+                    made.append(copy)
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+        except FileExistsError as e:
+            _remove_all(made)
+            raise ConfigError(f"clone: {e.filename} already exists; move it away or clone under another name") from None
+        except OSError as e:
+            _remove_all(made)
+            raise ConfigError(f"clone: cannot copy disk {e.filename}: {e.strerror}") from None
+        return made
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot_refusal(self) -> str | None:
@@ -372,6 +397,11 @@ class LocalHost(Host):
             await vm.close_channels()
             await vm.proc.detach()
         self.vms.clear()
+
+
+def _remove_all(paths: list[str]) -> None:
+    for path in paths:
+        _remove(path)
 
 
 MIGRATING = ("setup", "active", "device", "pre-switchover", "wait-unplug", "cancelling",

@@ -14,6 +14,9 @@ CPU_MODELS: dict[str, int] = {
     "max": 3,             # aarch64_max_initfn: ID_AA64PFR1.MTE = 3 (FEAT_MTE3)
     "cortex-a710": 2,     # ID_AA64PFR1 = 0x221 (QEMU 8.2)
     "neoverse-n2": 2,     # ID_AA64PFR1 = 0x221 (QEMU 8.2)
+    "cortex-a35": 0,
+    "cortex-a53": 0,
+    "cortex-a55": 0,
     "cortex-a57": 0,
     "cortex-a72": 0,
     "cortex-a76": 0,

@@ -69,6 +69,7 @@ class QemuFiles:
     @classmethod
     def new(cls, runtime_dir: str) -> "QemuFiles":
         ensure_private_dir(runtime_dir)        # checked, never through another user's symlink
+        prune_logs(runtime_dir)
         launch_id = secrets.token_hex(4)
         sock = os.path.join(runtime_dir, f"qmp-{launch_id}.sock")
         socket_dir = None
@@ -129,6 +130,25 @@ def read_tail(path: str, lines: int = 20) -> list[str]:
     return list(deque((ln for ln in text.splitlines() if ln.strip()), maxlen=lines))
 
 
+KEEP_LOGS = 3               # QEMU logs of ended launches kept per VM (a crash's stderr stays readable)
+
+
+def prune_logs(runtime_dir: str, keep: int = KEEP_LOGS) -> list[str]:
+    """Remove the QEMU logs of ended launches (no launch record: that QEMU is gone) beyond the
+    newest ``keep``, so a VM restarted many times does not pile up logs; returns what went."""
+    try:
+        names = os.listdir(runtime_dir)
+    except OSError:
+        return []
+    live = {n[len("launch-"):-len(".json")] for n in names if n.startswith("launch-") and n.endswith(".json")}
+    ended = [n for n in names if n.startswith("qemu-") and n.endswith(".log") and n[5:-4] not in live]
+    ended.sort(key=lambda n: _mtime(os.path.join(runtime_dir, n)), reverse=True)
+    gone = ended[keep:]
+    for name in gone:
+        _unlink(os.path.join(runtime_dir, name))
+    return gone
+
+
 def write_record(path: str, record: dict) -> None:
     """Write a launch record durably (temporary file, fsync, rename): a reader sees all of it or none."""
     tmp = f"{path}.tmp"
@@ -169,11 +189,12 @@ def _mtime(path: str) -> float:
 
 def marked_processes(root: str) -> dict[int, int]:
     """{pid: start time} of this user's live processes that carry mtevm's mark for ``root`` (a
-    hosts' VM runtime root): an argument naming a file under it that only mtevm's QEMU command
-    line names (``-qmp unix:<root>/...`` or ``-device loader,file=<root>/...``). A launch the
-    daemon did not live to record is found this way; never by process name."""
+    hosts' VM runtime root): an option naming a file under it as only mtevm's QEMU command line
+    does (``-qmp unix:<root>/...`` or ``-device loader,file=<root>/...``; a ``socat unix:...`` on
+    a console socket is not one). A launch the daemon did not live to record is found this way;
+    never by process name."""
     prefix = os.fsencode(os.path.join(os.path.abspath(root), ""))
-    marks = (b"unix:" + prefix, b"loader,file=" + prefix)
+    marks = {b"-qmp": b"unix:" + prefix, b"-device": b"loader,file=" + prefix}   # option -> its value
     uid = os.getuid()
     found = {}
     for entry in os.listdir("/proc"):
@@ -186,7 +207,7 @@ def marked_processes(root: str) -> dict[int, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if any(arg.startswith(marks) for arg in argv):
+        if any(marks.get(opt) and value.startswith(marks[opt]) for opt, value in zip(argv, argv[1:])):
             start = proc_start_time(int(entry))
             if start is not None:
                 found[int(entry)] = start

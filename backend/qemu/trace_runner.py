@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from backend.machine import VirtMachineConfig
 from backend.qemu.argv import QEMU_BINARY as DEFAULT_QEMU, LaunchFiles, build_argv, quote_option
 from backend.qemu.driver import QemuFiles, QemuProcess
 from backend.qemu.guest_abi import GUEST_ELF
+from backend.paths import open_private_path
 
 BOOT_TIMEOUT = 60.0        # seconds for the whole batch (TCG on a busy 2-core machine)
 TRACE_VM = VirtMachineConfig(name="trace", vcpus=1, memory=256 << 20)   # virt,mte=on, -cpu max, TCG
@@ -137,7 +139,8 @@ async def run_traces_in_qemu_async(traces: Sequence[Iterable[Mapping[str, Any] |
     total = sum(len(t) + 1 for t in parsed)          # each trace starts with a reset record
     with tempfile.TemporaryDirectory(prefix="mtevm-trace-") as tmp:
         d = Path(tmp)
-        (d / "params.bin").write_bytes(params)
+        with os.fdopen(open_private_path(str(d / "params.bin"), os.O_WRONLY, exclusive=True), "wb") as f:
+            f.write(params)
         files = QemuFiles.new(tmp)
         argv = qemu_argv(qemu, d / "params.bin", Path(files.qmp_socket), d / "serial.log")
         # The driver launches, connects QMP and always stops (by pidfd) and reaps this QEMU.

@@ -77,3 +77,15 @@ async def test_booleans_are_not_numbers_in_a_workload(inproc_client, key):
     with pytest.raises(ConfigError, match=f"workload {key}: True is not"):
         await inproc_client.create({"name": "b", "workload": {key: True}})
     assert await inproc_client.list() == []
+
+
+def test_slow_operations_are_awaited_as_long_as_the_daemon_lets_them_run():
+    """The client's timeout is for a daemon that does not answer, not for an operation that rightly
+    takes long: each such route waits at least as long as the daemon allows the operation."""
+    from backend.daemon import vm_operations
+    from backend.daemon.api import ROUTES
+    from backend.hosts import local
+    assert ROUTES["snapshot_save"].may_take >= local.SAVE_TIMEOUT
+    assert ROUTES["snapshot_restore"].may_take >= local.SAVE_TIMEOUT
+    assert ROUTES["shutdown"].may_take >= vm_operations.SHUTDOWN_TIMEOUT
+    assert ROUTES["reboot"].may_take >= vm_operations.REBOOT_TIMEOUT

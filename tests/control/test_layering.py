@@ -54,3 +54,44 @@ def test_front_ends_and_backend_import_no_cycle_through_the_cli():
             seen.add(m)
             todo += graph.get(m, ())
     assert "backend.cli" not in seen
+
+
+# Where files are made in the runtime and state directories: only through backend.paths' helpers
+# (O_NOFOLLOW relative to a checked directory), never by path string (issue 11, item 2). The
+# guest-image builder (backend/guests/linux) writes to its download cache, not to those dirs.
+GUARDED = ("backend/daemon", "backend/qemu", "backend/hosts", "backend/store.py", "backend/client.py",
+           "backend/cli.py", "tui")
+
+
+def _path_file_creations(path: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
+        what = None
+        if name == "open" and owner is None:
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            if isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax+"):
+                what = f"open(..., {mode.value!r})"
+        elif name in ("makedirs", "mkdir") and owner == "os" or name in ("write_text", "write_bytes", "touch"):
+            what = name
+        elif name == "open" and owner == "os" and "O_CREAT" in ast.dump(node):
+            what = "os.open(O_CREAT)"
+        if what:
+            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {what}")
+    return found
+
+
+def test_files_are_created_only_through_the_private_path_helpers():
+    offenders = []
+    for part in GUARDED:
+        top = os.path.join(ROOT, part)
+        files = [top] if top.endswith(".py") else [os.path.join(d, f) for d, _, fs in os.walk(top)
+                                                     for f in fs if f.endswith(".py")]
+        for path in files:
+            offenders += _path_file_creations(path)
+    assert offenders == [], ("create files with backend.paths.open_private_file/open_private_path/"
+                             f"ensure_private_dir instead: {offenders}")

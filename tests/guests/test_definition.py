@@ -105,6 +105,7 @@ def test_a_custom_guest_is_persisted_shown_and_gives_its_command_line(run_mtevm,
     assert argv[argv.index("-initrd") + 1] == str(initrd)
     assert argv[argv.index("-append") + 1] == "console=ttyAMA0 root=/dev/vda rw"
     assert "-nodefaults" in argv and argv[argv.index("-nic") + 1] == "none"
+    assert argv[argv.index("-cpu") + 1] == "max,pauth-impdef=on"     # TCG's fast pointer authentication
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives == [f"file={raw},format=raw,if=none,id=disk0",
                       f"file={str(qcow).replace(',', ',,')},format=qcow2,if=none,id=disk1"]
@@ -122,3 +123,17 @@ def test_a_custom_guest_is_persisted_shown_and_gives_its_command_line(run_mtevm,
     assert b["guest"] == {"kind": "builtin"}
     bargv = ok(run_mtevm, "show", "b", "--argv")
     assert bargv[bargv.index("-kernel") + 1].endswith("mtevm-guest.elf") and "-append" not in bargv
+    assert bargv[bargv.index("-cpu") + 1] == "max"
+
+
+def test_a_clone_keeps_the_guest_but_not_shared_disks(run_mtevm, tmp_path):
+    image = arm64_image(tmp_path / "Image")
+    ok(run_mtevm, "create", "k", "--host", "local", "--guest", "custom", "--kernel", image, "--append", "quiet")
+    assert ok(run_mtevm, "clone", "k", "k2")["guest"] == {"kind": "custom", "kernel": image, "append": "quiet"}
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(4096))
+    ok(run_mtevm, "create", "d", "--host", "local", "--guest", "custom", "--kernel", image, "--disk", str(disk))
+    # issue 12: the clone gets its own copy of each disk (beside it), never the same image
+    d2 = ok(run_mtevm, "clone", "d", "d2")
+    assert d2["guest"]["disks"] == [str(tmp_path / "d-d2.raw")] == d2["copied"]
+    assert (tmp_path / "d-d2.raw").read_bytes() == disk.read_bytes()

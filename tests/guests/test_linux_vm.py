@@ -74,14 +74,14 @@ def vm_faults(vm: dict) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def lx(linux_image, tmp_path_factory):
     """A running ``linux`` VM, 2 vCPUs, the workload on with tcf none (its checked accesses move, it
-    takes no faults: every fault the guest counts is the tests' own)."""
+    takes no faults: every fault the guest counts is the tests' own), sync fault addresses on."""
     base = tmp_path_factory.mktemp("lx")
     paths = Paths(str(base / "run"), str(base / "state"))
     cli = Cli(paths)
     try:
         vm = cli.json("create", "lx", "--host", "local", "--guest", "linux", "--vcpus", "2", "--memory", "256M",
-                      "--tcf", "none", "--rate", "2000")
-        assert vm["guest"] == {"kind": "linux"}
+                      "--tcf", "none", "--rate", "2000", "--fault-address")
+        assert vm["guest"] == {"kind": "linux", "fault_address": True}
         cli.json("start", "lx")
         cli.wait(agent_connected, "the guest agent connects")
         yield cli
@@ -131,6 +131,10 @@ def test_exact_fault_counts_of_a_program_run_with_exec(lx, linux_image):
     mine = [f for f in vm["last_faults"] if f.get("pid") == result["pid"]]
     assert mine and all(f["comm"] == "mte-faults" and f["vcpu"] in (0, 1) for f in mine)
     assert all((f["addr"] is None) == (f["kind"] == "async") for f in mine)
+    few = exec_json(lx, program(linux_image, "mte-faults"), "3", "0")
+    vm = lx.wait(lambda v: any(f.get("pid") == few["pid"] for f in v["last_faults"]), "the sync faults' events")
+    sync = [f for f in vm["last_faults"] if f.get("pid") == few["pid"]]
+    assert sync and all(f["kind"] == "sync" and f["addr"].startswith("0x") and 0 <= f["ptr_tag"] <= 15 for f in sync)
 
 
 def test_exec_streams_output_and_returns_the_exit_status(lx, linux_image, tmp_path):
@@ -186,6 +190,31 @@ def test_the_console_through_a_real_pty(lx):
     assert "mtevm: init ready" in log and "hello-42" in log
 
 
+def test_the_console_over_a_real_ssh_connection(lx, tmp_path):
+    """``ssh -t host mtevm console lx`` from a real pty, through a real sshd on loopback: the remote
+    terminal goes raw (the guest's shell echoes), ctrl+] detaches, ssh ends cleanly."""
+    import shlex
+
+    from tests.helpers import mtevm_executable
+    from tests.helpers.sshd import SshServer
+    with SshServer(tmp_path / "ssh") as sshd:
+        remote = (f"exec env MTEVM_RUNTIME_DIR={shlex.quote(lx.paths.runtime_dir)} "
+                  f"MTEVM_STATE_DIR={shlex.quote(lx.paths.state_dir)} {shlex.quote(mtevm_executable())} console lx")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(sshd.ssh_argv(remote), stdin=slave, stdout=slave, stderr=slave,
+                                start_new_session=True)
+        os.close(slave)
+        try:
+            read_until(master, b"detach: ^]")
+            os.write(master, b"echo over-ssh-$((40+2))\r")
+            read_until(master, b"over-ssh-42")
+            os.write(master, b"\x1d")
+            read_until(master, b"Detached from the console.")
+            assert proc.wait(20) == 0
+        finally:
+            reap(master, proc)
+
+
 def test_the_kernels_mte_selftests_pass(lx):
     r = lx.run("selftest", "lx", *FAST_SELFTESTS, "--json", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -202,6 +231,60 @@ def test_the_kernels_mte_selftests_pass(lx):
     assert r.returncode == 2 and "no selftest named check_nothing" in r.stderr
 
 
+async def test_the_app_shows_the_guest_its_console_processes_and_selftests(lx, linux_image):
+    """The VM detail of the real app on the real daemon: the guest's facts, the per-process fault
+    table, the live console (what the guest prints after the screen opened, too), QEMU's command
+    line; ``t`` runs the selftests screen."""
+    from textual.widgets import DataTable, Log, Static
+
+    from backend.client import connect
+    from tui.app import MtevmApp
+    from tui.screens.vm_detail import VmDetailScreen
+
+    async def factory():
+        return await connect(runtime_dir=lx.paths.runtime_dir, state_dir=lx.paths.state_dir, start_daemon=False)
+
+    app = MtevmApp(factory)
+    async with app.run_test(size=(160, 60)) as pilot:
+        await pilot.pause(1)
+        screen = VmDetailScreen("lx")
+        await app.push_screen(screen)
+        await pilot.pause(0.5)
+
+        async def until(check, what: str, timeout: float = 30.0) -> None:
+            for _ in range(int(timeout * 10)):
+                if check():
+                    return
+                await pilot.pause(0.1)
+            raise AssertionError(what)
+
+        await until(lambda: any("mtevm: init ready" in ln for ln in screen.query_one("#console", Log).lines),
+                    "the console's log in the detail")
+        config = str(screen.query_one("#vm-config", Static).render())
+        assert "guest linux" in config and "HWCAP2 MTE MTE3" in config
+        result = await asyncio.to_thread(exec_json, lx, linux_image.program("mte-faults"), "2", "1")
+        await until(lambda: f"{result['pid']:>7}  mte-faults" in str(screen.query_one("#procs", Static).render()),
+                    "the program's faults in the process table")
+        assert "-kernel" in str(screen.query_one("#argv", Static).render())
+        # something printed on the console now reaches the open screen live
+        master, proc = await asyncio.to_thread(attach, lx)
+        try:
+            os.write(master, b"echo live-$((40+2))\r")
+            await asyncio.to_thread(read_until, master, b"live-42")
+        finally:
+            await asyncio.to_thread(detach, master, proc)
+        await until(lambda: any("live-42" in ln for ln in screen.query_one("#console", Log).lines),
+                    "live console output in the detail")
+
+        await pilot.press("t")
+        await until(lambda: app.screen is not screen, "the selftests screen")
+        table = app.screen.query_one(DataTable)
+        passed = lambda: sum(1 for i in range(table.row_count) if table.get_row_at(i)[1] == "pass")  # noqa: E731
+        await until(lambda: passed() >= 5, "five selftests pass on the screen", 120)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert not any(r[1] == "fail" for r in rows), rows
+
+
 def test_a_new_daemon_reattaches_console_and_agent(lx, linux_image):
     before = lx.json("show", "lx")
     r = lx.run("daemon", "stop")
@@ -210,10 +293,7 @@ def test_a_new_daemon_reattaches_console_and_agent(lx, linux_image):
     assert vm_faults(vm) == vm_faults(before)                   # the guest kept its totals
     result = exec_json(lx, program(linux_image, "mte-faults"), "3", "0")
     assert result["faults"] == {"sync": 3, "async": 0}
-    vm = lx.wait(lambda v: vm_faults(v)[0] == vm_faults(before)[0] + 3, "counters continue after reattach")
-    sync = [f for f in vm["last_faults"] if f.get("pid") == result["pid"]]
-    assert len(sync) == 3 and all(f["kind"] == "sync" and f["addr"].startswith("0x") and 0 <= f["ptr_tag"] <= 15
-                                  for f in sync)
+    lx.wait(lambda v: vm_faults(v)[0] == vm_faults(before)[0] + 3, "counters continue after reattach")
     master, proc = attach(lx)                                   # the console is back too
     try:
         os.write(master, b"echo again-$((2*21))\r")
@@ -234,6 +314,18 @@ def test_a_local_migration_keeps_counting(lx, linux_image):
     assert result["faults"] == {"sync": 4, "async": 2}
     lx.wait(lambda v: vm_faults(v) == (vm_faults(before)[0] + 4, vm_faults(before)[1] + 2),
             "counters continue on the destination")
+
+
+def test_reboot_goes_through_the_guest_agent(lx):
+    before = lx.json("show", "lx")
+    assert vm_faults(before) != (0, 0)
+    vm = lx.json("reboot", "lx", timeout=180)
+    assert vm["outcome"]["how"] == "agent", vm["outcome"]
+    vm = lx.wait(agent_connected, "the agent after the reboot")
+    assert vm_faults(vm) == (0, 0) and vm["processes"] == []          # a new boot counts anew
+    log = lx.json("console", "lx", "--log", "--lines", "400")["lines"]
+    assert any("reboot: Restarting system" in line for line in log)
+    assert log.count("mtevm: init ready") >= 2
 
 
 def test_stop_powers_the_guest_off_and_a_panic_shows_as_crashed(lx):

@@ -8,8 +8,8 @@ all real. See tests/helpers/libvirtd.py for how a host gets its own /etc, /run, 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,12 @@ import pytest
 
 from tests.helpers.libvirtd import LibvirtDaemon
 from tests.helpers.sshd import SshServer
+
+
+# Fixed (and different: libvirt refuses a migration to "the same host"), so snapshots that show
+# the probe are the same on every run.
+UUID_A = "6d7e0b6a-1f0e-4c55-9a53-3b8e2f4c0a01"
+UUID_B = "6d7e0b6a-1f0e-4c55-9a53-3b8e2f4c0b02"
 
 
 @dataclass
@@ -48,8 +54,8 @@ def _warm(daemon: LibvirtDaemon) -> None:
 def libvirt_hosts():
     # Not pytest's tmp_path: its directories are 0700 and QEMU runs as libvirt-qemu.
     base = Path(tempfile.mkdtemp(prefix="mtevm-libvirt-"))
-    a = LibvirtDaemon(base / "a", "mtevm-lva", str(uuid.uuid4()))
-    b = LibvirtDaemon(base / "b", "mtevm-lvb", str(uuid.uuid4()))
+    a = LibvirtDaemon(base / "a", "mtevm-lva", UUID_A)
+    b = LibvirtDaemon(base / "b", "mtevm-lvb", UUID_B)
     sshd = None
     try:
         a.start()
@@ -64,3 +70,26 @@ def libvirt_hosts():
         b.stop()
         a.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def clean(daemon: LibvirtDaemon) -> None:
+    """Destroy and undefine every domain and delete mtevm's volumes: each test starts on empty hosts."""
+    def virsh(*args):
+        return subprocess.run(["virsh", "-q", "-c", daemon.uri, *args], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    if daemon.libvirtd_pid is None:
+        daemon.start_libvirtd()
+    for name in virsh("list", "--all", "--name").stdout.split():
+        virsh("destroy", name)
+        virsh("undefine", name)
+    for line in virsh("vol-list", "mtevm").stdout.splitlines():
+        if line.split():
+            virsh("vol-delete", "--pool", "mtevm", line.split()[0])
+
+
+@pytest.fixture
+def libvirt_env(libvirt_hosts):
+    """The session's libvirt hosts, emptied after the test (whatever it left behind)."""
+    yield libvirt_hosts
+    clean(libvirt_hosts.a)
+    clean(libvirt_hosts.b)

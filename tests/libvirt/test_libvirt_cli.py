@@ -40,8 +40,8 @@ def wait_for(check, timeout: float, what: str):
         raise AssertionError(str(e)) from None
 
 
-def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_hosts, run_mtevm):
-    h = libvirt_hosts
+def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_env, run_mtevm):
+    h = libvirt_env
     qemu_version = ok(subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True))
 
     def js(*args):
@@ -88,6 +88,11 @@ def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_hosts, run_
     later = wait_for(lambda: (c := js("counters", "v1"))["vm"]["checked"] > first["vm"]["checked"] + 1000 and c,
                      30, "v1's counters to rise")
     assert later["vm"]["sync_faults"] > 0
+    # the domain runs under libvirt, not the daemon: a new daemon picks it up
+    ok(run_mtevm("daemon", "stop"))
+    assert vm("v1")["state"] == "running"
+    c = js("counters", "v1")["vm"]["checked"]
+    wait_for(lambda: js("counters", "v1")["vm"]["checked"] > c, 20, "v1's counters after a daemon restart")
 
     # -- a domain mtevm did not make: listed, read-only ---------------------------------------------
     ok(virsh(h.uri_a, "define", "/dev/stdin", input=(
@@ -161,13 +166,17 @@ def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_hosts, run_
     ok(run_mtevm("mte", "v1", "off"))
     assert vm("v1")["pending"] == {"mte": False} and "mte=on" in ok(virsh(h.uri_a, "dumpxml", "v1"))
 
-    # -- clean up: stop, delete (undefine), remove the hosts -------------------------------------
-    r = run_mtevm("host", "remove", "hosta")
-    assert r.returncode == 1 and "has VMs defined by mtevm (v1)" in r.stderr
-    ok(run_mtevm("stop", "v1"))
+    # -- a domain destroyed behind mtevm's back: libvirt's event, the VM crashed with the reason -------
+    ok(virsh(h.uri_a, "destroy", "v1"))
+    crashed = wait_for(lambda: (v := vm("v1"))["state"] == "crashed" and v, 20, "v1 to show as crashed")
+    assert "destroyed outside mtevm" in crashed["last_error"]
     assert vm("v1")["pending"] == {"mte": False} and "mte=on" in ok(virsh(h.uri_a, "dumpxml", "v1"))
     ok(run_mtevm("mte", "v1", "off"))                  # stopped: the domain is redefined at once
     assert not vm("v1")["pending"] and "mte=off" in ok(virsh(h.uri_a, "dumpxml", "v1"))
+
+    # -- clean up: delete (undefine), remove the hosts --------------------------------------------
+    r = run_mtevm("host", "remove", "hosta")
+    assert r.returncode == 1 and "has VMs defined by mtevm (v1)" in r.stderr
     ok(run_mtevm("delete", "v1", "--yes"))
     assert virsh(h.uri_a, "dominfo", "v1").returncode != 0
     assert "v1." not in ok(virsh(h.uri_a, "vol-list", "mtevm"))

@@ -102,3 +102,21 @@ async def test_real_qemu_under_kvm_reports_kvm_mte_and_the_seed_blocker(tmp_path
         assert await vm.blocked_reasons() == ["Live migration disabled due to MTE enabled"]
     finally:
         await vm.stop()
+
+
+@pytest.mark.qemu
+async def test_a_snapshot_of_a_kvm_mte_vm_is_refused_with_qemus_text(tmp_path):
+    """KVM MTE without tag migration: QEMU (9.2+) blocks migration, so a snapshot (its state written
+    by migration) is refused with QEMU's own blocker text, as QEMU's savevm refuses it."""
+    from backend.client import connect
+    from backend.errors import MigrationError
+    c = await connect(in_process=True, runtime_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"))
+    try:
+        await c.create({"name": "k", "host": "local", "accel": "kvm", "cpu": "host", "vcpus": 1, "memory": "128M"})
+        await c.start("k")
+        with pytest.raises(MigrationError, match="^Live migration disabled due to MTE enabled$"):
+            await c.snapshot_save("k")
+        assert await c.snapshot_list("k") == []
+        await c.stop("k")
+    finally:
+        await c.close()

@@ -157,14 +157,17 @@ def test_a_launch_the_daemon_never_recorded_is_reaped_by_its_mark_not_by_name(ru
     other = subprocess.Popen([shutil.which("qemu-system-aarch64"), "-M", "virt", "-nodefaults", "-display", "none",
                               "-qmp", f"unix:{tmp_path}/other.sock,server=on,wait=off"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Nor a user's tool that names a socket of the VM (as `socat - unix:.../serial.sock` would).
+    console = subprocess.Popen(["sh", "-c", "sleep 60", f"unix:{mtevm_paths.vm_runtime_root}/boot/serial.sock"])
     try:
         [vm] = ok(run_mtevm, "list")
         assert vm["state"] == "stopped"
         assert proc_start_time(held) is None         # killed by the new daemon (at most a zombie of init's)
-        assert other.poll() is None                  # not ours: left alone
+        assert other.poll() is None and console.poll() is None    # not ours: left alone
     finally:
-        other.kill()
-        other.wait()
+        for p in (other, console):
+            p.kill()
+            p.wait()
     assert qemus(mtevm_paths) == []
 
 
@@ -236,6 +239,41 @@ def test_kill_after_qemu_completed_the_migration_adopts_the_destination(run_mtev
     [m] = ok(run_mtevm, "migrations")
     assert m["state"] == "completed" and m["progress"] == 1.0, m
     assert ok(run_mtevm, "counters", "mover")["vm"]["checked"] >= before   # the guest's counters moved with it
+    counting(run_mtevm, "mover")
+    ok(run_mtevm, "stop", "mover")
+    assert qemus(mtevm_paths) == []
+
+
+def test_kill_while_qemu_migrates_then_the_unwatched_migration_is_cancelled(run_mtevm, mtevm_paths, wrap):
+    """A migration still running when the next daemon starts gets SETTLE_TIMEOUT to finish; this one
+    cannot (its bandwidth is 1 KiB/s), so it is cancelled and the VM stays on its source."""
+    d, env = wrap
+    ok(run_mtevm, "create", "mover", *SMALL_VM, env=env)
+    (d / "monitor").touch()
+    ok(run_mtevm, "start", "mover", env=env)
+    [source] = qemus(mtevm_paths)
+
+    async def scenario():
+        qmp = await monitor(d, source)
+        try:
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1024})
+            client = background(run_mtevm, "migrate", "mover", "--to", "local", env=env)
+            while await migration_status(qmp) != "active":
+                await asyncio.sleep(0.02)
+            kill_daemon(mtevm_paths)
+            finish(client)
+            assert await migration_status(qmp) == "active"    # QEMU migrates on, unwatched
+        finally:
+            await qmp.disconnect()
+    asyncio.run(scenario())
+    assert len(qemus(mtevm_paths)) == 2
+
+    [vm] = ok(run_mtevm, "list")
+    assert vm["state"] == "running"
+    assert qemus(mtevm_paths) == [source]
+    [m] = ok(run_mtevm, "migrations")
+    assert (m["state"], m["reason"]) == ("failed", "the daemon stopped during the migration, which QEMU had "
+                                                   "not completed; the VM runs on its source")
     counting(run_mtevm, "mover")
     ok(run_mtevm, "stop", "mover")
     assert qemus(mtevm_paths) == []

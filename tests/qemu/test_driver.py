@@ -12,7 +12,7 @@ import pytest
 
 from backend.errors import ConfigError, RealizeError
 from backend.qemu.argv import build_argv, format_memory, validate_extra_args, LaunchFiles
-from backend.qemu.driver import QemuFiles, QemuProcess, StopTimeouts, proc_start_time, qemus_mentioning
+from backend.qemu.driver import KEEP_LOGS, QemuFiles, QemuProcess, StopTimeouts, proc_start_time, qemus_mentioning
 
 pytestmark = pytest.mark.qemu
 
@@ -221,3 +221,20 @@ def test_argv_from_a_config():
                     "-qmp", "unix:/run/x,,y/qmp.sock,server=on,wait=off",
                     "-device", "loader,file=/run/p.bin,addr=0x40200000,force-raw=on",
                     "-only-migratable", "-device", "foo", "-incoming", "tcp:127.0.0.1:5555"]
+
+
+def test_a_new_launch_prunes_the_logs_of_ended_launches_but_keeps_the_newest(tmp_path):
+    """A VM restarted many times keeps the last KEEP_LOGS QEMU logs of ended launches (and every
+    live QEMU's log, which has its launch record), not one log per start for ever."""
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir(mode=0o700)
+    ended = [f"qemu-{i:08x}.log" for i in range(6)]
+    for age, name in enumerate(reversed(ended)):          # ended[5] is the newest
+        (vm_dir / name).write_text("old\n")
+        os.utime(vm_dir / name, (1000 - age, 1000 - age))
+    (vm_dir / "qemu-live0000.log").write_text("running\n")  # the oldest, but its QEMU still runs
+    os.utime(vm_dir / "qemu-live0000.log", (1, 1))
+    (vm_dir / "launch-live0000.json").write_text("{}")
+    QemuFiles.new(str(vm_dir))
+    left = sorted(p.name for p in vm_dir.iterdir() if p.suffix == ".log")
+    assert left == sorted(ended[-KEEP_LOGS:] + ["qemu-live0000.log"])

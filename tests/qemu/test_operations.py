@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from backend.errors import ConfigError, MtevmError, NotFoundError, StateError
 from backend.qemu.driver import kill_strays
+from tests.helpers.polling import until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio(loop_scope="module")]
 VM = "ops1"
@@ -38,18 +39,6 @@ async def client():
 
 async def counters(client) -> dict:
     return (await client.counters(VM))["vm"]
-
-
-async def until(what: str, check, timeout: float = 20.0, period: float = 0.1):
-    """Poll the async ``check`` until it returns something true (the guest runs in TCG time)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(period)
 
 
 async def guest_counting(client, above: int = 0) -> dict:
@@ -149,12 +138,17 @@ async def test_a_restore_across_a_changed_definition_is_refused_with_the_reason(
     assert vm["pending"] == {}
 
 
-async def test_edit_is_checked_by_the_decision_tree(client):
-    from backend.errors import RealizeError
-    with pytest.raises(RealizeError, match="MTE requested, but not supported by the guest CPU"):
-        await client.edit(VM, {"cpu": "cortex-a57"})
+async def test_edit_is_judged_by_the_decision_tree(client):
+    # As create: a definition that cannot start here is kept, with QEMU's text as the warning.
+    vm = await client.edit(VM, {"cpu": "cortex-a57"})
+    assert vm["pending"] == {"cpu": "cortex-a57"}
+    assert vm["warnings"] == ["MTE requested, but not supported by the guest CPU"]
+    vm = await client.edit(VM, {"cpu": "max"})
+    assert vm["pending"] == {} and vm["warnings"] == []
     with pytest.raises(ConfigError, match="host cannot be edited"):
         await client.edit(VM, {"host": "sim-mte"})
+    with pytest.raises(ConfigError, match="vcpus"):
+        await client.edit(VM, {"vcpus": 0})
     assert (await client.show(VM))["pending"] == {}
 
 

@@ -153,11 +153,36 @@ def scenario(name):
         await wait_for(pilot, lambda: pilot.app.screen.query("CommandList") and
                        pilot.app.screen.query_one("CommandList").option_count == 3, "the matching commands")
 
+    async def snapshots_refused(pilot, hosts):
+        # The snapshots of a KVM MTE VM: saving is refused with QEMU's own blocker text.
+        await one_buggy_vm(pilot, hosts)
+        await pilot.press("S")
+        await wait_for(pilot, lambda: pilot.app.screen.id == "snapshots", "the snapshots screen")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: pilot.app.screen.query("#prompt-input"), "the tag question")
+        await pilot.press(*"before", "enter")
+        await wait_for(pilot, lambda: pilot.app.screen.id == "snapshots" and "MTE enabled" in
+                       str(pilot.app.screen.query_one("#snapshot-message").render()), "the refusal")
+
+    async def clone_prompt(pilot, hosts):
+        await one_buggy_vm(pilot, hosts)
+        await pilot.press("C")
+        await wait_for(pilot, lambda: pilot.app.screen.query("#prompt-input"), "the clone's name question")
+
+    async def edit_form(pilot, hosts):
+        # Every field of the create form, the VM's pending changes shown as the values it boots with next.
+        await one_buggy_vm(pilot, hosts)
+        await pilot.app.client.edit("web1", {"vcpus": 4, "memory": "512M"})
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: getattr(pilot.app.screen, "detail", None), "the VM detail")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: getattr(pilot.app.screen, "verdict", None), "the edit form's verdict")
+
     return locals()[name]
 
 
 SCREENS = ["vm_list", "vm_detail", "vm_form", "hosts_screen", "migrations", "confirm", "migrate_dialog",
-           "help_screen", "palette", "daemon_lost"]
+           "help_screen", "palette", "daemon_lost", "snapshots_refused", "clone_prompt", "edit_form"]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -105,7 +105,13 @@ class FaultList(Vertical):
             if f is None:
                 row.set({k: "" for k, _ in FAULT_COLUMNS})
             else:
-                row.set({"vcpu": str(f.get("vcpu", "")), "kind": f.get("kind", ""), "addr": f.get("addr", ""),
-                         "ptr_tag": f"{f.get('ptr_tag', 0):x}", "mem_tag": f"{f.get('mem_tag', 0):x}",
-                         "access": f.get("access", ""), "size": str(f.get("size", "")),
+                row.set({"vcpu": str(f.get("vcpu", "")), "kind": f.get("kind", ""), "addr": f.get("addr") or "-",
+                         "ptr_tag": _hex(f.get("ptr_tag")), "mem_tag": _hex(f.get("mem_tag")),
+                         "access": f.get("access") or "-", "size": str(f.get("size") or "-"),
                          "age": fmt.age(f.get("time"), now)})
+
+
+def _hex(tag: int | None) -> str:
+    """A tag in hex; '-' where it is not known (a Linux guest reports no memory tag, and no address
+    or pointer tag for an async fault)."""
+    return "-" if tag is None else f"{tag:x}"

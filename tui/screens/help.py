@@ -13,6 +13,8 @@ SECTIONS = [
     ("Everywhere", keymap.APP_KEYS),
     ("VMs (list and detail)", keymap.VM_KEYS),
     ("VM list", keymap.LIST_KEYS),
+    ("Snapshots of a VM", keymap.SNAPSHOT_KEYS),
+    ("Migrations", keymap.MIGRATION_KEYS),
     ("Forms", keymap.FORM_KEYS),
     ("Stop/delete questions", keymap.CONFIRM_KEYS),
     ("Other screens", keymap.BACK_KEYS),

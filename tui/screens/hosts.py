@@ -1,7 +1,9 @@
 """Hosts and their capability probe: each fact with where it was read, and verdicts in plain words.
 
 The probe is the daemon's (``client.probe(host)``): for "local" it is the real /dev/kvm, cpuinfo
-and qemu binary of the daemon's machine, nothing here is assumed.
+and qemu binary of the daemon's machine, nothing here is assumed. libvirt hosts (``mtevm host
+add``) show their connection (connected, or unreachable with libvirt's reason) and the libvirt and
+QEMU versions they report; the table follows their connection as it changes (host events).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from backend.errors import MtevmError
 from tui import format as fmt
 from tui import keymap
 from tui.components.status import screen_bottom
+from tui.live import HostChanged
 
 VERDICT_STYLE = {"ok": ("✔", "$success"), "warn": ("!", "$warning"), "error": ("✘", "$error")}
 
@@ -60,6 +63,13 @@ def facts_table(report: dict) -> Table:
     return table
 
 
+def host_versions(host: dict) -> str:
+    """"11.3.0/10.0.2" for a connected libvirt host, "-" otherwise."""
+    if host.get("libvirt_version"):
+        return f"{host['libvirt_version']}/{host.get('qemu_version') or '?'}"
+    return "-"
+
+
 class HostsScreen(Screen):
     BINDINGS = keymap.bindings(keymap.BACK_KEYS)
     TITLE = "Hosts"
@@ -73,7 +83,7 @@ class HostsScreen(Screen):
         yield Header(show_clock=False)
         table = DataTable(id="host-table", cursor_type="row")
         for key, label in (("name", "host"), ("kind", "kind"), ("arch", "arch"), ("kvm_mte", "KVM MTE"),
-                           ("available", "available")):
+                           ("connection", "connection"), ("versions", "libvirt/QEMU"), ("available", "available")):
             table.add_column(label, key=key)
         yield table
         with VerticalScroll(id="probe-body"):
@@ -97,9 +107,17 @@ class HostsScreen(Screen):
         for h in self.hosts:
             available = "yes" if h.get("available") else f"no: {h.get('reason') or '?'}"
             table.add_row(h["name"], h.get("kind", ""), h.get("arch", ""), fmt.yes_no(h.get("kvm_mte")),
-                          available, key=h["name"])
+                          h.get("state", "built in"), host_versions(h), available, key=h["name"])
         if self.hosts:
-            self.show_probe(self.hosts[0]["name"])
+            names = [h["name"] for h in self.hosts]
+            shown = self.shown if self.shown in names else names[0]
+            if shown != names[0]:
+                table.move_cursor(row=names.index(shown))
+            self.show_probe(shown)
+
+    def on_host_changed(self, message: HostChanged) -> None:
+        """A libvirt host connected, went away or was added/removed: show it as it is now."""
+        self.load_hosts()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key is not None and event.row_key.value != self.shown:

@@ -5,6 +5,7 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Header, Static
 
+from backend.errors import MtevmError
 from tui import format as fmt
 from tui import keymap
 from tui.components.live_table import LiveDataTable, LiveRows
@@ -59,7 +60,7 @@ def ram_figures(stats: dict) -> str:
             f"of {fmt.size(stats.get('ram_page_size', 4096))}")
 
 class MigrationsScreen(Screen):
-    BINDINGS = keymap.bindings(keymap.BACK_KEYS)
+    BINDINGS = keymap.bindings(keymap.MIGRATION_KEYS, keymap.BACK_KEYS)
     TITLE = "Migrations"
 
     def __init__(self) -> None:
@@ -108,6 +109,26 @@ class MigrationsScreen(Screen):
 
     def on_migration_changed(self, message: MigrationChanged) -> None:
         self.sync_rows()
+
+    def action_cancel_migration(self) -> None:
+        """QMP migrate_cancel for the selected migration, after a yes: the VM keeps running where it was."""
+        key = self.rows.cursor_key()
+        m = self.app.model.migrations.get(int(key)) if key is not None else None
+        if m is None or m.get("state") not in ("setup", "active"):
+            self.app.notify("Select a running migration to cancel", severity="warning")
+            return
+        from tui.screens.confirm import ConfirmScreen
+
+        async def cancel() -> None:
+            try:
+                await self.app.client.migrate_cancel(m["vm"])
+            except MtevmError as e:
+                self.app.notify(str(e), title=f"cancel migration #{m['id']}", severity="error", timeout=10)
+            await self.app.refresh_model()
+
+        self.app.push_screen(ConfirmScreen(f"Cancel migration #{m['id']} of VM {m['vm']!r} to {m['dst']}? "
+                                           f"It keeps running on {m['src']}.", "Cancel migration"),
+                             lambda ok: self.run_worker(cancel(), group="migration-cancel") if ok else None)
 
     async def action_back(self) -> None:
         await self.app.switch_mode("vms")

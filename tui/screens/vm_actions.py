@@ -52,12 +52,12 @@ class VmActions:
         if not (names := self._names()):
             return
         states = {n: (self.app.model.vms.get(n) or {}).get("state", "stopped") for n in names}
-        busy = [n for n in names if states[n] not in DELETABLE + ("running",)]
+        busy = [n for n in names if states[n] not in DELETABLE + LIVE]
         if busy:
             self.app.notify(f"VM {busy[0]!r} is {states[busy[0]]}: wait until it has finished, then delete it",
                             title=f"delete {busy[0]}", severity="error", timeout=10)
             return
-        running = [n for n in names if states[n] == "running"]
+        running = [n for n in names if states[n] in LIVE]
         if not running:
             self._confirm(f"Delete {_listing(names)}? Its definition is removed.", "Delete",
                           lambda: self._run("delete", names, self.app.client.delete))
@@ -82,7 +82,58 @@ class VmActions:
         if names := self._names():
             from tui.screens.migrate import MigrateScreen
             vm = self.app.model.vms.get(names[0], {"name": names[0], "host": ""})
+            if vm.get("state", "running") != "running":      # decided before the dialog, as delete does
+                self.app.notify(f"VM {vm['name']!r} is {vm['state']}: only a running VM can be migrated",
+                                title=f"migrate {vm['name']}", severity="error", timeout=10)
+                return
             self.app.push_screen(MigrateScreen(vm))
+
+    # -- the everyday operations (backend.daemon.vm_operations) --------------------------------
+    def _state(self, name: str) -> str:
+        return (self.app.model.vms.get(name) or {}).get("state", "?")
+
+    def action_pause_vm(self) -> None:
+        """Pause running VMs, resume paused ones (one key, as a media player's)."""
+        if names := self._names():
+            async def toggle(name: str) -> None:
+                await (self.app.client.resume if self._state(name) == "paused" else self.app.client.pause)(name)
+            self._run("pause/resume", names, toggle)
+
+    def _with_outcome(self, call):
+        """Run ``call(name)`` and tell the user how it went (e.g. "no agent: reset it instead")."""
+        async def run(name: str) -> None:
+            answer = await call(name)
+            self.app.notify(answer["outcome"]["message"], timeout=8)
+        return run
+
+    def action_reboot_vm(self) -> None:
+        if names := self._names():
+            self._confirm(f"Reboot {_listing(names)}? A guest without an agent is reset.", "Reboot",
+                          lambda: self._run("reboot", names, self._with_outcome(self.app.client.reboot)))
+
+    def action_shutdown_vm(self) -> None:
+        if names := self._names():
+            self._confirm(f"Shut down {_listing(names)}? A guest without an agent is stopped.", "Shut down",
+                          lambda: self._run("shut down", names, self._with_outcome(self.app.client.shutdown)))
+
+    def action_clone_vm(self) -> None:
+        if names := self._names():
+            from tui.screens.name_prompt import NamePrompt
+            name = names[0]
+
+            def answered(new: str | None) -> None:
+                if new:
+                    async def clone(_: str) -> None:
+                        await self.app.client.clone(name, new)
+                        self.app.notify(f"cloned VM {name!r} to {new!r}")
+                    self._run("clone", [name], clone)
+            self.app.push_screen(NamePrompt(f"Clone VM {name!r} (its definition, and its disks) as:", f"{name}-clone",
+                                            ok_label="Clone"), answered)
+
+    def action_snapshots(self) -> None:
+        if names := self._names():
+            from tui.screens.snapshots import SnapshotsScreen
+            self.app.push_screen(SnapshotsScreen(names[0]))
 
     def action_new_vm(self) -> None:
         from tui.screens.vm_form import VmFormScreen
@@ -93,6 +144,9 @@ class VmActions:
             if ok:
                 then()
         self.app.push_screen(ConfirmScreen(question, yes), answered)
+
+
+LIVE = ("running", "paused")       # a QEMU (or simulated vCPUs) exists: stop powers it off
 
 
 def _listing(names: list[str]) -> str:

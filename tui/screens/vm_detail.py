@@ -6,6 +6,7 @@ own list and are extended with each vCPU's newest fault from the samples.
 """
 from __future__ import annotations
 
+import re
 import shlex
 
 from textual import work
@@ -13,7 +14,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import Header, Static
+from textual.widgets import Header, Log, Static
 
 from backend.errors import MtevmError, NotFoundError
 from tui import format as fmt
@@ -51,9 +52,53 @@ def describe(vm: dict) -> str:
         lines.append(f"[$warning]migration blocked: {escape(reason)}[/]")
     for warning in vm.get("warnings") or []:      # the daemon's dry run of the next start (QEMU's text)
         lines.append(f"[$warning]cannot start on {escape(str(vm.get('host')))}: {escape(warning)}[/]")
+    lines += guest_lines(vm)
     if vm.get("last_error"):
         lines.append(f"[$error]last error: {escape(vm['last_error'])}[/]")
     return "\n".join(lines)
+
+
+def guest_lines(vm: dict) -> list[str]:
+    """What a local VM boots and, for a running Linux guest, what it says about itself."""
+    g = vm.get("guest") or {}
+    if not g or g.get("kind") == "builtin":
+        return []
+    text = f"guest {g['kind']}"
+    if g.get("kernel"):
+        text += f"  kernel {escape(g['kernel'])}"
+    if g.get("append"):
+        text += f"  append {escape(g['append'])}"
+    if g.get("disks"):
+        text += f"  disks {escape(', '.join(g['disks']))}"
+    lines = [text]
+    facts = vm.get("guest_facts") if is_live(vm) else None
+    if facts:
+        hw = " ".join(n for n, k in (("MTE", "hwcap2_mte"), ("MTE3", "hwcap2_mte3")) if facts.get(k)) or "no MTE"
+        prefs = " ".join(f"cpu{c['cpu']}={c['mte_tcf_preferred']}" for c in facts.get("cpus") or [])
+        lines.append(f"Linux {escape(str(facts.get('kernel') or '?'))}  HWCAP2 {hw}  mte_tcf_preferred {prefs}"
+                     f"  agent {facts.get('agent')}")
+        if not facts.get("fault_address") and facts.get("fault_address_why"):
+            lines.append(f"fault addresses: {escape(facts['fault_address_why'])}")
+    elif g.get("kind") == "linux" and is_live(vm):
+        lines.append("Linux guest booting: waiting for the mtevm agent…")
+    return lines
+
+
+def process_table(processes: list[dict]) -> str:
+    """The per-process tag-check fault table of a Linux guest."""
+    rows = [f"{'pid':>7}  {'comm':16}  {'sync':>9}  {'async':>9}"]
+    rows += [f"{p['pid']:>7}  {escape(p['comm'][:16]):16}  {p['sync']:>9}  {p['async']:>9}" for p in processes[:12]]
+    return "\n".join(rows)
+
+
+CONSOLE_LINES = 300
+GUEST_REFRESH = 2.0      # seconds between re-reads of a running Linux guest's facts and processes
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def _clean(text: str) -> str:
+    """Console text for the log widget: no carriage returns, no terminal control sequences."""
+    return _ANSI.sub("", text)
 
 
 def fault_key(f: dict) -> tuple:
@@ -61,7 +106,7 @@ def fault_key(f: dict) -> tuple:
 
 
 class VmDetailScreen(VmActions, Screen):
-    BINDINGS = keymap.bindings(keymap.VM_KEYS, keymap.BACK_KEYS)
+    BINDINGS = keymap.bindings(keymap.VM_KEYS, keymap.GUEST_KEYS, keymap.BACK_KEYS)
     TITLE = "VM"
 
     def __init__(self, name: str) -> None:
@@ -71,6 +116,8 @@ class VmDetailScreen(VmActions, Screen):
         self.faults: list[dict] = []
         self._last_summary: dict | None = None
         self._config_text = ""
+        self._console_fed: str | None = None       # the state the console feed was started for
+        self._guest_timer = None
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -80,9 +127,17 @@ class VmDetailScreen(VmActions, Screen):
             yield VcpuTable(id="vcpus")
             yield Static("last faults", classes="section")
             yield FaultList(id="faults")
+            yield Static("processes (tag-check faults)", classes="section guest-part", id="procs-title")
+            yield Static("", id="procs", classes="guest-part")
+            yield Static("serial console  (c: attach, ctrl+] comes back)", classes="section local-part",
+                         id="console-title")
+            yield Log(id="console", max_lines=CONSOLE_LINES, classes="local-part")
+            yield Static("", id="argv", classes="local-part")
         yield from screen_bottom()
 
     def on_mount(self) -> None:
+        for part in self.query(".guest-part, .local-part"):
+            part.display = False            # shown once the VM turns out to be local / a Linux guest
         self.sub_title = self.vm_name
         self.query_one("#detail-body").focus()
         self.app.set_vcpu_focus(self.vm_name)      # a big fleet's feed carries this VM's vCPUs
@@ -115,6 +170,77 @@ class VmDetailScreen(VmActions, Screen):
         self.show_config()
         self.merge_faults(vm.get("last_faults", []))
         self.show_sample()
+        self.show_guest(vm)
+
+    def show_guest(self, vm: dict) -> None:
+        """The per-process table (Linux guests), the live serial console and the QEMU command line
+        (local VMs)."""
+        processes = vm.get("processes") or []
+        for w in self.query(".guest-part"):
+            w.display = bool(processes)
+        if processes:
+            self.query_one("#procs", Static).update(process_table(processes))
+        if (vm.get("guest") or {}).get("kind") == "linux" and self._guest_timer is None:
+            # a Linux guest's facts and per-process table are not in the counter samples: re-read
+            self._guest_timer = self.set_interval(GUEST_REFRESH, self._refresh_guest)
+        local = vm.get("host") == "local"
+        for w in self.query(".local-part"):
+            w.display = local
+        if local and self._console_fed != vm.get("state"):
+            self._console_fed = vm.get("state")
+            self.feed_console(is_live(vm))
+
+    def _refresh_guest(self) -> None:
+        if self.is_current and is_live(self.current()):
+            self.reload()
+
+    @work(exclusive=True, group="detail-console")
+    async def feed_console(self, live: bool) -> None:
+        """The console log's end, then (running) what the guest prints, as it prints it."""
+        log = self.query_one("#console", Log)
+        client = self.app.client
+        try:
+            argv = await client.argv(self.vm_name)
+            self.query_one("#argv", Static).update("QEMU: " + escape(shlex.join(argv)))
+            history = await client.console_log(self.vm_name, CONSOLE_LINES)
+            log.clear()
+            log.write_lines([_clean(line) for line in history["lines"]])
+            if not live:
+                return
+            async with client.console(self.vm_name) as console:
+                while (chunk := await console.read()) is not None:
+                    log.write(_clean(chunk.decode(errors="replace")))
+        except MtevmError:
+            return
+
+    def action_console(self) -> None:
+        """Attach this terminal to the VM's console (``mtevm console``) while the app is suspended."""
+        import subprocess
+        import sys
+        client = self.app.client
+        paths = getattr(client, "paths", None)
+        if client is None or client.in_process or paths is None:
+            self.app.notify("the interactive console needs the mtevm daemon (the app runs without one)",
+                            severity="error")
+            return
+        if not is_live(self.current()):
+            self.app.notify(f"VM {self.vm_name} is not running: its console log is shown below", severity="warning")
+            return
+        try:
+            with self.app.suspend():
+                subprocess.run([sys.executable, "-m", "backend.cli", "--runtime-dir", paths.runtime_dir,
+                                "--state-dir", paths.state_dir, "console", self.vm_name])
+        except Exception as e:     # e.g. a web browser session (textual-serve) cannot suspend
+            self.app.notify(f"cannot attach here: {e}; run 'mtevm console {self.vm_name}' in a terminal",
+                            severity="error")
+
+    def action_selftests(self) -> None:
+        from tui.screens.selftests import SelftestScreen
+        g = (self.detail or {}).get("guest") or {}
+        if g.get("kind") != "linux":
+            self.app.notify("selftests run in a VM made with --guest linux (they use its agent)", severity="warning")
+            return
+        self.app.push_screen(SelftestScreen(self.vm_name))
 
     def current(self) -> dict:
         """The definition as last fetched, with the newest summary from the event feed on top: a

@@ -14,22 +14,24 @@ into a per-VM error, shown here before the VM even exists, and the manager keeps
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
 from backend.definition import split_qemu_args
+from backend.guests.definition import GUEST_KINDS
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
 from tui.components.status import screen_bottom
-from tui.live import mte_at_next_start
 
 CPU_SUGGESTIONS = ["max", "host", "cortex-a710", "neoverse-n2", "cortex-a57", "cortex-a72", "cortex-a76"]
 TCF_CHOICES = ["sync", "async", "asymm", "none"]
@@ -60,8 +62,11 @@ class VmFormScreen(Screen):
 
     def compose(self) -> ComposeResult:
         e = self.existing or {}
-        cfg = e.get("config", {})
-        workload = e.get("workload", {})
+        pending = e.get("pending") or {}
+        # editing: the definition the VM will boot with next (its pending changes shown as values)
+        cfg = {**e.get("config", {}), **{k: v for k, v in pending.items() if k not in ("workload", "qemu_args")}}
+        workload = {**e.get("workload", {}), **(pending.get("workload") or {})}
+        qemu_args = pending.get("qemu_args", e.get("qemu_args") or [])
         editing = self.existing is not None
         yield Header(show_clock=False)
         yield Static("", id="form-error")
@@ -71,33 +76,39 @@ class VmFormScreen(Screen):
             yield from self._row("host", Select([], id="host", prompt="loading hosts…", compact=True)
                                  if not editing else Input(e.get("host", ""), id="host", disabled=True, compact=True))
             yield from self._row("accel", Select([("kvm", "kvm"), ("tcg", "tcg")], id="accel", allow_blank=False,
-                                                 value=cfg.get("accel", "kvm"), disabled=editing,
-                                                 compact=True))
+                                                 value=cfg.get("accel", "kvm"), compact=True))
             yield from self._row("cpu", Input(cfg.get("cpu", ""), placeholder="default: host (kvm), max (tcg)",
                                               suggester=SuggestFromList(CPU_SUGGESTIONS), id="cpu",
-                                              disabled=editing, compact=True))
-            yield from self._row("vCPUs", Input(str(cfg.get("vcpus", 2)), id="vcpus", type="integer",
-                                                disabled=editing, compact=True))
-            yield from self._row("memory", Input(_mem(cfg.get("memory")), id="memory", disabled=editing, compact=True))
+                                              compact=True))
+            yield from self._row("vCPUs", Input(str(cfg.get("vcpus", 2)), id="vcpus", type="integer", compact=True))
+            yield from self._row("memory", Input(_mem(cfg.get("memory")), id="memory", compact=True))
             yield from self._row("TCF", Select([(t, t) for t in TCF_CHOICES], id="tcf", allow_blank=False,
                                                value=(workload.get("tcf") or ["sync"])[0], compact=True))
-            yield from self._row("seed", Input(str(workload.get("seed", 1)), id="seed", type="integer",
-                                               disabled=editing, compact=True))
-            yield from self._row("QEMU args", Input(shlex.join(e.get("qemu_args") or []), id="qemu_args",
+            yield from self._row("seed", Input(str(workload.get("seed", 1)), id="seed", type="integer", compact=True))
+            guest = e.get("guest") or {}      # what the VM boots; fixed once made (edit leaves it)
+            yield from self._row("guest", Select([(k, k) for k in GUEST_KINDS], id="guest", allow_blank=False,
+                                                 value=guest.get("kind", "builtin"), disabled=editing, compact=True),
+                                 row_id="guest-row")
+            yield from self._row("kernel", Input(guest.get("kernel") or "", id="kernel", disabled=editing, compact=True,
+                                                 placeholder="custom guest: a raw arm64 kernel Image"),
+                                 row_id="kernel-row")
+            yield from self._row("append", Input(guest.get("append") or "", id="append", disabled=editing, compact=True,
+                                                 placeholder="kernel command line (linux: added to mtevm's)"),
+                                 row_id="append-row")
+            yield from self._row("QEMU args", Input(shlex.join(qemu_args), id="qemu_args",
                                                     placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
-                                                    disabled=editing, compact=True), row_id="qemu-args-row")
+                                                    compact=True), row_id="qemu-args-row")
             with Horizontal(classes="checks", id="host-files-row"):
                 # QEMU runs as the user: QEMU args naming host files need this opt-in (as --allow-host-files)
                 yield OnOffCheckbox("QEMU args may use host files", e.get("allow_host_files", False),
                                     id="allow_host_files", disabled=editing)
             with Horizontal(classes="checks"):
                 yield OnOffCheckbox("MTE", cfg.get("mte", True), id="mte")
-                yield OnOffCheckbox("secure", cfg.get("secure", False), id="secure", disabled=editing)
-                yield OnOffCheckbox("only-migratable", cfg.get("only_migratable", False), id="only_migratable",
-                                    disabled=editing)
+                yield OnOffCheckbox("secure", cfg.get("secure", False), id="secure")
+                yield OnOffCheckbox("only-migratable", cfg.get("only_migratable", False), id="only_migratable")
             if editing:
-                yield Static("Only MTE and TCF can change; MTE of a running VM is applied at its next start.",
-                             classes="hint")
+                yield Static("A running VM takes these changes at its next start (pending), as MTE; "
+                             "a simulated VM's TCF changes at once.", classes="hint")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)" if editing else "Create (ctrl+s)", id="submit", variant="primary",
                              compact=True)
@@ -112,6 +123,7 @@ class VmFormScreen(Screen):
 
     def on_mount(self) -> None:
         self.show_qemu_args(self.existing.get("host") if self.existing else None)
+        self.initial = self.config() if self.existing else None   # what an edit compares against
         if self.existing:
             self.title = "Edit VM"
             self.sub_title = self.existing["name"]
@@ -150,6 +162,13 @@ class VmFormScreen(Screen):
                 cfg["qemu_args"] = qemu_args
             if q("#allow_host_files", Checkbox).value:
                 cfg["allow_host_files"] = True
+            guest = {"kind": q("#guest", Select).value}
+            for key in ("kernel", "append"):
+                value = q(f"#{key}", Input).value.strip()
+                if value:
+                    guest[key] = os.path.abspath(os.path.expanduser(value)) if key == "kernel" else value
+            if guest != {"kind": "builtin"}:
+                cfg["guest"] = guest
         return cfg
 
     def takes_qemu_args(self, host) -> bool:
@@ -157,8 +176,9 @@ class VmFormScreen(Screen):
         return self.host_kinds.get(host) == "local" or (self.existing is not None and host == "local")
 
     def show_qemu_args(self, host) -> None:
-        self.query_one("#qemu-args-row").display = self.takes_qemu_args(host)
-        self.query_one("#host-files-row").display = self.takes_qemu_args(host)
+        """The rows only a local host's VMs have: QEMU args and what the VM boots (its guest)."""
+        for row in ("#qemu-args-row", "#host-files-row", "#guest-row", "#kernel-row", "#append-row"):
+            self.query_one(row).display = self.takes_qemu_args(host)
 
     def show_verdict(self, ok: bool, text: str, warnings: list[str] | None = None) -> None:
         """The verdict line: ✔ ok, ⚠ ok but cannot start on this host (QEMU's text), ✘ error."""
@@ -169,7 +189,7 @@ class VmFormScreen(Screen):
         box.set_class(ok and not warnings, "ok")
         box.set_class(bool(warnings), "warning")
         if warnings:
-            text = f"{'; '.join(warnings)} (cannot start on {self.host_name()}; can be saved and moved)"
+            text = f"{'; '.join(warnings)} (it can be saved, but will not start on {self.host_name()})"
         box.update(Content(("⚠ " if warnings else "✔ " if ok else "✘ ") + text))
 
     def host_name(self) -> str:
@@ -199,7 +219,10 @@ class VmFormScreen(Screen):
         if not self.is_current:                   # the form was closed meanwhile
             return
         try:
-            cfg = self.config()
+            try:
+                cfg = self.config()
+            except NoMatches:                     # closed while this ran: its fields are going away
+                return
             if not cfg["name"]:
                 raise FormError("name: give the VM a name")
             if cfg["host"] is Select.BLANK:
@@ -228,13 +251,7 @@ class VmFormScreen(Screen):
         try:
             if self.existing:
                 name = self.existing["name"]
-                mte = self.query_one("#mte", Checkbox).value
-                vm = self.existing
-                if mte != mte_at_next_start(self.existing):
-                    vm = await client.set_mte(name, mte)
-                tcf = self.query_one("#tcf", Select).value
-                if tcf != (self.existing.get("workload", {}).get("tcf") or ["sync"])[0]:
-                    vm = await client.set_tcf(name, None, tcf)
+                vm = await self.save_edit(client, name)
             else:
                 vm = await client.create(self.config())
                 name = vm["name"]
@@ -253,6 +270,28 @@ class VmFormScreen(Screen):
         else:
             self.app.notify(done)
         self.dismiss()
+
+    async def save_edit(self, client, name: str) -> dict:
+        """Send what the user changed: ``edit`` (a running VM: pending until its next start), but a
+        TCF change of a VM that can take it live (a simulated one) through ``set_tcf`` at once."""
+        now, before = self.config(), self.initial
+        changes = {k: now[k] for k in ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
+                   if now.get(k) != before.get(k)}
+        if now.get("qemu_args", []) != before.get("qemu_args", []):
+            changes["qemu_args"] = now.get("qemu_args", [])
+        workload = {k: v for k, v in now["workload"].items() if v != before["workload"].get(k)}
+        vm = self.existing
+        if "tcf" in workload and self.existing.get("state") in ("running", "paused"):
+            try:
+                vm = await client.set_tcf(name, None, workload["tcf"][0])
+                del workload["tcf"]
+            except MtevmError:
+                pass       # a real VM's TCF is a boot parameter: it becomes a pending change below
+        if workload:
+            changes["workload"] = workload
+        if changes:
+            vm = await client.edit(name, changes)
+        return vm
 
     def refused(self, text: str) -> None:
         """ctrl+s did not save: say why on the verdict line and in a notification; keep the input."""

@@ -23,6 +23,9 @@
 #define SYSREG_READ(name) ({ uint64_t _v; __asm__ volatile("mrs %0, " name : "=r"(_v)); _v; })
 #define SYSREG_WRITE(name, v) __asm__ volatile("msr " name ", %0\n isb" : : "r"((uint64_t)(v)) : "memory")
 #define TFSR_EL1 "S3_0_C5_C6_0"
+/* The code is ARMv8.0 (see the Makefile); the assembler accepts the MTE instructions only after this,
+ * and they run only when has_tags says the CPU stores tags. */
+#define MTE_ASM ".arch armv8.5-a+memtag\n"
 
 extern void secondary_entry(void);
 extern uint32_t entry_el;                      /* 1: PSCI over HVC, 2: over SMC, 3: no PSCI (secure=on) */
@@ -49,6 +52,9 @@ struct percpu {
 
 static struct percpu cpus[MAX_VCPUS];
 static const struct params *P;
+/* Tags are stored (ID_AA64PFR1_EL1.MTE >= 2). Without them (mte=off, a CPU model without MTE) no MTE
+ * instruction or register is used: the workload makes the same accesses, all unchecked. */
+static int has_tags;
 static volatile struct status_header *const HDR = (volatile struct status_header *)STATUS_ADDR;
 static volatile uint32_t uart_lock;
 
@@ -125,26 +131,26 @@ static void set_tcma0(unsigned on)             /* TCR_EL1.TCMA0, bit 57 */
 
 static void set_tco(unsigned on)               /* PSTATE.TCO */
 {
-    if (on) __asm__ volatile("msr tco, #1" ::: "memory");
-    else __asm__ volatile("msr tco, #0" ::: "memory");
+    if (on) __asm__ volatile(MTE_ASM "msr tco, #1" ::: "memory");
+    else __asm__ volatile(MTE_ASM "msr tco, #0" ::: "memory");
 }
 
 static uint64_t with_tag(uint64_t addr, unsigned tag) { return (addr & ~TAG_MASK) | ((uint64_t)tag << 56); }
 static unsigned tag_of(uint64_t ptr) { return (unsigned)(ptr >> 56) & 0xF; }
 
-static void stg(uint64_t p) { __asm__ volatile("stg %0, [%0]" : : "r"(p) : "memory"); }
-static void st2g(uint64_t p) { __asm__ volatile("st2g %0, [%0]" : : "r"(p) : "memory"); }
-static void stzg(uint64_t p) { __asm__ volatile("stzg %0, [%0]" : : "r"(p) : "memory"); }
+static void stg(uint64_t p) { __asm__ volatile(MTE_ASM "stg %0, [%0]" : : "r"(p) : "memory"); }
+static void st2g(uint64_t p) { __asm__ volatile(MTE_ASM "st2g %0, [%0]" : : "r"(p) : "memory"); }
+static void stzg(uint64_t p) { __asm__ volatile(MTE_ASM "stzg %0, [%0]" : : "r"(p) : "memory"); }
 static unsigned ldg(uint64_t p)
 {
     uint64_t v = p;
-    __asm__ volatile("ldg %0, [%1]" : "+r"(v) : "r"(p) : "memory");
+    __asm__ volatile(MTE_ASM "ldg %0, [%1]" : "+r"(v) : "r"(p) : "memory");
     return tag_of(v);
 }
 static uint64_t irg(uint64_t p, uint64_t exclude)
 {
     uint64_t v;
-    __asm__ volatile("irg %0, %1, %2" : "=r"(v) : "r"(p), "r"(exclude));
+    __asm__ volatile(MTE_ASM "irg %0, %1, %2" : "=r"(v) : "r"(p), "r"(exclude));
     return v;
 }
 
@@ -223,6 +229,7 @@ static unsigned boot_tag(unsigned cpu, unsigned granule) { return (granule * 7 +
 
 static void boot_tags_store(unsigned cpu)
 {
+    if (!has_tags) return;
     uint64_t base = BOOT_TAG_ADDR + cpu * BOOT_TAG_SIZE;
     for (unsigned g = 0; g < BOOT_TAG_SIZE / 16; g++)
         stg(with_tag(base + g * 16, boot_tag(cpu, g)));
@@ -230,6 +237,7 @@ static void boot_tags_store(unsigned cpu)
 
 static void boot_tags_verify(struct percpu *c)
 {
+    if (!has_tags) return;                              /* boot_tags stays UNCHECKED */
     uint64_t base = BOOT_TAG_ADDR + c->idx * BOOT_TAG_SIZE;
     unsigned ok = 1;
     for (unsigned g = 0; g < BOOT_TAG_SIZE / 16; g++)
@@ -245,6 +253,7 @@ struct heap { uint64_t base; uint64_t slot_size; unsigned nslots; unsigned max_g
 
 static void tag_range(uint64_t ptr, uint64_t size)
 {
+    if (!has_tags) return;
     for (uint64_t off = 0; off < size; off += 16) stg(ptr + off);
 }
 
@@ -253,7 +262,7 @@ static void heap_alloc(struct percpu *c, struct heap *h, struct slot *s, unsigne
     uint64_t base = h->base + (uint64_t)i * h->slot_size;
     unsigned granules = 1 + (unsigned)(rnd(c) % h->max_granules);
     /* exclude tag 0 (GCR) and the granule's current tag, so stale pointers into this slot fault */
-    s->ptr = irg(base, 1UL << ldg(base));
+    s->ptr = has_tags ? irg(base, 1UL << ldg(base)) : base;
     s->size = granules * 16;
     s->live = 1;
     tag_range(s->ptr, s->size);
@@ -261,8 +270,8 @@ static void heap_alloc(struct percpu *c, struct heap *h, struct slot *s, unsigne
 
 static void heap_free(struct slot *s)
 {
-    uint64_t fresh = irg(s->ptr, (1UL << tag_of(s->ptr)) | 1);   /* free = retag to a new tag */
-    tag_range(fresh, s->size);
+    if (has_tags)                                 /* free = retag to a new tag */
+        tag_range(irg(s->ptr, (1UL << tag_of(s->ptr)) | 1), s->size);
     s->live = 0;
 }
 
@@ -301,7 +310,7 @@ static int heap_step(struct percpu *c, struct heap *h, uint64_t *async)
     }
     access(c, ptr, size, store);
 done:
-    if (take_tfsr()) note_async(c, ptr, size, store, async);
+    if (has_tags && take_tfsr()) note_async(c, ptr, size, store, async);
     return 1;
 }
 
@@ -332,7 +341,8 @@ static void run_workload(struct percpu *c)
     for (unsigned i = 0; i < h.nslots; i++)           /* slot heads start at tag 0 (slack stays 0) */
         tag_range(h.base + i * h.slot_size, (h.max_granules + 1) * 16);
     st->tcf = tcf;
-    set_tcf(tcf);
+    if (has_tags) set_tcf(tcf);
+    else tcf = 0;                                      /* nothing is checked: count accesses as unchecked */
     const uint64_t freq = HDR->cntfrq;
     /* about 100 batches a second when paced (each ends with a status update and a sleep) */
     const unsigned batch = P->rate == 0 || P->rate >= 25600 ? 256 : (P->rate >= 100 ? P->rate / 100 : 1);
@@ -372,6 +382,7 @@ static void trace_reset(void)
 
 static void run_trace(struct percpu *c)
 {
+    if (!has_tags) fatal(0xBAD10000UL, 0, 0);          /* trace mode needs tags (mte=on, an MTE CPU) */
     const struct trace_op *ops = (const struct trace_op *)(PARAM_ADDR + P->trace_offset);
     volatile struct trace_result *res = (volatile struct trace_result *)RESULTS_ADDR;
     trace_reset();
@@ -420,7 +431,9 @@ void cpu_main(unsigned idx)
         HDR->magic = STATUS_MAGIC;
     }
     c->rng = (P->seed ^ (0x9E3779B97F4A7C15UL * (idx + 1))) | 1;
-    SYSREG_WRITE("S3_0_C1_C0_5", (c->rng & 0xFFFF) << 8);   /* RGSR_EL1.SEED: IRG's sequence */
+    has_tags = ((SYSREG_READ("S3_0_C0_C4_1") >> 8) & 0xF) >= 2;   /* ID_AA64PFR1_EL1.MTE */
+    if (has_tags)
+        SYSREG_WRITE("S3_0_C1_C0_5", (c->rng & 0xFFFF) << 8);   /* RGSR_EL1.SEED: IRG's sequence */
     for (unsigned k = 0; k < sizeof(*st) / 8; k++) ((volatile uint64_t *)st)[k] = 0;
     st->mpidr = SYSREG_READ("mpidr_el1");
     st->cpu_state = STATE_RUNNING;

@@ -5,14 +5,20 @@
  * MMU with one identity map (0-1 GiB Device-nGnRnE for the UART, 1-4 GiB RAM as Normal Tagged, MAIR
  * attribute 0xF0), TBI0 and SCTLR_EL1.ATA, then calls cpu_main(index) in guest.c with tag checking
  * still off (TCF 0); guest.c sets TCF per vCPU.
+ *
+ * Without stored tags (ID_AA64PFR1_EL1.MTE < 2: a CPU model without MTE, or `mte=off`, which QEMU
+ * reports as MTE 1 or 0) the MTE registers (GCR_EL1, TFSR_EL1, RGSR_EL1) do not exist and the
+ * Normal Tagged attribute is reserved: RAM is mapped Normal write-back, ATA stays 0 and those
+ * registers are never touched. Everything here is ARMv8.0 so every aarch64 CPU model runs it.
  */
 #define STACK_SIZE  0x4000
 
 #define MAIR_VALUE  0xFFF000            /* attr0 Device-nGnRnE, attr1 Normal Tagged (0xF0), attr2 Normal WB */
+#define MAIR_NO_TAGS 0xFFFF00           /* the same with attr1 Normal WB: no MTE tag storage */
 /* T0SZ=32 (4 GiB, walk starts at level 1), IRGN0/ORGN0 write-back, SH0 inner, TG0 4K, EPD1, IPS 32-bit, TBI0 */
 #define TCR_VALUE   ((32) | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) | (1 << 37))
-/* RES1 bits | M | C | I | ATA (bit 43); TCF (41:40) stays 0 until guest.c chooses it */
-#define SCTLR_VALUE (0x30D00800 | (1 << 0) | (1 << 2) | (1 << 12) | (1 << 43))
+/* RES1 bits | M | C | I; ATA (bit 43) is added when tags exist; TCF (41:40) stays 0 until guest.c chooses it */
+#define SCTLR_VALUE (0x30D00800 | (1 << 0) | (1 << 2) | (1 << 12))
 
     .section .text.boot, "ax"
     .global _start
@@ -97,21 +103,31 @@ common_entry:
     msr     vbar_el1, x1
     mov     x1, #(3 << 20)              /* CPACR_EL1.FPEN: no traps for FP/SIMD */
     msr     cpacr_el1, x1
-    ldr     x1, =MAIR_VALUE
+    mrs     x9, S3_0_C0_C4_1            /* ID_AA64PFR1_EL1 */
+    ubfx    x9, x9, #8, #4              /* .MTE: 2 or more = tags are stored (FEAT_MTE2) */
+    cmp     x9, #2
+    cset    x9, hs                      /* x9 = 1: Normal Tagged RAM and the MTE registers exist */
+    ldr     x1, =MAIR_NO_TAGS
+    ldr     x2, =MAIR_VALUE
+    cmp     x9, #0
+    csel    x1, x2, x1, ne
     msr     mair_el1, x1
     ldr     x1, =TCR_VALUE
     msr     tcr_el1, x1
     ldr     x1, =page_table
     msr     ttbr0_el1, x1
+    cbz     x9, 6f
     mov     x1, #1                      /* GCR_EL1.Exclude = {0}: IRG never returns tag 0 */
     msr     S3_0_C1_C0_6, x1            /* GCR_EL1 */
     msr     S3_0_C5_C6_0, xzr           /* TFSR_EL1 */
-    isb
+6:  isb
     tlbi    vmalle1
     dsb     nsh
     isb
     ldr     x1, =SCTLR_VALUE
-    msr     sctlr_el1, x1
+    cbz     x9, 7f
+    orr     x1, x1, #(1 << 43)          /* SCTLR_EL1.ATA: EL1 may use allocation tags */
+7:  msr     sctlr_el1, x1
     isb
     bl      cpu_main
 park:

@@ -1,0 +1,40 @@
+"""reboot and shutdown of a real Linux MTE guest: the guest agent's clean reboot and power-off
+(docs/agent-protocol.md "reboot"/"poweroff"), not a reset or QEMU's quit. One 1-vCPU VM, booted
+once; every QEMU is checked gone by PID at the end."""
+from __future__ import annotations
+
+import pytest
+
+from backend.client import connect
+from backend.qemu.driver import kill_strays
+from tests.helpers.polling import until
+
+pytestmark = pytest.mark.qemu
+
+
+async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, mtevm_paths):
+    c = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
+    try:
+        await c.create({"name": "lx", "host": "local", "memory": "512M", "vcpus": 1, "guest": "linux"})
+        await c.start("lx")
+
+        async def agent_up():
+            return ((await c.show("lx")).get("guest_facts") or {}).get("agent") == "connected"
+
+        async def boots() -> int:
+            return sum("mtevm: init ready" in line for line in (await c.console_log("lx", 2000))["lines"])
+        await until("the guest agent", agent_up, timeout=120)
+        assert await boots() == 1
+
+        vm = await c.reboot("lx")
+        assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent rebooted it"}
+        assert vm["state"] == "running" and await boots() == 2      # the same QEMU, the guest booted again
+        assert await agent_up()
+
+        vm = await c.shutdown("lx", timeout=60)
+        assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent powered it off"}
+        assert vm["state"] == "stopped" and vm["last_error"] is None
+        assert any("reboot: Power down" in line for line in (await c.console_log("lx", 2000))["lines"])
+    finally:
+        await c.close()
+        assert await kill_strays(mtevm_paths.runtime_dir) == [], "a QEMU was left running"

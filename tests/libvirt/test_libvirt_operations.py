@@ -1,0 +1,59 @@
+"""The everyday operations on a VM of a real libvirt host, done through libvirt's own calls, so
+virsh sees the same thing mtevm shows: pause/resume (virDomainSuspend/Resume), reboot (reset: the
+built-in guest has no agent), the monitor through libvirt's passthrough, snapshots refused with
+why, shutdown (stop, said so)."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from backend.client import connect
+from backend.errors import StateError
+from tests.helpers.polling import until
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+
+def domstate(uri: str, name: str) -> str:
+    r = subprocess.run(["virsh", "-c", uri, "domstate", name], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    return r.stdout.strip()
+
+
+async def test_operations_through_libvirt(libvirt_env, mtevm_paths):
+    uri = libvirt_env.uri_a
+    c = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
+    try:
+        await c.host_add("hosta", uri)
+        await c.create({"name": "lv1", "host": "hosta", "vcpus": 1, "memory": "128M", "workload": {"rate": 0}})
+        await c.start("lv1")
+
+        async def counting(above: int = 0):
+            n = (await c.counters("lv1"))["vm"]["checked"]
+            return n if n > above else None
+        await until("the guest to count", counting, timeout=60)
+
+        assert (await c.pause("lv1"))["state"] == "paused"
+        assert domstate(uri, "lv1") == "paused"                     # libvirt's own view agrees
+        held = (await c.counters("lv1"))["vm"]
+        await asyncio.sleep(0.5)
+        assert (await c.counters("lv1"))["vm"] == held
+        assert (await c.monitor("lv1", "query-status"))["return"]["status"] == "paused"
+        assert (await c.resume("lv1"))["state"] == "running"
+        assert domstate(uri, "lv1") == "running"
+        await until("counting again", lambda: counting(held["checked"]), timeout=60)
+
+        vm = await c.reboot("lv1")
+        assert vm["outcome"]["how"] == "reset"
+        with pytest.raises(StateError, match="keeps no VM snapshots"):
+            await c.snapshot_save("lv1")
+        vm = await c.shutdown("lv1")
+        assert vm["state"] == "stopped" and vm["outcome"]["how"] == "stop"
+        assert domstate(uri, "lv1") == "shut off"
+    finally:
+        for vm in await c.list():
+            if vm["state"] in ("running", "paused") and vm["host"] == "hosta":
+                await c.stop(vm["name"])
+        await c.close()
