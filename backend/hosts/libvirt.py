@@ -171,12 +171,18 @@ def _thread_safe_events_class(libvirtaio):
     return _ThreadSafeEvents
 
 
+def register_error_handler() -> None:
+    """libvirt's errors are raised as exceptions; without this libvirt also prints each to stderr."""
+    libvirt, _, _ = load_libvirt()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+
 def register_events(loop: asyncio.AbstractEventLoop) -> None:
     """Dispatch libvirt's events on ``loop`` (before the first connection is opened)."""
     global _events
     libvirt, _, libvirtaio = load_libvirt()
     if _events is None:
-        libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
+        register_error_handler()
         _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
     elif _events.loop is not loop:
         _events.switch_loop(loop)
@@ -449,6 +455,12 @@ class LibvirtHost(Host):
             report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
                                    f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
         return report.to_dict()
+
+    def can_migrate_to(self, dst: Host) -> str | None:
+        """Only to another libvirt host (libvirt itself refuses "the same host")."""
+        if dst is self:
+            return f"host {self.name}: libvirt does not migrate a domain to the host it runs on"
+        return super().can_migrate_to(dst)
 
     def shown_state(self, state: str) -> str:
         """A VM of an unreachable host is ``unknown``: mtevm cannot see it."""

@@ -149,3 +149,18 @@ def test_image_list_shows_versions_and_sizes(linux_image, run_mtevm):
                                            "version": lock.packages["kernel"].version}
     assert entry["size"] == sum(f["size"] for f in entry["files"].values()) > 30_000_000
     assert "check_prctl" in entry["selftests"]
+    assert linux_image.stale is None
+
+
+def test_an_image_from_other_inputs_is_stale_but_boots(private_cache, linux_image, run_mtevm):
+    """An image built by another mtevm (other lock, guest sources or compiler) still verifies and
+    boots; list and the VM-facing lookup say it is stale and how to rebuild it."""
+    d = private_cache / "images" / "linux"
+    shutil.copytree(Path(linux_image.kernel).parent, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["inputs"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    img = image.linux_image()
+    assert img.stale and "mtevm image build linux" in img.stale
+    [entry] = json.loads(run_mtevm("image", "list", "--json").stdout)
+    assert entry["state"].startswith("stale: built from other inputs")

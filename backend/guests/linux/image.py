@@ -467,6 +467,7 @@ class BuiltImage:
     initrd: str
     kernel_release: str
     manifest: dict
+    stale: str | None = None    # why it is not what this mtevm would build now (it still boots)
 
     def program(self, name: str) -> str:
         """The host-side copy of a guest program (mtevm-agent, mtevm-workload, mte-faults)."""
@@ -484,7 +485,21 @@ def linux_image(name: str = NAME, directory: Path | str | None = None) -> BuiltI
     if problem:
         raise ImageError(f"the Linux guest image in {d} is corrupted ({problem}): "
                          f"rebuild it with '{build_command()}'")
-    return BuiltImage(str(d / "Image"), str(d / "initramfs.cpio.gz"), manifest.get("kernel_release", "?"), manifest)
+    return BuiltImage(str(d / "Image"), str(d / "initramfs.cpio.gz"), manifest.get("kernel_release", "?"), manifest,
+                      _staleness(d, manifest))
+
+
+def _staleness(d: Path, manifest: dict) -> str | None:
+    """Why an image differs from what this mtevm builds (another lock, guest sources or compiler),
+    or None. A stale image still boots; its agent may lack what this mtevm's has."""
+    if d.name != NAME:
+        return None
+    try:
+        if manifest.get("inputs") == inputs_digest(Lock.load()):
+            return None
+    except ImageError:
+        return None
+    return f"built from other inputs than this mtevm's (lock, guest programs or compiler): '{build_command()}' rebuilds it"
 
 
 def list_images() -> list[dict]:
@@ -501,13 +516,8 @@ def list_images() -> list[dict]:
                         "kernel_release": None, "packages": {}, "files": {}, "size": 0, "built": None})
             continue
         problem = verify(d, m)
-        state = f"corrupted: {problem}" if problem else "ok"
-        if not problem and d.name == NAME:
-            try:
-                if m.get("inputs") != inputs_digest(Lock.load()):
-                    state = f"stale: built from other inputs than this mtevm's; '{build_command()}' rebuilds it"
-            except ImageError:
-                pass
+        stale = None if problem else _staleness(d, m)
+        state = f"corrupted: {problem}" if problem else f"stale: {stale}" if stale else "ok"
         out.append({"name": m.get("name", d.name), "path": str(d), "state": state,
                     "kernel_release": m.get("kernel_release"),
                     "packages": {r: {"package": p["package"], "version": p["version"]}
