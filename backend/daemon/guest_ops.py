@@ -26,8 +26,9 @@ def parse_guest(value, host: "Host") -> GuestConfig:
     """The ``guest`` of a create request, checked (files, arm64 Image magic, the Linux image built)."""
     guest = GuestConfig.from_dict(value)
     if guest.kind != "builtin" and host.kind != "local":
-        raise ConfigError(f"--guest {guest.kind} needs --host local (host {host.name} is {host.kind}: "
-                          "it runs no QEMU to boot a kernel in)")
+        why = ("mtevm runs only its builtin guest on libvirt hosts so far" if host.kind == "libvirt"
+               else "it runs no QEMU to boot a kernel in")
+        raise ConfigError(f"--guest {guest.kind} needs --host local (host {host.name} is {host.kind}: {why})")
     guest.validate(check_files=True)
     if guest.kind == "linux":
         from backend.hosts.linux import linux_image_files

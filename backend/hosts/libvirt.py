@@ -171,12 +171,18 @@ def _thread_safe_events_class(libvirtaio):
     return _ThreadSafeEvents
 
 
+def register_error_handler() -> None:
+    """libvirt's errors are raised as exceptions; without this libvirt also prints each to stderr."""
+    libvirt, _, _ = load_libvirt()
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+
 def register_events(loop: asyncio.AbstractEventLoop) -> None:
     """Dispatch libvirt's events on ``loop`` (before the first connection is opened)."""
     global _events
     libvirt, _, libvirtaio = load_libvirt()
     if _events is None:
-        libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors are raised, not printed
+        register_error_handler()
         _events = _thread_safe_events_class(libvirtaio)(loop=loop).register()
     elif _events.loop is not loop:
         _events.switch_loop(loop)
@@ -449,6 +455,12 @@ class LibvirtHost(Host):
             report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
                                    f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
         return report.to_dict()
+
+    def can_migrate_to(self, dst: Host) -> str | None:
+        """Only to another libvirt host (libvirt itself refuses "the same host")."""
+        if dst is self:
+            return f"host {self.name}: libvirt does not migrate a domain to the host it runs on"
+        return super().can_migrate_to(dst)
 
     def shown_state(self, state: str) -> str:
         """A VM of an unreachable host is ``unknown``: mtevm cannot see it."""
@@ -726,8 +738,15 @@ class LibvirtVm(GuestStatusView, RunningVm):
     async def reset(self) -> None:
         await self._dom_call("reset", 0)
 
+    _cancel_wanted = False       # migrate-cancel asked; migrate_to repeats it until libvirt's job exists
+
     async def cancel_migration(self) -> None:
-        await self._dom_call("abortJob")
+        self._cancel_wanted = True
+        try:
+            await self._dom_call("abortJob")
+        except MtevmError:
+            return           # no job yet (libvirt still prepares): migrate_to aborts it once it runs
+        self._cancel_wanted = False
 
     async def sample(self) -> list[dict]:
         if self._gone or self.host.status != "connected":
@@ -814,6 +833,8 @@ class LibvirtVm(GuestStatusView, RunningVm):
                 await asyncio.wait([job], timeout=MIGRATION_POLL)
                 if job.done():
                     break
+                if self._cancel_wanted:        # mtevm migrate-cancel before libvirt's job existed
+                    await self.cancel_migration()
                 try:
                     info = await self.host._call(lambda conn: self._domain(conn).jobStats())
                 except MtevmError:
@@ -823,10 +844,10 @@ class LibvirtVm(GuestStatusView, RunningVm):
                 await report_progress(progress, min(0.99, (info.get("data_processed") or 0) / total), stats)
             job.result()
         except MtevmError as e:
-            self._stopping = False
+            self._stopping = self._cancel_wanted = False
             raise MigrationError(str(e)) from None
         except BaseException:
-            self._stopping = False
+            self._stopping = self._cancel_wanted = False
             if not job.done():
                 try:
                     await self.host._call(lambda conn: self._domain(conn).abortJob())
