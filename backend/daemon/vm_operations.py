@@ -367,6 +367,11 @@ class VmOperations:
     async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
         """The whole state of a running or paused VM, MTE tags included, under ``tag`` (default:
         the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE)."""
+        rec = self._vm(name)
+        if rec.guest.disks:
+            raise StateError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): a snapshot holds its "
+                             "RAM, devices and tags but not its disks, and restoring it over disks that changed "
+                             "since would corrupt them, so mtevm does not take one")
         rec = self._live(name)
         tag = _check_tag(tag) if tag is not None else time.strftime("snap-%Y%m%d-%H%M%S")
         state_file, meta_file = self._snapshot_files(rec.name, tag)

@@ -758,8 +758,15 @@ class LibvirtVm(GuestStatusView, RunningVm):
     async def reset(self) -> None:
         await self._dom_call("reset", 0)
 
+    _cancel_wanted = False       # migrate-cancel asked; migrate_to repeats it until libvirt's job exists
+
     async def cancel_migration(self) -> None:
-        await self._dom_call("abortJob")
+        self._cancel_wanted = True
+        try:
+            await self._dom_call("abortJob")
+        except MtevmError:
+            return           # no job yet (libvirt still prepares): migrate_to aborts it once it runs
+        self._cancel_wanted = False
 
     async def sample(self) -> list[dict]:
         if self._gone or self.host.status != "connected":
@@ -846,6 +853,8 @@ class LibvirtVm(GuestStatusView, RunningVm):
                 await asyncio.wait([job], timeout=MIGRATION_POLL)
                 if job.done():
                     break
+                if self._cancel_wanted:        # mtevm migrate-cancel before libvirt's job existed
+                    await self.cancel_migration()
                 try:
                     info = await self.host._call(lambda conn: self._domain(conn).jobStats())
                 except MtevmError:
@@ -855,10 +864,10 @@ class LibvirtVm(GuestStatusView, RunningVm):
                 await report_progress(progress, min(0.99, (info.get("data_processed") or 0) / total), stats)
             job.result()
         except MtevmError as e:
-            self._stopping = False
+            self._stopping = self._cancel_wanted = False
             raise MigrationError(str(e)) from None
         except BaseException:
-            self._stopping = False
+            self._stopping = self._cancel_wanted = False
             if not job.done():
                 try:
                     await self.host._call(lambda conn: self._domain(conn).abortJob())

@@ -190,6 +190,31 @@ def test_the_console_through_a_real_pty(lx):
     assert "mtevm: init ready" in log and "hello-42" in log
 
 
+def test_the_console_over_a_real_ssh_connection(lx, tmp_path):
+    """``ssh -t host mtevm console lx`` from a real pty, through a real sshd on loopback: the remote
+    terminal goes raw (the guest's shell echoes), ctrl+] detaches, ssh ends cleanly."""
+    import shlex
+
+    from tests.helpers import mtevm_executable
+    from tests.helpers.sshd import SshServer
+    with SshServer(tmp_path / "ssh") as sshd:
+        remote = (f"exec env MTEVM_RUNTIME_DIR={shlex.quote(lx.paths.runtime_dir)} "
+                  f"MTEVM_STATE_DIR={shlex.quote(lx.paths.state_dir)} {shlex.quote(mtevm_executable())} console lx")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(sshd.ssh_argv(remote), stdin=slave, stdout=slave, stderr=slave,
+                                start_new_session=True)
+        os.close(slave)
+        try:
+            read_until(master, b"detach: ^]")
+            os.write(master, b"echo over-ssh-$((40+2))\r")
+            read_until(master, b"over-ssh-42")
+            os.write(master, b"\x1d")
+            read_until(master, b"Detached from the console.")
+            assert proc.wait(20) == 0
+        finally:
+            reap(master, proc)
+
+
 def test_the_kernels_mte_selftests_pass(lx):
     r = lx.run("selftest", "lx", *FAST_SELFTESTS, "--json", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,7 +1,7 @@
 """The everyday operations on a VM of a real libvirt host, done through libvirt's own calls, so
 virsh sees the same thing mtevm shows: pause/resume (virDomainSuspend/Resume), reboot (reset: the
 built-in guest has no agent), the monitor through libvirt's passthrough, snapshots refused with
-why, shutdown (stop, said so)."""
+why, migrate-cancel (virDomainAbortJob), shutdown (stop, said so)."""
 from __future__ import annotations
 
 import asyncio
@@ -44,6 +44,22 @@ async def test_operations_through_libvirt(libvirt_env, mtevm_paths):
         assert (await c.resume("lv1"))["state"] == "running"
         assert domstate(uri, "lv1") == "running"
         await until("counting again", lambda: counting(held["checked"]), timeout=60)
+
+        # A migration to the other libvirt host, slowed by libvirt's own speed limit, cancelled:
+        # virDomainAbortJob; the VM keeps running on hosta and the history says "cancelled".
+        await c.host_add("hostb", libvirt_env.uri_b)
+        assert subprocess.run(["virsh", "-c", uri, "migrate-setspeed", "lv1", "1"], capture_output=True,
+                              timeout=60).returncode == 0
+        m = await c.migrate("lv1", "hostb")
+
+        async def migration(state: str):
+            return next((x for x in await c.migrations() if x["id"] == m["id"] and x["state"] == state), None)
+        await until("the migration to run", lambda: migration("active"), timeout=60)
+        await c.migrate_cancel("lv1")
+        record = await until("the migration to be cancelled", lambda: migration("cancelled"), timeout=60)
+        assert record["reason"] == "cancelled by the user"
+        vm = await c.show("lv1")
+        assert (vm["state"], vm["host"]) == ("running", "hosta") and domstate(uri, "lv1") == "running"
 
         vm = await c.reboot("lv1")
         assert vm["outcome"]["how"] == "reset"

@@ -24,6 +24,12 @@ def rows(app) -> list[str]:
     return list(app.screen.rows.keys)
 
 
+async def only_vm_under_the_cursor(pilot, app, name: str, **create) -> None:
+    """Create ``name`` (the only VM) and wait until the list shows it under the cursor."""
+    await create_vm(app, name, **create)
+    await wait_for(pilot, lambda: rows(app) == [name] and app.screen.cursor_vm() == name, f"{name} listed")
+
+
 async def test_stop_asks_first_and_no_keeps_the_vm_running(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -46,8 +52,7 @@ async def test_delete_of_a_running_vm_offers_stop_and_delete_before_asking(make_
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
-        await create_vm(app, "web1", mte=False, start=True)
-        await wait_for(pilot, lambda: rows(app) == ["web1"] and app.screen.cursor_vm() == "web1", "web1 listed")
+        await only_vm_under_the_cursor(pilot, app, "web1", mte=False, start=True)
         await pilot.press("d")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
         assert "VM 'web1' is running. Stop and delete" in screen_text(app)
@@ -65,8 +70,7 @@ async def test_delete_of_a_stopped_vm_asks_plainly(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot, app)
-        await create_vm(app, "web1", mte=False)
-        await wait_for(pilot, lambda: rows(app) == ["web1"] and app.screen.cursor_vm() == "web1", "web1 listed")
+        await only_vm_under_the_cursor(pilot, app, "web1", mte=False)
         await pilot.press("d")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
         assert "Delete VM 'web1'?" in screen_text(app) and "running" not in screen_text(app)
@@ -260,6 +264,17 @@ async def test_the_migrate_dialog_greys_out_impossible_targets_with_the_reason(m
         await pilot.press("end", "enter")          # the cursor never lands on the greyed-out host
         await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
         assert app.model.migrations and all(m["dst"] != "local" for m in app.model.migrations.values())
+
+
+async def test_migrating_a_stopped_vm_is_refused_before_the_dialog(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await only_vm_under_the_cursor(pilot, app, "plain1", mte=False)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: any("only a running VM can be migrated" in str(n.message)
+                                          for n in app._notifications), "the refusal")
+        assert isinstance(app.screen, VmListScreen) and not app.model.migrations
 
 
 async def test_a_failed_migration_is_listed_with_its_reason(make_app):

@@ -82,6 +82,10 @@ class VmActions:
         if names := self._names():
             from tui.screens.migrate import MigrateScreen
             vm = self.app.model.vms.get(names[0], {"name": names[0], "host": ""})
+            if vm.get("state", "running") != "running":      # decided before the dialog, as delete does
+                self.app.notify(f"VM {vm['name']!r} is {vm['state']}: only a running VM can be migrated",
+                                title=f"migrate {vm['name']}", severity="error", timeout=10)
+                return
             self.app.push_screen(MigrateScreen(vm))
 
     # -- the everyday operations (backend.daemon.vm_operations) --------------------------------

@@ -14,6 +14,7 @@ into a per-VM error, shown here before the VM even exists, and the manager keeps
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 
 from textual import work
@@ -26,6 +27,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
 from backend.definition import split_qemu_args
+from backend.guests.definition import GUEST_KINDS
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
@@ -83,6 +85,16 @@ class VmFormScreen(Screen):
             yield from self._row("TCF", Select([(t, t) for t in TCF_CHOICES], id="tcf", allow_blank=False,
                                                value=(workload.get("tcf") or ["sync"])[0], compact=True))
             yield from self._row("seed", Input(str(workload.get("seed", 1)), id="seed", type="integer", compact=True))
+            guest = e.get("guest") or {}      # what the VM boots; fixed once made (edit leaves it)
+            yield from self._row("guest", Select([(k, k) for k in GUEST_KINDS], id="guest", allow_blank=False,
+                                                 value=guest.get("kind", "builtin"), disabled=editing, compact=True),
+                                 row_id="guest-row")
+            yield from self._row("kernel", Input(guest.get("kernel") or "", id="kernel", disabled=editing, compact=True,
+                                                 placeholder="custom guest: a raw arm64 kernel Image"),
+                                 row_id="kernel-row")
+            yield from self._row("append", Input(guest.get("append") or "", id="append", disabled=editing, compact=True,
+                                                 placeholder="kernel command line (linux: added to mtevm's)"),
+                                 row_id="append-row")
             yield from self._row("QEMU args", Input(shlex.join(qemu_args), id="qemu_args",
                                                     placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
                                                     compact=True), row_id="qemu-args-row")
@@ -150,6 +162,13 @@ class VmFormScreen(Screen):
                 cfg["qemu_args"] = qemu_args
             if q("#allow_host_files", Checkbox).value:
                 cfg["allow_host_files"] = True
+            guest = {"kind": q("#guest", Select).value}
+            for key in ("kernel", "append"):
+                value = q(f"#{key}", Input).value.strip()
+                if value:
+                    guest[key] = os.path.abspath(os.path.expanduser(value)) if key == "kernel" else value
+            if guest != {"kind": "builtin"}:
+                cfg["guest"] = guest
         return cfg
 
     def takes_qemu_args(self, host) -> bool:
@@ -157,8 +176,9 @@ class VmFormScreen(Screen):
         return self.host_kinds.get(host) == "local" or (self.existing is not None and host == "local")
 
     def show_qemu_args(self, host) -> None:
-        self.query_one("#qemu-args-row").display = self.takes_qemu_args(host)
-        self.query_one("#host-files-row").display = self.takes_qemu_args(host)
+        """The rows only a local host's VMs have: QEMU args and what the VM boots (its guest)."""
+        for row in ("#qemu-args-row", "#host-files-row", "#guest-row", "#kernel-row", "#append-row"):
+            self.query_one(row).display = self.takes_qemu_args(host)
 
     def show_verdict(self, ok: bool, text: str, warnings: list[str] | None = None) -> None:
         """The verdict line: ✔ ok, ⚠ ok but cannot start on this host (QEMU's text), ✘ error."""
