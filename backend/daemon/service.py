@@ -42,6 +42,7 @@ PROGRESS_EVENT_PERIOD = 0.05  # at most 20 progress events per second per migrat
 HOST_ADD_WAIT = 30.0         # host add waits this long for the first connection (libvirt probes QEMU)
 
 COUNTER_KEYS = ("checked", "unchecked", "sync_faults", "async_faults")
+ROUND_SLICE = 8              # counters events per client between two turns of the event loop
 KEEP = object()              # _set_state: keep the record's last_error
 
 
@@ -727,7 +728,9 @@ class Service(GuestOps, VmOperations):
                            if rec.running is not None and rec.state in ("running", "migrating", "paused")]
                 for name in set(delivered) - {rec.name for rec in running}:
                     del delivered[name]
-                for rec in running:
+                for i, rec in enumerate(running):
+                    if i and i % ROUND_SLICE == 0:
+                        await asyncio.sleep(0)        # a round of 1,000 VMs must not hold up a list() call
                     try:
                         counters = await self._counters(rec)
                     except Exception:

@@ -300,10 +300,8 @@ class SimVm(RunningVm):
 
     # ----------------------------------------------------------------------------- counters
     def vcpus(self) -> list[dict]:
-        shared = self.shared
-        return [{"index": i, "kvm_mte": v.kvm_mte, "tcf": shared.tcf_name(i), **counts,
-                 "last_fault": shared.last_fault(i)}
-                for i, (v, counts) in enumerate(zip(self.machine.vcpus, shared.counter_rows()))]
+        return [{"index": i, "kvm_mte": v.kvm_mte, "tcf": tcf, **counts, "last_fault": fault}
+                for i, (v, (counts, tcf, fault)) in enumerate(zip(self.machine.vcpus, self.shared.vcpu_rows()))]
 
     async def sample(self) -> list[dict]:
         return self.vcpus()      # the counters are live in shared memory

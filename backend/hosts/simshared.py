@@ -44,6 +44,7 @@ FAULT = np.dtype([("seq", "<i8"), ("time", "<f8"), ("addr", "<u8"), ("vcpu", "<i
 KINDS = ("sync", "async")
 ACCESSES = ("load", "store")
 TCF_CODES = {str(t): int(t) for t in TCF}
+TCF_NAMES_BY_CODE = tuple(str(TCF(code)) for code in range(len(TCF)))
 H_BLOCKS, H_ROWS, H_FAULTS = 0, 1, 2
 _ALIGN = 64
 NAME_PREFIX = "mtevm-sim-"       # + daemon pid + random: remove_orphans knows whose it is
@@ -149,6 +150,7 @@ class VmShared:
         self.header, self.counters, self.tcf = self.views["header"], self.views["counters"], self.views["tcf"]
         self.last, self.faults = self.views["last"], self.views["faults"]
         self.tag_memory: SharedTagMemory | None = None
+        self._last_cache: dict[int, tuple[int, dict]] = {}
 
     @classmethod
     def create(cls, layout: VmLayout) -> "VmShared":
@@ -176,15 +178,21 @@ class VmShared:
         return ram
 
     # ---- what the daemon reads ------------------------------------------------------------
-    def counter_rows(self) -> list[dict]:
-        return [dict(zip(COUNTER_NAMES, row)) for row in self.counters.tolist()]
-
-    def tcf_name(self, vcpu: int) -> str:
-        return str(TCF(int(self.tcf[vcpu])))
-
-    def last_fault(self, vcpu: int) -> dict | None:
-        entry = self.last[vcpu]
-        return fault_info(entry) if entry["seq"] else None
+    def vcpu_rows(self) -> list[tuple[dict, str, dict | None]]:
+        """Per vCPU: its counters, its TCF's name and its newest fault (one read of each array;
+        a fault's dict is kept until a newer one, as most samples see no new fault)."""
+        tcfs = self.tcf.tolist()
+        seqs = self.last["seq"].tolist()
+        out = []
+        for i, row in enumerate(self.counters.tolist()):
+            fault = None
+            if seqs[i]:
+                cached = self._last_cache.get(i)
+                if cached is None or cached[0] != seqs[i]:
+                    cached = self._last_cache[i] = (seqs[i], fault_info(self.last[i]))
+                fault = dict(cached[1])
+            out.append((dict(zip(COUNTER_NAMES, row)), TCF_NAMES_BY_CODE[tcfs[i]], fault))
+        return out
 
     def recent_faults(self, limit: int) -> list[dict]:
         """The newest ``limit`` faults, newest first (entries overwritten while reading are skipped)."""
@@ -242,13 +250,11 @@ class VmShared:
 
 
 def fault_info(entry) -> dict:
-    """A FAULT entry as FaultInfo (the dict the API shows)."""
-    record = FaultRecord(index=-1, kind=KINDS[int(entry["kind"])], addr=int(entry["addr"]),
-                         ptr_tag=int(entry["ptr_tag"]), mem_tag=int(entry["mem_tag"]),
-                         access=ACCESSES[int(entry["access"])], size=int(entry["size"]))
-    fault = {"vcpu": int(entry["vcpu"]), **record.to_dict(), "time": float(entry["time"])}
-    del fault["index"]
-    return fault
+    """A FAULT entry as FaultInfo (the dict the API shows: FaultRecord.to_dict's fields, less its
+    batch index, with the vCPU and the time). Built directly: this runs per vCPU per sample."""
+    _, when, addr, vcpu, size, ptr_tag, mem_tag, kind, access = entry.item()
+    return {"vcpu": vcpu, "kind": KINDS[kind], "addr": f"{addr:#x}", "ptr_tag": ptr_tag, "mem_tag": mem_tag,
+            "access": ACCESSES[access], "size": size, "time": when}
 
 
 def _close_fd(shm: shared_memory.SharedMemory) -> None:
