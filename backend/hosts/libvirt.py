@@ -723,6 +723,7 @@ class LibvirtVm(GuestStatusView, RunningVm):
             state = f"gone ({e})"
         if state not in ("running", "paused"):
             self._gone = f"the domain is not running on host {self.host.name} any more (libvirt: {state})"
+        self.paused = state == "paused"     # a domain paused before the daemon came back stays paused
 
     async def monitor(self, command: str, hmp: bool = False) -> str:
         """A QMP (or, with ``hmp``, HMP) command through libvirt's monitor passthrough."""
