@@ -319,7 +319,7 @@ static void set_fault_address(int on)
 	}
 	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail.
 	 * Off: recording stops now; the next batch opens the next sampling window. */
-	write_file(EVENT "/enable", on || !kernel_counts ? "1" : "0");
+	write_file(TRACING "/tracing_on", on || !kernel_counts ? "1" : "0");
 	if (write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0")) {
 		snprintf(fault_addr_why, sizeof fault_addr_why, "cannot enable the tagfault kprobe (%s)", strerror(errno));
 		return;
@@ -355,7 +355,9 @@ static void setup_tracing(void)
 	/* With it, the ring buffer only feeds a sample of recent events (what a fault looked like),
 	 * recorded during a short window after each batch into a small buffer: recording, formatting
 	 * and reading every fault would cost a faulting program a large part of its speed under TCG.
-	 * Writing 0 to 'enable' keeps the tracepoint live for the histogram (soft-disabled). */
+	 * The window opens and closes with tracing_on (a flag of the ring buffer), not the event's
+	 * 'enable': enabling an event registers its tracepoint, which patches kernel text, and under
+	 * TCG every patch throws away translated code of the hot signal path. */
 	write_file(TRACING "/buffer_size_kb", kernel_counts ? TRACE_BUFFER_KB_SAMPLE : TRACE_BUFFER_KB_ALL);
 	if (write_file(EVENT "/filter", "sig == 11") || write_file(EVENT "/enable", "1")) {
 		snprintf(tracing_error, sizeof tracing_error, "cannot enable signal:signal_generate: %s", strerror(errno));
@@ -1195,7 +1197,7 @@ int main(void)
 			uint64_t ticks;
 			(void)!read(trace_tfd, &ticks, sizeof ticks);
 			if (kernel_counts && !fault_addr_on)
-				write_file(EVENT "/enable", "0");     /* the sampling window ends */
+				write_file(TRACING "/tracing_on", "0");     /* the sampling window ends */
 			else if (trace_fd >= 0)
 				read_trace();
 		}
@@ -1222,7 +1224,7 @@ int main(void)
 			send_faults();
 			send_workload();
 			if (kernel_counts && trace_fd >= 0 && !paused) {   /* the next sampling window (all the time with addresses) */
-				write_file(EVENT "/enable", "1");
+				write_file(TRACING "/tracing_on", "1");
 				if (!fault_addr_on)
 					arm_once(trace_tfd, SAMPLE_WINDOW_MS);
 			}
