@@ -35,6 +35,14 @@ async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, m
         assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent powered it off"}
         assert vm["state"] == "stopped" and vm["last_error"] is None
         assert any("reboot: Power down" in line for line in (await c.console_log("lx", 2000))["lines"])
+
+        # An agent that does not finish within the timeout: mtevm stops the VM and says so.
+        await c.start("lx")
+        await until("the guest agent", agent_up, timeout=120)
+        vm = await c.shutdown("lx", timeout=0.001)
+        assert vm["state"] == "stopped" and vm["outcome"]["how"] == "stop"
+        assert vm["outcome"]["message"] == ("VM lx: the guest did not power off within 0.001 s: "
+                                            "stopped it instead (QMP quit)")
     finally:
         await c.close()
         assert await kill_strays(mtevm_paths.runtime_dir) == [], "a QEMU was left running"

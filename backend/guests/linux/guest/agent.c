@@ -302,8 +302,9 @@ static void set_fault_address(int on)
 {
 	if (!fault_addr_available || on == fault_addr_on)
 		return;
-	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail. */
-	write_file(EVENT "/enable", "1");
+	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail.
+	 * Off: recording stops now; the next batch opens the next sampling window. */
+	write_file(EVENT "/enable", on || !hist_on ? "1" : "0");
 	if (write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0")) {
 		snprintf(fault_addr_why, sizeof fault_addr_why, "cannot enable the tagfault kprobe (%s)", strerror(errno));
 		return;
