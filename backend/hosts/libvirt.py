@@ -50,6 +50,7 @@ RECONNECT_MIN = 0.5          # seconds before the first reconnect; doubles up to
 RECONNECT_MAX = 30.0
 KEEPALIVE = (5, 3)           # libvirt keepalive: a ping every 5 s, 3 unanswered = the host is gone
 MIGRATION_POLL = 0.1         # seconds between job-info polls while a migration runs
+QOM_LIST_MACHINE = '{"execute":"qom-list","arguments":{"path":"/machine"}}'
 MIGRATE_URI = "tcp://127.0.0.1"   # where QEMU sends the migration stream (see migrate_uri)
 CLOSE_REASONS = {0: "the connection to libvirtd failed (error)", 1: "libvirtd closed the connection (end of file)",
                  2: "libvirtd stopped answering keepalive pings", 3: "the connection was closed by mtevm"}
@@ -434,13 +435,15 @@ class LibvirtHost(Host):
             reason = f"libvirt on {self.name} offers no aarch64 emulator (install qemu-system-arm there)"
         elif not usable:
             reason = f"QEMU {f.get('qemu_version')} cannot run MTE guests correctly (needs >= 8.0)"
-        report.qemu = {"binary": f.get("emulator"), "version": f.get("qemu_version"),
-                       # libvirt cannot list machine properties: virt's mte exists in every QEMU >= 6.2
-                       "mte": None if version is None else version >= (6, 2),
+        # libvirt cannot list machine properties: ask a running VM's QEMU (qom-list /machine), else
+        # infer it from the version (virt's mte exists in every QEMU >= 6.2).
+        mte, mte_source = self._machine_has_mte()
+        if mte is None and version is not None:
+            mte, mte_source = version >= (6, 2), "inferred from the QEMU version (libvirt cannot list machine properties)"
+        report.qemu = {"binary": f.get("emulator"), "version": f.get("qemu_version"), "mte": mte,
                        "accels": ["tcg"] + (["kvm"] if kvm_present else []), "usable_for_mte": usable,
                        "reason": reason}
-        report.fact("QEMU mte machine property", report.qemu["mte"],
-                    "inferred from the QEMU version (libvirt cannot list machine properties)")
+        report.fact("QEMU mte machine property", mte, mte_source)
         cpu_mte = bool(f.get("host_cpu_mte")) if arch == "aarch64" else False
         report.cpu = {"arch": arch, "mte": cpu_mte, "source": "capabilities host/cpu/feature"}
         if reason:
@@ -455,6 +458,23 @@ class LibvirtHost(Host):
             report.verdict("warn", f"no KVM MTE on {f.get('hostname') or self.name} "
                                    f"({'no KVM offered' if not kvm_present else arch + ' host'}): use accel tcg")
         return report.to_dict()
+
+    def _machine_has_mte(self) -> tuple[bool | None, str]:
+        """Whether QEMU's virt machine has the ``mte`` property, read from a running mtevm VM here
+        (``qom-list /machine`` through the monitor passthrough); (None, "") when none runs."""
+        import json
+        libvirt, libvirt_qemu, _ = load_libvirt()
+        conn = self.conn
+        for vm in list(self.vms.values()):
+            if conn is None or vm._gone:
+                continue
+            try:
+                reply = libvirt_qemu.qemuMonitorCommand(vm._domain(conn), QOM_LIST_MACHINE, 0)
+                names = {p["name"] for p in json.loads(reply)["return"]}
+            except (libvirt.libvirtError, ValueError, KeyError, TypeError):
+                continue
+            return "mte" in names, f"qom-list /machine of VM {vm.name}"
+        return None, ""
 
     def can_migrate_to(self, dst: Host) -> str | None:
         """Only to another libvirt host (libvirt itself refuses "the same host")."""
@@ -703,6 +723,7 @@ class LibvirtVm(GuestStatusView, RunningVm):
             state = f"gone ({e})"
         if state not in ("running", "paused"):
             self._gone = f"the domain is not running on host {self.host.name} any more (libvirt: {state})"
+        self.paused = state == "paused"     # a domain paused before the daemon came back stays paused
 
     async def monitor(self, command: str, hmp: bool = False) -> str:
         """A QMP (or, with ``hmp``, HMP) command through libvirt's monitor passthrough."""

@@ -88,6 +88,10 @@ def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_env, run_mt
     later = wait_for(lambda: (c := js("counters", "v1"))["vm"]["checked"] > first["vm"]["checked"] + 1000 and c,
                      30, "v1's counters to rise")
     assert later["vm"]["sync_faults"] > 0
+    # with a VM running, the probe reads QEMU's machine properties for real
+    facts = {x["name"]: x for x in js("probe", "--host", "hosta")[0]["facts"]}
+    assert facts["QEMU mte machine property"] == {"name": "QEMU mte machine property", "value": True,
+                                                  "source": "qom-list /machine of VM v1"}
     # the domain runs under libvirt, not the daemon: a new daemon picks it up
     ok(run_mtevm("daemon", "stop"))
     assert vm("v1")["state"] == "running"
