@@ -112,5 +112,6 @@ def test_files_are_created_only_through_the_private_path_helpers():
                                                      for f in fs if f.endswith(".py")]
         for path in files:
             offenders += _path_file_creations(path)
-    assert offenders == [], ("create files with backend.paths.open_private_file/open_private_path/"
-                             f"ensure_private_dir instead: {offenders}")
+    assert offenders == [], ("create files in the runtime/state dirs with backend.paths.open_private_file/"
+                             "open_private_path/ensure_private_dir; a file elsewhere (the user's own) goes in "
+                             f"OUTSIDE_OUR_DIRS with the reason: {offenders}")
