@@ -327,6 +327,19 @@ static void set_fault_address(int on)
 	fault_addr_on = on;
 }
 
+/* The value of KEY=VALUE on the kernel command line, or "" */
+static void cmdline_value(const char *key, char *out, size_t cap)
+{
+	char line[4096];
+	out[0] = 0;
+	if (read_file("/proc/cmdline", line, sizeof line))
+		return;
+	size_t kl = strlen(key);
+	for (char *w = strtok(line, " \n"); w; w = strtok(NULL, " \n"))
+		if (!strncmp(w, key, kl) && w[kl] == '=')
+			snprintf(out, cap, "%s", w + kl + 1);
+}
+
 static void setup_tracing(void)
 {
 	const char *ev = EVENT;
@@ -342,15 +355,25 @@ static void setup_tracing(void)
 	/* Exact counts kept in the kernel: by a small BPF program on the raw tracepoint (the
 	 * cheapest), else by a hist trigger (one left by a previous agent is kept, EEXIST: its counts
 	 * go on), else (no CONFIG_HIST_TRIGGERS either) every trace line is read and counted. */
-	if (bpf_count_setup(&bpfc, counting_note, sizeof counting_note) == 0) {
+	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests). */
+	char forced[32] = "";
+	cmdline_value("mtevm.counting", forced, sizeof forced);
+	bpfc.cpu_map = bpfc.pid_map = bpfc.prog = bpfc.link = -1;
+	if (forced[0])
+		snprintf(counting_note, sizeof counting_note, "mtevm.counting=%s on the kernel command line", forced);
+	if (!forced[0] && bpf_count_setup(&bpfc, counting_note, sizeof counting_note) == 0) {
 		counting_bpf = kernel_counts = 1;
 		append_file(EVENT "/trigger", "!" HIST);    /* a previous agent's histogram */
 	} else {
 		for (int *fd = &bpfc.cpu_map; fd <= &bpfc.link; fd++)
 			if (*fd >= 0)
 				close(*fd);
-		fprintf(stderr, "mtevm-agent: %s: counting with a hist trigger\n", counting_note);
-		kernel_counts = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+		if (strcmp(forced, "trace")) {
+			fprintf(stderr, "mtevm-agent: %s: counting with a hist trigger\n", counting_note);
+			kernel_counts = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+		} else {
+			append_file(EVENT "/trigger", "!" HIST);
+		}
 	}
 	/* With it, the ring buffer only feeds a sample of recent events (what a fault looked like),
 	 * recorded during a short window after each batch into a small buffer: recording, formatting
