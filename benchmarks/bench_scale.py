@@ -373,7 +373,10 @@ def report(section: str, r: dict | None) -> None:
         print(f"  1 worker {r['one'] / 1e6:.2f} M checks/s, workers got {r['cpu_one']:.0f} % CPU ({r['load_one']})")
         print(f"  {r['workers']} workers {r['all'] / 1e6:.2f} M checks/s, workers got {r['cpu_all']:.0f} % CPU "
               f"({r['load_all']})")
-        print(f"  ratio {r['ratio']:.2f}x   goal >= {GOAL_SCALING:g}x on 2 cores ({verdict(r['ratio'] >= GOAL_SCALING)})")
+        print(f"  ratio {r['ratio']:.2f}x   goal >= {GOAL_SCALING:g}x on 2 cores ({verdict(r['ratio'] >= GOAL_SCALING)}); "
+              f"per worker CPU-second {r['one'] / max(r['cpu_one'], 1e-9) / 1e4:.1f} vs "
+              f"{r['all'] / max(r['cpu_all'], 1e-9) / 1e4:.1f} M checks (CPU the machine gave them: "
+              f"{r['cpu_all'] / max(r['cpu_one'], 1e-9):.2f}x)")
     elif section == "app":
         print(f"app: {APP_VMS} VMs x {APP_VCPUS} vCPUs (rate {APP_RATE}/s), VM list at {RATE_HZ:g} Hz, "
               f"{WIDTH}x{HEIGHT} pty ({r['load']})")

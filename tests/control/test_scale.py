@@ -181,3 +181,31 @@ def test_the_watch_line_says_how_many_samples_were_skipped():
     c = {"time": 0.0, "vm": {"checked": 5, "unchecked": 1, "sync_faults": 2, "async_faults": 0}}
     assert "skipped" not in counters_line(c, 0.0, 0)
     assert counters_line(c, 1.5, 3).endswith("faults/s 1.5  (skipped 3 samples: this terminal fell behind)")
+
+
+async def test_the_socket_stream_carries_per_vcpu_figures_only_where_asked(mtevm_paths):
+    from backend.client import connect
+    async with await connect() as client:          # a real daemon over its socket
+        for name in ("a", "b"):
+            await client.create({"name": name, "vcpus": 2, "workload": {"rate": 1000}})
+            await client.start(name)
+
+        async def first_round(**kwargs) -> dict[str, dict]:
+            got: dict[str, dict] = {}
+            events = client.events(rate_hz=10, **kwargs)
+            try:
+                async for e in events:
+                    if e["type"] == "counters":
+                        got[e["vm"]] = e["counters"]
+                        if len(got) == 2:
+                            return got
+            finally:
+                await events.aclose()
+
+        everything = await first_round()
+        assert [len(everything[n]["vcpus"]) for n in ("a", "b")] == [2, 2]
+        totals = await first_round(vcpus="none")
+        assert all("vcpus" not in c and set(c["vm"]) == {"checked", "unchecked", "sync_faults", "async_faults"}
+                   for c in totals.values())
+        one = await first_round(vcpus="b")
+        assert "vcpus" not in one["a"] and len(one["b"]["vcpus"]) == 2
