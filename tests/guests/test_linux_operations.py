@@ -1,6 +1,7 @@
-"""reboot and shutdown of a real Linux MTE guest: the guest agent's clean reboot and power-off
-(docs/agent-protocol.md "reboot"/"poweroff"), not a reset or QEMU's quit. One 1-vCPU VM, booted
-once; every QEMU is checked gone by PID at the end."""
+"""snapshot, reboot and shutdown of a real Linux MTE guest: its agent is back after a restore; the
+agent's clean reboot and power-off (docs/agent-protocol.md "reboot"/"poweroff"), not a reset or
+QEMU's quit; an agent too slow for --timeout: stopped, said so. One 1-vCPU VM (booted twice);
+every QEMU is checked gone by PID at the end."""
 from __future__ import annotations
 
 import pytest
@@ -25,6 +26,15 @@ async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, m
             return sum("mtevm: init ready" in line for line in (await c.console_log("lx", 2000))["lines"])
         await until("the guest agent", agent_up, timeout=120)
         assert await boots() == 1
+
+        # A snapshot of the running Linux guest comes back with its agent (exec works again).
+        await c.snapshot_save("lx", "up")
+        assert (await c.snapshot_restore("lx", "up"))["state"] == "running"
+        await until("the guest agent after the restore", agent_up, timeout=60)
+        out = [m["data"] async for m in c.exec("lx", ["-c", "echo restored"], path="/bin/sh")
+               if m.get("type") == "exec-output"]
+        assert b"".join(out) == b"restored\n"
+        assert await boots() == 1                                    # restored, not booted again
 
         vm = await c.reboot("lx")
         assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent rebooted it"}
