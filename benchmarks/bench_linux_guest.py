@@ -24,10 +24,6 @@ BOOT_RUNS = 3
 FAULT_ROUNDS = 7
 SYNC_N, ASYNC_N = 2000, 2000
 GOAL_TRACE_RATIO = 0.9
-EVENT = "/sys/kernel/tracing/events/signal/signal_generate"
-KPROBE = "/sys/kernel/tracing/events/mtevm/tagfault"
-# The agent's histogram trigger (agent.c HIST)
-HISTS = ("hist:keys=common_cpu,pid,code:vals=hitcount:size=4096 if sig == 11",)
 
 
 def bare_boot_to_agent_ready(img: image.BuiltImage, smp: int = 2) -> tuple[float, float]:
@@ -44,17 +40,8 @@ def bare_boot_to_agent_ready(img: image.BuiltImage, smp: int = 2) -> tuple[float
         vm.stop()
 
 
-def _sh(link, cmd: str) -> None:
-    r = link.run(f"sh-{time.monotonic()}", path="/bin/sh", args=["-c", cmd])
-    assert r["exit"] and r["exit"]["status"] == 0, r
-
-
-def _faults_per_s(link, tag: str, shell: str | None = None) -> float:
-    """mte-faults' own rate; ``shell``: run it inside this sh command instead (where MTE_FAULTS is)."""
-    prog = f"/opt/mtevm/bin/mte-faults {SYNC_N} {ASYNC_N}"
-    how = {"path": "/bin/sh", "args": ["-c", shell.replace("MTE_FAULTS", prog)]} if shell else \
-        {"path": "/opt/mtevm/bin/mte-faults", "args": [str(SYNC_N), str(ASYNC_N)]}
-    r = link.run(tag, timeout=300, **how)
+def _faults_per_s(link, tag: str) -> float:
+    r = link.run(tag, path="/opt/mtevm/bin/mte-faults", args=[str(SYNC_N), str(ASYNC_N)], timeout=300)
     out = r["stdout"].decode()
     m = re.search(r"\((\d+) faults/s\)", out)
     if not m or r["exit"]["status"] != 0:
@@ -63,31 +50,28 @@ def _faults_per_s(link, tag: str, shell: str | None = None) -> float:
 
 
 def tracing_cost(img: image.BuiltImage, smp: int = 1) -> dict[str, list[float]]:
-    """Per round, mte-faults' rate in each mode: the agent as it runs by default (a histogram
-    trigger on the tracepoint counts; the fault-address kprobe on, every fault recorded), the agent
-    with fault addresses off (counts from the histogram, events recorded in a short window per
-    batch: the tracepoint's own cost), and no tracing at all (histogram removed, tracepoint off).
+    """Per round, mte-faults' rate in each mode: the agent as it runs by default (its BPF program
+    on the raw tracepoint counts; the fault-address kprobe on, every fault recorded as an event),
+    the agent with fault addresses off (BPF counts, events recorded in a short window per batch:
+    the tracepoint's own cost), and no tracing at all (config counting=false: BPF detached,
+    tracepoint and kprobe off).
     One vCPU: the agent's work shares the program's CPU, so its whole cost shows."""
     vm = BareLinux(img, smp=smp).start()
-    add = "; ".join(f"echo '{h}' >> {EVENT}/trigger" for h in HISTS)
-    remove = "; ".join(f"echo '!{h}' >> {EVENT}/trigger" for h in HISTS)
     modes = {
         "agent default (fault addresses on)": True,
         "agent, fault addresses off": False,
         "no tracing": False,
     }
     rates: dict[str, list[float]] = {m: [] for m in modes}
-    # No tracing: the agent stopped (so its next batch cannot open a recording window), the
-    # tracepoint off and the histogram removed for the run, then all put back.
-    bare = (f"P=$(pidof mtevm-agent); kill -STOP $P; echo 0 > {EVENT}/enable; {remove}; MTE_FAULTS; "
-            f"{add}; kill -CONT $P")
     try:
         link = vm.connect(timeout=120)
         link.hello(timeout=120)
         for rnd in range(FAULT_ROUNDS):   # interleaved: load drifts hit every mode alike
             for mode, addresses in modes.items():
-                link.send({"type": "config", "fault_address": addresses})
-                rates[mode].append(_faults_per_s(link, f"{rnd}-{mode}", bare if mode == "no tracing" else None))
+                # no tracing: the agent detaches its BPF program, tracepoint and kprobe
+                link.send({"type": "config", "fault_address": addresses, "counting": mode != "no tracing"})
+                rates[mode].append(_faults_per_s(link, f"{rnd}-{mode}"))
+            link.send({"type": "config", "counting": True})
         link.close()
     finally:
         vm.stop()

@@ -44,7 +44,7 @@ def test_hello_reports_the_guests_mte_facts(guest, linux_image):
     assert h["tracing"] is True and h["tracing_error"] is None
     # Fault addresses: a kprobe on this kernel, on until the host turns it off
     assert h["fault_address_available"] is True and h["fault_address"] is True
-    assert h["counting"] == "histogram"
+    assert h["counting"] == "bpf" and h["counting_note"] is None and h["paused"] is False
     assert "mtevm: init ready" in vm.console()
 
 
@@ -96,6 +96,23 @@ def test_with_fault_addresses_off_counts_stay_exact_and_events_are_sampled(guest
     finally:
         link.send({"type": "config", "fault_address": True})
     assert link.hello()["fault_address"] is True
+
+
+def test_counting_can_be_paused(guest):
+    """config counting=false: no tracing at all (a program runs at full speed), counts kept;
+    true: counting goes on from there."""
+    _, link = guest
+    before = totals(link)
+    link.send({"type": "config", "counting": False})
+    try:
+        assert link.hello()["paused"] is True
+        assert link.run("p1", path="/opt/mtevm/bin/mte-faults", args=["5", "5"])["exit"]["status"] == 0
+        assert totals(link) == before
+    finally:
+        link.send({"type": "config", "counting": True})
+    assert link.hello()["paused"] is False
+    assert link.run("p2", path="/opt/mtevm/bin/mte-faults", args=["2", "1"])["exit"]["status"] == 0
+    assert totals(link) == {"sync": before["sync"] + 2, "async": before["async"] + 1}
 
 
 def test_exec_copies_a_host_program_and_streams_its_output(guest, linux_image):

@@ -78,7 +78,8 @@ def test_counters_move_and_match_the_workloads_own(guest):
         assert abs(per_cpu[cpu]["sync"] - w["sync"]) <= max(20, w["sync"] // 10)
         assert per_cpu[cpu]["async"] >= w["async"] - 20
         p = procs[w["pid"]]
-        assert p["comm"] == "mtevm-workload" and p["sync"] == per_cpu[cpu]["sync"]
+        # per-CPU and per-process counters are read one after the other: a fault may fall between
+        assert p["comm"] == "mtevm-workload" and abs(p["sync"] - per_cpu[cpu]["sync"]) <= 3
     events = [e for e in faults["events"] if e["comm"] == "mtevm-workload"]
     pid_cpu = {c["pid"]: c["cpu"] for c in work["cpus"]}
     assert all(pid_cpu[e["pid"]] == e["cpu"] for e in events if e["pid"] in pid_cpu)

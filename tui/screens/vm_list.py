@@ -62,7 +62,9 @@ class VmListScreen(VmActions, Screen):
     # -- what is shown -------------------------------------------------------------------------
     def row_values(self, vm: dict) -> dict[str, str]:
         faults = self.app.model.faults_per_s(vm["name"])
-        return {"sel": "●" if vm["name"] in self.selected else " ", "name": vm["name"],
+        # a libvirt domain mtevm did not make: listed, but nothing here acts on it
+        name = vm["name"] + (" (read-only)" if vm.get("read_only") else "")
+        return {"sel": "●" if vm["name"] in self.selected else " ", "name": name,
                 "state": vm.get("state", "?"), "host": vm.get("host", ""), "accel": vm.get("accel", ""),
                 "mte": mte_text(vm), "vcpus": str(vm.get("vcpus", "")),
                 "faults": fmt.rate(faults)}

@@ -33,6 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bpf_count.h"
 #include "json.h"
 #include "workload.h"
 
@@ -107,7 +108,11 @@ static int n_events;
 static int faults_changed = 1;
 static struct proc procs[PROC_SLOTS];
 static int n_procs;
-static int hist_on;                    /* counting by in-kernel histograms (else from trace lines) */
+static int kernel_counts;              /* exact counts kept by the kernel (BPF or histogram), else from trace lines */
+static int counting_bpf;               /* ... by the BPF program (bpf_count.h), else by the hist trigger */
+static struct bpf_count bpfc;
+static char counting_note[300];        /* why not BPF, when it is not */
+static int paused;                     /* config counting=false: no tracing at all */
 static uint64_t sent_total;            /* sync + async at the previous faults message */
 static struct exec execs[MAX_EXECS];
 static char tracing_error[256], fault_addr_why[256];
@@ -260,7 +265,8 @@ static void send_hello(void)
 			buf_printf(&m, "null");
 		buf_printf(&m, "}");
 	}
-	buf_printf(&m, "],\"tracing\":%s,\"tracing_error\":", trace_fd >= 0 ? "true" : "false");
+	buf_printf(&m, "],\"tracing\":%s,\"paused\":%s,\"tracing_error\":", trace_fd >= 0 ? "true" : "false",
+		   paused ? "true" : "false");
 	if (trace_fd >= 0)
 		buf_printf(&m, "null");
 	else
@@ -271,8 +277,13 @@ static void send_hello(void)
 		buf_printf(&m, "\"sync faults: kprobe on do_tag_check_fault; async faults have no address\"");
 	else
 		buf_json_str(&m, fault_addr_why, strlen(fault_addr_why));
+	buf_printf(&m, ",\"counting_note\":");
+	if (counting_bpf)
+		buf_printf(&m, "null");
+	else
+		buf_json_str(&m, counting_note, strlen(counting_note));
 	buf_printf(&m, ",\"counting\":\"%s\",\"interval_ms\":%d,\"uptime\":%.3f}",
-		   hist_on ? "histogram" : "trace", interval_ms, now_mono());
+		   counting_bpf ? "bpf" : kernel_counts ? "histogram" : "trace", interval_ms, now_mono());
 	send_msg(&m);
 	free(m.p);
 }
@@ -302,14 +313,31 @@ static void set_fault_address(int on)
 {
 	if (!fault_addr_available || on == fault_addr_on)
 		return;
+	if (paused) {          /* applied when counting resumes */
+		fault_addr_on = on;
+		return;
+	}
 	/* With addresses on, every fault is recorded (no sampling window): the user asked for detail.
 	 * Off: recording stops now; the next batch opens the next sampling window. */
-	write_file(EVENT "/enable", on || !hist_on ? "1" : "0");
+	write_file(TRACING "/tracing_on", on || !kernel_counts ? "1" : "0");
 	if (write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0")) {
 		snprintf(fault_addr_why, sizeof fault_addr_why, "cannot enable the tagfault kprobe (%s)", strerror(errno));
 		return;
 	}
 	fault_addr_on = on;
+}
+
+/* The value of KEY=VALUE on the kernel command line, or "" */
+static void cmdline_value(const char *key, char *out, size_t cap)
+{
+	char line[4096];
+	out[0] = 0;
+	if (read_file("/proc/cmdline", line, sizeof line))
+		return;
+	size_t kl = strlen(key);
+	for (char *w = strtok(line, " \n"); w; w = strtok(NULL, " \n"))
+		if (!strncmp(w, key, kl) && w[kl] == '=')
+			snprintf(out, cap, "%s", w + kl + 1);
 }
 
 static void setup_tracing(void)
@@ -324,14 +352,36 @@ static void setup_tracing(void)
 	write_file(TRACING "/trace_clock", "mono");   /* so event times are CLOCK_MONOTONIC */
 	write_file(TRACING "/events/mtevm/tagfault/enable", "0");
 	write_file(TRACING "/kprobe_events", "");    /* a previous agent's probe */
-	/* Exact counts from an in-kernel histogram. One left by a previous agent is kept (EEXIST):
-	 * its counts go on. Without CONFIG_HIST_TRIGGERS, every trace line is read and counted. */
-	hist_on = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+	/* Exact counts kept in the kernel: by a small BPF program on the raw tracepoint (the
+	 * cheapest), else by a hist trigger (one left by a previous agent is kept, EEXIST: its counts
+	 * go on), else (no CONFIG_HIST_TRIGGERS either) every trace line is read and counted. */
+	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests). */
+	char forced[32] = "";
+	cmdline_value("mtevm.counting", forced, sizeof forced);
+	bpfc.cpu_map = bpfc.pid_map = bpfc.prog = bpfc.link = -1;
+	if (forced[0])
+		snprintf(counting_note, sizeof counting_note, "mtevm.counting=%s on the kernel command line", forced);
+	if (!forced[0] && bpf_count_setup(&bpfc, counting_note, sizeof counting_note) == 0) {
+		counting_bpf = kernel_counts = 1;
+		append_file(EVENT "/trigger", "!" HIST);    /* a previous agent's histogram */
+	} else {
+		for (int *fd = &bpfc.cpu_map; fd <= &bpfc.link; fd++)
+			if (*fd >= 0)
+				close(*fd);
+		if (strcmp(forced, "trace")) {
+			fprintf(stderr, "mtevm-agent: %s: counting with a hist trigger\n", counting_note);
+			kernel_counts = append_file(EVENT "/trigger", HIST) == 0 || errno == EEXIST;
+		} else {
+			append_file(EVENT "/trigger", "!" HIST);
+		}
+	}
 	/* With it, the ring buffer only feeds a sample of recent events (what a fault looked like),
 	 * recorded during a short window after each batch into a small buffer: recording, formatting
 	 * and reading every fault would cost a faulting program a large part of its speed under TCG.
-	 * Writing 0 to 'enable' keeps the tracepoint live for the histogram (soft-disabled). */
-	write_file(TRACING "/buffer_size_kb", hist_on ? TRACE_BUFFER_KB_SAMPLE : TRACE_BUFFER_KB_ALL);
+	 * The window opens and closes with tracing_on (a flag of the ring buffer), not the event's
+	 * 'enable': enabling an event registers its tracepoint, which patches kernel text, and under
+	 * TCG every patch throws away translated code of the hot signal path. */
+	write_file(TRACING "/buffer_size_kb", kernel_counts ? TRACE_BUFFER_KB_SAMPLE : TRACE_BUFFER_KB_ALL);
 	if (write_file(EVENT "/filter", "sig == 11") || write_file(EVENT "/enable", "1")) {
 		snprintf(tracing_error, sizeof tracing_error, "cannot enable signal:signal_generate: %s", strerror(errno));
 		return;
@@ -444,7 +494,7 @@ static void handle_trace_line(char *line)
 	if (cpu >= n_cpus)
 		n_cpus = cpu + 1;
 	learn_comm(target, comm);
-	if (!hist_on) {
+	if (!kernel_counts) {
 		struct proc *p = proc_for(target);
 		if (p) {
 			p->touched = batch_no + 1;
@@ -471,7 +521,7 @@ static void handle_trace_line(char *line)
 			e->has_addr = 1;
 			e->far = last_far[cpu].far;
 		}
-	} else if (!hist_on) {
+	} else if (!kernel_counts) {
 		dropped++;
 	}
 	last_far[cpu].valid = 0;
@@ -482,7 +532,7 @@ static void read_trace(void)
 	char chunk[65536];
 	/* With histograms the lines are only a sample: take about what the small buffers held at
 	 * this moment and stop, or the agent would keep reading as long as a program keeps faulting. */
-	long budget = hist_on ? (long)n_cpus * TRACE_SAMPLE_BYTES_PER_CPU : -1;
+	long budget = kernel_counts ? (long)n_cpus * TRACE_SAMPLE_BYTES_PER_CPU : -1;
 	while (budget != 0) {
 		size_t want = budget > 0 && budget < (long)sizeof chunk ? (size_t)budget : sizeof chunk;
 		ssize_t n = read(trace_fd, chunk, want);
@@ -502,6 +552,54 @@ static void read_trace(void)
 }
 
 /* ---- batches ---- */
+
+/* New cumulative per-CPU counts; the totals follow. */
+static void set_cpu_counts(const uint64_t *cs, const uint64_t *ca)
+{
+	uint64_t ts = 0, ta = 0;
+	for (int c = 0; c < MAX_CPUS; c++) {
+		cpu_sync[c] = cs[c];
+		cpu_async[c] = ca[c];
+		ts += cs[c];
+		ta += ca[c];
+		if ((cs[c] || ca[c]) && c >= n_cpus)
+			n_cpus = c + 1;
+	}
+	if (ts != total_sync || ta != total_async)
+		faults_changed = 1;
+	total_sync = ts;
+	total_async = ta;
+}
+
+/* One pid's counts from the BPF map; a process that has ended is folded in and its entry
+ * deleted (returns 1), so the map only holds live processes. */
+static int bpf_pid_seen(int pid, uint64_t sync, uint64_t async)
+{
+	struct proc *p = proc_for(pid);
+	if (!p)
+		return 0;
+	uint64_t ns = p->bsync + sync, na = p->basync + async;
+	if (ns != p->sync || na != p->async) {
+		p->sync = ns;
+		p->async = na;
+		p->touched = batch_no + 1;
+	}
+	char path[32];
+	snprintf(path, sizeof path, "/proc/%d", pid);
+	if (access(path, F_OK) == 0)
+		return 0;
+	p->bsync = p->sync;
+	p->basync = p->async;
+	return 1;
+}
+
+static void read_bpf(void)
+{
+	uint64_t cs[MAX_CPUS], ca[MAX_CPUS];
+	if (bpf_count_cpus(&bpfc, cs, ca, MAX_CPUS) == 0)
+		set_cpu_counts(cs, ca);
+	bpf_count_pids(&bpfc, bpf_pid_seen);
+}
 
 /* Counts from the histogram: lines like
  *   { common_cpu:          1, pid:        108, code:          9 } hitcount:         10 */
@@ -554,17 +652,7 @@ static void read_hist(void)
 			p->touched = batch_no + 1;
 		}
 	}
-	uint64_t ts = 0, ta = 0;
-	for (int c = 0; c < MAX_CPUS; c++) {
-		cpu_sync[c] = cs[c];
-		cpu_async[c] = ca[c];
-		ts += cs[c];
-		ta += ca[c];
-	}
-	if (ts != total_sync || ta != total_async)
-		faults_changed = 1;
-	total_sync = ts;
-	total_async = ta;
+	set_cpu_counts(cs, ca);
 	/* The map has a fixed size (a key is a CPU, pid and code): before it fills up, keep the
 	 * counts here and start it afresh. Faults between the read above and the clear are lost:
 	 * a few, once per ~1000 faulting processes. */
@@ -593,12 +681,14 @@ static const char *comm_of(struct proc *p)
 
 static void send_faults(void)
 {
-	if (hist_on)
+	if (counting_bpf)
+		read_bpf();
+	else if (kernel_counts)
 		read_hist();
 	if (!faults_changed || !connected)
 		return;
 	struct buf m = { 0 };
-	if (hist_on) {   /* faults the sample of events does not show */
+	if (kernel_counts) {   /* faults the sample of events does not show */
 		uint64_t delta = total_sync + total_async - sent_total;
 		dropped = delta > (uint64_t)n_events ? delta - (uint64_t)n_events : 0;
 	}
@@ -894,6 +984,22 @@ static void reap(void)
 			}
 }
 
+/* ---- pausing ---- */
+
+/* {"type":"config","counting":false}: the guest runs with no tracing at all (the BPF program
+ * detached, the tracepoint and the kprobe off; counts and state kept), e.g. to time a program at
+ * full speed; true resumes. Only with BPF counting: a histogram would lose its counts. */
+static void set_counting(int on)
+{
+	if (!counting_bpf || on == !paused)
+		return;
+	paused = !on;
+	bpf_count_attach(&bpfc, on);
+	write_file(EVENT "/enable", on ? "1" : "0");
+	if (fault_addr_on)
+		write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0");
+}
+
 /* ---- the workload's TCF ---- */
 
 /* {"type":"tcf","cpu":N|null,"tcf":"sync"}: the workload process of that vCPU (all: null)
@@ -975,6 +1081,9 @@ static void handle_message(char *line)
 		f = json_get(&o, "fault_address");
 		if (f && f->type == J_BOOL)
 			set_fault_address((int)f->num);
+		f = json_get(&o, "counting");
+		if (f && f->type == J_BOOL)
+			set_counting((int)f->num);
 	} else if (!strcmp(type, "tcf")) {
 		set_workload_tcf(&o);
 	} else if (!strcmp(type, "exec")) {
@@ -1064,7 +1173,7 @@ int main(void)
 	arm_timer(tfd, interval_ms);
 	/* Without the histogram: read trace_pipe every TRACE_READ_MS. With it: end each sampling window. */
 	int trace_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-	if (hist_on)
+	if (kernel_counts)
 		arm_once(trace_tfd, SAMPLE_WINDOW_MS);
 	else
 		arm_timer(trace_tfd, TRACE_READ_MS);
@@ -1110,8 +1219,8 @@ int main(void)
 		if (p[2].revents) {
 			uint64_t ticks;
 			(void)!read(trace_tfd, &ticks, sizeof ticks);
-			if (hist_on && !fault_addr_on)
-				write_file(EVENT "/enable", "0");     /* the sampling window ends */
+			if (kernel_counts && !fault_addr_on)
+				write_file(TRACING "/tracing_on", "0");     /* the sampling window ends */
 			else if (trace_fd >= 0)
 				read_trace();
 		}
@@ -1137,8 +1246,8 @@ int main(void)
 				read_trace();
 			send_faults();
 			send_workload();
-			if (hist_on && trace_fd >= 0) {   /* the next sampling window (all the time with addresses) */
-				write_file(EVENT "/enable", "1");
+			if (kernel_counts && trace_fd >= 0 && !paused) {   /* the next sampling window (all the time with addresses) */
+				write_file(TRACING "/tracing_on", "1");
 				if (!fault_addr_on)
 					arm_once(trace_tfd, SAMPLE_WINDOW_MS);
 			}
