@@ -24,6 +24,7 @@ from tui.components.status import screen_bottom
 from tui.live import CountersSampled, Rates, VmChanged, VmDeleted, is_live
 from tui.screens.vm_actions import VmActions
 from tui.screens.vm_list import mte_text
+from tui.screens.leave_once import LeaveOnce
 
 
 def describe(vm: dict) -> str:
@@ -107,7 +108,7 @@ def fault_key(f: dict) -> tuple:
     return (f.get("vcpu"), f.get("time"), f.get("addr"), f.get("kind"))
 
 
-class VmDetailScreen(VmActions, Screen):
+class VmDetailScreen(LeaveOnce, VmActions, Screen):
     BINDINGS = keymap.bindings(keymap.VM_KEYS, keymap.GUEST_KEYS, keymap.BACK_KEYS)
     TITLE = "VM"
 
