@@ -2,7 +2,8 @@
 into the host's pool through libvirt's storage API, libvirt boots them with the same command line
 as the local host, and the guest agent is reached through the domain's virtio-serial channel
 (virDomainOpenChannel, inside the ssh-tunnelled libvirt connection) by the same agent client the
-local host uses. One boot: counters, guest facts, exec with exact fault counts, clean poweroff."""
+local host uses. One boot: counters, guest facts, exec with exact fault counts, a live migration to
+the other libvirt host (the agent reconnects there, counts continue), clean poweroff."""
 from __future__ import annotations
 
 import subprocess
@@ -92,12 +93,33 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         [proc] = [p for p in vm["processes"] if p["pid"] == exit_msg["pid"]]
         assert proc == {"pid": exit_msg["pid"], "comm": "mte-faults", "sync": 37, "async": 23}
 
+        # a live migration to the other host (ssh -> unix): the kernel and initramfs go to its pool
+        # first, the new domain's channel is opened there, the agent's cumulative counts continue
+        await c.host_add("hosta", libvirt_env.uri_a)
+        moved = vm_faults(vm)
+        m = await c.migrate("lx", "hosta")
+
+        async def migrated():
+            return next((x for x in await c.migrations() if x["id"] == m["id"] and x["state"] in
+                         ("completed", "failed", "blocked")), None)
+        record = await until("the migration to end", migrated, timeout=120)
+        assert record["state"] == "completed", record
+
+        async def agent_on_hosta():
+            vm = await c.show("lx")
+            ready = vm["host"] == "hosta" and (vm.get("guest_facts") or {}).get("agent") == "connected"
+            return vm if ready and vm_faults(vm) == moved else None
+        await until("the agent to answer on hosta with the same counts", agent_on_hosta, timeout=60)
+        msgs = [m async for m in c.exec("lx", ["3", "0"], program="mte-faults", data=program)]
+        assert msgs[-1]["type"] == "exec-exit" and msgs[-1]["faults"] == {"sync": 3, "async": 0}
+        assert "lx" not in virsh(uri, "list", "--all", "--name").split()
+
         # stop = the agent's poweroff: libvirt sees the guest shut itself down
         vm = await c.shutdown("lx")
         assert vm["state"] == "stopped" and vm["outcome"]["how"] == "agent"
-        assert virsh(uri, "domstate", "lx") == "shut off"
+        assert virsh(libvirt_env.uri_a, "domstate", "lx") == "shut off"
     finally:
         for vm in await c.list():
-            if vm["state"] in ("running", "paused") and vm["host"] == "hostb":
+            if vm["state"] in ("running", "paused") and vm["host"] in ("hosta", "hostb"):
                 await c.stop(vm["name"])
         await c.close()
