@@ -235,20 +235,23 @@ class LocalHost(Host):
         raise AssertionError("unreachable")
 
     def clone_storage(self, src: VmSpec, dst: VmSpec) -> list[str]:
-        """Copy each disk of ``src`` beside it as ``<name>-<clone><ext>`` (never over an existing
-        file); returns the copies in the same order, or removes them all and raises."""
+        """Copy each disk of ``src`` beside it as ``<name>-<clone><ext>``: a new file (never over an
+        existing one), made through the checked helper (a directory others can write to is refused,
+        as everywhere mtevm creates files). Returns the copies in order, or removes them all and raises."""
         made: list[str] = []
         try:
             for disk in src.guest.disks:
                 root, ext = os.path.splitext(disk)
                 copy = f"{root}-{dst.config.name}{ext}"
-                with open(disk, "rb") as fin, os.fdopen(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                                                         "wb") as fout:
+                with open(disk, "rb") as fin:
+                    fd = open_private_path(copy, os.O_WRONLY, exclusive=True)
                     made.append(copy)
-                    shutil.copyfileobj(fin, fout, 1 << 20)
-        except FileExistsError as e:
+                    with os.fdopen(fd, "wb") as fout:
+                        shutil.copyfileobj(fin, fout, 1 << 20)
+        except ConfigError as e:
             _remove_all(made)
-            raise ConfigError(f"clone: {e.filename} already exists; move it away or clone under another name") from None
+            raise ConfigError(f"clone: {e}; move it away or clone under another name" if "already exists" in str(e)
+                              else f"clone: {e}") from None
         except OSError as e:
             _remove_all(made)
             raise ConfigError(f"clone: cannot copy disk {e.filename}: {e.strerror}") from None

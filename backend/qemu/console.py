@@ -121,14 +121,19 @@ class SerialConsole:
         return self
 
     async def _run(self) -> None:
+        misses = 0
         while self.alive():
             try:
                 reader, writer = await asyncio.open_unix_connection(self.socket_path)
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
                     raise
-                await asyncio.sleep(CONNECT_POLL)   # QEMU has not made its socket yet
+                # QEMU has not made its socket yet (fast), or never will (a QEMU started by an older
+                # mtevm without one): poll, backing off to once a second
+                misses += 1
+                await asyncio.sleep(min(CONNECT_POLL * misses, 1.0))
                 continue
+            misses = 0
             self._writer = writer
             self.connected.set()
             try:

@@ -45,6 +45,7 @@ def test_hello_reports_the_guests_mte_facts(guest, linux_image):
     # Fault addresses: a kprobe on this kernel, on until the host turns it off
     assert h["fault_address_available"] is True and h["fault_address"] is True
     assert h["counting"] == "bpf" and h["counting_note"] is None and h["paused"] is False
+    assert 0 < h["setup_s"] < h["uptime"]
     assert "mtevm: init ready" in vm.console()
 
 

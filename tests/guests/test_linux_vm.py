@@ -261,7 +261,7 @@ async def test_the_app_shows_the_guest_its_console_processes_and_selftests(lx, l
         await until(lambda: any("mtevm: init ready" in ln for ln in screen.query_one("#console", Log).lines),
                     "the console's log in the detail")
         config = str(screen.query_one("#vm-config", Static).render())
-        assert "guest linux" in config and "HWCAP2 MTE MTE3" in config
+        assert "guest linux  fault addresses on (sync faults)" in config and "HWCAP2 MTE MTE3" in config
         result = await asyncio.to_thread(exec_json, lx, linux_image.program("mte-faults"), "2", "1")
         await until(lambda: f"{result['pid']:>7}  mte-faults" in str(screen.query_one("#procs", Static).render()),
                     "the program's faults in the process table")

@@ -103,6 +103,8 @@ class LibvirtDaemon:
         """QEMU processes this libvirtd started (from its /run/libvirt/qemu/*.pid files)."""
         pids = []
         for f in self.path("/run/libvirt/qemu").glob("*.pid"):
+            if f.name == "driver.pid":      # libvirtd's own QEMU-driver lock, not a QEMU
+                continue
             try:
                 pids.append(int(f.read_text().strip()))
             except (OSError, ValueError):

@@ -196,8 +196,11 @@ async def test_sixteen_colours_on_every_screen(make_app):
         await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "migrations")
         seen["migrations"] = non_ansi_colours(app)
         await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
         seen["help"] = non_ansi_colours(app)
-        await pilot.press("escape", "v")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "back on the migrations")
+        await pilot.press("v")
         await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
         app.set_daemon_lost("event stream lost")            # the status bar's alarm, the dimmed table
         await pilot.pause(0.1)
@@ -426,3 +429,33 @@ async def test_qemu_args_naming_a_host_file_need_the_forms_opt_in_and_the_detail
         await open_detail(pilot, app)
         await wait_for(pilot, lambda: "host files allowed" in " ".join(screen_text(app).split()),
                        "the detail naming the opt-in")
+
+
+async def test_a_key_queued_twice_closes_a_screen_once(make_app):
+    """esc esc or y y over a slow link can both reach a screen before the first is handled: it
+    must leave once (no second callback, no ScreenStackError ending the app)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot, app)
+        await pilot.press("M")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "migrations")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        help_screen = app.screen
+        help_screen.action_back()
+        help_screen.action_back()                  # the second esc, already queued on the help screen
+        await pilot.pause(0.2)
+        assert app.is_running and isinstance(app.screen, MigrationsScreen)
+
+        await pilot.press("v")
+        await wait_for(pilot, lambda: isinstance(app.screen, VmListScreen), "the VM list")
+        await only_vm_under_the_cursor(pilot, app, "web1", mte=False, start=True)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the stop question")
+        confirm = app.screen
+        confirm.action_answer(True)
+        confirm.action_answer(True)                # y y: one stop, not a second one refused
+        await wait_for(pilot, lambda: app.model.vms["web1"]["state"] == "stopped", "web1 stopped")
+        await pilot.pause(0.3)
+        assert app.is_running and isinstance(app.screen, VmListScreen)
+        assert not [n for n in app._notifications if n.severity == "error"]

@@ -7,9 +7,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from tui import keymap
+from tui.screens.leave_once import LeaveOnce
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class ConfirmScreen(LeaveOnce, ModalScreen[bool]):
     """Dismisses with True only on confirm_yes ("y") / the Yes button; confirm_no (esc, "n") and No
     cancel. The keys come from the key table, so a [keymap] remapping changes them and the buttons."""
 

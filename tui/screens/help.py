@@ -8,6 +8,7 @@ from textual.widgets import DataTable, Header, Static
 
 from tui import keymap
 from tui.components.status import screen_bottom
+from tui.screens.leave_once import LeaveOnce
 
 SECTIONS = [
     ("Everywhere", keymap.APP_KEYS),
@@ -21,7 +22,7 @@ SECTIONS = [
 ]
 
 
-class HelpScreen(Screen):
+class HelpScreen(LeaveOnce, Screen):
     BINDINGS = keymap.bindings(keymap.BACK_KEYS)
     TITLE = "Help"
 

@@ -20,6 +20,7 @@ from textual.widgets.option_list import Option
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
+from tui.screens.leave_once import LeaveOnce
 
 
 async def migrate(app, name: str, dst: str, with_tags: bool) -> None:
@@ -32,7 +33,7 @@ async def migrate(app, name: str, dst: str, with_tags: bool) -> None:
     await app.switch_mode("migrations")
 
 
-class MigrateScreen(ModalScreen[None]):
+class MigrateScreen(LeaveOnce, ModalScreen[None]):
     BINDINGS = keymap.bindings(keymap.BACK_KEYS) + [Binding("ctrl+s", "submit", "migrate", id="form_submit")]
 
     def __init__(self, vm: dict) -> None:

@@ -7,9 +7,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
 from tui import keymap
+from tui.screens.leave_once import LeaveOnce
 
 
-class NamePrompt(ModalScreen[str | None]):
+class NamePrompt(LeaveOnce, ModalScreen[str | None]):
     """Dismisses with the text typed (stripped; may be "" when ``allow_empty``), or None on cancel."""
 
     BINDINGS = keymap.bindings(keymap.BACK_KEYS)

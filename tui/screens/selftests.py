@@ -13,12 +13,13 @@ from textual.widgets import DataTable, Header, Log, Static
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.status import screen_bottom
+from tui.screens.leave_once import LeaveOnce
 
 COLUMNS = [("test", "test"), ("result", "result"), ("pass", "pass"), ("fail", "fail"), ("skip", "skip"),
            ("time", "time")]
 
 
-class SelftestScreen(Screen):
+class SelftestScreen(LeaveOnce, Screen):
     BINDINGS = keymap.bindings(keymap.BACK_KEYS)
     TITLE = "MTE selftests"
 

@@ -16,6 +16,7 @@ from tui import keymap
 from tui.components.status import screen_bottom
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.name_prompt import NamePrompt
+from tui.screens.leave_once import LeaveOnce
 
 COLUMNS = ("tag", "taken", "VM was", "size", "checked", "faults", "tags")
 
@@ -27,7 +28,7 @@ def row(s: dict, now: float) -> tuple:
             s.get("tags", ""))
 
 
-class SnapshotsScreen(Screen):
+class SnapshotsScreen(LeaveOnce, Screen):
     BINDINGS = keymap.bindings(keymap.SNAPSHOT_KEYS, keymap.BACK_KEYS)
     TITLE = "Snapshots"
 

@@ -24,6 +24,7 @@ from tui.components.status import screen_bottom
 from tui.live import CountersSampled, Rates, VmChanged, VmDeleted, is_live
 from tui.screens.vm_actions import VmActions
 from tui.screens.vm_list import mte_text
+from tui.screens.leave_once import LeaveOnce
 
 
 def describe(vm: dict) -> str:
@@ -70,6 +71,8 @@ def guest_lines(vm: dict) -> list[str]:
         text += f"  append {escape(g['append'])}"
     if g.get("disks"):
         text += f"  disks {escape(', '.join(g['disks']))}"
+    if g.get("kind") == "linux":
+        text += "  fault addresses " + ("on (sync faults)" if g.get("fault_address") else "off (--fault-address)")
     lines = [text]
     facts = vm.get("guest_facts") if is_live(vm) else None
     if facts:
@@ -105,7 +108,7 @@ def fault_key(f: dict) -> tuple:
     return (f.get("vcpu"), f.get("time"), f.get("addr"), f.get("kind"))
 
 
-class VmDetailScreen(VmActions, Screen):
+class VmDetailScreen(LeaveOnce, VmActions, Screen):
     BINDINGS = keymap.bindings(keymap.VM_KEYS, keymap.GUEST_KEYS, keymap.BACK_KEYS)
     TITLE = "VM"
 

@@ -32,6 +32,7 @@ from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
 from tui.components.status import screen_bottom
+from tui.screens.leave_once import LeaveOnce
 
 CPU_SUGGESTIONS = ["max", "host", "cortex-a710", "neoverse-n2", "cortex-a57", "cortex-a72", "cortex-a76"]
 TCF_CHOICES = ["sync", "async", "asymm", "none"]
@@ -49,7 +50,7 @@ def _int_field(value: str, what: str) -> int:
         raise FormError(f"{what}: {value.strip()!r} is not a whole number") from None
 
 
-class VmFormScreen(Screen):
+class VmFormScreen(LeaveOnce, Screen):
     BINDINGS = keymap.bindings(keymap.FORM_KEYS, keymap.BACK_KEYS)
     TITLE = "New VM"
 

@@ -113,6 +113,7 @@ static int counting_bpf;               /* ... by the BPF program (bpf_count.h), 
 static struct bpf_count bpfc;
 static char counting_note[300];        /* why not BPF, when it is not */
 static int paused;                     /* config counting=false: no tracing at all */
+static double setup_seconds;           /* how long setting up the tracing took (in hello) */
 static uint64_t sent_total;            /* sync + async at the previous faults message */
 static struct exec execs[MAX_EXECS];
 static char tracing_error[256], fault_addr_why[256];
@@ -282,6 +283,7 @@ static void send_hello(void)
 		buf_printf(&m, "null");
 	else
 		buf_json_str(&m, counting_note, strlen(counting_note));
+	buf_printf(&m, ",\"setup_s\":%.3f", setup_seconds);
 	buf_printf(&m, ",\"counting\":\"%s\",\"interval_ms\":%d,\"uptime\":%.3f}",
 		   counting_bpf ? "bpf" : kernel_counts ? "histogram" : "trace", interval_ms, now_mono());
 	send_msg(&m);
@@ -1156,7 +1158,9 @@ int main(void)
 	if (n_cpus < 1 || n_cpus > MAX_CPUS)
 		n_cpus = n_cpus < 1 ? 1 : MAX_CPUS;
 	mkdir(EXEC_DIR, 0700);
+	double t0 = now_mono();
 	setup_tracing();
+	setup_seconds = now_mono() - t0;
 	if (trace_fd < 0)
 		fprintf(stderr, "mtevm-agent: no fault counting: %s\n", tracing_error);
 	/* Counting is set up: /init starts the workload after this, so none of its faults is missed. */
