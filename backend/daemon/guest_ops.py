@@ -25,10 +25,12 @@ MAX_LOG_LINES = 100_000
 def parse_guest(value, host: "Host") -> GuestConfig:
     """The ``guest`` of a create request, checked (files, arm64 Image magic, the Linux image built)."""
     guest = GuestConfig.from_dict(value)
-    if guest.kind != "builtin" and host.kind != "local":
-        why = ("mtevm runs only its builtin guest on libvirt hosts so far" if host.kind == "libvirt"
-               else "it runs no QEMU to boot a kernel in")
-        raise ConfigError(f"--guest {guest.kind} needs --host local (host {host.name} is {host.kind}: {why})")
+    if guest.kind == "custom" and host.kind == "libvirt":
+        raise ConfigError(f"--guest custom needs --host local (host {host.name} is libvirt: mtevm runs its "
+                          "builtin guest and its Linux image there)")
+    if guest.kind != "builtin" and host.kind not in ("local", "libvirt"):
+        raise ConfigError(f"--guest {guest.kind} needs --host local or a libvirt host (host {host.name} is "
+                          f"{host.kind}: it runs no QEMU to boot a kernel in)")
     guest.validate(check_files=True)
     if guest.kind == "linux":
         from backend.hosts.linux import linux_image_files
@@ -69,11 +71,15 @@ class ConsoleSession:
 class GuestOps:
     """Mixed into backend.daemon.service.Service."""
 
-    def _local_vm(self, name: str):
+    def _running_vm(self, name: str):
         rec = self._vm(name)
         running = rec.running
         if running is None or rec.state not in ("running", "migrating"):
             raise StateError(f"VM {rec.name!r} is {rec.state}, not running")
+        return rec, running
+
+    def _local_vm(self, name: str):
+        rec, running = self._running_vm(name)
         if not hasattr(running, "console"):
             raise StateError(f"VM {rec.name!r} runs on host {rec.host}, which has no serial console for mtevm")
         return rec, running
@@ -107,7 +113,7 @@ class GuestOps:
         ELF) named ``program``, or a ``path`` already in the guest. Yields the agent's exec-started,
         exec-output (base64 ``data``) and exec-exit messages; exec-exit carries the process's
         tag-check faults (``faults``: sync, async). Errors raise before the first message."""
-        _, running = self._local_vm(name)
+        _, running = self._running_vm(name)    # local or libvirt: the agent client is the same
         if not hasattr(running, "require_agent"):
             raise StateError(f"VM {name!r} runs the builtin guest (a bare-metal program): it has no mtevm "
                              "agent; exec needs a VM made with --guest linux")

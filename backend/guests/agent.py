@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from backend.errors import MtevmError, StateError
 
@@ -154,8 +154,12 @@ class AgentState:
 class AgentClient:
     """Connects to one QEMU's agent socket and stays connected while that QEMU lives."""
 
-    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool], *, fault_address: bool = False):
+    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool], *, fault_address: bool = False,
+                 connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] | None = None):
         self.socket_path = socket_path
+        # how the port is reached: QEMU's Unix socket (local host), or e.g. a libvirt channel stream
+        # bridged to a socket pair (backend.hosts.libvirt_linux); OSError = not there yet, try again
+        self._connect = connect or (lambda: asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE))
         self.fault_address = fault_address
         self.alive = alive
         self.state = AgentState(vcpus)
@@ -173,11 +177,11 @@ class AgentClient:
     async def _run(self) -> None:
         while self.alive():
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE)
+                reader, writer = await self._connect()
             except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, None):
                     raise
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05 if e.errno is not None else 0.5)
                 continue
             self._writer = writer
             try:

@@ -512,16 +512,29 @@ class LibvirtHost(Host):
         return validate_extra_args(extra_args, allow_host_files=allow_host_files)
 
     async def define(self, spec: VmSpec) -> None:
-        """Check ``spec`` and define (or redefine) its persistent domain, uploading the guest and
-        its parameter block into mtevm's storage pool on the host first."""
+        """Check ``spec`` and define (or redefine) its persistent domain, uploading the guest's files
+        (the builtin guest and its parameter block, or the Linux kernel and initramfs) into mtevm's
+        storage pool on the host first."""
         self.check_config(spec.config)
         spec.workload.validate()
+        files = self.guest_files(spec)
+        await self._call(self._define, spec, files)
+
+    def guest_files(self, spec: VmSpec) -> dict[str, bytes]:
+        """Pool volume name -> contents: what the host's QEMU loads for ``spec``'s guest."""
+        name = spec.config.name
+        if spec.guest.kind == "linux":
+            from backend.hosts.linux import linux_boot
+            kernel, initrd, _ = linux_boot(spec)
+            with open(kernel, "rb") as k, open(initrd, "rb") as i:
+                return {xml.kernel_volume(name): k.read(), xml.initrd_volume(name): i.read()}
+        if spec.guest.kind != "builtin":
+            raise ConfigError(f"--guest {spec.guest.kind} is not run on libvirt hosts (use builtin or linux)")
         params = guest_abi.pack_params(spec.workload, spec.config.vcpus, ram_size=spec.config.memory)
         with open(self.guest_elf, "rb") as f:
-            guest = f.read()
-        await self._call(self._define, spec, guest, params)
+            return {xml.guest_volume(name): f.read(), xml.params_volume(name): params}
 
-    def _define(self, conn, spec: VmSpec, guest: bytes, params: bytes) -> None:
+    def _define(self, conn, spec: VmSpec, files: dict[str, bytes]) -> None:
         libvirt, _, _ = load_libvirt()
         name = spec.config.name
         try:
@@ -530,11 +543,16 @@ class LibvirtHost(Host):
             existing = None
         if existing is not None and _mtevm_metadata(existing) is None:
             raise MtevmError(f"host {self.name} already has a domain named {name!r} that mtevm did not make")
-        kernel = _upload(conn, xml.guest_volume(name), guest)
-        params_path = _upload(conn, xml.params_volume(name), params)
-        conn.defineXML(xml.domain_xml(spec.config, spec.workload.to_dict(), spec.extra_args,
-                                      kernel=kernel, params=params_path,
-                                      uuid=existing.UUIDString() if existing is not None else None))
+        paths = {vol: _upload(conn, vol, data) for vol, data in files.items()}
+        uuid = existing.UUIDString() if existing is not None else None
+        if spec.guest.kind == "linux":
+            from backend.hosts.linux import linux_boot
+            from backend.qemu.argv import AGENT_PORT
+            boot = dict(kernel=paths[xml.kernel_volume(name)], initrd=paths[xml.initrd_volume(name)],
+                        cmdline=linux_boot(spec)[2], agent_port=AGENT_PORT)
+        else:
+            boot = dict(kernel=paths[xml.guest_volume(name)], params=paths[xml.params_volume(name)])
+        conn.defineXML(xml.domain_xml(spec.config, spec.workload.to_dict(), spec.extra_args, uuid=uuid, **boot))
 
     async def undefine(self, name: str) -> None:
         """Remove the VM's domain and its files from the host (the VM is stopped)."""
@@ -560,7 +578,11 @@ class LibvirtHost(Host):
         return self._attach(spec)
 
     def _attach(self, spec: VmSpec) -> "LibvirtVm":
-        vm = LibvirtVm(self, spec)
+        if spec.guest.kind == "linux":
+            from backend.hosts.libvirt_linux import LibvirtLinuxVm
+            vm = LibvirtLinuxVm(self, spec)
+        else:
+            vm = LibvirtVm(self, spec)
         self.vms[spec.config.name] = vm
         return vm
 
@@ -672,7 +694,7 @@ def _delete_volumes(conn, vm: str) -> None:
         pool = conn.storagePoolLookupByName(xml.POOL_NAME)
     except libvirt.libvirtError:
         return
-    for name in (xml.guest_volume(vm), xml.params_volume(vm)):
+    for name in xml.volumes(vm):
         try:
             pool.storageVolLookupByName(name).delete()
         except libvirt.libvirtError:
@@ -840,11 +862,8 @@ class LibvirtVm(GuestStatusView, RunningVm):
         if dst.status != "connected":
             raise MigrationError(dst.unreachable_text())
         # The destination QEMU loads the same files: put them into its pool first.
-        params = guest_abi.pack_params(spec.workload, spec.config.vcpus, ram_size=spec.config.memory)
-        with open(self.host.guest_elf, "rb") as f:
-            guest = f.read()
-        await dst._call(lambda conn: (_upload(conn, xml.guest_volume(self.name), guest),
-                                      _upload(conn, xml.params_volume(self.name), params)))
+        files = self.host.guest_files(spec)
+        await dst._call(lambda conn: [_upload(conn, vol, data) for vol, data in files.items()])
         self._stopping = True
         started = time.monotonic()
         job = asyncio.get_running_loop().create_task(self.host._call(self._migrate, dst))

@@ -52,10 +52,29 @@ def params_volume(vm: str) -> str:
     return f"{vm}.params.bin"
 
 
+def kernel_volume(vm: str) -> str:
+    return f"{vm}.Image"
+
+
+def initrd_volume(vm: str) -> str:
+    return f"{vm}.initrd"
+
+
+def volumes(vm: str) -> tuple[str, ...]:
+    """Every volume mtevm may have put into the pool for ``vm`` (either guest kind)."""
+    return guest_volume(vm), params_volume(vm), kernel_volume(vm), initrd_volume(vm)
+
+
 def domain_xml(config: VirtMachineConfig, workload: dict, qemu_args: list[str], *, kernel: str,
-               params: str, uuid: str | None = None) -> str:
+               params: str | None = None, initrd: str | None = None, cmdline: str | None = None,
+               agent_port: str | None = None, uuid: str | None = None) -> str:
     """The persistent domain for ``config``: a virt machine running mtevm's guest, MTE by
-    ``-machine mte=on`` (see the module doc), TCG as domain type ``qemu``, KVM as ``kvm``."""
+    ``-machine mte=on`` (see the module doc), TCG as domain type ``qemu``, KVM as ``kvm``.
+
+    Without ``params`` the guest is a Linux kernel: ``<os><kernel>/<initrd>/<cmdline>`` and, with
+    ``agent_port``, a virtio-serial channel of that name (on virtio-mmio, as the local host's
+    ``virtio-serial-device``: the guest's initramfs loads virtio_mmio and virtio_console) that the
+    host reaches through virDomainOpenChannel."""
     dom = ET.Element("domain", type="kvm" if config.accel == "kvm" else "qemu")
     ET.SubElement(dom, "name").text = config.name
     if uuid:     # redefining keeps the domain's identity
@@ -68,6 +87,11 @@ def domain_xml(config: VirtMachineConfig, workload: dict, qemu_args: list[str], 
     ET.SubElement(dom, "vcpu", placement="static").text = str(config.vcpus)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="aarch64", machine="virt").text = "hvm"
+    if params is None:
+        ET.SubElement(os_el, "kernel").text = kernel
+        if initrd:
+            ET.SubElement(os_el, "initrd").text = initrd
+        ET.SubElement(os_el, "cmdline").text = cmdline or ""
     args: list[str] = []
     if config.cpu == "max":
         ET.SubElement(dom, "cpu", mode="maximum", check="none")
@@ -83,9 +107,21 @@ def domain_xml(config: VirtMachineConfig, workload: dict, qemu_args: list[str], 
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
+    if agent_port:
+        serial = ET.SubElement(devices, "controller", type="virtio-serial", index="0")
+        ET.SubElement(serial, "address", type="virtio-mmio")
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "source", mode="bind")
+        ET.SubElement(channel, "target", type="virtio", name=agent_port)
+        ET.SubElement(channel, "address", type="virtio-serial", controller="0", bus="0", port="1")
     machine = [f"mte={'on' if config.mte else 'off'}"] + (["secure=on"] if config.secure else [])
-    args += ["-machine", ",".join(machine), "-kernel", kernel,
-             "-device", f"loader,file={quote_option(params)},addr={guest_abi.PARAM_ADDR:#x},force-raw=on"]
+    args += ["-machine", ",".join(machine)]
+    if params is not None:
+        args += ["-kernel", kernel,
+                 "-device", f"loader,file={quote_option(params)},addr={guest_abi.PARAM_ADDR:#x},force-raw=on"]
+    elif config.accel == "tcg" and config.cpu == "max":
+        # as the local host: QEMU's own pointer-authentication algorithm is slow under TCG
+        args += ["-cpu", "max,pauth-impdef=on"]
     if config.only_migratable:
         args.append("-only-migratable")
     args += list(qemu_args)
@@ -130,4 +166,5 @@ def summarize_foreign(xml: str) -> dict:
 
 
 __all__ = ["NAMESPACE", "POOL_NAME", "POOL_PATH", "domain_xml", "parse_metadata",
-           "summarize_foreign", "pool_xml", "volume_xml", "guest_volume", "params_volume", "format_memory"]
+           "summarize_foreign", "pool_xml", "volume_xml", "guest_volume", "params_volume", "kernel_volume",
+           "initrd_volume", "volumes", "format_memory"]

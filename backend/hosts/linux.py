@@ -12,11 +12,11 @@ the VM crashed with the panic lines (a panicked kernel never powers off by itsel
 """
 from __future__ import annotations
 
-import asyncio
 import shlex
 
-from backend.errors import ConfigError, MtevmError, StateError
+from backend.errors import ConfigError, MtevmError
 from backend.guests.agent import AgentClient
+from backend.hosts.agent_view import AgentGuestView
 from backend.hosts.base import VmSpec
 from backend.hosts.local import LocalVm
 
@@ -62,7 +62,7 @@ def linux_boot(spec: VmSpec) -> tuple[str, str | None, str]:
     return kernel, initrd, " ".join(words)
 
 
-class LinuxVm(LocalVm):
+class LinuxVm(AgentGuestView, LocalVm):
     """A local VM running a Linux kernel; ``agent`` is None for a custom kernel."""
 
     def __init__(self, *args, **kwargs):
@@ -100,33 +100,6 @@ class LinuxVm(LocalVm):
         if self.agent is not None:
             await self.agent.close()
 
-    # --------------------------------------------------------------------------- counters
-    def _tcf(self, index: int) -> str:
-        return self.spec.workload.tcf_for(index)
-
-    def vcpus(self) -> list[dict]:
-        kvm_mte = self.spec.config.accel == "kvm" and self.spec.config.mte
-        if self.agent is None:
-            return [{"index": i, "kvm_mte": kvm_mte, "tcf": self._tcf(i), "checked": 0, "unchecked": 0,
-                     "sync_faults": 0, "async_faults": 0, "last_fault": None} for i in range(self.spec.config.vcpus)]
-        return [self.agent.state.vcpu_info(i, self._tcf(i), kvm_mte) for i in range(self.spec.config.vcpus)]
-
-    async def sample(self) -> list[dict]:
-        """The agent pushes its counters (every 100 ms); nothing to ask QEMU."""
-        return self.vcpus()
-
-    def last_faults(self, limit: int = 20) -> list[dict]:
-        return list(self.agent.state.last_faults)[:limit] if self.agent else []
-
-    def tag_memory(self) -> dict | None:
-        return None   # the guest kernel decides which pages are tagged; mtevm cannot see them from outside
-
-    def guest_facts(self) -> dict | None:
-        if self.agent is None:
-            return None
-        facts = self.agent.state.guest_facts()
-        return {**(facts or {}), "agent": "connected" if self.agent.ready.is_set() else "waiting"}
-
     def _take_history(self, other) -> None:
         """A migration: the last faults and the per-process table go with the VM (the counters
         themselves continue by themselves: the guest agent keeps cumulative totals)."""
@@ -135,25 +108,8 @@ class LinuxVm(LocalVm):
             self.agent.state.last_faults = other.agent.state.last_faults
             self.agent.state.processes = {**other.agent.state.processes, **self.agent.state.processes}
 
-    def processes(self) -> list[dict]:
-        return self.agent.state.process_table() if self.agent else []
-
-    def set_tcf(self, vcpu: int | None, tcf: str) -> None:
-        raise StateError(f"VM '{self.spec.config.name}' runs Linux: its workload's TCF is a boot parameter "
-                         "(mtevm.tcf=); stop the VM, change the workload's tcf and start it again")
-
-    # ------------------------------------------------------------------------ lifecycle
-    def require_agent(self) -> AgentClient:
-        if self.agent is None:
-            raise StateError(f"VM '{self.spec.config.name}' runs a custom kernel without the mtevm agent: "
-                             "exec and selftests need --guest linux")
-        if not self.proc.alive() or self._panicked:
-            raise StateError(f"VM '{self.spec.config.name}' is not running")
-        return self.agent
-
-    @property
-    def has_agent(self) -> bool:
-        return self.agent is not None
+    def _guest_running(self) -> bool:
+        return self.proc.alive() and not self._panicked
 
     async def guest_power(self, action: str, timeout: float) -> bool:
         """The agent's clean ``poweroff`` (True once QEMU has exited) or ``reboot`` (True once the
@@ -172,18 +128,7 @@ class LinuxVm(LocalVm):
                 return True
             self.proc.stopping = False
             return False
-        boots = agent.state.boots
-        try:
-            await agent.send({"type": action})
-        except (MtevmError, OSError):
-            return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and self.proc.alive():
-            if agent.state.boots > boots and agent.ready.is_set():
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        return await self._agent_reboot(action, timeout)
 
     async def reset(self) -> None:
         await super().reset()

@@ -1,0 +1,103 @@
+"""mtevm's Linux guest on a real libvirt host reached over qemu+ssh: the kernel and initramfs go
+into the host's pool through libvirt's storage API, libvirt boots them with the same command line
+as the local host, and the guest agent is reached through the domain's virtio-serial channel
+(virDomainOpenChannel, inside the ssh-tunnelled libvirt connection) by the same agent client the
+local host uses. One boot: counters, guest facts, exec with exact fault counts, clean poweroff."""
+from __future__ import annotations
+
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from backend.client import connect
+from backend.errors import ConfigError
+from backend.guests.linux import image
+from tests.helpers.polling import until
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def linux_image() -> image.BuiltImage:
+    image.build()      # seconds when it is up to date
+    return image.linux_image()
+
+
+def virsh(uri: str, *args: str) -> str:
+    r = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def vm_faults(vm: dict) -> tuple[int, int]:
+    return (sum(c["sync_faults"] for c in vm["vcpus"]), sum(c["async_faults"] for c in vm["vcpus"]))
+
+
+async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths, linux_image):
+    uri = libvirt_env.uri_b
+    c = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
+    try:
+        await c.host_add("hostb", uri)
+        with pytest.raises(ConfigError, match="--guest custom needs --host local"):
+            await c.create({"name": "cx", "host": "hostb", "guest": {"kind": "custom", "kernel": linux_image.kernel}})
+        vm = await c.create({"name": "lx", "host": "hostb", "vcpus": 2, "memory": "256M",
+                             "workload": {"tcf": "none", "rate": 2000},
+                             "guest": {"kind": "linux", "fault_address": True}})
+        assert vm["guest"] == {"kind": "linux", "fault_address": True}
+        await c.start("lx")
+
+        # The domain libvirt runs: the image's kernel and initramfs from mtevm's pool, the local
+        # host's command line (workload parameters), the agent's virtio-serial channel.
+        dom = ET.fromstring(virsh(uri, "dumpxml", "lx"))
+        assert dom.findtext("os/kernel") == "/var/lib/libvirt/mtevm/lx.Image"
+        assert dom.findtext("os/initrd") == "/var/lib/libvirt/mtevm/lx.initrd"
+        assert "mtevm.tcf=none,none" in dom.findtext("os/cmdline")
+        assert dom.find("devices/channel/target[@name='org.mtevm.agent.0']") is not None
+        assert {"lx.Image", "lx.initrd"} <= {ln.split()[0] for ln in virsh(uri, "vol-list", "mtevm").splitlines()[2:]
+                                             if ln.split()}
+
+        async def agent_and_workload():
+            vm = await c.show("lx")
+            ready = (vm.get("guest_facts") or {}).get("agent") == "connected"
+            return vm if ready and all(v["checked"] > 0 for v in vm["vcpus"]) else None
+        vm = await until("the guest agent to connect and the workload to count", agent_and_workload, timeout=180)
+        facts = vm["guest_facts"]
+        assert facts["kernel"] == linux_image.kernel_release
+        assert facts["hwcap2_mte"] is True and [x["cpu"] for x in facts["cpus"]] == [0, 1]
+        assert all(v["tcf"] == "none" for v in vm["vcpus"])
+        checked = (await c.counters("lx"))["vm"]["checked"]
+
+        async def rising():
+            n = (await c.counters("lx"))["vm"]["checked"]
+            return n if n > checked else None
+        await until("the counters to rise", rising, timeout=60)
+
+        # exec through the same agent client: exact per-process and guest-wide counts
+        before = vm_faults(await c.show("lx"))
+        with open(linux_image.program("mte-faults"), "rb") as f:
+            program = f.read()
+        msgs = [m async for m in c.exec("lx", ["37", "23"], program="mte-faults", data=program)]
+        exit_msg = msgs[-1]
+        assert exit_msg["type"] == "exec-exit" and exit_msg["status"] == 0
+        assert exit_msg["faults"] == {"sync": 37, "async": 23}
+        out = b"".join(m["data"] for m in msgs if m["type"] == "exec-output")
+        assert b"sync 37/37 async 23/23" in out
+
+        async def counted():
+            vm = await c.show("lx")
+            return vm if vm_faults(vm) == (before[0] + 37, before[1] + 23) else None
+        vm = await until("the guest-wide counters to take the program's faults", counted, timeout=30)
+        [proc] = [p for p in vm["processes"] if p["pid"] == exit_msg["pid"]]
+        assert proc == {"pid": exit_msg["pid"], "comm": "mte-faults", "sync": 37, "async": 23}
+
+        # stop = the agent's poweroff: libvirt sees the guest shut itself down
+        vm = await c.shutdown("lx")
+        assert vm["state"] == "stopped" and vm["outcome"]["how"] == "agent"
+        assert virsh(uri, "domstate", "lx") == "shut off"
+    finally:
+        for vm in await c.list():
+            if vm["state"] in ("running", "paused") and vm["host"] == "hostb":
+                await c.stop(vm["name"])
+        await c.close()
