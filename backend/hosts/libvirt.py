@@ -380,7 +380,11 @@ class LibvirtHost(Host):
         return f"host {self.name} is unreachable: {self.reason}"
 
     async def close(self) -> None:
-        """The daemon exits (or the host is removed): drop the connection; domains keep running."""
+        """The daemon exits (or the host is removed): drop the connection; domains keep running
+        (their guest agents' channel sessions end here; the next daemon opens them again)."""
+        for vm in list(self.vms.values()):
+            if hasattr(vm, "close_channels"):
+                await vm.close_channels()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -93,6 +93,16 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         [proc] = [p for p in vm["processes"] if p["pid"] == exit_msg["pid"]]
         assert proc == {"pid": exit_msg["pid"], "comm": "mte-faults", "sync": 37, "async": 23}
 
+        # a new daemon: the domain is picked up by name, the channel taken over (FORCE), same counts
+        await c.close()
+        c = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
+
+        async def agent_back():
+            vm = await c.show("lx")
+            ready = vm["state"] == "running" and (vm.get("guest_facts") or {}).get("agent") == "connected"
+            return vm if ready and vm_faults(vm) == (before[0] + 37, before[1] + 23) else None
+        vm = await until("the agent to answer the new daemon", agent_back, timeout=60)
+
         # a live migration to the other host (ssh -> unix): the kernel and initramfs go to its pool
         # first, the new domain's channel is opened there, the agent's cumulative counts continue
         await c.host_add("hosta", libvirt_env.uri_a)
