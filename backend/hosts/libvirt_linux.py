@@ -20,6 +20,7 @@ from backend.guests.agent import MAX_LINE, AgentClient
 from backend.hosts.agent_view import AgentGuestView
 from backend.hosts.libvirt import LibvirtVm, load_libvirt
 from backend.qemu.argv import AGENT_PORT
+from backend.qemu.console import ConsoleLog, SerialConsole
 
 log = logging.getLogger("mtevm.libvirt")
 
@@ -34,24 +35,33 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
         super().__init__(host, spec)
         self._closed = False
         self.agent = AgentClient(f"{host.name}:{self.name}:{AGENT_PORT}", spec.config.vcpus, self._guest_running,
-                                 fault_address=spec.guest.fault_address, connect=self._open_agent).start()
+                                 fault_address=spec.guest.fault_address,
+                                 connect=lambda: self._open_stream(self._open_channel, MAX_LINE)).start()
+        self.console = SerialConsole(f"{host.name}:{self.name}:serial", ConsoleLog(spec.log_dir), self._guest_running,
+                                     connect=lambda: self._open_stream(self._open_console, 2 ** 16)).start()
 
     def _guest_running(self) -> bool:
         return not self._gone and not self._closed and not self._stopping
 
-    async def _open_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The agent's port as a stream pair: libvirt's channel stream, bridged to a socket pair.
-        OSError (retried by the client) while the host or the domain is not there."""
+    async def _open_stream(self, open_fn, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The agent's port or the serial console as a stream pair: libvirt's stream, bridged to a
+        socket pair. OSError (retried by the caller) while the host or the domain is not there."""
         if self.host.status != "connected":
             raise OSError(f"host {self.host.name} is not connected")
         try:
-            stream = await self.host._call(self._open_channel)
+            stream = await self.host._call(open_fn)
         except MtevmError as e:
             raise OSError(str(e)) from None
         ours, theirs = socket.socketpair()
         bridge = _Bridge(stream, theirs, self.name)
         bridge.start()
-        return await asyncio.open_unix_connection(sock=ours, limit=MAX_LINE)
+        return await asyncio.open_unix_connection(sock=ours, limit=limit)
+
+    def _open_console(self, conn):
+        libvirt, _, _ = load_libvirt()
+        stream = conn.newStream(0)
+        self._domain(conn).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        return stream
 
     def _open_channel(self, conn):
         libvirt, _, _ = load_libvirt()
@@ -99,6 +109,7 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
     async def close_channels(self) -> None:
         self._closed = True
         await self.agent.close()
+        await self.console.close()
 
     async def migrate_to(self, dst, spec, with_tags, progress):
         """As any libvirt VM; the destination's VM opens the channel of the new domain, this one's

@@ -102,8 +102,11 @@ class SerialConsole:
     """The daemon's end of one QEMU's serial socket: log, fan-out, input, panic watch."""
 
     def __init__(self, socket_path: str, log: ConsoleLog, alive: Callable[[], bool],
-                 on_panic: Callable[[list[str]], None] | None = None):
+                 on_panic: Callable[[list[str]], None] | None = None, connect: Callable | None = None):
         self.socket_path = socket_path
+        # how the serial line is reached: QEMU's Unix socket, or e.g. a libvirt console stream
+        # bridged to a socket pair (backend.hosts.libvirt_linux); OSError = not there yet
+        self._connect = connect or (lambda: asyncio.open_unix_connection(self.socket_path))
         self.log = log
         self.alive = alive
         self.on_panic = on_panic
@@ -124,9 +127,9 @@ class SerialConsole:
         misses = 0
         while self.alive():
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+                reader, writer = await self._connect()
             except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, None):
                     raise
                 # QEMU has not made its socket yet (fast), or never will (a QEMU started by an older
                 # mtevm without one): poll, backing off to once a second

@@ -2,10 +2,12 @@
 into the host's pool through libvirt's storage API, libvirt boots them with the same command line
 as the local host, and the guest agent is reached through the domain's virtio-serial channel
 (virDomainOpenChannel, inside the ssh-tunnelled libvirt connection) by the same agent client the
-local host uses. One boot: counters, guest facts, exec with exact fault counts, a live migration to
+local host uses. One boot: counters, guest facts, exec with exact fault counts, the serial console, a
+daemon restart, a live migration to
 the other libvirt host (the agent reconnects there, counts continue), clean poweroff."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import xml.etree.ElementTree as ET
 
@@ -92,6 +94,17 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         vm = await until("the guest-wide counters to take the program's faults", counted, timeout=30)
         [proc] = [p for p in vm["processes"] if p["pid"] == exit_msg["pid"]]
         assert proc == {"pid": exit_msg["pid"], "comm": "mte-faults", "sync": 37, "async": 23}
+
+        # the serial console (the PL011 on a pty, read through virDomainOpenConsole): type into the
+        # guest's shell, read the answer; the daemon's console log has it too
+        async with c.console("lx") as con:
+            await con.write(b"echo hello-$((6*7))\r")
+            seen = b""
+            while b"hello-42" not in seen:
+                chunk = await asyncio.wait_for(con.read(), 30)
+                assert chunk is not None, seen
+                seen += chunk
+        assert any("hello-42" in line for line in (await c.console_log("lx", 50))["lines"])
 
         # a new daemon: the domain is picked up by name, the channel taken over (FORCE), same counts
         await c.close()
