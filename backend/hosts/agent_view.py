@@ -21,6 +21,16 @@ class AgentGuestView:
     def _guest_running(self) -> bool:
         raise NotImplementedError
 
+    def _panic_lines(self) -> list[str]:
+        """The guest kernel's panic report seen on the serial console, then its one-line summary
+        (the VM's last error); empty when it has not panicked."""
+        panic = self.console.panic
+        if not panic:
+            return []
+        first = next((ln for ln in panic if "Kernel panic" in ln), panic[-1])
+        return ([f"console: {line}" for line in panic if line.strip()]
+                + ["guest kernel panic: " + first[first.find("Kernel panic"):].strip()])
+
     def _tcf(self, index: int) -> str:
         return self.spec.workload.tcf_for(index)
 

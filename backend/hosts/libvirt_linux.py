@@ -38,10 +38,25 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
                                  fault_address=spec.guest.fault_address,
                                  connect=lambda: self._open_stream(self._open_channel, MAX_LINE)).start()
         self.console = SerialConsole(f"{host.name}:{self.name}:serial", ConsoleLog(spec.log_dir), self._guest_running,
+                                     on_panic=self._on_panic,
                                      connect=lambda: self._open_stream(self._open_console, 2 ** 16)).start()
 
+    _panicked = False
+
     def _guest_running(self) -> bool:
-        return not self._gone and not self._closed and not self._stopping
+        return not self._gone and not self._closed and not self._stopping and not self._panicked
+
+    def _on_panic(self, lines: list[str]) -> None:
+        """A guest kernel panic on the console: the VM is crashed (a panicked kernel never powers
+        off; the daemon then destroys the domain, as the local host stops its QEMU)."""
+        self._panicked = True
+
+    @property
+    def state(self) -> str:
+        return "crashed" if self._panicked else super().state
+
+    def stderr_tail(self) -> list[str]:
+        return super().stderr_tail() + self._panic_lines()
 
     async def _open_stream(self, open_fn, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The agent's port or the serial console as a stream pair: libvirt's stream, bridged to a

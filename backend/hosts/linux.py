@@ -86,11 +86,9 @@ class LinuxVm(AgentGuestView, LocalVm):
 
     def stderr_tail(self) -> list[str]:
         lines = self.proc.stderr_tail()
-        panic = self.console.panic
+        panic = self._panic_lines()
         if panic:
-            lines += [f"console: {line}" for line in panic if line.strip()]
-            first = next((ln for ln in panic if "Kernel panic" in ln), panic[-1])
-            lines.append("guest kernel panic: " + first[first.find("Kernel panic"):].strip())
+            lines += panic
         elif not self.proc.alive() and not self.proc.stopping:
             lines.append(self.proc.exit_reason())
         return lines

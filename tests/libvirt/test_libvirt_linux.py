@@ -34,6 +34,11 @@ def virsh(uri: str, *args: str) -> str:
     return r.stdout.strip()
 
 
+async def agent_ready(c):
+    vm = await c.show("lx")
+    return vm if vm["state"] == "running" and (vm.get("guest_facts") or {}).get("agent") == "connected" else None
+
+
 def vm_faults(vm: dict) -> tuple[int, int]:
     return (sum(c["sync_faults"] for c in vm["vcpus"]), sum(c["async_faults"] for c in vm["vcpus"]))
 
@@ -141,6 +146,22 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         vm = await c.shutdown("lx")
         assert vm["state"] == "stopped" and vm["outcome"]["how"] == "agent"
         assert virsh(libvirt_env.uri_a, "domstate", "lx") == "shut off"
+
+        # a guest kernel panic seen on the console: the VM is crashed with the panic as its last
+        # error, and the hung domain is destroyed
+        await c.start("lx")
+        await until("the agent after a second boot", lambda: agent_ready(c), timeout=180)
+        async with c.console("lx") as con:
+            await con.write(b"echo c > /proc/sysrq-trigger\r")
+
+        async def crashed():
+            vm = await c.show("lx")
+            return vm if vm["state"] == "crashed" else None
+        vm = await until("the VM to be crashed", crashed, timeout=60)
+        assert vm["last_error"] == "guest kernel panic: Kernel panic - not syncing: sysrq triggered crash"
+        await until("libvirt to shut the domain off",
+                    lambda: asyncio.sleep(0, virsh(libvirt_env.uri_a, "domstate", "lx") == "shut off" or None),
+                    timeout=30)
     finally:
         for vm in await c.list():
             if vm["state"] in ("running", "paused") and vm["host"] in ("hosta", "hostb"):
