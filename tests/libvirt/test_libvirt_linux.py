@@ -2,9 +2,9 @@
 into the host's pool through libvirt's storage API, libvirt boots them with the same command line
 as the local host, and the guest agent is reached through the domain's virtio-serial channel
 (virDomainOpenChannel, inside the ssh-tunnelled libvirt connection) by the same agent client the
-local host uses. One boot: counters, guest facts, exec with exact fault counts, the serial console, a
-daemon restart, a live migration to
-the other libvirt host (the agent reconnects there, counts continue), clean poweroff."""
+local host uses. Counters, guest facts, exec with exact fault counts, the serial console, a
+daemon restart, a live migration to the other libvirt host (the agent reconnects there, counts
+continue), clean poweroff; then a second boot that panics (crashed, domain destroyed)."""
 from __future__ import annotations
 
 import asyncio
