@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_tui import Daemon, Terminal, _cpu_seconds
+from benchmarks.bench_tui import Daemon, Terminal, _cpu_seconds, stop_in_pty
 from benchmarks.bench_control import percentile
 
 SECTIONS = ("fleet", "cores", "app", "local")
@@ -245,14 +245,7 @@ def app(tmp: Path) -> dict:
             cpu1, d1, t1 = _cpu_seconds(proc.pid), _cpu_seconds(daemon.proc.pid), time.monotonic()
             la = load()
         finally:
-            proc.terminate()
-            try:
-                term.drain(time.monotonic() + 5, lambda: proc.poll() is not None)
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            os.close(master)
+            stop_in_pty(proc, term, master)
     finally:
         daemon.stop()
     wall = t1 - t0

@@ -146,6 +146,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
 
 
+def stop_in_pty(proc: subprocess.Popen, term: "Terminal", master: int) -> None:
+    """Stop a front end running in a pty by its PID (TERM, then KILL), draining the pty meanwhile so
+    it never blocks on a full terminal, then close our end."""
+    proc.terminate()
+    try:
+        term.drain(time.monotonic() + 5, lambda: proc.poll() is not None)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    os.close(master)
+
+
 class Terminal:
     """The master side of a pty: counts what the child writes, per screen row too, and keeps the tail."""
 
@@ -241,14 +254,7 @@ def measure(kind: str, seconds: float, daemon: Daemon, tmp: Path) -> dict:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind}: child exited during the measurement:\n{term.tail_text()}")
     finally:
-        proc.terminate()
-        try:
-            term.drain(time.monotonic() + 5, lambda: proc.poll() is not None)
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        os.close(master)
+        stop_in_pty(proc, term, master)
     wall = t1 - t0
     busiest = sorted(term.per_row.items(), key=lambda kv: -kv[1])[:5]
     return {"kind": kind, "seconds": wall, "cpu_pct": 100 * (cpu1 - cpu0) / wall,
