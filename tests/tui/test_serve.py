@@ -279,6 +279,10 @@ def test_a_client_of_another_uid_cannot_drive_the_app(server):
         assert token.encode() not in f.read()
 
 
+def _vm_list_drawn(seen: str) -> bool:
+    return "faults/s" in seen and "alpha" in seen and "sim-mte" in seen
+
+
 def test_a_real_browser_with_the_token_shows_the_vm_list_and_without_it_the_refusal(tmp_path):
     created = subprocess.run([sys.executable, "-m", "backend.cli", "--no-daemon", "create", "alpha"],
                              capture_output=True, text=True, env=_env(tmp_path), timeout=60)
@@ -286,10 +290,11 @@ def test_a_real_browser_with_the_token_shows_the_vm_list_and_without_it_the_refu
     with running_server(tmp_path) as (proc, port, log):
         url = token_url(proc, log)
         with HeadlessChromium() as browser:
-            _, png = asyncio.run(browser.visit(url, lambda png, text: "faults/s" in ocr(png)))
+            # settle on the row, not just the header: the table is drawn a refresh before its rows
+            _, png = asyncio.run(browser.visit(url, lambda png, text: _vm_list_drawn(ocr(png))))
         (tmp_path / "with-token.png").write_bytes(png)
         seen = ocr(png)
-        assert "faults/s" in seen and "alpha" in seen and "sim-mte" in seen, seen    # the VM list, drawn
+        assert _vm_list_drawn(seen), seen    # the VM list, drawn
         for bare in (f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/?token=guess"):
             with HeadlessChromium() as browser:                      # a fresh profile: no cookie
                 text, png = asyncio.run(browser.visit(bare, lambda png, text: "refused" in text))
