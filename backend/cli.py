@@ -249,10 +249,13 @@ def _confirm(question: str, refusal: str) -> bool:
 
 
 def print_snapshots(snaps: list[dict]) -> None:
-    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS"],
-           [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
-             _size(s["bytes"]), s["counters"]["checked"], s["counters"]["sync_faults"] + s["counters"]["async_faults"],
-             s["tags"]] for s in snaps])
+    """A libvirt snapshot made with virsh has no mtevm counters (and maybe no size): shown as '-'."""
+    def row(s):
+        c = s.get("counters")
+        return [s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
+                _size(s["bytes"]) if s.get("bytes") is not None else "-", c["checked"] if c else "-",
+                c["sync_faults"] + c["async_faults"] if c else "-", s["tags"]]
+    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS"], [row(s) for s in snaps])
 
 
 async def _dispatch_operation(client, args, out) -> int | None:
@@ -296,7 +299,8 @@ async def _snapshot(client, args, out) -> int:
         return 0
     if action == "save":
         snap = await client.snapshot_save(name, tag)
-        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} ({_size(s['bytes'])}, tags: {s['tags']})"))
+        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} "
+                                  f"({_size(s['bytes']) if s.get('bytes') is not None else 'size unknown'}, tags: {s['tags']})"))
         return 0
     if action == "delete" and tag is None:
         raise UsageError("snapshot delete: give the TAG to delete (see 'mtevm snapshot NAME list')")

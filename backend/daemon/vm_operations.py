@@ -105,6 +105,14 @@ def _claiming(verb: str):
     return wrap
 
 
+def _exists(rec, tag: str) -> str:
+    return f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag"
+
+
+def _failure(e: BaseException) -> str:
+    return str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+
+
 def _describe(d: dict) -> str:
     from backend.machine.config import format_size
     return ", ".join(f"{k}={format_size(v) if k == 'memory' else json.dumps(v)}" for k, v in d.items())
@@ -176,10 +184,10 @@ class VmOperations:
             how, message = "agent", f"VM {rec.name}: the guest's agent powered it off"
         elif getattr(running, "has_agent", False):
             how, message = "stop", (f"VM {rec.name}: the guest did not power off within {timeout:g} s: "
-                                    "stopped it instead (QMP quit)")
+                                    f"stopped it instead ({running.stop_call})")
         else:
             how, message = "stop", (f"VM {rec.name}: the guest has no agent to power it off (the built-in mtevm "
-                                    "guest): stopped it instead (QMP quit)")
+                                    f"guest): stopped it instead ({running.stop_call})")
         rec.running = None
         try:
             await running.stop()
@@ -353,6 +361,9 @@ class VmOperations:
 
     async def snapshot_list(self, name: str) -> list[dict]:
         rec = self._vm(name)
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:        # libvirt: the domain's snapshots, virsh's included
+            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
         folder = self._snapshot_dir(rec.name)
         out = []
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -363,10 +374,31 @@ class VmOperations:
                     continue
         return sorted(out, key=lambda s: s["created"])
 
+    async def _find_snapshot(self, rec, tag: str) -> dict:
+        """Snapshot ``tag`` of the VM, wherever its host keeps it (NotFoundError if none)."""
+        host = self.hosts[rec.host]
+        if not host.keeps_snapshots:
+            return self._snapshot_meta(rec.name, tag)
+        _check_tag(tag)
+        found = [s for s in await host.snapshots(self._spec(rec)) if s["tag"] == tag]
+        if not found:
+            raise NotFoundError(f"VM {rec.name!r} has no snapshot {tag!r}")
+        return found[0]
+
+    @staticmethod
+    def _snapshot_info(rec, tag: str, counters: dict, size: int | None) -> dict:
+        """What a snapshot records beside the state: the definition it was taken with, the counters."""
+        return {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
+                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
+                "qemu_args": list(rec.qemu_args), "bytes": size, "counters": counters["vm"],
+                "tags": "saved with RAM (mach-virt.tag block)"
+                if rec.config.mte and rec.config.accel == "tcg" else "none"}
+
     @_claiming("saving a snapshot")
     async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
         """The whole state of a running or paused VM, MTE tags included, under ``tag`` (default:
-        the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE)."""
+        the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE),
+        on libvirt hosts with libvirt's own refusal."""
         rec = self._vm(name)
         if rec.guest.disks:
             raise StateError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): a snapshot holds its "
@@ -374,11 +406,14 @@ class VmOperations:
                              "since would corrupt them, so mtevm does not take one")
         rec = self._live(name)
         tag = _check_tag(tag) if tag is not None else time.strftime("snap-%Y%m%d-%H%M%S")
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:
+            return await self._save_on_host(rec, host, tag)
         state_file, meta_file = self._snapshot_files(rec.name, tag)
         if os.path.exists(meta_file):
-            raise ConfigError(f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag")
+            raise ConfigError(_exists(rec, tag))
         # As QEMU's savevm: a migration blocker (its own text) refuses the snapshot.
-        refusal = self.hosts[rec.host].snapshot_refusal()
+        refusal = host.snapshot_refusal()
         blockers = await rec.running.blocked_reasons()
         if blockers:
             raise MigrationError(blockers[0])
@@ -400,15 +435,21 @@ class VmOperations:
         finally:
             if was_running:
                 await running.resume()
-        info = {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
-                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
-                "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
-                "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
-                if rec.config.mte and rec.config.accel == "tcg" else "none"}
+        info = self._snapshot_info(rec, tag, counters, stats.get("bytes", os.path.getsize(state_file)))
         with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(meta_file + ".partial", meta_file)
         return info
+
+    async def _save_on_host(self, rec, host, tag: str) -> dict:
+        """A host that keeps snapshots (libvirt) takes it: the counters are read just before, while
+        the VM runs on (libvirt stops the vCPUs itself while it writes the state, as ``virsh
+        snapshot-create`` does, so the snapshot remembers the VM running). A blocker refuses it with
+        the host's own text (libvirt's, verbatim)."""
+        if any(s["tag"] == tag for s in await host.snapshots(self._spec(rec))):
+            raise ConfigError(_exists(rec, tag))
+        counters = await self._counters(rec)
+        return await host.snapshot_save(rec.running, tag, self._snapshot_info(rec, tag, counters, None))
 
     @_claiming("restoring a snapshot")
     async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
@@ -422,11 +463,14 @@ class VmOperations:
             if not snaps:
                 raise NotFoundError(f"VM {rec.name!r} has no snapshots")
             tag = snaps[-1]["tag"]
-        info = self._snapshot_meta(rec.name, tag)
+        info = await self._find_snapshot(rec, tag)
         host = self.hosts[rec.host]
         if info.get("host") != rec.host:
             raise StateError(f"snapshot {tag!r} was taken on host {info.get('host')}, VM {rec.name!r} is on "
                              f"{rec.host}: restore refused")
+        if not info.get("config"):
+            raise StateError(f"snapshot {tag!r} of VM {rec.name!r} does not say which definition it was taken "
+                             "with (it has no mtevm metadata): restore refused")
         config, workload, qemu_args = self._next_definition(rec)
         saved = {**VirtMachineConfig.from_dict(info["config"]).to_dict(), "qemu_args": info.get("qemu_args", []),
                  "workload": WorkloadConfig.from_dict(info.get("workload")).to_dict()}
@@ -437,19 +481,10 @@ class VmOperations:
             raise StateError(f"snapshot {tag!r} of VM {rec.name!r} was taken with {_describe(was)}; the VM "
                              f"{'will now boot' if rec.pending else 'now has'} {_describe(differs)}: restore "
                              "refused (QEMU can only load a state into the machine that saved it)")
-        state_file, _ = self._snapshot_files(rec.name, tag)
-        if rec.running is not None:
-            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
-            running, rec.running = rec.running, None
-            await running.stop()
-        # As a start: the intent stored first, pending changes (already checked equal) applied.
-        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
-        try:
-            running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
-        except BaseException as e:
-            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
-            self._note_state(rec, "stopped", runtime={}, last_error=error)
-            raise
+        if host.keeps_snapshots:
+            running = await self._revert_on_host(rec, host, info)
+        else:
+            running = await self._restore_from_file(rec, host, info)
         await running.sample()          # the counters the snapshot brought back, shown at once
         try:
             self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
@@ -462,13 +497,70 @@ class VmOperations:
         rec.rate.reset()
         return {**await self._detail(rec), "snapshot": info}
 
+    async def _restore_from_file(self, rec, host, info: dict):
+        """Local QEMU: stop the VM's QEMU, start one that loads the state file."""
+        state_file, _ = self._snapshot_files(rec.name, info["tag"])
+        if rec.running is not None:
+            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
+            running, rec.running = rec.running, None
+            await running.stop()
+        # As a start: the intent stored first, pending changes (already checked equal) applied.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
+        try:
+            return await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
+        except BaseException as e:
+            self._note_state(rec, "stopped", runtime={}, last_error=_failure(e))
+            raise
+
+    async def _revert_on_host(self, rec, host, info: dict):
+        """libvirt: the host reverts the domain in place (virDomainRevertToSnapshot stops its QEMU and
+        starts one from the snapshot, running or paused as it was). If the host refuses, the VM is as
+        the host says: still running (libvirt refused before touching it) or stopped."""
+        old, rec.running = rec.running, None
+        self._set_state(rec, "starting", runtime=old.runtime_info() if old else {}, **self._pending_applied(rec))
+        try:
+            return await host.snapshot_revert(self._spec(rec), info["tag"], old)
+        except BaseException as e:
+            if old is not None and old.state != "crashed":
+                rec.running = old
+                self._note_state(rec, "paused" if old.paused else "running", runtime=old.runtime_info(),
+                                 last_error=_failure(e))
+            else:
+                self._note_state(rec, "stopped", runtime={}, last_error=_failure(e))
+            raise
+
     @_claiming("deleting a snapshot")
     async def snapshot_delete(self, name: str, tag: str) -> dict:
         rec = self._vm(name)
-        info = self._snapshot_meta(rec.name, tag)
+        info = await self._find_snapshot(rec, tag)
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:
+            await host.snapshot_delete(self._spec(rec), tag)
+            return info
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info
+
+    # -- state changes made outside mtevm (libvirt's lifecycle events) ------------------------------
+    def _follow_domain(self, host: str, name: str) -> None:
+        """A host saw VM ``name`` paused, resumed or stopped behind mtevm's back (``virsh suspend``,
+        ``virsh destroy``): list, show and events follow at once. An operation of mtevm's own in
+        progress sets the state itself when it ends, so it is left alone."""
+        rec = self.vms.get(name)
+        if rec is None or rec.host != host or rec.running is None or rec.operation is not None \
+                or rec.state not in LIVE_STATES:
+            return
+        if rec.running.state == "crashed":     # handled as the sampler handles a crash
+            task = asyncio.get_running_loop().create_task(self._sample(rec))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+            return
+        state = "paused" if rec.running.paused else "running"
+        if state != rec.state:
+            rec.rate.reset()
+            self._note_state(rec, state)
+
+    _followers: set = set()     # tasks noting a crash seen by an event (kept referenced until done)
 
     def _delete_snapshots(self, vm: str) -> None:
         """A deleted VM's snapshots go with it."""
