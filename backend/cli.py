@@ -249,20 +249,17 @@ def _confirm(question: str, refusal: str) -> bool:
 
 
 def print_snapshots(snaps: list[dict]) -> None:
+    from backend.hosts.disk_snapshots import summary as disks_summary
     _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS", "DISKS"],
            [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
              _size(s["bytes"]), s["counters"]["checked"], s["counters"]["sync_faults"] + s["counters"]["async_faults"],
-             s["tags"], _snapshot_disks(s)] for s in snaps])
+             s["tags"], disks_summary(s)] for s in snaps])
     for s in snaps:
         for d in s.get("disks") or []:
             if d.get("problem"):
                 print(f"snapshot {s['tag']}: {d['problem']}: it cannot be restored", file=sys.stderr)
 
 
-def _snapshot_disks(snap: dict) -> str:
-    """Each disk's internal snapshot: ``a.qcow2`` (there) or ``a.qcow2 (gone)``; ``-`` without disks."""
-    return ", ".join(os.path.basename(d["path"]) + ("" if d.get("present", True) else " (gone)")
-                     for d in snap.get("disks") or []) or "-"
 
 
 async def _dispatch_operation(client, args, out) -> int | None:

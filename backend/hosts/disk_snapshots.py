@@ -56,6 +56,13 @@ def identity(snapshot: dict) -> dict:
     return {k: snapshot.get(k) for k in IDENTITY}
 
 
+def summary(snapshot: dict) -> str:
+    """For people (the CLI's DISKS column, the app's snapshots screen): each disk holding its part of
+    ``snapshot`` by file name, "(gone)" where it was lost behind mtevm's back; "-" without disks."""
+    return ", ".join(os.path.basename(d["path"]) + ("" if d.get("present", True) else " (gone)")
+                     for d in snapshot.get("disks") or []) or "-"
+
+
 def qemu_img() -> str:
     path = shutil.which("qemu-img")
     if not path:
@@ -153,30 +160,34 @@ async def take(qmp, paths: list[str], tag: str) -> list[dict]:
     return [{"path": p, "format": "qcow2", "snapshot": identity(find(inventory, p, tag) or {})} for p in paths]
 
 
-async def delete_live(qmp, paths: list[str], all_paths: list[str], tag: str) -> None:
-    """Remove internal snapshot ``tag`` from ``paths`` through the running QEMU (which has them
-    open and locked); a disk that no longer has it is left as it is."""
-    for path in paths:
-        if path not in all_paths:
-            continue
+async def delete_live(qmp, saved: list[dict], all_paths: list[str], tag: str) -> None:
+    """Remove snapshot ``tag`` from the disks of ``saved`` through the running QEMU (which has them
+    open and locked). Only the snapshot mtevm took goes: a disk that no longer has it, or has another
+    one of that name (made outside mtevm), is left as it is."""
+    inventory = await qmp_inventory(qmp, all_paths)
+    for disk in _ours(saved, inventory, tag):
         try:
             await qmp.execute("blockdev-snapshot-delete-internal-sync",
-                              {"device": drive_id(all_paths.index(path)), "name": tag})
+                              {"device": drive_id(all_paths.index(disk["path"])), "name": tag})
         except QmpError as e:
-            if "does not exist" not in str(e):
-                raise StateError(f"disk {path}: QEMU could not delete its snapshot {tag!r}: {e}") from None
+            raise StateError(f"disk {disk['path']}: QEMU could not delete its snapshot {tag!r}: {e}") from None
+
+
+def _ours(saved: list[dict], inventory: dict[str, dict], tag: str) -> list[dict]:
+    """The disks of ``saved`` that still hold the very internal snapshot mtevm took."""
+    return [d for d in saved if (found := find(inventory, d["path"], tag)) is not None
+            and identity(found) == identity(d["snapshot"])]
 
 
 # -- on disk files no QEMU has open ----------------------------------------------------------------
-async def delete_files(paths: list[str], tag: str) -> None:
-    """``qemu-img snapshot -d`` on each qcow2 disk that still has ``tag``; files gone are skipped."""
-    inventory = await file_inventory([p for p in paths if os.path.exists(p)])
-    for path, inv in inventory.items():
-        if find(inventory, path, tag) is None:
-            continue
-        r = await _qemu_img("snapshot", "-f", "qcow2", "-d", tag, path)
+async def delete_files(saved: list[dict], tag: str) -> None:
+    """``qemu-img snapshot -d`` on each disk of ``saved`` that still holds the snapshot mtevm took
+    (files gone, snapshots gone or re-made outside mtevm are left as they are)."""
+    inventory = await file_inventory([d["path"] for d in saved if os.path.exists(d["path"])])
+    for disk in _ours(saved, inventory, tag):
+        r = await _qemu_img("snapshot", "-f", "qcow2", "-d", tag, disk["path"])
         if r.returncode:
-            raise StateError(f"disk {path}: could not delete its snapshot {tag!r}: {_said(r)}")
+            raise StateError(f"disk {disk['path']}: could not delete its snapshot {tag!r}: {_said(r)}")
 
 
 async def revert_files(saved: list[dict], tag: str) -> None:
