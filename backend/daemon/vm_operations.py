@@ -318,10 +318,12 @@ class VmOperations:
         # A qcow2 copy carries the original's internal snapshots, but mtevm's snapshots (state file and
         # record) stay with the original: the clone could never restore them, and a leftover would
         # refuse the clone's own snapshot of that name. So the copies drop them (others stay).
-        dropped = [s["tag"] for s in self._snapshot_records(rec.name) if s.get("disks")] if copied else []
+        dropped = [s for s in self._snapshot_records(rec.name) if s.get("disks")] if copied else []
         try:
-            for tag in dropped:
-                await host.delete_disk_snapshots(self._spec(new), copied, tag, None)
+            for snap in dropped:     # the copies hold the very same snapshots, under the copies' names
+                copies = [{**d, "path": copied[rec.guest.disks.index(d["path"])]} for d in snap["disks"]
+                          if d["path"] in rec.guest.disks]
+                await host.delete_disk_snapshots(self._spec(new), copies, snap["tag"], None)
             await host.define(self._spec(new))      # libvirt: the clone's persistent domain
             try:
                 self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(),
@@ -336,7 +338,8 @@ class VmOperations:
             raise
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
-        return {**await self._detail(new), "cloned_from": rec.name, "copied": copied, "dropped_snapshots": dropped}
+        return {**await self._detail(new), "cloned_from": rec.name, "copied": copied,
+                "dropped_snapshots": [s["tag"] for s in dropped]}
 
     # -- snapshots --------------------------------------------------------------------------------
     def _snapshot_dir(self, vm: str) -> str:
@@ -436,7 +439,7 @@ class VmOperations:
                     os.unlink(path)
             if disks:               # no half snapshot: the disks' part goes too
                 try:
-                    await host.delete_disk_snapshots(self._spec(rec), [d["path"] for d in disks], tag, running)
+                    await host.delete_disk_snapshots(self._spec(rec), disks, tag, running)
                 except MtevmError as e:
                     log.warning("VM %s: a failed snapshot %r left its disks' part: %s", rec.name, tag, e)
             raise
@@ -515,8 +518,8 @@ class VmOperations:
         if info.get("disks"):
             if rec.state not in ("stopped", "crashed") and rec.running is None:
                 raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
-            await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), [d["path"] for d in info["disks"]],
-                                                             info["tag"], rec.running)
+            await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"],
+                                                             rec.running)
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info
@@ -537,8 +540,7 @@ class VmOperations:
         for snap in self._snapshot_records(rec.name):
             if snap.get("disks") and host is not None:
                 try:
-                    await host.delete_disk_snapshots(self._spec(rec), [d["path"] for d in snap["disks"]],
-                                                     snap["tag"], None)
+                    await host.delete_disk_snapshots(self._spec(rec), snap["disks"], snap["tag"], None)
                 except MtevmError as e:
                     log.warning("VM %s deleted: %s", rec.name, e)
         shutil.rmtree(self._snapshot_dir(rec.name), ignore_errors=True)

@@ -167,9 +167,10 @@ class Host(abc.ABC):
         """With no QEMU running: every disk in ``saved`` back to snapshot ``tag``, or none (StateError why)."""
         raise _unsupported(f"host {self.name} cannot revert disks")
 
-    async def delete_disk_snapshots(self, spec: VmSpec, paths: list[str], tag: str,
+    async def delete_disk_snapshots(self, spec: VmSpec, saved: list[dict], tag: str,
                                     running: "RunningVm | None") -> None:
-        """Remove snapshot ``tag`` from the disks ``paths`` (those that no longer have it are left)."""
+        """Remove snapshot ``tag`` from the disks of ``saved`` (the snapshot's disk records): only the
+        very snapshot mtevm took; a disk that lost it or has another of that name is left as it is."""
         raise _unsupported(f"host {self.name} cannot delete disk snapshots")
 
 

@@ -304,12 +304,12 @@ class LocalHost(Host):
     async def revert_disks(self, spec: VmSpec, saved: list[dict], tag: str) -> None:
         await disk_snapshots.revert_files(saved, tag)
 
-    async def delete_disk_snapshots(self, spec: VmSpec, paths: list[str], tag: str,
+    async def delete_disk_snapshots(self, spec: VmSpec, saved: list[dict], tag: str,
                                     running: "LocalVm | None") -> None:
         if running is not None:
-            await disk_snapshots.delete_live(running.proc.qmp, paths, spec.guest.disks, tag)
+            await disk_snapshots.delete_live(running.proc.qmp, saved, spec.guest.disks, tag)
         else:
-            await disk_snapshots.delete_files(paths, tag)
+            await disk_snapshots.delete_files(saved, tag)
 
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""

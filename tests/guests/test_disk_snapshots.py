@@ -14,6 +14,7 @@ import pytest
 
 from backend.client import connect
 from backend.errors import StateError
+from backend.hosts.disk_snapshots import summary as disks_summary
 from backend.qemu.driver import kill_strays
 from tests.helpers.polling import until
 
@@ -120,6 +121,24 @@ async def test_qcow2_disks_are_snapshotted_with_the_state_and_come_back_with_it(
         assert (await c.monitor("dk", "query-status"))["return"]["running"] is False   # alive, still paused
         assert disk_snapshots(a) == disk_snapshots(b) == ["s1"]
         await c.resume("dk")
+
+        # -- a running VM whose disk snapshot was re-made behind mtevm's back (through the monitor):
+        # -- the restore is refused naming the disk, and the VM runs on untouched
+        await c.snapshot_save("dk", "s3")
+        await sh(f"echo after-s3 | dd of=/dev/{disk_a} bs=512 conv=sync,fsync oflag=direct 2>/dev/null")
+        await c.monitor("dk", 'blockdev-snapshot-delete-internal-sync {"device": "disk1", "name": "s3"}')
+        await c.monitor("dk", 'blockdev-snapshot-internal-sync {"device": "disk1", "name": "s3"}')
+        with pytest.raises(StateError) as refused:
+            await c.snapshot_restore("dk", "s3")
+        assert f"disk {b} has an internal snapshot 's3' made " in str(refused.value)
+        assert "not the one mtevm took" in str(refused.value) and "Nothing was changed" in str(refused.value)
+        assert (await c.show("dk"))["state"] == "running"
+        assert await guest_reads(disk_a) == b"after-s3\n".ljust(16, b"\0")      # not reverted
+        [s3] = [s for s in await c.snapshot_list("dk") if s["tag"] == "s3"]
+        assert disks_summary(s3) == "a.qcow2, b.qcow2 (gone)"          # the CLI's and the app's column
+        await c.snapshot_delete("dk", "s3")          # mtevm's own goes; the one made outside stays
+        assert disk_snapshots(a) == ["s1"] and disk_snapshots(b) == ["s1", "s3"]
+        await c.monitor("dk", 'blockdev-snapshot-delete-internal-sync {"device": "disk1", "name": "s3"}')
 
         # -- a disk changed behind mtevm's back: restore refused, nothing half-restored
         await c.snapshot_save("dk", "s2")
