@@ -717,6 +717,11 @@ class LocalVm(GuestStatusView, RunningVm):
     async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
         """Migrate to ``state_file`` with the vCPUs stopped (one pass, a consistent state, tags
         in their ``mach-virt.tag`` RAM block), then let the VM go on as it was."""
+        if (await self.proc.qmp.execute("query-status"))["status"] == "postmigrate":
+            # QEMU keeps a VM it saved while paused in "postmigrate", and will not migrate it again
+            # until it has run: said in QEMU's words, with the way out.
+            raise StateError(f"VM '{self.spec.config.name}' was saved while paused and has not run since: QEMU says "
+                             "\"Can't migrate the vm that was paused due to previous migration\": resume it, then save")
         was_paused = self.paused
         if not was_paused:
             await self.pause()
