@@ -107,6 +107,13 @@ def _claiming(verb: str):
     return wrap
 
 
+def _disk_holder(rec):
+    """The RunningVm whose QEMU has the VM's disks open (ask it), or None (a QEMU that died but is
+    not yet noticed as crashed holds nothing: the files are read directly)."""
+    running = rec.running
+    return running if running is not None and running.state == "running" else None
+
+
 def _describe(d: dict) -> str:
     from backend.machine.config import format_size
     return ", ".join(f"{k}={format_size(v) if k == 'memory' else json.dumps(v)}" for k, v in d.items())
@@ -381,7 +388,7 @@ class VmOperations:
         if any(s.get("disks") for s in out):
             from backend.hosts.disk_snapshots import problems
             try:
-                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), rec.running)
+                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), _disk_holder(rec))
             except MtevmError as e:
                 inventory, error = None, str(e)
             for snap in out:
@@ -481,7 +488,7 @@ class VmOperations:
                              f"{', '.join(d['path'] for d in saved_disks) or 'none'}; the VM now has "
                              f"{', '.join(rec.guest.disks) or 'none'}: restore refused")
         if saved_disks:     # every disk still holds its part, or nothing is touched (the VM runs on)
-            await self._check_disk_snapshots(rec, info, rec.running)
+            await self._check_disk_snapshots(rec, info, _disk_holder(rec))
         state_file, _ = self._snapshot_files(rec.name, tag)
         if rec.running is not None:
             self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
@@ -519,7 +526,7 @@ class VmOperations:
             if rec.state not in ("stopped", "crashed") and rec.running is None:
                 raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
             await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"],
-                                                             rec.running)
+                                                             _disk_holder(rec))
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info
