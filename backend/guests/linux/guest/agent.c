@@ -621,6 +621,8 @@ static int bpf_pid_seen(int pid, const struct bpf_pid_value *v)
 	return 1;
 }
 
+static const char *comm_of(struct proc *p);
+
 /* One of the newest faults the BPF program recorded: an event (with its address when the host
  * wants addresses). */
 static void bpf_event(int cpu, const struct bpf_fault_event *f)
@@ -631,7 +633,7 @@ static void bpf_event(int cpu, const struct bpf_fault_event *f)
 	e->cpu = cpu;
 	e->pid = (int)f->pid;
 	e->code = (int)f->code;
-	snprintf(e->comm, sizeof e->comm, "%.16s", f->comm);
+	e->comm[0] = 0;        /* from the pid map, once it is read */
 	e->t = (double)f->t / 1e9;
 	e->has_addr = fault_addr_on && f->code == SEGV_MTESERR_CODE && f->addr;
 	e->far = f->addr;
@@ -640,9 +642,15 @@ static void bpf_event(int cpu, const struct bpf_fault_event *f)
 static void read_bpf(void)
 {
 	uint64_t cs[MAX_CPUS], ca[MAX_CPUS];
+	int first = n_events;
 	if (bpf_count_read(&bpfc, cs, ca, MAX_CPUS, fault_addr_on ? BPF_TAKE_ALL : BPF_TAKE_SAMPLE, bpf_event) == 0)
 		set_cpu_counts(cs, ca);
 	bpf_count_pids(&bpfc, bpf_pid_seen);
+	for (int i = first; i < n_events; i++) {
+		struct proc *p = proc_for(events[i].pid);
+		if (p)
+			snprintf(events[i].comm, sizeof events[i].comm, "%s", comm_of(p));
+	}
 }
 
 /* Counts from the histogram: lines like
