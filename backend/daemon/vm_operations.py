@@ -489,21 +489,7 @@ class VmOperations:
                              f"{', '.join(rec.guest.disks) or 'none'}: restore refused")
         if saved_disks:     # every disk still holds its part, or nothing is touched (the VM runs on)
             await self._check_disk_snapshots(rec, info, _disk_holder(rec))
-        state_file, _ = self._snapshot_files(rec.name, tag)
-        if rec.running is not None:
-            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
-            running, rec.running = rec.running, None
-            await running.stop()
-        # As a start: the intent stored first, pending changes (already checked equal) applied.
-        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
-        try:
-            if saved_disks:     # no QEMU has them open now: back to the snapshot, all or none
-                await host.revert_disks(self._spec(rec), saved_disks, tag)
-            running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
-        except BaseException as e:
-            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
-            self._note_state(rec, "stopped", runtime={}, last_error=error)
-            raise
+        running = await self._restore_from_file(rec, host, info)
         await running.sample()          # the counters the snapshot brought back, shown at once
         try:
             self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
@@ -515,6 +501,25 @@ class VmOperations:
         rec.running = running
         rec.rate.reset()
         return {**await self._detail(rec), "snapshot": info}
+
+    async def _restore_from_file(self, rec, host, info: dict):
+        """Local QEMU: stop the VM's QEMU, revert its disks (no QEMU has them open now: all or none),
+        start one that loads the state file."""
+        state_file, _ = self._snapshot_files(rec.name, info["tag"])
+        if rec.running is not None:
+            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
+            running, rec.running = rec.running, None
+            await running.stop()
+        # As a start: the intent stored first, pending changes (already checked equal) applied.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
+        try:
+            if info.get("disks"):
+                await host.revert_disks(self._spec(rec), info["disks"], info["tag"])
+            return await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
+        except BaseException as e:
+            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
+            raise
 
     @_claiming("deleting a snapshot")
     async def snapshot_delete(self, name: str, tag: str) -> dict:
