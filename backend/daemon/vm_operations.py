@@ -107,6 +107,13 @@ def _claiming(verb: str):
     return wrap
 
 
+def _disk_holder(rec):
+    """The RunningVm whose QEMU has the VM's disks open (ask it), or None (a QEMU that died but is
+    not yet noticed as crashed holds nothing: the files are read directly)."""
+    running = rec.running
+    return running if running is not None and running.state == "running" else None
+
+
 def _describe(d: dict) -> str:
     from backend.machine.config import format_size
     return ", ".join(f"{k}={format_size(v) if k == 'memory' else json.dumps(v)}" for k, v in d.items())
@@ -381,7 +388,7 @@ class VmOperations:
         if any(s.get("disks") for s in out):
             from backend.hosts.disk_snapshots import problems
             try:
-                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), rec.running)
+                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), _disk_holder(rec))
             except MtevmError as e:
                 inventory, error = None, str(e)
             for snap in out:
@@ -481,22 +488,8 @@ class VmOperations:
                              f"{', '.join(d['path'] for d in saved_disks) or 'none'}; the VM now has "
                              f"{', '.join(rec.guest.disks) or 'none'}: restore refused")
         if saved_disks:     # every disk still holds its part, or nothing is touched (the VM runs on)
-            await self._check_disk_snapshots(rec, info, rec.running)
-        state_file, _ = self._snapshot_files(rec.name, tag)
-        if rec.running is not None:
-            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
-            running, rec.running = rec.running, None
-            await running.stop()
-        # As a start: the intent stored first, pending changes (already checked equal) applied.
-        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
-        try:
-            if saved_disks:     # no QEMU has them open now: back to the snapshot, all or none
-                await host.revert_disks(self._spec(rec), saved_disks, tag)
-            running = await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
-        except BaseException as e:
-            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
-            self._note_state(rec, "stopped", runtime={}, last_error=error)
-            raise
+            await self._check_disk_snapshots(rec, info, _disk_holder(rec))
+        running = await self._restore_from_file(rec, host, info)
         await running.sample()          # the counters the snapshot brought back, shown at once
         try:
             self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
@@ -509,6 +502,25 @@ class VmOperations:
         rec.rate.reset()
         return {**await self._detail(rec), "snapshot": info}
 
+    async def _restore_from_file(self, rec, host, info: dict):
+        """Local QEMU: stop the VM's QEMU, revert its disks (no QEMU has them open now: all or none),
+        start one that loads the state file."""
+        state_file, _ = self._snapshot_files(rec.name, info["tag"])
+        if rec.running is not None:
+            self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
+            running, rec.running = rec.running, None
+            await running.stop()
+        # As a start: the intent stored first, pending changes (already checked equal) applied.
+        self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
+        try:
+            if info.get("disks"):
+                await host.revert_disks(self._spec(rec), info["disks"], info["tag"])
+            return await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
+        except BaseException as e:
+            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+            self._note_state(rec, "stopped", runtime={}, last_error=error)
+            raise
+
     @_claiming("deleting a snapshot")
     async def snapshot_delete(self, name: str, tag: str) -> dict:
         """The state file, its description and the disks' internal snapshots (through the VM's QEMU
@@ -519,7 +531,7 @@ class VmOperations:
             if rec.state not in ("stopped", "crashed") and rec.running is None:
                 raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
             await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"],
-                                                             rec.running)
+                                                             _disk_holder(rec))
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info

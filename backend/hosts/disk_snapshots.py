@@ -27,7 +27,7 @@ import time
 from backend.errors import StateError
 from backend.guests.definition import disk_format
 from backend.qemu.argv import drive_id
-from backend.qemu.qmp import QmpError
+from backend.qemu.qmp import QmpError, QmpGone
 
 QEMU_IMG_TIMEOUT = 60.0     # seconds for one qemu-img call (snapshot -a/-d copy no data, only metadata)
 IDENTITY = ("name", "date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec")   # of a qcow2 snapshot
@@ -169,6 +169,8 @@ async def delete_live(qmp, saved: list[dict], all_paths: list[str], tag: str) ->
         try:
             await qmp.execute("blockdev-snapshot-delete-internal-sync",
                               {"device": drive_id(all_paths.index(disk["path"])), "name": tag})
+        except QmpGone:
+            raise           # QEMU died: the caller reads the files instead
         except QmpError as e:
             raise StateError(f"disk {disk['path']}: QEMU could not delete its snapshot {tag!r}: {e}") from None
 

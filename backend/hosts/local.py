@@ -36,7 +36,7 @@ from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra
 from backend.qemu.console import ConsoleLog, SerialConsole
 from backend.qemu.driver import (REATTACH_TIMEOUT, QemuFiles, QemuProcess, kill_pid, marked_processes,
                                  read_records)
-from backend.qemu.qmp import QmpError
+from backend.qemu.qmp import QmpError, QmpGone
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
@@ -298,7 +298,10 @@ class LocalHost(Host):
 
     async def disk_inventory(self, spec: VmSpec, running: "LocalVm | None") -> dict[str, dict]:
         if running is not None:     # QEMU has them open (and locked): ask it
-            return await disk_snapshots.qmp_inventory(running.proc.qmp, spec.guest.disks)
+            try:
+                return await disk_snapshots.qmp_inventory(running.proc.qmp, spec.guest.disks)
+            except QmpGone:         # it died a moment ago (not yet seen as crashed): its locks went with it
+                await running.proc.wait(2.0)
         return await disk_snapshots.file_inventory(spec.guest.disks)
 
     async def revert_disks(self, spec: VmSpec, saved: list[dict], tag: str) -> None:
@@ -307,9 +310,11 @@ class LocalHost(Host):
     async def delete_disk_snapshots(self, spec: VmSpec, saved: list[dict], tag: str,
                                     running: "LocalVm | None") -> None:
         if running is not None:
-            await disk_snapshots.delete_live(running.proc.qmp, saved, spec.guest.disks, tag)
-        else:
-            await disk_snapshots.delete_files(saved, tag)
+            try:
+                return await disk_snapshots.delete_live(running.proc.qmp, saved, spec.guest.disks, tag)
+            except QmpGone:
+                await running.proc.wait(2.0)
+        await disk_snapshots.delete_files(saved, tag)
 
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""

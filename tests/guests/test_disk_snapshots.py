@@ -8,6 +8,8 @@ qemu-io on the files while it is stopped. One 1-vCPU VM; every QEMU is checked g
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from backend.client import connect
 from backend.errors import StateError
 from backend.hosts.disk_snapshots import summary as disks_summary
-from backend.qemu.driver import kill_strays
+from backend.qemu.driver import kill_strays, qemus_mentioning
 from tests.helpers.polling import until
 
 pytestmark = pytest.mark.qemu
@@ -178,6 +180,15 @@ async def test_qcow2_disks_are_snapshotted_with_the_state_and_come_back_with_it(
         assert clone["dropped_snapshots"] == ["s2"]
         assert [disk_snapshots(p) for p in copies] == [[], []] and disk_snapshots(a) == ["s2"]
         assert await c.snapshot_list("dk2") == []
+
+        # -- a QEMU killed behind mtevm's back, before mtevm noticed: the restore reads the files
+        await c.start("dk2")
+        await c.snapshot_save("dk2", "k1")
+        [pid] = qemus_mentioning(mtevm_paths.vm_runtime_root + "/dk2")
+        os.kill(pid, signal.SIGKILL)
+        assert (await c.snapshot_restore("dk2", "k1"))["state"] == "running"
+        assert [d["present"] for d in (await c.snapshot_list("dk2"))[0]["disks"]] == [True, True]
+        await c.stop("dk2")
 
         # -- a raw disk cannot keep a snapshot: refused, naming the disk and the conversion
         await c.create({"name": "rw", "host": "local", "guest": {"kind": "linux", "disks": [raw]}})
