@@ -374,13 +374,17 @@ static void setup_tracing(void)
 	/* Exact counts kept in the kernel: by a small BPF program on the raw tracepoint (the
 	 * cheapest), else by a hist trigger (one left by a previous agent is kept, EEXIST: its counts
 	 * go on), else (no CONFIG_HIST_TRIGGERS either) every trace line is read and counted. */
-	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests). */
+	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests);
+	 * bpf-pid-hash: BPF, with every pid counted the way pids beyond its pid array are (tests). */
 	char forced[32] = "";
 	cmdline_value("mtevm.counting", forced, sizeof forced);
-	bpfc.cpu_map = bpfc.pid_map = bpfc.prog = bpfc.link = -1;
+	int pid_hash = !strcmp(forced, "bpf-pid-hash");
+	if (pid_hash)
+		forced[0] = 0;
+	bpfc.cpu_map = bpfc.pid_map = bpfc.pid_arr = bpfc.prog = bpfc.link = -1;
 	if (forced[0])
 		snprintf(counting_note, sizeof counting_note, "mtevm.counting=%s on the kernel command line", forced);
-	if (!forced[0] && bpf_count_setup(&bpfc, counting_note, sizeof counting_note) == 0) {
+	if (!forced[0] && bpf_count_setup(&bpfc, pid_hash ? 1 : BPF_PID_SLOTS, counting_note, sizeof counting_note) == 0) {
 		counting_bpf = kernel_counts = tracing_ok = 1;
 		append_file(EVENT "/trigger", "!" HIST);    /* a previous agent's histogram */
 		/* The program counts, records the newest faults and their si_addr: the trace event

@@ -8,12 +8,14 @@
  *   - bumps this CPU's {sync, async} counters and writes the fault into this CPU's ring of the
  *     newest BPF_RING events {time, si_addr, pid, code} (one per-CPU array value: one lookup in
  *     the program, one read syscall per batch in the agent, no atomics);
- *   - bumps a pid -> {sync, async, comm} hash map entry (comm set when the entry is made, so every
- *     faulting process has its name, however short it lived; events take theirs from there).
- * Measured in guest instructions per fault (bench_linux_guest's icount run), over a ~6000
+ *   - bumps the pid's counters in an array indexed by pid (a lookup the verifier inlines); a pid's
+ *     first fault also puts it, with its comm, in a pid -> {comm} hash map, which is how the agent
+ *     finds the pids to read, and every faulting process has its name, however short it lived
+ *     (events take theirs from there). Pids beyond the array are counted in the hash map itself.
+ * Measured in guest instructions per fault (bench_linux_guest's icount run) over a ~6000
  * instruction fault-and-signal round trip: the tracepoint calling a BPF program ~110, reading the
- * siginfo + the per-CPU counters ~145, the pid map ~160, the event ~90 (a comm per event was
- * another ~150: hence comm in the pid map only).
+ * siginfo + this CPU's counters ~145, the event ~90 (75 of them the clock), the pid array ~35
+ * (a hash map lookup per fault was ~160, a comm per event ~150: hence neither).
  * si_addr is the fault address with the pointer tag in bits 59:56 (arm64's do_tag_check_fault
  * passes FAR_EL1 to force_sig_fault): sync faults get their address with no kprobe. (The hist
  * trigger it replaces built the full event record and updated a tracing map on every SIGSEGV;
@@ -34,7 +36,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define BPF_PID_MAX 8192
+#define BPF_PID_MAX 8192       /* processes with faults told apart at once */
+#define BPF_PID_SLOTS 65536    /* the pid array's size at most (24 bytes each) */
 #define BPF_RING 128           /* newest faults kept per CPU (a power of two) */
 
 /* One recorded fault, as the program writes it (layout shared with the program below). */
@@ -51,13 +54,22 @@ struct bpf_cpu_value {
 	struct bpf_fault_event ring[BPF_RING];
 };
 
+/* The pid map (a hash): every faulting process's comm, and the counts of pids beyond the array. */
 struct bpf_pid_value {
 	uint64_t count[2];
 	char comm[16];
 };
 
+/* The pid array, indexed by pid: the counts (an array lookup is a few instructions, a hash
+ * lookup ~150); pid is 0 until the pid map has the process. */
+struct bpf_pid_slot {
+	uint64_t count[2];
+	uint32_t pid, pad;
+};
+
 struct bpf_count {
-	int cpu_map, pid_map, prog, link;
+	int cpu_map, pid_map, pid_arr, prog, link;
+	uint32_t pid_slots;    /* pids below this are counted in the array */
 	int ncpus;             /* possible CPUs: the per-CPU array's value count */
 	struct bpf_cpu_value *values;   /* ncpus values, read each batch */
 	uint64_t *seen;        /* per CPU: head at the previous read */
@@ -148,11 +160,12 @@ static int bpf_count_attach(struct bpf_count *b, int on)
 	return b->link < 0 ? -1 : 0;
 }
 
-/* Load and attach; 0, or -1 with the reason in err. */
-static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
+/* Load and attach, with pids below max_slots (and pid_max) counted in the pid array; 0, or -1
+ * with the reason in err. */
+static int bpf_count_setup(struct bpf_count *b, uint32_t max_slots, char *err, size_t errlen)
 {
 	memset(b, 0, sizeof *b);
-	b->cpu_map = b->pid_map = b->prog = b->link = -1;
+	b->cpu_map = b->pid_map = b->pid_arr = b->prog = b->link = -1;
 	char possible[64] = "";
 	FILE *f = fopen("/sys/devices/system/cpu/possible", "r");
 	int lo = 0, hi = 0;
@@ -170,7 +183,17 @@ static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
 	}
 	b->cpu_map = bpf_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, sizeof(struct bpf_cpu_value), 1);
 	b->pid_map = bpf_map(BPF_MAP_TYPE_HASH, 4, sizeof(struct bpf_pid_value), BPF_PID_MAX);
-	if (b->cpu_map < 0 || b->pid_map < 0) {
+	/* Every pid the kernel hands out, up to BPF_PID_SLOTS (pid_max is 32768 on a small machine) */
+	long pid_max = 0;
+	f = fopen("/proc/sys/kernel/pid_max", "r");
+	if (f) {
+		if (fscanf(f, "%ld", &pid_max) != 1)
+			pid_max = 0;
+		fclose(f);
+	}
+	b->pid_slots = pid_max > 0 && pid_max < max_slots ? (uint32_t)pid_max : max_slots;
+	b->pid_arr = bpf_map(BPF_MAP_TYPE_ARRAY, 4, sizeof(struct bpf_pid_slot), b->pid_slots);
+	if (b->cpu_map < 0 || b->pid_map < 0 || b->pid_arr < 0) {
 		snprintf(err, errlen, "bpf map: %s", strerror(errno));
 		return -1;
 	}
@@ -178,7 +201,7 @@ static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
 	 * -48 the ring's next head, -80..-49 a new pid entry. R6 ctx then the event slot, R7 si_code,
 	 * R8 counter index, R9 this CPU's value. */
 	enum { R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 };
-	enum { OUT = 1, PID, LOOKUP, HAVE };
+	enum { OUT = 1, PID, LOOKUP, HAVE, HASH, COUNT, NEW, REGISTERED, HASH_AGAIN };
 	const int ev = (int)offsetof(struct bpf_cpu_value, ring), head = (int)offsetof(struct bpf_cpu_value, head);
 	const struct bpf_asm src[] = {
 		A(MOV64_REG(R6, R1)),                       /* ctx: u64 args[] */
@@ -230,12 +253,34 @@ static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
 		A(CALL(BPF_FUNC_get_current_pid_tgid)),
 		A(STX(BPF_W, R10, R0, -8)),
 		LABEL(LOOKUP),
+		A(LDX(BPF_W, R7, R10, -8)),                 /* pid */
+		A(MOV64_IMM(R9, 0)),                        /* no array slot (yet) */
+		JL(BPF_JGE, R7, (int)b->pid_slots, HASH),   /* beyond the array: counted in the hash map */
+		AMAP(R1, b->pid_arr),
+		A(MOV64_REG(R2, R10)),
+		A(ADD64_IMM(R2, -8)),
+		A(CALL(BPF_FUNC_map_lookup_elem)),          /* an array: inlined by the verifier */
+		JL(BPF_JEQ, R0, 0, OUT),
+		A(MOV64_REG(R9, R0)),
+		A(LDX(BPF_W, R1, R9, (int)offsetof(struct bpf_pid_slot, pid))),
+		JL(BPF_JEQ, R1, 0, NEW),                    /* this pid's first fault */
+		LABEL(COUNT),
+		A(LSH64_IMM(R8, 3)),
+		A(ADD64_REG(R9, R8)),
+		A(MOV64_IMM(R1, 1)),
+		A(ADD_ATOMIC(R9, R1)),                      /* this pid's counter += 1 */
+		JAL(OUT),
+		LABEL(HASH),
 		AMAP(R1, b->pid_map),
 		A(MOV64_REG(R2, R10)),
 		A(ADD64_IMM(R2, -8)),
 		A(CALL(BPF_FUNC_map_lookup_elem)),
-		JL(BPF_JNE, R0, 0, HAVE),
-		A(ST(BPF_DW, R10, -80, 0)),                 /* a new entry: {0, 0, comm} */
+		JL(BPF_JEQ, R0, 0, NEW),
+		LABEL(HAVE),                                /* the hash map's counters */
+		A(MOV64_REG(R9, R0)),
+		JAL(COUNT),
+		LABEL(NEW),                                 /* a new pid map entry: {0, 0, comm} */
+		A(ST(BPF_DW, R10, -80, 0)),
 		A(ST(BPF_DW, R10, -72, 0)),
 		A(MOV64_REG(R1, R10)),
 		A(ADD64_IMM(R1, -64)),
@@ -248,16 +293,18 @@ static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
 		A(ADD64_IMM(R3, -80)),
 		A(MOV64_IMM(R4, BPF_NOEXIST)),
 		A(CALL(BPF_FUNC_map_update_elem)),
+		JL(BPF_JEQ, R9, 0, HASH_AGAIN),             /* counted in the hash map */
+		JL(BPF_JEQ, R0, 0, REGISTERED),
+		JL(BPF_JNE, R0, -EEXIST, OUT),              /* the map is full: this pid goes uncounted */
+		LABEL(REGISTERED),
+		A(STX(BPF_W, R9, R7, (int)offsetof(struct bpf_pid_slot, pid))),
+		JAL(COUNT),
+		LABEL(HASH_AGAIN),
 		AMAP(R1, b->pid_map),
 		A(MOV64_REG(R2, R10)),
 		A(ADD64_IMM(R2, -8)),
 		A(CALL(BPF_FUNC_map_lookup_elem)),
-		JL(BPF_JEQ, R0, 0, OUT),                    /* map full */
-		LABEL(HAVE),
-		A(LSH64_IMM(R8, 3)),
-		A(ADD64_REG(R0, R8)),
-		A(MOV64_IMM(R1, 1)),
-		A(ADD_ATOMIC(R0, R1)),                      /* this pid's counter += 1 */
+		JL(BPF_JNE, R0, 0, HAVE),                   /* (not there: the map is full) */
 		LABEL(OUT),
 		A(MOV64_IMM(R0, 0)),
 		A(EXIT()),
@@ -289,6 +336,16 @@ static int bpf_count_setup(struct bpf_count *b, char *err, size_t errlen)
 	return 0;
 }
 
+static int bpf_lookup(int map, const void *key, void *value)
+{
+	union bpf_attr a;
+	memset(&a, 0, sizeof a);
+	a.map_fd = (uint32_t)map;
+	a.key = (uint64_t)(uintptr_t)key;
+	a.value = (uint64_t)(uintptr_t)value;
+	return (int)sys_bpf(BPF_MAP_LOOKUP_ELEM, &a);
+}
+
 /* One read of every CPU's value: the counters cs/ca[cpu] (sync/async, for cpu < max) and, through
  * fn, up to `take` of each CPU's newest faults since the previous read (oldest first). Slots are
  * written while they are copied, so at most BPF_RING - 16 are taken: a slot that far back is only
@@ -297,12 +354,7 @@ static int bpf_count_read(struct bpf_count *b, uint64_t *cs, uint64_t *ca, int m
 			  void (*fn)(int cpu, const struct bpf_fault_event *e))
 {
 	uint32_t key = 0;
-	union bpf_attr a;
-	memset(&a, 0, sizeof a);
-	a.map_fd = (uint32_t)b->cpu_map;
-	a.key = (uint64_t)(uintptr_t)&key;
-	a.value = (uint64_t)(uintptr_t)b->values;
-	if (sys_bpf(BPF_MAP_LOOKUP_ELEM, &a))
+	if (bpf_lookup(b->cpu_map, &key, b->values))
 		return -1;
 	if (take > BPF_RING - 16)
 		take = BPF_RING - 16;
@@ -319,7 +371,9 @@ static int bpf_count_read(struct bpf_count *b, uint64_t *cs, uint64_t *ca, int m
 	return 0;
 }
 
-/* Visit each pid's counters and comm; the callback returns 1 to delete the entry (a process that ended). */
+/* Visit each faulting pid's counts and comm (from the pid map, plus its array slot); the callback
+ * returns 1 to forget the pid (a process that ended): its map entry is deleted first, then its
+ * slot cleared, so a new process with the same pid registers afresh. */
 static void bpf_count_pids(struct bpf_count *b, int (*fn)(int pid, const struct bpf_pid_value *v))
 {
 	uint32_t key, next, dead[256];
@@ -335,12 +389,13 @@ static void bpf_count_pids(struct bpf_count *b, int (*fn)(int pid, const struct 
 		first = 0;
 		key = next;
 		struct bpf_pid_value v;
-		memset(&a, 0, sizeof a);
-		a.map_fd = (uint32_t)b->pid_map;
-		a.key = (uint64_t)(uintptr_t)&key;
-		a.value = (uint64_t)(uintptr_t)&v;
-		if (sys_bpf(BPF_MAP_LOOKUP_ELEM, &a))
+		struct bpf_pid_slot slot;
+		if (bpf_lookup(b->pid_map, &key, &v))
 			continue;
+		if (key < b->pid_slots && bpf_lookup(b->pid_arr, &key, &slot) == 0) {
+			v.count[0] += slot.count[0];
+			v.count[1] += slot.count[1];
+		}
 		v.comm[15] = 0;
 		if (fn((int)key, &v) && n_dead < 256)
 			dead[n_dead++] = key;
@@ -351,6 +406,13 @@ static void bpf_count_pids(struct bpf_count *b, int (*fn)(int pid, const struct 
 		a.map_fd = (uint32_t)b->pid_map;
 		a.key = (uint64_t)(uintptr_t)&dead[i];
 		sys_bpf(BPF_MAP_DELETE_ELEM, &a);
+		if (dead[i] < b->pid_slots) {
+			struct bpf_pid_slot zero = { 0 };
+			a.map_fd = (uint32_t)b->pid_arr;
+			a.value = (uint64_t)(uintptr_t)&zero;
+			a.flags = BPF_ANY;
+			sys_bpf(BPF_MAP_UPDATE_ELEM, &a);
+		}
 	}
 }
 
