@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_tui import Daemon, Terminal, _cpu_seconds, stop_in_pty
+from benchmarks.bench_tui import Daemon, _cpu_seconds, start_in_pty, stop_in_pty
 from benchmarks.bench_control import percentile
 
 SECTIONS = ("fleet", "cores", "app", "local")
@@ -233,20 +233,8 @@ def app(tmp: Path, runs: int = 3) -> dict:
 
 def _app_once(ready: Path, daemon: Daemon) -> dict:
     """One app process in a fresh pty on ``daemon``'s fleet: its first screen, then MEASURE_S of CPU."""
-    import fcntl
-    import struct
-    import termios
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
-    env = dict(daemon.env, TERM="xterm-256color", COLUMNS=str(WIDTH), LINES=str(HEIGHT),
-               MTEVM_BENCH_READY=str(ready))
-    env.pop("COLORTERM", None)
-    env.pop("TEXTUAL_DRIVER", None)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_scale", "--child", "app"], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, start_new_session=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-    os.close(slave)
-    term = Terminal(master)
+    proc, term, master = start_in_pty([sys.executable, "-m", "benchmarks.bench_scale", "--child", "app"], daemon,
+                                      ready, WIDTH, HEIGHT)
     try:
         term.drain(time.monotonic() + 120, lambda: ready.exists() or proc.poll() is not None)
         if not ready.exists():
