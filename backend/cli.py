@@ -250,12 +250,18 @@ def _confirm(question: str, refusal: str) -> bool:
 
 def print_snapshots(snaps: list[dict]) -> None:
     """A libvirt snapshot made with virsh has no mtevm counters (and maybe no size): shown as '-'."""
+    from backend.hosts.disk_snapshots import summary as disks_summary
+
     def row(s):
         c = s.get("counters")
         return [s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
                 _size(s["bytes"]) if s.get("bytes") is not None else "-", c["checked"] if c else "-",
-                c["sync_faults"] + c["async_faults"] if c else "-", s["tags"]]
-    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS"], [row(s) for s in snaps])
+                c["sync_faults"] + c["async_faults"] if c else "-", s["tags"], disks_summary(s)]
+    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS", "DISKS"], [row(s) for s in snaps])
+    for s in snaps:
+        for d in s.get("disks") or []:
+            if d.get("problem"):
+                print(f"snapshot {s['tag']}: {d['problem']}: it cannot be restored", file=sys.stderr)
 
 
 async def _dispatch_operation(client, args, out) -> int | None:
@@ -280,7 +286,9 @@ async def _dispatch_operation(client, args, out) -> int | None:
         vm = await client.clone(name, args.new_name)
         _warn_start(vm)
         out(vm, lambda v: print(f"cloned VM {name} to {v['name']} on {v['host']}"
-                                + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")))
+                                + (f" (copied {', '.join(v['copied'])})" if v["copied"] else "")
+                                + (f"; the copies dropped VM {name}'s disk snapshots {', '.join(v['dropped_snapshots'])}"
+                                   if v.get("dropped_snapshots") else "")))
     elif cmd == "snapshot":
         return await _snapshot(client, args, out)
     elif cmd == "monitor":
@@ -305,10 +313,13 @@ async def _snapshot(client, args, out) -> int:
     if action == "delete" and tag is None:
         raise UsageError("snapshot delete: give the TAG to delete (see 'mtevm snapshot NAME list')")
     if not args.yes:
-        running = action == "restore" and (await client.show(name))["state"] not in ("stopped", "crashed")
-        if action == "delete" or running:
+        vm = await client.show(name) if action == "restore" else {}
+        running = action == "restore" and vm["state"] not in ("stopped", "crashed")
+        disks = action == "restore" and bool((vm.get("guest") or {}).get("disks"))   # reverted, even stopped
+        if action == "delete" or running or disks:
             what = (f"Delete snapshot {tag!r} of VM {name!r}?" if action == "delete" else
-                    f"Restore VM {name!r} to snapshot {tag or '(newest)'}? Its current state is lost.")
+                    f"Restore VM {name!r} to snapshot {tag or '(newest)'}? Its current state"
+                    + (" and what its disks hold now are" if disks else " is") + " lost.")
             if not _confirm(what, f"refusing to {action} a snapshot of VM {name!r} without confirmation: pass --yes"):
                 print(f"not {action}d", file=sys.stderr)
                 return EXIT_FAILED

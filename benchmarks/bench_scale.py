@@ -17,7 +17,9 @@ shared: other load shows up in every figure).
 4. local    32 local VMs (real QEMU, the builtin guest) sampled at 4 Hz by an event client: the
             daemon's CPU %. Goal <= 10 %. Needs QEMU and the built guest.
 
-Run: ``python -m benchmarks scale`` or ``python -m benchmarks.bench_scale [--only fleet,cores,app,local]``.
+Run: ``python -m benchmarks scale`` or ``python -m benchmarks.bench_scale [--only fleet,cores,app,local]
+[--app-runs N]`` (the app section starts the app N times, default 3, on one fleet and reports medians:
+one run's CPU varies with how many figures change while it is measured).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_tui import Daemon, Terminal, _cpu_seconds, stop_in_pty
+from benchmarks.bench_tui import Daemon, _cpu_seconds, start_in_pty, stop_in_pty
 from benchmarks.bench_control import percentile
 
 SECTIONS = ("fleet", "cores", "app", "local")
@@ -214,40 +216,37 @@ def cores(tmp: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ 3. app
-def app(tmp: Path) -> dict:
-    import fcntl
-    import struct
-    import termios
+def app(tmp: Path, runs: int = 3) -> dict:
+    """The fleet once, then the app started ``runs`` times on it (a fresh process each): medians."""
     daemon = start_daemon(tmp, "app")
     try:
         asyncio.run(fleet_of(daemon, APP_VMS, {"vcpus": APP_VCPUS, "workload": {"rate": APP_RATE}}))
         time.sleep(2.0)
-        ready = tmp / "app-ready"
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
-        env = dict(daemon.env, TERM="xterm-256color", COLUMNS=str(WIDTH), LINES=str(HEIGHT),
-                   MTEVM_BENCH_READY=str(ready))
-        env.pop("COLORTERM", None)
-        env.pop("TEXTUAL_DRIVER", None)
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_scale", "--child", "app"], stdin=slave,
-                                stdout=slave, stderr=slave, env=env, start_new_session=True,
-                                cwd=Path(__file__).resolve().parent.parent)
-        os.close(slave)
-        term = Terminal(master)
-        try:
-            term.drain(time.monotonic() + 120, lambda: ready.exists() or proc.poll() is not None)
-            if not ready.exists():
-                raise RuntimeError(f"app: did not show its list (exit {proc.poll()}):\n{term.tail_text()}")
-            first = json.loads(ready.read_text())
-            term.drain(time.monotonic() + 3.0)
-            cpu0, d0, t0 = _cpu_seconds(proc.pid), _cpu_seconds(daemon.proc.pid), time.monotonic()
-            nbytes = term.drain(t0 + MEASURE_S)
-            cpu1, d1, t1 = _cpu_seconds(proc.pid), _cpu_seconds(daemon.proc.pid), time.monotonic()
-            la = load()
-        finally:
-            stop_in_pty(proc, term, master)
+        each = [_app_once(tmp / f"app-ready-{i}", daemon) for i in range(runs)]
     finally:
         daemon.stop()
+    out = {key: statistics.median(r[key] for r in each)
+           for key in ("cpu_pct", "daemon_cpu_pct", "bytes_per_s", "first_screen_s", "list_s")}
+    out.update(runs=each, load=each[-1]["load"])
+    return out
+
+
+def _app_once(ready: Path, daemon: Daemon) -> dict:
+    """One app process in a fresh pty on ``daemon``'s fleet: its first screen, then MEASURE_S of CPU."""
+    proc, term, master = start_in_pty([sys.executable, "-m", "benchmarks.bench_scale", "--child", "app"], daemon,
+                                      ready, WIDTH, HEIGHT)
+    try:
+        term.drain(time.monotonic() + 120, lambda: ready.exists() or proc.poll() is not None)
+        if not ready.exists():
+            raise RuntimeError(f"app: did not show its list (exit {proc.poll()}):\n{term.tail_text()}")
+        first = json.loads(ready.read_text())
+        term.drain(time.monotonic() + 3.0)
+        cpu0, d0, t0 = _cpu_seconds(proc.pid), _cpu_seconds(daemon.proc.pid), time.monotonic()
+        nbytes = term.drain(t0 + MEASURE_S)
+        cpu1, d1, t1 = _cpu_seconds(proc.pid), _cpu_seconds(daemon.proc.pid), time.monotonic()
+        la = load()
+    finally:
+        stop_in_pty(proc, term, master)
     wall = t1 - t0
     return {"cpu_pct": 100 * (cpu1 - cpu0) / wall, "daemon_cpu_pct": 100 * (d1 - d0) / wall,
             "bytes_per_s": nbytes / wall, "first_screen_s": first["first_screen_s"], "list_s": first["list_s"],
@@ -323,6 +322,8 @@ def verdict(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bench_scale", description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    p.add_argument("--app-runs", type=int, default=3, metavar="N",
+                   help="app section: start the app N times on the same fleet and report medians (default 3)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
@@ -336,7 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mtevm-bench-scale-") as tmp:
         for section in wanted:
             try:
-                results[section] = globals()[section](Path(tmp))
+                if section == "app":
+                    results[section] = app(Path(tmp), max(1, args.app_runs))
+                else:
+                    results[section] = globals()[section](Path(tmp))
             except Exception as e:          # one section failing (e.g. no QEMU) leaves the others
                 print(f"  {section}: FAILED: {type(e).__name__}: {e}")
                 results[section] = None
@@ -372,7 +376,11 @@ def report(section: str, r: dict | None) -> None:
               f"{r['cpu_all'] / max(r['cpu_one'], 1e-9):.2f}x)")
     elif section == "app":
         print(f"app: {APP_VMS} VMs x {APP_VCPUS} vCPUs (rate {APP_RATE}/s), VM list at {RATE_HZ:g} Hz, "
-              f"{WIDTH}x{HEIGHT} pty ({r['load']})")
+              f"{WIDTH}x{HEIGHT} pty; median of {len(r['runs'])} app processes on the same fleet")
+        for i, run in enumerate(r["runs"]):
+            print(f"  run {i + 1}: app CPU {run['cpu_pct']:.1f} %, terminal {run['bytes_per_s'] / 1024:.1f} KiB/s, "
+                  f"first screen {run['first_screen_s']:.2f} s, daemon CPU {run['daemon_cpu_pct']:.0f} % "
+                  f"({run['load']})")
         print(f"  app CPU {r['cpu_pct']:.1f} % of a core   goal <= {GOAL_APP_CPU:g} % "
               f"({verdict(r['cpu_pct'] <= GOAL_APP_CPU)}; ratio {r['cpu_pct'] / GOAL_APP_CPU:.2f}); "
               f"terminal {r['bytes_per_s'] / 1024:.1f} KiB/s; daemon CPU {r['daemon_cpu_pct']:.0f} %")

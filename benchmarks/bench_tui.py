@@ -227,21 +227,26 @@ class Daemon:
         self.log.close()
 
 
-def measure(kind: str, seconds: float, daemon: Daemon, tmp: Path) -> dict:
-    """Run one child in a fresh pty; return its CPU %, the daemon's, and terminal bytes/s over ``seconds``."""
-    ready = tmp / f"ready-{kind}"
+def start_in_pty(argv: list[str], daemon: Daemon, ready: Path, width: int = WIDTH, height: int = HEIGHT):
+    """Start a front end on ``daemon`` in a fresh width x height pty (it writes ``ready`` when it
+    has drawn what it is measured on); returns (process, Terminal, master fd) for stop_in_pty."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", HEIGHT, WIDTH, 0, 0))
-    env = dict(daemon.env, TERM="xterm-256color", COLUMNS=str(WIDTH), LINES=str(HEIGHT),
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+    env = dict(daemon.env, TERM="xterm-256color", COLUMNS=str(width), LINES=str(height),
                MTEVM_BENCH_READY=str(ready))
     env.pop("COLORTERM", None)
     env.pop("TEXTUAL_DRIVER", None)
     # Textual draws on stderr, so all three standard streams are the pty (as in a terminal).
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, start_new_session=True,
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
                             cwd=Path(__file__).resolve().parent.parent)
     os.close(slave)
-    term = Terminal(master)
+    return proc, Terminal(master), master
+
+
+def measure(kind: str, seconds: float, daemon: Daemon, tmp: Path) -> dict:
+    """Run one child in a fresh pty; return its CPU %, the daemon's, and terminal bytes/s over ``seconds``."""
+    ready = tmp / f"ready-{kind}"
+    proc, term, master = start_in_pty([sys.executable, __file__, "--child", kind], daemon, ready)
     try:
         term.drain(time.monotonic() + 120, lambda: ready.exists() or proc.poll() is not None)
         if not ready.exists():

@@ -13,14 +13,15 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PKGS_COMMON="gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross xz-utils tmux openssh-server openssh-client librsvg2-bin gcc make python3-venv python3-dev pkg-config"
 # chromium + tesseract-ocr: `mtevm serve` is tested in a real headless browser, whose screenshot is read back.
 PKGS_COMMON="$PKGS_COMMON chromium tesseract-ocr tesseract-ocr-eng"
-QEMU_PKG="qemu-system-arm"
+# qemu-utils: qemu-img (internal snapshots of qcow2 disks: snapshot -a/-d/-l) and qemu-io (tests).
+QEMU_PKG="qemu-system-arm qemu-utils"
 # libvirt for the libvirt host kind, from the same suite as QEMU: libvirt 9.0 (Debian 12 main) passes
 # -no-acpi, which QEMU 10 removed, so every start would fail. libvirt-dev + pkg-config build
 # libvirt-python (pip install -e '.[libvirt]', an sdist only: python3-dev for Python.h).
 LIBVIRT_PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev"
 
 need_qemu() {
-  if ! command -v qemu-system-aarch64 >/dev/null; then return 0; fi
+  if ! command -v qemu-system-aarch64 >/dev/null || ! command -v qemu-img >/dev/null; then return 0; fi
   v=$(qemu-system-aarch64 --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/')
   [ "${v:-0}" -lt 8 ]
 }

@@ -90,7 +90,10 @@ class LiveModel:
         self.migrations: dict[int, dict] = {}    # id -> Migration
 
     def vm_live(self, name: str) -> VmLive:
-        return self.live.setdefault(name, VmLive())
+        live = self.live.get(name)
+        if live is None:               # not setdefault: a VmLive per sample (4,000/s) is not free
+            live = self.live[name] = VmLive()
+        return live
 
     def set_vms(self, summaries: list[dict]) -> None:
         self.vms = {s["name"]: s for s in summaries}
@@ -118,6 +121,16 @@ class LiveModel:
     def set_migrations(self, migrations: list[dict]) -> None:
         self.migrations = {m["id"]: m for m in migrations}
 
+    def fold_counters(self, event: dict) -> bool:
+        """Fold a counters event into the model; False when it is stale (sampled before its VM
+        stopped, delivered after). ``apply`` without the message: a big fleet's feed folds 4,000 a second."""
+        name = event["vm"]
+        vm = self.vms.get(name)
+        if vm is not None and not is_live(vm):
+            return False
+        self.vm_live(name).add_sample(event["counters"])
+        return True
+
     def apply(self, event: dict) -> Message | None:
         """Fold one event into the model; return the message the screens should get (or None)."""
         kind = event.get("type")
@@ -132,11 +145,7 @@ class LiveModel:
             self._forget_stale()
             return VmChanged(summary)
         if kind == "counters":
-            name = event["vm"]
-            if name in self.vms and not is_live(self.vms[name]):
-                return None                # sampled before it stopped, delivered after: stale
-            self.vm_live(name).add_sample(event["counters"])
-            return CountersSampled(name)
+            return CountersSampled(event["vm"]) if self.fold_counters(event) else None
         if kind == "migration":
             m = event["migration"]
             self.migrations[m["id"]] = m

@@ -507,6 +507,7 @@ class Service(GuestOps, VmOperations):
             self.store.delete_vm(rec.name)
             del self.vms[rec.name]
             remove_console_log(self._log_dir(rec.name))
+            await self._delete_snapshots(rec)      # its snapshots (and their parts in its disks) go with it
             host = self.hosts.get(rec.host)
             if host is not None:
                 host.forget(self._spec(rec))     # its runtime directory and QEMU logs go with it

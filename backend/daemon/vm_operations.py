@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from backend.machine import VirtMachineConfig
 from backend.paths import ensure_private_dir, open_private_path
 from backend.store import VmRow
 
+log = logging.getLogger("mtevm.operations")
 SHUTDOWN_TIMEOUT = SHUTDOWN_GRACE   # seconds a guest agent gets to power off before mtevm stops the VM
 REBOOT_TIMEOUT = REBOOT_WAIT
 MACHINE_KEYS = ("accel", "cpu", "vcpus", "memory", "mte", "secure", "only_migratable")
@@ -103,6 +105,13 @@ def _claiming(verb: str):
                 return await method(self, name, *args, **kwargs)
         return run
     return wrap
+
+
+def _disk_holder(rec):
+    """The RunningVm whose QEMU has the VM's disks open (ask it), or None (a QEMU that died but is
+    not yet noticed as crashed holds nothing: the files are read directly)."""
+    running = rec.running
+    return running if running is not None and running.state == "running" else None
 
 
 def _exists(rec, tag: str) -> str:
@@ -321,7 +330,15 @@ class VmOperations:
         copied = await asyncio.to_thread(host.clone_storage, self._spec(rec), self._spec(new))
         if copied:
             guest.disks = list(copied)
+        # A qcow2 copy carries the original's internal snapshots, but mtevm's snapshots (state file and
+        # record) stay with the original: the clone could never restore them, and a leftover would
+        # refuse the clone's own snapshot of that name. So the copies drop them (others stay).
+        dropped = [s for s in self._snapshot_records(rec.name) if s.get("disks")] if copied else []
         try:
+            for snap in dropped:     # the copies hold the very same snapshots, under the copies' names
+                copies = [{**d, "path": copied[rec.guest.disks.index(d["path"])]} for d in snap["disks"]
+                          if d["path"] in rec.guest.disks]
+                await host.delete_disk_snapshots(self._spec(new), copies, snap["tag"], None)
             await host.define(self._spec(new))      # libvirt: the clone's persistent domain
             try:
                 self.store.add_vm(VmRow(new.name, new.host, config.to_dict(), workload.to_dict(),
@@ -336,7 +353,8 @@ class VmOperations:
             raise
         self.vms[new.name] = new
         self.bus.publish("vm", vm=self._summary(new))
-        return {**await self._detail(new), "cloned_from": rec.name, "copied": copied}
+        return {**await self._detail(new), "cloned_from": rec.name, "copied": copied,
+                "dropped_snapshots": [s["tag"] for s in dropped]}
 
     # -- snapshots --------------------------------------------------------------------------------
     def _snapshot_dir(self, vm: str) -> str:
@@ -359,40 +377,38 @@ class VmOperations:
             raise MtevmError(f"snapshot {tag!r} of VM {vm!r}: its state file {state} is missing")
         return info
 
-    async def snapshot_list(self, name: str) -> list[dict]:
-        rec = self._vm(name)
-        host = self.hosts[rec.host]
-        if host.keeps_snapshots:        # libvirt: the domain's snapshots, virsh's included
-            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
-        folder = self._snapshot_dir(rec.name)
+    def _snapshot_records(self, vm: str) -> list[dict]:
+        folder = self._snapshot_dir(vm)
         out = []
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if entry.endswith(".json") and _TAG_RE.match(entry[:-5]):
                 try:
-                    out.append(self._snapshot_meta(rec.name, entry[:-5]))
+                    out.append(self._snapshot_meta(vm, entry[:-5]))
                 except MtevmError:
                     continue
         return sorted(out, key=lambda s: s["created"])
 
-    async def _find_snapshot(self, rec, tag: str) -> dict:
-        """Snapshot ``tag`` of the VM, wherever its host keeps it (NotFoundError if none)."""
+    async def snapshot_list(self, name: str) -> list[dict]:
+        """The VM's snapshots, oldest first; each disk's part says whether the disk still holds it
+        (``present``: false once it was deleted or re-made behind mtevm's back; restore then refuses)."""
+        rec = self._vm(name)
         host = self.hosts[rec.host]
-        if not host.keeps_snapshots:
-            return self._snapshot_meta(rec.name, tag)
-        _check_tag(tag)
-        found = [s for s in await host.snapshots(self._spec(rec)) if s["tag"] == tag]
-        if not found:
-            raise NotFoundError(f"VM {rec.name!r} has no snapshot {tag!r}")
-        return found[0]
-
-    @staticmethod
-    def _snapshot_info(rec, tag: str, counters: dict, size: int | None) -> dict:
-        """What a snapshot records beside the state: the definition it was taken with, the counters."""
-        return {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
-                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
-                "qemu_args": list(rec.qemu_args), "bytes": size, "counters": counters["vm"],
-                "tags": "saved with RAM (mach-virt.tag block)"
-                if rec.config.mte and rec.config.accel == "tcg" else "none"}
+        if host.keeps_snapshots:        # libvirt: the domain's snapshots, virsh's included
+            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
+        out = self._snapshot_records(rec.name)
+        if any(s.get("disks") for s in out):
+            from backend.hosts.disk_snapshots import problems
+            try:
+                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), _disk_holder(rec))
+            except MtevmError as e:
+                inventory, error = None, str(e)
+            for snap in out:
+                for disk in snap.get("disks") or []:
+                    wrong = problems([disk], inventory, snap["tag"]) if inventory is not None else [error]
+                    disk["present"] = not wrong
+                    if wrong:
+                        disk["problem"] = wrong[0]
+        return out
 
     @_claiming("saving a snapshot")
     async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
@@ -400,13 +416,12 @@ class VmOperations:
         the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE),
         on libvirt hosts with libvirt's own refusal."""
         rec = self._vm(name)
-        if rec.guest.disks:
-            raise StateError(f"VM {rec.name!r} boots with disks ({', '.join(rec.guest.disks)}): a snapshot holds its "
-                             "RAM, devices and tags but not its disks, and restoring it over disks that changed "
-                             "since would corrupt them, so mtevm does not take one")
+        host = self.hosts[rec.host]
+        disk_refusal = host.disk_snapshot_refusal(self._spec(rec))    # a raw disk: said before anything else
+        if disk_refusal:
+            raise StateError(disk_refusal)
         rec = self._live(name)
         tag = _check_tag(tag) if tag is not None else time.strftime("snap-%Y%m%d-%H%M%S")
-        host = self.hosts[rec.host]
         if host.keeps_snapshots:
             return await self._save_on_host(rec, host, tag)
         state_file, meta_file = self._snapshot_files(rec.name, tag)
@@ -424,22 +439,41 @@ class VmOperations:
         running, was_running = rec.running, rec.state == "running"
         if was_running:      # counters and state from the same instant: the vCPUs stand still
             await running.pause()
+        disks: list[dict] = []
         try:
             counters = await self._counters(rec)
+            if rec.guest.disks:     # the disks at the same instant as the state (vCPUs stopped)
+                disks = await host.snapshot_disks(self._spec(rec), tag, running)
             stats = await running.save_state(partial)
             os.replace(partial, state_file)
+            info = {**self._snapshot_info(rec, tag, counters, stats.get("bytes", os.path.getsize(state_file))),
+                    "disks": disks}
+            with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
+                json.dump(info, f, indent=1)
+            os.replace(meta_file + ".partial", meta_file)
         except BaseException:
-            if os.path.exists(partial):
-                os.unlink(partial)
+            for path in (partial, state_file, meta_file + ".partial"):
+                if os.path.exists(path):
+                    os.unlink(path)
+            if disks:               # no half snapshot: the disks' part goes too
+                try:
+                    await host.delete_disk_snapshots(self._spec(rec), disks, tag, running)
+                except MtevmError as e:
+                    log.warning("VM %s: a failed snapshot %r left its disks' part: %s", rec.name, tag, e)
             raise
         finally:
             if was_running:
                 await running.resume()
-        info = self._snapshot_info(rec, tag, counters, stats.get("bytes", os.path.getsize(state_file)))
-        with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(meta_file + ".partial", meta_file)
         return info
+
+    @staticmethod
+    def _snapshot_info(rec, tag: str, counters: dict, size: int | None) -> dict:
+        """What a snapshot records beside the state: the definition it was taken with, the counters."""
+        return {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
+                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
+                "qemu_args": list(rec.qemu_args), "bytes": size, "counters": counters["vm"],
+                "tags": "saved with RAM (mach-virt.tag block)"
+                if rec.config.mte and rec.config.accel == "tcg" else "none"}
 
     async def _save_on_host(self, rec, host, tag: str) -> dict:
         """A host that keeps snapshots (libvirt) takes it: the counters are read just before, while
@@ -451,6 +485,17 @@ class VmOperations:
         counters = await self._counters(rec)
         return await host.snapshot_save(rec.running, tag, self._snapshot_info(rec, tag, counters, None))
 
+    async def _find_snapshot(self, rec, tag: str) -> dict:
+        """Snapshot ``tag`` of the VM, wherever its host keeps it (NotFoundError if none)."""
+        host = self.hosts[rec.host]
+        if not host.keeps_snapshots:
+            return self._snapshot_meta(rec.name, tag)
+        _check_tag(tag)
+        found = [s for s in await host.snapshots(self._spec(rec)) if s["tag"] == tag]
+        if not found:
+            raise NotFoundError(f"VM {rec.name!r} has no snapshot {tag!r}")
+        return found[0]
+
     @_claiming("restoring a snapshot")
     async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
         """Bring the VM back to a snapshot (the newest without ``tag``): its QEMU, if any, is replaced
@@ -459,7 +504,9 @@ class VmOperations:
         if rec.state not in ("stopped", "crashed", "running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: restore it when that has finished")
         if tag is None:
-            snaps = await self.snapshot_list(rec.name)
+            host = self.hosts[rec.host]
+            snaps = (await host.snapshots(self._spec(rec)) if host.keeps_snapshots
+                     else self._snapshot_records(rec.name))
             if not snaps:
                 raise NotFoundError(f"VM {rec.name!r} has no snapshots")
             tag = snaps[-1]["tag"]
@@ -481,6 +528,13 @@ class VmOperations:
             raise StateError(f"snapshot {tag!r} of VM {rec.name!r} was taken with {_describe(was)}; the VM "
                              f"{'will now boot' if rec.pending else 'now has'} {_describe(differs)}: restore "
                              "refused (QEMU can only load a state into the machine that saved it)")
+        saved_disks = info.get("disks") or []
+        if [d["path"] for d in saved_disks] != list(rec.guest.disks):
+            raise StateError(f"snapshot {tag!r} of VM {rec.name!r} was taken with disks "
+                             f"{', '.join(d['path'] for d in saved_disks) or 'none'}; the VM now has "
+                             f"{', '.join(rec.guest.disks) or 'none'}: restore refused")
+        if saved_disks:     # every disk still holds its part, or nothing is touched (the VM runs on)
+            await self._check_disk_snapshots(rec, info, _disk_holder(rec))
         if host.keeps_snapshots:
             running = await self._revert_on_host(rec, host, info)
         else:
@@ -498,7 +552,8 @@ class VmOperations:
         return {**await self._detail(rec), "snapshot": info}
 
     async def _restore_from_file(self, rec, host, info: dict):
-        """Local QEMU: stop the VM's QEMU, start one that loads the state file."""
+        """Local QEMU: stop the VM's QEMU, revert its disks (no QEMU has them open now: all or none),
+        start one that loads the state file."""
         state_file, _ = self._snapshot_files(rec.name, info["tag"])
         if rec.running is not None:
             self._set_state(rec, "stopping", runtime=rec.running.runtime_info())
@@ -507,6 +562,8 @@ class VmOperations:
         # As a start: the intent stored first, pending changes (already checked equal) applied.
         self._set_state(rec, "starting", runtime={}, **self._pending_applied(rec))
         try:
+            if info.get("disks"):
+                await host.revert_disks(self._spec(rec), info["disks"], info["tag"])
             return await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
         except BaseException as e:
             self._note_state(rec, "stopped", runtime={}, last_error=_failure(e))
@@ -531,15 +588,44 @@ class VmOperations:
 
     @_claiming("deleting a snapshot")
     async def snapshot_delete(self, name: str, tag: str) -> dict:
+        """The state file, its description and the disks' internal snapshots (through the VM's QEMU
+        while it runs, else in the files); a disk that fails keeps the whole snapshot, to try again.
+        On libvirt hosts: virDomainSnapshotDelete (libvirt removes its memory file)."""
         rec = self._vm(name)
         info = await self._find_snapshot(rec, tag)
         host = self.hosts[rec.host]
         if host.keeps_snapshots:
             await host.snapshot_delete(self._spec(rec), tag)
             return info
+        if info.get("disks"):
+            if rec.state not in ("stopped", "crashed") and rec.running is None:
+                raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
+            await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"],
+                                                             _disk_holder(rec))
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info
+
+    async def _check_disk_snapshots(self, rec, info: dict, running) -> None:
+        """StateError naming each disk that lost (or never had) the internal snapshot ``info`` recorded."""
+        from backend.hosts.disk_snapshots import problems
+        inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), running)
+        wrong = problems(info["disks"], inventory, info["tag"])
+        if wrong:
+            raise StateError(f"snapshot {info['tag']!r} of VM {rec.name!r} cannot be restored: {'; '.join(wrong)}. "
+                             "Nothing was changed: no disk reverted, the VM left as it was")
+
+    async def _delete_snapshots(self, rec) -> None:
+        """A deleted VM's snapshots go with it, the disks' internal ones too (the disks stay: they are
+        the user's; a disk that cannot be changed keeps its internal snapshot, logged)."""
+        host = self.hosts.get(rec.host)
+        for snap in self._snapshot_records(rec.name):
+            if snap.get("disks") and host is not None:
+                try:
+                    await host.delete_disk_snapshots(self._spec(rec), snap["disks"], snap["tag"], None)
+                except MtevmError as e:
+                    log.warning("VM %s deleted: %s", rec.name, e)
+        shutil.rmtree(self._snapshot_dir(rec.name), ignore_errors=True)
 
     # -- state changes made outside mtevm (libvirt's lifecycle events) ------------------------------
     def _follow_domain(self, host: str, name: str) -> None:
@@ -561,7 +647,3 @@ class VmOperations:
             self._note_state(rec, state)
 
     _followers: set = set()     # tasks noting a crash seen by an event (kept referenced until done)
-
-    def _delete_snapshots(self, vm: str) -> None:
-        """A deleted VM's snapshots go with it."""
-        shutil.rmtree(self._snapshot_dir(vm), ignore_errors=True)

@@ -110,7 +110,7 @@ class AgentState:
 
     def fault_info(self, e: dict) -> dict | None:
         """A trace event as a FaultInfo (docs/contracts.md) plus pid and comm. The address and
-        pointer tag come from the agent's kprobe when it has them (sync faults); an async fault
+        pointer tag come with the agent's sync-fault events when it has them; an async fault
         has no address (the hardware records none), and the memory tag is not known."""
         kind = FAULT_KINDS.get(e.get("code")) if isinstance(e, dict) else None
         if kind is None:

@@ -76,7 +76,7 @@ class GuestConfig:
     initrd: str | None = None
     append: str | None = None
     disks: list[str] = field(default_factory=list)
-    fault_address: bool = False   # linux: the agent's kprobe gives sync faults their address (slower faults)
+    fault_address: bool = False   # linux: the agent sends sync faults' address + pointer tag, and more events
 
     @property
     def has_agent(self) -> bool:

@@ -169,6 +169,31 @@ class Host(abc.ABC):
         has no disks: nothing to copy (hosts whose VMs have disk images override this)."""
         return []
 
+    # -- the disks' part of a snapshot (qcow2 internal snapshots, backend/hosts/disk_snapshots.py).
+    # -- ``running`` is the VM's RunningVm while a QEMU has the disks open, else None.
+    def disk_snapshot_refusal(self, spec: VmSpec) -> str | None:
+        """None if every disk of ``spec`` can keep its part of a snapshot (or it has none), else why not."""
+        return f"host {self.name} cannot snapshot a VM's disks" if spec.guest.disks else None
+
+    async def snapshot_disks(self, spec: VmSpec, tag: str, running: "RunningVm") -> list[dict]:
+        """Snapshot every disk as ``tag``, all or none, the vCPUs stopped; the disks' records
+        (``{"path", "format", "snapshot": identity}``) for the snapshot's description."""
+        raise _unsupported(self.disk_snapshot_refusal(spec) or f"host {self.name} cannot snapshot disks")
+
+    async def disk_inventory(self, spec: VmSpec, running: "RunningVm | None") -> dict[str, dict]:
+        """Each disk's ``{"format", "snapshots": [..], "error"}`` as it is now."""
+        return {}
+
+    async def revert_disks(self, spec: VmSpec, saved: list[dict], tag: str) -> None:
+        """With no QEMU running: every disk in ``saved`` back to snapshot ``tag``, or none (StateError why)."""
+        raise _unsupported(f"host {self.name} cannot revert disks")
+
+    async def delete_disk_snapshots(self, spec: VmSpec, saved: list[dict], tag: str,
+                                    running: "RunningVm | None") -> None:
+        """Remove snapshot ``tag`` from the disks of ``saved`` (the snapshot's disk records): only the
+        very snapshot mtevm took; a disk that lost it or has another of that name is left as it is."""
+        raise _unsupported(f"host {self.name} cannot delete disk snapshots")
+
 
 class RunningVm(abc.ABC):
     spec: VmSpec

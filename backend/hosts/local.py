@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from backend.errors import ConfigError, MigrationError, RealizeError, StateError
+from backend.hosts import disk_snapshots
 from backend.hosts.base import Host, ProgressCallback, Recovery, RunningVm, VmSpec, report_progress
 from backend.hosts.guest_status import GuestStatusView
 from backend.machine import VirtMachineConfig
@@ -35,7 +36,7 @@ from backend.qemu.argv import LaunchFiles, build_argv, find_qemu, validate_extra
 from backend.qemu.console import ConsoleLog, SerialConsole
 from backend.qemu.driver import (REATTACH_TIMEOUT, QemuFiles, QemuProcess, kill_pid, marked_processes,
                                  read_records)
-from backend.qemu.qmp import QmpError
+from backend.qemu.qmp import QmpError, QmpGone
 
 GUEST_ENV = "MTEVM_GUEST"     # another guest ELF (a development build), like $MTEVM_QEMU for QEMU
 GUEST_ELF = str(guest_abi.GUEST_ELF)
@@ -282,10 +283,38 @@ class LocalHost(Host):
                 await vm.resume()
             else:
                 vm.paused = True
+                if spec.guest.disks:    # QEMU >= 10 leaves an incoming VM's disks inactive until cont
+                    await vm._reactivate_disks()
         except BaseException:
             await vm.stop()
             raise
         return vm
+
+    def disk_snapshot_refusal(self, spec: VmSpec) -> str | None:
+        return disk_snapshots.raw_refusal(spec.config.name, spec.guest.disks)
+
+    async def snapshot_disks(self, spec: VmSpec, tag: str, running: "LocalVm") -> list[dict]:
+        return await disk_snapshots.take(running.proc.qmp, spec.guest.disks, tag) if spec.guest.disks else []
+
+    async def disk_inventory(self, spec: VmSpec, running: "LocalVm | None") -> dict[str, dict]:
+        if running is not None:     # QEMU has them open (and locked): ask it
+            try:
+                return await disk_snapshots.qmp_inventory(running.proc.qmp, spec.guest.disks)
+            except QmpGone:         # it died a moment ago (not yet seen as crashed): its locks went with it
+                await running.proc.wait(2.0)
+        return await disk_snapshots.file_inventory(spec.guest.disks)
+
+    async def revert_disks(self, spec: VmSpec, saved: list[dict], tag: str) -> None:
+        await disk_snapshots.revert_files(saved, tag)
+
+    async def delete_disk_snapshots(self, spec: VmSpec, saved: list[dict], tag: str,
+                                    running: "LocalVm | None") -> None:
+        if running is not None:
+            try:
+                return await disk_snapshots.delete_live(running.proc.qmp, saved, spec.guest.disks, tag)
+            except QmpGone:
+                await running.proc.wait(2.0)
+        await disk_snapshots.delete_files(saved, tag)
 
     async def reattach(self, spec: VmSpec, runtime: dict) -> "LocalVm | None":
         """Find the QEMU an earlier daemon left running (checked by pid and start time)."""
@@ -693,15 +722,35 @@ class LocalVm(GuestStatusView, RunningVm):
     async def save_state(self, state_file: str, progress: ProgressCallback | None = None) -> dict:
         """Migrate to ``state_file`` with the vCPUs stopped (one pass, a consistent state, tags
         in their ``mach-virt.tag`` RAM block), then let the VM go on as it was."""
+        if (await self.proc.qmp.execute("query-status"))["status"] == "postmigrate":
+            # QEMU keeps a VM it saved while paused in "postmigrate", and will not migrate it again
+            # until it has run: said in QEMU's words, with the way out.
+            raise StateError(f"VM '{self.spec.config.name}' was saved while paused and has not run since: QEMU says "
+                             "\"Can't migrate the vm that was paused due to previous migration\": resume it, then save")
         was_paused = self.paused
         if not was_paused:
             await self.pause()
         try:
             stats = await self._migrate(self.host.state_uri(state_file, write=True), SAVE_TIMEOUT, progress)
+            if self.spec.guest.disks:
+                await self._reactivate_disks()
         finally:
             if not was_paused:
                 await self.resume()
         return {"bytes": os.path.getsize(state_file), "total_time_ms": stats.get("total_time_ms")}
+
+    async def _reactivate_disks(self) -> None:
+        """A completed migration hands the disks over (QEMU marks them inactive); this QEMU goes on
+        with them, so take them back at once: a paused VM's disks must take its snapshot deletions
+        (QEMU asserts on a write to an inactive disk). ``blockdev-set-active`` is QEMU >= 10.0;
+        before it, ``cont`` is what activates them again (the VM's next resume)."""
+        try:
+            await self.proc.qmp.execute("blockdev-set-active", {"active": True})
+        except QmpError as e:
+            if e.error_class != "CommandNotFound":
+                raise
+            log.warning("VM %s: QEMU has no blockdev-set-active: its disks stay inactive until it resumes",
+                        self.spec.config.name)
 
     async def wait_running(self, timeout: float) -> None:
         """Wait until this (destination) QEMU has loaded the incoming state and runs the guest."""

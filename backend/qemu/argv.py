@@ -187,6 +187,11 @@ class LaunchFiles:
 AGENT_PORT = "org.mtevm.agent.0"       # docs/agent-protocol.md
 
 
+def drive_id(index: int) -> str:
+    """The QEMU drive (BlockBackend) id of a guest's disk ``index``: what QMP block commands name."""
+    return f"disk{index}"
+
+
 def chardev_socket(chardev_id: str, path: str) -> list[str]:
     """A chardev QEMU serves on a Unix socket; it drops output while no client is connected
     (wait=off: the guest never blocks on a missing reader)."""
@@ -209,8 +214,8 @@ def guest_devices(files: LaunchFiles) -> list[str]:
             "-device", "virtio-serial-device",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
     for i, (path, fmt) in enumerate(files.disks):
-        argv += ["-drive", f"file={quote_option(path)},format={fmt},if=none,id=disk{i}",
-                 "-device", f"virtio-blk-device,drive=disk{i}"]
+        argv += ["-drive", f"file={quote_option(path)},format={fmt},if=none,id={drive_id(i)}",
+                 "-device", f"virtio-blk-device,drive={drive_id(i)}"]
     return argv
 
 

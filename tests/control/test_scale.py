@@ -209,3 +209,46 @@ async def test_the_socket_stream_carries_per_vcpu_figures_only_where_asked(mtevm
                    for c in totals.values())
         one = await first_round(vcpus="b")
         assert "vcpus" not in one["a"] and len(one["b"]["vcpus"]) == 2
+
+
+async def test_a_round_of_a_fleet_goes_out_in_few_writes_and_the_client_reads_every_sample(mtevm_paths):
+    """The daemon writes the events its stream has ready together (backend/daemon/server.py), and the
+    client decodes such a batch at once: every VM's sample still arrives, once per round, whole."""
+    import aiohttp
+    import json
+    from backend.client import connect
+    names = [f"r{i:02d}" for i in range(24)]
+    async with await connect() as client:          # a real daemon over its socket
+        for name in names:
+            await client.create({"name": name, "vcpus": 1, "workload": {"rate": 100}})
+            await client.start(name)
+
+        rounds: list[list[str]] = []
+        events = client.events(rate_hz=4, vcpus="none")
+        try:
+            async for e in events:
+                if e["type"] != "counters":
+                    continue
+                if not rounds or e["vm"] in rounds[-1]:
+                    rounds.append([])
+                rounds[-1].append(e["vm"])
+                assert set(e["counters"]["vm"]) >= {"checked", "sync_faults", "async_faults"}
+                if len(rounds) == 4:
+                    break
+        finally:
+            await events.aclose()
+        assert all(sorted(r) == names for r in rounds[1:3])     # whole rounds, each VM once
+
+        # On the wire: HTTP chunks that carry several events (one write per slice of a round).
+        per_chunk: list[int] = []
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=mtevm_paths.socket)) as http:
+            async with http.get("http://mtevm/v1/events", params={"rate": "4", "vcpus": "none"}) as resp:
+                buffer = b""
+                while sum(per_chunk) < 3 * len(names):
+                    data, end = await asyncio.wait_for(resp.content.readchunk(), 30)
+                    buffer += data
+                    if end:
+                        lines = [line for line in buffer.split(b"\n") if line.strip()]
+                        per_chunk.append(sum(json.loads(line)["type"] == "counters" for line in lines))
+                        buffer = b""
+        assert max(per_chunk) > 1, per_chunk

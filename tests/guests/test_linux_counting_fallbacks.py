@@ -1,7 +1,9 @@
 """The agent's fallbacks when the kernel refuses its BPF program: counting with a hist trigger on
-the tracepoint, or (no hist triggers either) by reading every trace line. Forced here with the
-kernel command line (mtevm.counting=...); each must give the same exact counts. One boot per
-method; QEMU is stopped by its PID.
+the tracepoint, or (no hist triggers either) by reading every trace line; and the BPF program's
+own fallback for pids beyond its pid array (kernel.pid_max raised): counting them in its hash
+map (bpf-pid-hash: every pid counted that way). Forced here with the kernel command line
+(mtevm.counting=...); each must give the same exact counts. One boot per method; QEMU is stopped
+by its PID.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from tests.guests.bare_linux import booted
 pytestmark = pytest.mark.qemu
 
 
-@pytest.fixture(scope="module", params=["histogram", "trace"])
+@pytest.fixture(scope="module", params=["histogram", "trace", "bpf-pid-hash"])
 def guest(request, linux_image):
     with booted(linux_image, smp=2, append=f"mtevm.counting={request.param}") as (vm, link):
         yield request.param, link
@@ -21,7 +23,10 @@ def guest(request, linux_image):
 def test_fallback_counts_exactly(guest):
     method, link = guest
     h = link.hello()
-    assert h["counting"] == method and f"mtevm.counting={method}" in h["counting_note"]
+    if method == "bpf-pid-hash":
+        assert h["counting"] == "bpf"
+    else:
+        assert h["counting"] == method and f"mtevm.counting={method}" in h["counting_note"]
     link.send({"type": "hello"})
     before = link.wait_for("faults", timeout=10)["totals"]
     r = link.run("f", path="/opt/mtevm/bin/mte-faults", args=["37", "23"])

@@ -42,7 +42,7 @@ def test_hello_reports_the_guests_mte_facts(guest, linux_image):
     assert [c["cpu"] for c in h["cpus"]] == [0, 1]
     assert all(c["mte_tcf_preferred"] in ("sync", "async", "asymm") for c in h["cpus"])
     assert h["tracing"] is True and h["tracing_error"] is None
-    # Fault addresses: a kprobe on this kernel, on until the host turns it off
+    # Fault addresses: from the BPF program (si_addr), on until the host turns them off
     assert h["fault_address_available"] is True and h["fault_address"] is True
     assert h["counting"] == "bpf" and h["counting_note"] is None and h["paused"] is False
     assert 0 < h["setup_s"] < h["uptime"]
@@ -97,6 +97,27 @@ def test_with_fault_addresses_off_counts_stay_exact_and_events_are_sampled(guest
     finally:
         link.send({"type": "config", "fault_address": True})
     assert link.hello()["fault_address"] is True
+
+
+def test_a_short_lived_child_shows_under_its_own_pid_and_name(guest):
+    """A process the agent did not start (a shell's child) that lived for a moment: its faults are
+    its own process row, with the kernel's name for it, in fast mode too (the BPF program takes
+    the comm with the process's first fault), and the events are a bounded sample of the newest."""
+    _, link = guest
+    link.send({"type": "config", "fault_address": False})
+    try:
+        link.hello()
+        r = link.run("child", path="/bin/sh", args=["-c", "/opt/mtevm/bin/mte-faults 150 50; echo done"])
+        assert r["exit"]["status"] == 0, r
+        faults = [m for m in r["messages"] if m["type"] == "faults"]
+        rows = {p["pid"]: p for m in faults for p in m["processes"]}
+        child = [p for pid, p in rows.items() if pid != r["started"]["pid"]]
+        assert [(p["comm"], p["sync"], p["async"]) for p in child] == [("mte-faults", 150, 50)]
+        events = [e for m in faults for e in m["events"] if e["pid"] == child[0]["pid"]]
+        assert 0 < len(events) < 200 and len(events) + sum(m["dropped"] for m in faults) == 200
+        assert all(e["comm"] == "mte-faults" and "addr" not in e for e in events)
+    finally:
+        link.send({"type": "config", "fault_address": True})
 
 
 def test_counting_can_be_paused(guest):

@@ -127,7 +127,7 @@ def test_exact_fault_counts_of_a_program_run_with_exec(lx, linux_image):
     [proc] = [p for p in vm["processes"] if p["pid"] == result["pid"]]
     assert proc == {"pid": result["pid"], "comm": "mte-faults", "sync": 37, "async": 23}
     # The newest faults are the program's (the workload takes none): async ones have no address
-    # (the CPU records none), sync ones have the fault address and pointer tag (the agent's kprobe).
+    # (the CPU records none), sync ones have the fault address and pointer tag (the SIGSEGV's si_addr).
     mine = [f for f in vm["last_faults"] if f.get("pid") == result["pid"]]
     assert mine and all(f["comm"] == "mte-faults" and f["vcpu"] in (0, 1) for f in mine)
     assert all((f["addr"] is None) == (f["kind"] == "async") for f in mine)

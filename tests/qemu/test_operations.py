@@ -88,6 +88,8 @@ async def test_a_snapshot_brings_back_counters_and_tags(client):
     paused = await client.snapshot_save(VM, "paused1")
     assert paused["vm_state"] == "paused" and paused["bytes"] > 0
     assert paused["tags"] == "saved with RAM (mach-virt.tag block)"
+    with pytest.raises(StateError, match="saved while paused and has not run since.*resume it, then save"):
+        await client.snapshot_save(VM, "paused2")          # QEMU's limit, said with the way out
     await client.resume(VM)
     running = await client.snapshot_save(VM, "running1")       # the VM goes on running after a save
     assert running["vm_state"] == "running" and (await client.show(VM))["state"] == "running"

@@ -11,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Header, Static
 
 from backend.errors import MtevmError
+from backend.hosts.disk_snapshots import summary as disks_summary
 from tui import format as fmt
 from tui import keymap
 from tui.components.status import screen_bottom
@@ -18,14 +19,15 @@ from tui.screens.confirm import ConfirmScreen
 from tui.screens.name_prompt import NamePrompt
 from tui.screens.leave_once import LeaveOnce
 
-COLUMNS = ("tag", "taken", "VM was", "size", "checked", "faults", "tags")
+COLUMNS = ("tag", "taken", "VM was", "size", "checked", "faults", "tags", "disks")
 
 
 def row(s: dict, now: float) -> tuple:
     c = s.get("counters") or {}
     return (s["tag"], f"{fmt.age(s.get('created'), now)} ago", s.get("vm_state", "?"), fmt.size(s.get("bytes")),
             fmt.count(c.get("checked")), fmt.count(c["sync_faults"] + c["async_faults"] if c else None),
-            s.get("tags", ""))
+            s.get("tags", ""), disks_summary(s))
+
 
 
 class SnapshotsScreen(LeaveOnce, Screen):
@@ -94,7 +96,9 @@ class SnapshotsScreen(LeaveOnce, Screen):
 
     def action_restore_snapshot(self) -> None:
         if (tag := self.selected()) is not None:
-            self._confirm(f"Restore VM {self.vm_name!r} to snapshot {tag!r}? Its current state is lost.", "Restore",
+            disks = self.snapshots[self.query_one(DataTable).cursor_row].get("disks")
+            lost = "Its current state and what its disks hold now are lost." if disks else "Its current state is lost."
+            self._confirm(f"Restore VM {self.vm_name!r} to snapshot {tag!r}? {lost}", "Restore",
                           lambda: self.run_op("restore", lambda: self.app.client.snapshot_restore(self.vm_name, tag),
                                               lambda v: f"restored {self.vm_name} to {tag}: {v['state']}"))
 

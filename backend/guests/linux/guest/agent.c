@@ -1,13 +1,15 @@
 /* mtevm-agent: the guest side of docs/agent-protocol.md.
  *
- * It sees every tag-check fault of every process in the guest without touching the programs:
- * the kernel's signal:signal_generate tracepoint, filtered to SIGSEGV, prints one line per signal
- * with the CPU it was generated on, the target's pid and comm and the si_code (9 = SEGV_MTESERR,
- * sync; 8 = SEGV_MTEAERR, async). The agent reads trace_pipe, counts per CPU, per process and in
- * total, and sends batches to the host over the virtio-serial port org.mtevm.agent.0 at the
- * interval the host asks for. Where the kernel allows, a kprobe on do_tag_check_fault adds the
- * faulting address and its pointer tag to sync faults (async faults have no address: the CPU only
- * sets TFSR_EL1.TF0). It also runs programs for the host (exec) and powers the guest off.
+ * It sees every tag-check fault of every process in the guest without touching the programs, on
+ * the kernel's signal:signal_generate tracepoint (SIGSEGV with si_code 9 = SEGV_MTESERR, sync, or
+ * 8 = SEGV_MTEAERR, async): a small BPF program on the raw tracepoint (bpf_count.h) counts them
+ * per CPU and per process and keeps the newest faults of each CPU (pid, comm, time, and si_addr:
+ * the address and pointer tag of a sync fault); the agent reads its maps once per batch and sends
+ * batches to the host over the virtio-serial port org.mtevm.agent.0 at the interval the host asks
+ * for. Nothing else runs per fault: no trace event, no kprobe, no text to format. Where the kernel
+ * refuses BPF, a hist trigger counts and trace lines (plus a kprobe on do_tag_check_fault for
+ * addresses) give the events. Async faults have no address: the CPU only sets TFSR_EL1.TF0. It
+ * also runs programs for the host (exec) and powers the guest off.
  *
  * One thread, one poll loop; nothing blocks on the host: while no host is connected the agent
  * keeps counting, and the next faults message carries the totals. */
@@ -60,6 +62,11 @@
 #define HIST_CLEAR HIST_KEYS ":clear if sig == 11"
 #define HIST_FOLD_AT 3000             /* entries: fold the counts into the agent's and clear the map */
 #define SAMPLE_WINDOW_MS 25           /* with the histogram, events are recorded this long per batch */
+/* With BPF: faults per CPU per batch sent as events (the newest; the rest count in 'dropped').
+ * Fault addresses on: as many as the ring keeps; off: a small sample (each event is JSON to build
+ * and send, on the vCPUs the guest's programs run on). */
+#define BPF_TAKE_ALL BPF_RING
+#define BPF_TAKE_SAMPLE 8
 #define SEGV_MTEAERR_CODE 8           /* asynchronous tag-check fault */
 #define SEGV_MTESERR_CODE 9           /* synchronous tag-check fault */
 
@@ -97,6 +104,7 @@ struct exec {
 };
 
 static int port_fd = -1, connected, trace_fd = -1;
+static int tracing_ok;                 /* faults are being counted (BPF, histogram or trace lines) */
 static struct buf out, in, tracebuf;
 static int interval_ms = 250;
 static uint64_t seq, batch_no, total_sync, total_async, dropped, dropped_total;
@@ -266,15 +274,17 @@ static void send_hello(void)
 			buf_printf(&m, "null");
 		buf_printf(&m, "}");
 	}
-	buf_printf(&m, "],\"tracing\":%s,\"paused\":%s,\"tracing_error\":", trace_fd >= 0 ? "true" : "false",
+	buf_printf(&m, "],\"tracing\":%s,\"paused\":%s,\"tracing_error\":", tracing_ok ? "true" : "false",
 		   paused ? "true" : "false");
-	if (trace_fd >= 0)
+	if (tracing_ok)
 		buf_printf(&m, "null");
 	else
 		buf_json_str(&m, tracing_error, strlen(tracing_error));
 	buf_printf(&m, ",\"fault_address_available\":%s,\"fault_address\":%s,\"fault_address_why\":",
 		   fault_addr_available ? "true" : "false", fault_addr_on ? "true" : "false");
-	if (fault_addr_on)
+	if (fault_addr_on && counting_bpf)
+		buf_printf(&m, "\"sync faults: the SIGSEGV's si_addr, read by the BPF program; async faults have no address\"");
+	else if (fault_addr_on)
 		buf_printf(&m, "\"sync faults: kprobe on do_tag_check_fault; async faults have no address\"");
 	else
 		buf_json_str(&m, fault_addr_why, strlen(fault_addr_why));
@@ -298,6 +308,13 @@ static void send_hello(void)
  * rather than sampled, which under TCG costs a faulting program a good part of its speed. */
 static void setup_fault_address(void)
 {
+	if (counting_bpf) {   /* the BPF program records si_addr: nothing to set up, nothing per fault */
+		fault_addr_available = 1;
+		snprintf(fault_addr_why, sizeof fault_addr_why,
+			 "turned off by the host ({\"type\":\"config\",\"fault_address\":false}: fewer events are "
+			 "sent, without addresses; faults are counted exactly)");
+		return;
+	}
 	/* do_tag_check_fault(far, esr, regs) is reached through the fault_info table for every
 	 * tag-check fault; x0 holds FAR_EL1 with the pointer tag in bits 59:56. */
 	if (write_file(TRACING "/kprobe_events", "p:mtevm/tagfault do_tag_check_fault far=%x0:x64\n")) {
@@ -315,7 +332,7 @@ static void set_fault_address(int on)
 {
 	if (!fault_addr_available || on == fault_addr_on)
 		return;
-	if (paused) {          /* applied when counting resumes */
+	if (paused || counting_bpf) {   /* BPF: only what is sent changes; paused: applied on resume */
 		fault_addr_on = on;
 		return;
 	}
@@ -357,15 +374,25 @@ static void setup_tracing(void)
 	/* Exact counts kept in the kernel: by a small BPF program on the raw tracepoint (the
 	 * cheapest), else by a hist trigger (one left by a previous agent is kept, EEXIST: its counts
 	 * go on), else (no CONFIG_HIST_TRIGGERS either) every trace line is read and counted. */
-	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests). */
+	/* mtevm.counting=histogram|trace on the kernel command line forces a fallback (tests);
+	 * bpf-pid-hash: BPF, with every pid counted the way pids beyond its pid array are (tests). */
 	char forced[32] = "";
 	cmdline_value("mtevm.counting", forced, sizeof forced);
-	bpfc.cpu_map = bpfc.pid_map = bpfc.prog = bpfc.link = -1;
+	int pid_hash = !strcmp(forced, "bpf-pid-hash");
+	if (pid_hash)
+		forced[0] = 0;
+	bpfc.cpu_map = bpfc.pid_map = bpfc.pid_arr = bpfc.prog = bpfc.link = -1;
 	if (forced[0])
 		snprintf(counting_note, sizeof counting_note, "mtevm.counting=%s on the kernel command line", forced);
-	if (!forced[0] && bpf_count_setup(&bpfc, counting_note, sizeof counting_note) == 0) {
-		counting_bpf = kernel_counts = 1;
+	if (!forced[0] && bpf_count_setup(&bpfc, pid_hash ? 1 : BPF_PID_SLOTS, counting_note, sizeof counting_note) == 0) {
+		counting_bpf = kernel_counts = tracing_ok = 1;
 		append_file(EVENT "/trigger", "!" HIST);    /* a previous agent's histogram */
+		/* The program counts, records the newest faults and their si_addr: the trace event
+		 * and the ring buffer stay off (tracing_on back to its default for anyone else). */
+		write_file(TRACING "/tracing_on", "1");
+		setup_fault_address();
+		set_fault_address(1);
+		return;
 	} else {
 		for (int *fd = &bpfc.cpu_map; fd <= &bpfc.link; fd++)
 			if (*fd >= 0)
@@ -395,6 +422,7 @@ static void setup_tracing(void)
 	trace_fd = open(TRACING "/trace_pipe", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
 	if (trace_fd < 0)
 		snprintf(tracing_error, sizeof tracing_error, "cannot open trace_pipe: %s", strerror(errno));
+	tracing_ok = trace_fd >= 0;
 }
 
 /* The entry of a pid, created on first sight; NULL when the table is full (then the process
@@ -575,12 +603,14 @@ static void set_cpu_counts(const uint64_t *cs, const uint64_t *ca)
 
 /* One pid's counts from the BPF map; a process that has ended is folded in and its entry
  * deleted (returns 1), so the map only holds live processes. */
-static int bpf_pid_seen(int pid, uint64_t sync, uint64_t async)
+static int bpf_pid_seen(int pid, const struct bpf_pid_value *v)
 {
 	struct proc *p = proc_for(pid);
 	if (!p)
 		return 0;
-	uint64_t ns = p->bsync + sync, na = p->basync + async;
+	if (v->comm[0])   /* the kernel's comm at the first fault: better than a guess from an exec */
+		snprintf(p->comm, sizeof p->comm, "%s", v->comm);
+	uint64_t ns = p->bsync + v->count[0], na = p->basync + v->count[1];
 	if (ns != p->sync || na != p->async) {
 		p->sync = ns;
 		p->async = na;
@@ -595,12 +625,36 @@ static int bpf_pid_seen(int pid, uint64_t sync, uint64_t async)
 	return 1;
 }
 
+static const char *comm_of(struct proc *p);
+
+/* One of the newest faults the BPF program recorded: an event (with its address when the host
+ * wants addresses). */
+static void bpf_event(int cpu, const struct bpf_fault_event *f)
+{
+	if (n_events >= MAX_EVENTS || cpu >= MAX_CPUS)
+		return;
+	struct event *e = &events[n_events++];
+	e->cpu = cpu;
+	e->pid = (int)f->pid;
+	e->code = (int)f->code;
+	e->comm[0] = 0;        /* from the pid map, once it is read */
+	e->t = (double)f->t / 1e9;
+	e->has_addr = fault_addr_on && f->code == SEGV_MTESERR_CODE && f->addr;
+	e->far = f->addr;
+}
+
 static void read_bpf(void)
 {
 	uint64_t cs[MAX_CPUS], ca[MAX_CPUS];
-	if (bpf_count_cpus(&bpfc, cs, ca, MAX_CPUS) == 0)
+	int first = n_events;
+	if (bpf_count_read(&bpfc, cs, ca, MAX_CPUS, fault_addr_on ? BPF_TAKE_ALL : BPF_TAKE_SAMPLE, bpf_event) == 0)
 		set_cpu_counts(cs, ca);
 	bpf_count_pids(&bpfc, bpf_pid_seen);
+	for (int i = first; i < n_events; i++) {
+		struct proc *p = proc_for(events[i].pid);
+		if (p)
+			snprintf(events[i].comm, sizeof events[i].comm, "%s", comm_of(p));
+	}
 }
 
 /* Counts from the histogram: lines like
@@ -989,17 +1043,14 @@ static void reap(void)
 /* ---- pausing ---- */
 
 /* {"type":"config","counting":false}: the guest runs with no tracing at all (the BPF program
- * detached, the tracepoint and the kprobe off; counts and state kept), e.g. to time a program at
- * full speed; true resumes. Only with BPF counting: a histogram would lose its counts. */
+ * detached: the tracepoint has nothing attached; counts and state kept), e.g. to time a program
+ * at full speed; true resumes. Only with BPF counting: a histogram would lose its counts. */
 static void set_counting(int on)
 {
 	if (!counting_bpf || on == !paused)
 		return;
 	paused = !on;
 	bpf_count_attach(&bpfc, on);
-	write_file(EVENT "/enable", on ? "1" : "0");
-	if (fault_addr_on)
-		write_file(TRACING "/events/mtevm/tagfault/enable", on ? "1" : "0");
 }
 
 /* ---- the workload's TCF ---- */
@@ -1161,7 +1212,7 @@ int main(void)
 	double t0 = now_mono();
 	setup_tracing();
 	setup_seconds = now_mono() - t0;
-	if (trace_fd < 0)
+	if (!tracing_ok)
 		fprintf(stderr, "mtevm-agent: no fault counting: %s\n", tracing_error);
 	/* Counting is set up: /init starts the workload after this, so none of its faults is missed. */
 	close(open(AGENT_READY, O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
@@ -1175,9 +1226,9 @@ int main(void)
 	check_connected();
 	int armed_ms = interval_ms;
 	arm_timer(tfd, interval_ms);
-	/* Without the histogram: read trace_pipe every TRACE_READ_MS. With it: end each sampling window. */
+	/* Trace lines only: read trace_pipe every TRACE_READ_MS. Histogram: end each sampling window. BPF: neither. */
 	int trace_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-	if (kernel_counts)
+	if (kernel_counts && !counting_bpf)
 		arm_once(trace_tfd, SAMPLE_WINDOW_MS);
 	else
 		arm_timer(trace_tfd, TRACE_READ_MS);
@@ -1250,7 +1301,7 @@ int main(void)
 				read_trace();
 			send_faults();
 			send_workload();
-			if (kernel_counts && trace_fd >= 0 && !paused) {   /* the next sampling window (all the time with addresses) */
+			if (kernel_counts && trace_fd >= 0 && !paused) {   /* histogram: the next sampling window (all the time with addresses) */
 				write_file(TRACING "/tracing_on", "1");
 				if (!fault_addr_on)
 					arm_once(trace_tfd, SAMPLE_WINDOW_MS);
