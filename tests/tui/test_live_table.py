@@ -7,7 +7,7 @@ from __future__ import annotations
 from textual.app import App, ComposeResult
 from textual.widgets import DataTable
 
-from tui.components.live_table import LiveDataTable
+from tui.components.live_table import LiveDataTable, LiveRows
 
 ROWS, COLUMNS = 40, [("name", 8), ("state", 9), ("faults", 6)]
 
@@ -61,6 +61,12 @@ async def run_script(table_class) -> list[list[list[tuple]]]:
         table.scroll_to(y=20, animate=False)
         change("vm25", "state", "stopped")
         await frame()
+        order = [f"vm{i:02d}" for i in reversed(range(ROWS))]
+        if isinstance(table, LiveDataTable):      # the same rows in a new order (a sort by faults/s)
+            table.set_order(order)
+        else:
+            table.sort("name", key=order.index)
+        await frame()
         app.theme = "textual-light"               # a theme change: every cell in new colours
         await frame()
         table.blur()                              # unfocused: the cursor is drawn differently
@@ -70,10 +76,42 @@ async def run_script(table_class) -> list[list[list[tuple]]]:
 
 async def test_the_live_table_draws_what_a_data_table_draws():
     live, reference = await run_script(LiveDataTable), await run_script(DataTable)
-    assert len(live) == len(reference) == 8
+    assert len(live) == len(reference) == 9
     for step, (got, want) in enumerate(zip(live, reference)):
         assert got == want, f"step {step}: the live table drew something else"
     # The script really changed what was drawn (a cell, the cursor, the theme): no step is the one before.
     assert all(a != b for a, b in zip(reference, reference[1:]))
     text = ["".join(t for t, _ in line) for line in live[1]]
     assert any("vm02" in line and "12.5" in line for line in text)
+
+
+async def test_live_rows_move_the_same_rows_to_a_new_order_in_place_and_the_cursor_follows_its_row():
+    app = TableApp(LiveDataTable)
+    async with app.run_test(size=(40, 12)) as pilot:
+        table = app.query_one("#t")
+        rows = LiveRows(table, [(key, key) for key, _ in COLUMNS])
+
+        def values(i: int, faults: str = "0") -> dict[str, str]:
+            return {"name": f"vm{i:02d}", "state": "running", "faults": faults}
+        assert rows.sync([(f"vm{i:02d}", values(i)) for i in range(ROWS)]) is True      # built
+        await pilot.pause()
+        table.move_cursor(row=5)
+        assert rows.cursor_key() == "vm05"
+        built = table.rows["vm05"]
+
+        # Sorted by a live figure: the same rows, reversed, one figure changed.
+        order = list(reversed(range(ROWS)))
+        assert rows.sync([(f"vm{i:02d}", values(i, "9.5" if i == 5 else "0")) for i in order]) is False
+        await pilot.pause()
+        assert table.rows["vm05"] is built                      # moved, not rebuilt
+        assert rows.keys == [f"vm{i:02d}" for i in order]
+        assert rows.cursor_key() == "vm05" and table.cursor_row == order.index(5)
+        text = ["".join(seg.text for seg in table.render_line(y)) for y in range(table.size.height)]
+        shown = [line.split()[0] for line in text[1:] if line.strip()]
+        first = int(table.scroll_y)
+        assert shown == rows.keys[first:first + len(shown)]     # drawn in the new order
+        assert any(line.split()[0] == "vm05" and "9.5" in line for line in text)
+
+        # A different set of rows is rebuilt.
+        assert rows.sync([(f"vm{i:02d}", values(i)) for i in range(3)]) is True
+        assert rows.keys == ["vm00", "vm01", "vm02"]
