@@ -708,8 +708,11 @@ class LibvirtHost(Host):
         return vm
 
     async def recheck_vms(self) -> None:
+        """After a (re)connection: each VM as libvirt has it now (paused or stopped meanwhile too)."""
         for vm in list(self.vms.values()):
             await vm.check_running()
+            if self.publish is not None:
+                self.publish("domain", host=self.name, vm=vm.name)
 
 
 class _ReportedKvm:
