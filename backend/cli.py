@@ -249,17 +249,19 @@ def _confirm(question: str, refusal: str) -> bool:
 
 
 def print_snapshots(snaps: list[dict]) -> None:
+    """A libvirt snapshot made with virsh has no mtevm counters (and maybe no size): shown as '-'."""
     from backend.hosts.disk_snapshots import summary as disks_summary
-    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS", "DISKS"],
-           [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
-             _size(s["bytes"]), s["counters"]["checked"], s["counters"]["sync_faults"] + s["counters"]["async_faults"],
-             s["tags"], disks_summary(s)] for s in snaps])
+
+    def row(s):
+        c = s.get("counters")
+        return [s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])), s["vm_state"],
+                _size(s["bytes"]) if s.get("bytes") is not None else "-", c["checked"] if c else "-",
+                c["sync_faults"] + c["async_faults"] if c else "-", s["tags"], disks_summary(s)]
+    _table(None, ["TAG", "CREATED", "VM STATE", "SIZE", "CHECKED", "FAULTS", "TAGS", "DISKS"], [row(s) for s in snaps])
     for s in snaps:
         for d in s.get("disks") or []:
             if d.get("problem"):
                 print(f"snapshot {s['tag']}: {d['problem']}: it cannot be restored", file=sys.stderr)
-
-
 
 
 async def _dispatch_operation(client, args, out) -> int | None:
@@ -305,7 +307,8 @@ async def _snapshot(client, args, out) -> int:
         return 0
     if action == "save":
         snap = await client.snapshot_save(name, tag)
-        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} ({_size(s['bytes'])}, tags: {s['tags']})"))
+        out(snap, lambda s: print(f"VM {name}: saved snapshot {s['tag']} "
+                                  f"({_size(s['bytes']) if s.get('bytes') is not None else 'size unknown'}, tags: {s['tags']})"))
         return 0
     if action == "delete" and tag is None:
         raise UsageError("snapshot delete: give the TAG to delete (see 'mtevm snapshot NAME list')")

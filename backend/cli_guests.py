@@ -26,7 +26,7 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", metavar="CMDLINE", help="linux/custom: kernel command line (linux: added to mtevm's)")
     p.add_argument("--fault-address", action="store_true", default=None,
                    help="linux: report each sync fault's address and pointer tag, and more of the recent "
-                        "faults (the guest agent sends up to 112 per vCPU per batch instead of 8)")
+                        "faults (the guest agent sends up to 64 per vCPU per batch instead of 8)")
     p.add_argument("--disk", dest="disks", action="append", metavar="FILE",
                    help="linux/custom, repeatable: a raw or qcow2 disk on virtio-blk")
 

@@ -371,7 +371,11 @@ class Service(GuestOps, VmOperations):
         await host.open(self._host_event)
 
     def _host_event(self, type_: str, **payload) -> None:
-        """A host's event; when its connection changes, its VMs' shown states change too."""
+        """A host's event; when its connection changes, its VMs' shown states change too. A
+        ``domain`` event (libvirt: a VM paused, resumed or stopped outside mtevm) updates that VM."""
+        if type_ == "domain":
+            self._follow_domain(payload["host"], payload["vm"])     # backend/daemon/vm_operations.py
+            return
         self.bus.publish(type_, **payload)
         name = (payload.get("host") or {}).get("name")
         for rec in list(self.vms.values()):

@@ -114,6 +114,14 @@ def _disk_holder(rec):
     return running if running is not None and running.state == "running" else None
 
 
+def _exists(rec, tag: str) -> str:
+    return f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag"
+
+
+def _failure(e: BaseException) -> str:
+    return str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
+
+
 def _describe(d: dict) -> str:
     from backend.machine.config import format_size
     return ", ".join(f"{k}={format_size(v) if k == 'memory' else json.dumps(v)}" for k, v in d.items())
@@ -185,10 +193,10 @@ class VmOperations:
             how, message = "agent", f"VM {rec.name}: the guest's agent powered it off"
         elif getattr(running, "has_agent", False):
             how, message = "stop", (f"VM {rec.name}: the guest did not power off within {timeout:g} s: "
-                                    "stopped it instead (QMP quit)")
+                                    f"stopped it instead ({running.stop_call})")
         else:
             how, message = "stop", (f"VM {rec.name}: the guest has no agent to power it off (the built-in mtevm "
-                                    "guest): stopped it instead (QMP quit)")
+                                    f"guest): stopped it instead ({running.stop_call})")
         rec.running = None
         try:
             await running.stop()
@@ -384,6 +392,9 @@ class VmOperations:
         """The VM's snapshots, oldest first; each disk's part says whether the disk still holds it
         (``present``: false once it was deleted or re-made behind mtevm's back; restore then refuses)."""
         rec = self._vm(name)
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:        # libvirt: the domain's snapshots, virsh's included
+            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
         out = self._snapshot_records(rec.name)
         if any(s.get("disks") for s in out):
             from backend.hosts.disk_snapshots import problems
@@ -402,7 +413,8 @@ class VmOperations:
     @_claiming("saving a snapshot")
     async def snapshot_save(self, name: str, tag: str | None = None) -> dict:
         """The whole state of a running or paused VM, MTE tags included, under ``tag`` (default:
-        the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE)."""
+        the time). Refused with QEMU's own text where QEMU cannot (a migration blocker, e.g. KVM MTE),
+        on libvirt hosts with libvirt's own refusal."""
         rec = self._vm(name)
         host = self.hosts[rec.host]
         disk_refusal = host.disk_snapshot_refusal(self._spec(rec))    # a raw disk: said before anything else
@@ -410,9 +422,11 @@ class VmOperations:
             raise StateError(disk_refusal)
         rec = self._live(name)
         tag = _check_tag(tag) if tag is not None else time.strftime("snap-%Y%m%d-%H%M%S")
+        if host.keeps_snapshots:
+            return await self._save_on_host(rec, host, tag)
         state_file, meta_file = self._snapshot_files(rec.name, tag)
         if os.path.exists(meta_file):
-            raise ConfigError(f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag")
+            raise ConfigError(_exists(rec, tag))
         # As QEMU's savevm: a migration blocker (its own text) refuses the snapshot.
         refusal = host.snapshot_refusal()
         blockers = await rec.running.blocked_reasons()
@@ -432,11 +446,8 @@ class VmOperations:
                 disks = await host.snapshot_disks(self._spec(rec), tag, running)
             stats = await running.save_state(partial)
             os.replace(partial, state_file)
-            info = {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
-                    "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
-                    "qemu_args": list(rec.qemu_args), "bytes": stats.get("bytes", os.path.getsize(state_file)),
-                    "counters": counters["vm"], "tags": "saved with RAM (mach-virt.tag block)"
-                    if rec.config.mte and rec.config.accel == "tcg" else "none", "disks": disks}
+            info = {**self._snapshot_info(rec, tag, counters, stats.get("bytes", os.path.getsize(state_file))),
+                    "disks": disks}
             with os.fdopen(open_private_path(meta_file + ".partial", os.O_WRONLY | os.O_TRUNC), "w") as f:
                 json.dump(info, f, indent=1)
             os.replace(meta_file + ".partial", meta_file)
@@ -455,6 +466,36 @@ class VmOperations:
                 await running.resume()
         return info
 
+    @staticmethod
+    def _snapshot_info(rec, tag: str, counters: dict, size: int | None) -> dict:
+        """What a snapshot records beside the state: the definition it was taken with, the counters."""
+        return {"vm": rec.name, "tag": tag, "created": time.time(), "host": rec.host,
+                "vm_state": rec.state, "config": rec.config.to_dict(), "workload": rec.workload.to_dict(),
+                "qemu_args": list(rec.qemu_args), "bytes": size, "counters": counters["vm"],
+                "tags": "saved with RAM (mach-virt.tag block)"
+                if rec.config.mte and rec.config.accel == "tcg" else "none"}
+
+    async def _save_on_host(self, rec, host, tag: str) -> dict:
+        """A host that keeps snapshots (libvirt) takes it: the counters are read just before, while
+        the VM runs on (libvirt stops the vCPUs itself while it writes the state, as ``virsh
+        snapshot-create`` does, so the snapshot remembers the VM running). A blocker refuses it with
+        the host's own text (libvirt's, verbatim)."""
+        if any(s["tag"] == tag for s in await host.snapshots(self._spec(rec))):
+            raise ConfigError(_exists(rec, tag))
+        counters = await self._counters(rec)
+        return await host.snapshot_save(rec.running, tag, self._snapshot_info(rec, tag, counters, None))
+
+    async def _find_snapshot(self, rec, tag: str) -> dict:
+        """Snapshot ``tag`` of the VM, wherever its host keeps it (NotFoundError if none)."""
+        host = self.hosts[rec.host]
+        if not host.keeps_snapshots:
+            return self._snapshot_meta(rec.name, tag)
+        _check_tag(tag)
+        found = [s for s in await host.snapshots(self._spec(rec)) if s["tag"] == tag]
+        if not found:
+            raise NotFoundError(f"VM {rec.name!r} has no snapshot {tag!r}")
+        return found[0]
+
     @_claiming("restoring a snapshot")
     async def snapshot_restore(self, name: str, tag: str | None = None) -> dict:
         """Bring the VM back to a snapshot (the newest without ``tag``): its QEMU, if any, is replaced
@@ -463,15 +504,20 @@ class VmOperations:
         if rec.state not in ("stopped", "crashed", "running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: restore it when that has finished")
         if tag is None:
-            snaps = self._snapshot_records(rec.name)
+            host = self.hosts[rec.host]
+            snaps = (await host.snapshots(self._spec(rec)) if host.keeps_snapshots
+                     else self._snapshot_records(rec.name))
             if not snaps:
                 raise NotFoundError(f"VM {rec.name!r} has no snapshots")
             tag = snaps[-1]["tag"]
-        info = self._snapshot_meta(rec.name, tag)
+        info = await self._find_snapshot(rec, tag)
         host = self.hosts[rec.host]
         if info.get("host") != rec.host:
             raise StateError(f"snapshot {tag!r} was taken on host {info.get('host')}, VM {rec.name!r} is on "
                              f"{rec.host}: restore refused")
+        if not info.get("config"):
+            raise StateError(f"snapshot {tag!r} of VM {rec.name!r} does not say which definition it was taken "
+                             "with (it has no mtevm metadata): restore refused")
         config, workload, qemu_args = self._next_definition(rec)
         saved = {**VirtMachineConfig.from_dict(info["config"]).to_dict(), "qemu_args": info.get("qemu_args", []),
                  "workload": WorkloadConfig.from_dict(info.get("workload")).to_dict()}
@@ -489,7 +535,10 @@ class VmOperations:
                              f"{', '.join(rec.guest.disks) or 'none'}: restore refused")
         if saved_disks:     # every disk still holds its part, or nothing is touched (the VM runs on)
             await self._check_disk_snapshots(rec, info, _disk_holder(rec))
-        running = await self._restore_from_file(rec, host, info)
+        if host.keeps_snapshots:
+            running = await self._revert_on_host(rec, host, info)
+        else:
+            running = await self._restore_from_file(rec, host, info)
         await running.sample()          # the counters the snapshot brought back, shown at once
         try:
             self._set_state(rec, "paused" if running.paused else "running", runtime=running.runtime_info(),
@@ -517,16 +566,37 @@ class VmOperations:
                 await host.revert_disks(self._spec(rec), info["disks"], info["tag"])
             return await host.restore(self._spec(rec), state_file, paused=info.get("vm_state") == "paused")
         except BaseException as e:
-            error = str(e) if isinstance(e, MtevmError) else f"restore failed: {e!r}"
-            self._note_state(rec, "stopped", runtime={}, last_error=error)
+            self._note_state(rec, "stopped", runtime={}, last_error=_failure(e))
+            raise
+
+    async def _revert_on_host(self, rec, host, info: dict):
+        """libvirt: the host reverts the domain in place (virDomainRevertToSnapshot stops its QEMU and
+        starts one from the snapshot, running or paused as it was). If the host refuses, the VM is as
+        the host says: still running (libvirt refused before touching it) or stopped."""
+        old, rec.running = rec.running, None
+        self._set_state(rec, "starting", runtime=old.runtime_info() if old else {}, **self._pending_applied(rec))
+        try:
+            return await host.snapshot_revert(self._spec(rec), info["tag"], old)
+        except BaseException as e:
+            if old is not None and old.state != "crashed":
+                rec.running = old
+                self._note_state(rec, "paused" if old.paused else "running", runtime=old.runtime_info(),
+                                 last_error=_failure(e))
+            else:
+                self._note_state(rec, "stopped", runtime={}, last_error=_failure(e))
             raise
 
     @_claiming("deleting a snapshot")
     async def snapshot_delete(self, name: str, tag: str) -> dict:
         """The state file, its description and the disks' internal snapshots (through the VM's QEMU
-        while it runs, else in the files); a disk that fails keeps the whole snapshot, to try again."""
+        while it runs, else in the files); a disk that fails keeps the whole snapshot, to try again.
+        On libvirt hosts: virDomainSnapshotDelete (libvirt removes its memory file)."""
         rec = self._vm(name)
-        info = self._snapshot_meta(rec.name, tag)
+        info = await self._find_snapshot(rec, tag)
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:
+            await host.snapshot_delete(self._spec(rec), tag)
+            return info
         if info.get("disks"):
             if rec.state not in ("stopped", "crashed") and rec.running is None:
                 raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
@@ -556,3 +626,24 @@ class VmOperations:
                 except MtevmError as e:
                     log.warning("VM %s deleted: %s", rec.name, e)
         shutil.rmtree(self._snapshot_dir(rec.name), ignore_errors=True)
+
+    # -- state changes made outside mtevm (libvirt's lifecycle events) ------------------------------
+    def _follow_domain(self, host: str, name: str) -> None:
+        """A host saw VM ``name`` paused, resumed or stopped behind mtevm's back (``virsh suspend``,
+        ``virsh destroy``): list, show and events follow at once. An operation of mtevm's own in
+        progress sets the state itself when it ends, so it is left alone."""
+        rec = self.vms.get(name)
+        if rec is None or rec.host != host or rec.running is None or rec.operation is not None \
+                or rec.state not in LIVE_STATES:
+            return
+        if rec.running.state == "crashed":     # handled as the sampler handles a crash
+            task = asyncio.get_running_loop().create_task(self._sample(rec))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+            return
+        state = "paused" if rec.running.paused else "running"
+        if state != rec.state:
+            rec.rate.reset()
+            self._note_state(rec, state)
+
+    _followers: set = set()     # tasks noting a crash seen by an event (kept referenced until done)

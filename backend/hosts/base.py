@@ -139,6 +139,27 @@ class Host(abc.ABC):
         """None if this host keeps VM snapshots (the VM's whole state, tags included), else why not."""
         return f"host {self.name} is {self.kind}: it keeps no VM snapshots (only local QEMU VMs have them)"
 
+    # Where snapshots live: False = files in mtevm's state dir, written by ``RunningVm.save_state``
+    # and loaded by ``restore`` (local QEMU); True = the host keeps them itself (libvirt's domain
+    # snapshots: virsh sees the same ones) through the four methods below. Snapshot dicts are the
+    # contract's ``Snapshot`` (docs/contracts.md).
+    keeps_snapshots = False
+
+    async def snapshots(self, spec: VmSpec) -> list[dict]:
+        """The VM's snapshots as the host lists them (also those made without mtevm), oldest first."""
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} keeps no snapshots")
+
+    async def snapshot_save(self, vm: "RunningVm", tag: str, info: dict) -> dict:
+        """Take snapshot ``tag`` of ``vm`` (``info``: what mtevm knows of it, counters included)."""
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} keeps no snapshots")
+
+    async def snapshot_revert(self, spec: VmSpec, tag: str, running: "RunningVm | None") -> "RunningVm":
+        """Bring the VM back to ``tag`` (replacing ``running``, if any); the VM that runs now."""
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} keeps no snapshots")
+
+    async def snapshot_delete(self, spec: VmSpec, tag: str) -> None:
+        raise _unsupported(self.snapshot_refusal() or f"host {self.name} keeps no snapshots")
+
     async def restore(self, spec: VmSpec, state_file: str, *, paused: bool) -> "RunningVm":
         """Boot ``spec`` from a state file that ``RunningVm.save_state`` wrote (running, or paused)."""
         raise _unsupported(self.snapshot_refusal() or f"host {self.name} cannot restore snapshots")
@@ -235,6 +256,7 @@ class RunningVm(abc.ABC):
     # -- everyday operations (issue 12). A host that cannot do one raises StateError saying why;
     # -- the Service checks the VM's state before calling any of them.
     paused: bool = False     # vCPUs stopped (QMP ``stop``); the Service shows the VM as "paused"
+    stop_call = "QMP quit"   # how ``stop`` powers the VM off, as the shutdown fallback names it
 
     async def pause(self) -> None:
         """Stop the vCPUs; counters hold still until ``resume``."""

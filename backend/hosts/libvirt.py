@@ -212,6 +212,7 @@ class LibvirtHost(Host):
         self._closed: asyncio.Event | None = None
         self._close_reason: str | None = None
         self._generation = 0                # bumps on every new connection (cached virDomain objects die)
+        self._followers: set[asyncio.Task] = set()   # lifecycle-event handlers still running
 
     # ------------------------------------------------------------------------- connection
     async def open(self, publish: Callable[..., None] | None = None) -> None:
@@ -333,14 +334,27 @@ class LibvirtHost(Host):
         return facts
 
     def _on_lifecycle(self, conn, dom, event, detail, opaque) -> None:
-        """A domain was defined, started, stopped...: the VM's state and the read-only list follow."""
+        """A domain was defined, started, suspended, resumed, stopped... (by mtevm, virsh or the
+        guest): the VM's state and the read-only list follow at once."""
         libvirt, _, _ = load_libvirt()
         name = dom.name()
         vm = self.vms.get(name)
         if vm is not None and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
             vm.domain_stopped(event, detail)
-        task = asyncio.get_running_loop().create_task(self._refresh_domains())
-        task.add_done_callback(lambda t: t.exception())
+        task = asyncio.get_running_loop().create_task(self._follow(vm))
+        self._followers.add(task)
+        task.add_done_callback(_finished)
+
+    async def _follow(self, vm: "LibvirtVm | None") -> None:
+        """After a lifecycle event: re-read the domain list and the VM's run state from libvirt (the
+        state now, not the event's: events of a revert or of mtevm's own calls may arrive late),
+        then tell the daemon (``domain`` event: backend.daemon.vm_operations._follow_domain)."""
+        await self._refresh_domains()
+        if vm is None or self.vms.get(vm.name) is not vm or vm._stopping:
+            return
+        await vm.refresh_run_state()
+        if self.publish is not None:
+            self.publish("domain", host=self.name, vm=vm.name)
 
     async def _refresh_domains(self) -> None:
         try:
@@ -559,7 +573,7 @@ class LibvirtHost(Host):
         conn.defineXML(xml.domain_xml(spec.config, spec.workload.to_dict(), spec.extra_args, uuid=uuid, **boot))
 
     async def undefine(self, name: str) -> None:
-        """Remove the VM's domain and its files from the host (the VM is stopped)."""
+        """Remove the VM's domain, its snapshots and its files from the host (the VM is stopped)."""
         await self._call(self._undefine, name)
 
     def _undefine(self, conn, name: str) -> None:
@@ -569,8 +583,103 @@ class LibvirtHost(Host):
         except libvirt.libvirtError:
             dom = None
         if dom is not None and _mtevm_metadata(dom) is not None:
-            dom.undefine()
+            _delete_snapshots(dom)
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         _delete_volumes(conn, name)
+
+    # ------------------------------------------------------------------------- snapshots
+    # libvirt domain snapshots with an external memory file (backend.hosts.libvirt_domain): the
+    # domain has no disks, so internal (qcow2) snapshots are impossible -- `virsh snapshot-create`
+    # without --memspec says so -- and libvirt >= 9.7 reverts external ones. virsh lists, reverts
+    # and deletes the same snapshots.
+    keeps_snapshots = True
+
+    def snapshot_refusal(self) -> str | None:
+        return None
+
+    async def snapshots(self, spec: VmSpec) -> list[dict]:
+        return await self._call(self._list_snapshots, spec.config.name)
+
+    def _list_snapshots(self, conn, name: str) -> list[dict]:
+        dom = conn.lookupByName(name)
+        _pool(conn).refresh(0)    # memory files libvirt wrote since are volumes of mtevm's pool
+        entries = [self._snapshot_entry(conn, name, snap.getXMLDesc(0)) for snap in dom.listAllSnapshots()]
+        parents = {s["tag"]: s.pop("parent") for s in entries}
+
+        def depth(tag):           # libvirt's creationTime has whole seconds: a child is the newer one
+            n = 0
+            while (tag := parents.get(tag)) is not None and n < len(parents):
+                n += 1
+            return n
+        return sorted(entries, key=lambda s: (s["created"], depth(s["tag"])))
+
+    def _snapshot_entry(self, conn, name: str, text: str) -> dict:
+        """libvirt's snapshot as the contract's Snapshot (counters None: not taken by mtevm)."""
+        libvirt, _, _ = load_libvirt()
+        s = xml.parse_snapshot(text)
+        definition = s["definition"] or {}
+        config = definition.get("config")
+        size = None
+        if s["memory_file"]:
+            try:
+                size = conn.storageVolLookupByPath(s["memory_file"]).info()[1]
+            except libvirt.libvirtError:
+                size = None       # outside mtevm's pool (virsh --memspec file=...): libvirt cannot say
+        mte_ram = bool(config and config.get("mte") and config.get("accel") == "tcg" and s["memory_file"])
+        return {"vm": name, "tag": s["tag"], "created": s["created"], "parent": s["parent"], "host": self.name,
+                "vm_state": s["vm_state"], "config": config, "workload": definition.get("workload"),
+                "qemu_args": definition.get("qemu_args", []), "bytes": size, "counters": s["counters"],
+                "tags": "saved with RAM (mach-virt.tag block)" if mte_ram else "none",
+                "memory_file": s["memory_file"], "taken_by": "mtevm" if s["counters"] is not None else "libvirt"}
+
+    async def snapshot_save(self, vm: "LibvirtVm", tag: str, info: dict) -> dict:
+        """virDomainSnapshotCreateXML with the memory in ``<vm>@<tag>.mem`` of mtevm's pool; libvirt
+        stops the vCPUs while QEMU writes the state (the mach-virt.tag block included) and lets the
+        VM go on as it was. A refusal is libvirt's text, verbatim."""
+        def save(conn):
+            path = os.path.join(_pool_path(conn), xml.memory_volume(vm.name, tag))
+            started = time.monotonic()
+            snap = vm._domain(conn).snapshotCreateXML(xml.snapshot_xml(tag, path, info["counters"]), 0)
+            seconds = time.monotonic() - started
+            _pool(conn).refresh(0)
+            entry = self._snapshot_entry(conn, vm.name, snap.getXMLDesc(0))
+            del entry["parent"]
+            return {**entry, "seconds": round(seconds, 3)}
+        if vm._gone:
+            raise StateError(f"VM '{vm.name}': {vm._gone}")
+        return await self._call(save)
+
+    async def snapshot_revert(self, spec: VmSpec, tag: str, running: "LibvirtVm | None") -> "LibvirtVm":
+        """virDomainRevertToSnapshot: libvirt stops the domain's QEMU (if it runs) and starts one that
+        loads the memory file, running or paused as the snapshot was taken. The VM object is new (its
+        QEMU is); the old one is retired first, so the revert's own stop event is no crash."""
+        name = spec.config.name
+
+        def revert(conn):
+            dom = conn.lookupByName(name)
+            dom.revertToSnapshot(dom.snapshotLookupByName(tag), 0)
+        if running is not None:
+            running._stopping = True
+        try:
+            await self._call(revert)
+        except BaseException:
+            if running is not None:         # libvirt refused: the domain is as libvirt says
+                running._stopping = False
+                await running.check_running()
+            raise
+        if running is not None:
+            if self.vms.get(name) is running:
+                del self.vms[name]
+            if hasattr(running, "close_channels"):
+                await running.close_channels()
+        vm = self._attach(spec)
+        await vm.check_running()
+        return vm
+
+    async def snapshot_delete(self, spec: VmSpec, tag: str) -> None:
+        """virDomainSnapshotDelete: libvirt removes the snapshot and its memory file."""
+        name = spec.config.name
+        await self._call(lambda conn: conn.lookupByName(name).snapshotLookupByName(tag).delete(0))
 
     # ------------------------------------------------------------------------- VMs
     async def start(self, spec: VmSpec) -> "LibvirtVm":
@@ -651,6 +760,7 @@ STOP_REASONS = {(5, 0): "the guest powered itself off (libvirt: stopped, shutdow
                 (5, 2): "QEMU crashed (libvirt: stopped, crashed)",
                 (5, 5): "QEMU failed (libvirt: stopped, failed)",
                 (8, 0): "the guest panicked (libvirt: crashed, panicked)"}
+STOPPED_FROM_SNAPSHOT = (5, 6)   # VIR_DOMAIN_EVENT_STOPPED, VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT
 DOMAIN_STATES = {0: "unknown", 1: "running", 2: "running", 3: "paused", 4: "stopping", 5: "stopped",
                  6: "crashed", 7: "paused"}   # virDomainState: nostate running blocked paused shutdown shutoff crashed pmsuspended
 
@@ -671,6 +781,34 @@ def _pool(conn):
     if not pool.isActive():
         pool.create()
     return pool
+
+
+def _pool_path(conn) -> str:
+    """Where mtevm's pool keeps its files on the host."""
+    return ET.fromstring(_pool(conn).XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
+
+
+def _delete_snapshots(dom) -> None:
+    """Every snapshot of a domain that is being undefined (libvirt refuses to undefine one that has
+    some), with its memory file: leaves first, as libvirt deletes the current external snapshot only
+    when it has no children. What libvirt will not delete loses only its metadata (undefine's flag)."""
+    libvirt, _, _ = load_libvirt()
+    while leaves := dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_LEAVES):
+        deleted = 0
+        for snap in leaves:
+            try:
+                snap.delete(0)
+                deleted += 1
+            except libvirt.libvirtError:
+                pass
+        if not deleted:
+            return
+
+
+def _finished(task: asyncio.Task) -> None:
+    """A background task's end: its exception is logged, a cancelled one (the daemon closing) is not."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("libvirt event handling failed: %s", task.exception())
 
 
 def _upload(conn, name: str, data: bytes) -> str:
@@ -698,7 +836,12 @@ def _delete_volumes(conn, vm: str) -> None:
         pool = conn.storagePoolLookupByName(xml.POOL_NAME)
     except libvirt.libvirtError:
         return
-    for name in xml.volumes(vm):
+    try:
+        pool.refresh(0)
+        snapshots = [v.name() for v in pool.listAllVolumes() if v.name().startswith(vm + "@")]
+    except libvirt.libvirtError:
+        snapshots = []
+    for name in (*xml.volumes(vm), *snapshots):
         try:
             pool.storageVolLookupByName(name).delete()
         except libvirt.libvirtError:
@@ -708,6 +851,8 @@ def _delete_volumes(conn, vm: str) -> None:
 # --- a VM ------------------------------------------------------------------------------------------
 class LibvirtVm(GuestStatusView, RunningVm):
     """An mtevm VM running as a libvirt domain; counters through HMP ``xp`` passthrough."""
+
+    stop_call = "virDomainDestroy"
 
     def __init__(self, host: LibvirtHost, spec: VmSpec):
         self.host = host
@@ -723,7 +868,10 @@ class LibvirtVm(GuestStatusView, RunningVm):
         return "crashed" if self._gone else "running"
 
     def domain_stopped(self, event: int, detail: int) -> None:
-        """libvirt's lifecycle event for a domain that stopped without mtevm asking."""
+        """libvirt's lifecycle event for a domain that stopped without mtevm asking. A revert to a
+        snapshot (``virsh snapshot-revert``) stops it only to start it again from the snapshot."""
+        if (event, detail) == STOPPED_FROM_SNAPSHOT:
+            return
         if self.host.vms.get(self.name) is self and not self._stopping:
             self._gone = STOP_REASONS.get((event, detail), f"the domain stopped (libvirt event {event}, detail {detail})")
 

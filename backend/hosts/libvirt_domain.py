@@ -146,6 +146,54 @@ def parse_metadata(text: str | None) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
 
 
+# --- snapshots -------------------------------------------------------------------------------------
+# A VM's snapshot is a libvirt domain snapshot with an *external memory* file: the domain has no
+# disks, so libvirt's internal snapshots (qcow2 savevm) are impossible; QEMU's migration stream to
+# the file carries RAM, devices and, under TCG, the mach-virt.tag RAM block (the MTE tags). The
+# snapshot's <domain> holds mtevm's <metadata> (the definition it was taken with); mtevm's own
+# figures (the counters read as it was taken) go into its <description>, after SNAPSHOT_MARK.
+SNAPSHOT_MARK = "mtevm counters: "
+
+
+def memory_volume(vm: str, tag: str) -> str:
+    """The pool volume holding snapshot ``tag``'s memory ('@' is in neither a VM name nor a tag)."""
+    return f"{vm}@{tag}.mem"
+
+
+def snapshot_xml(tag: str, memory_file: str, counters: dict) -> str:
+    snap = ET.Element("domainsnapshot")
+    ET.SubElement(snap, "name").text = tag
+    ET.SubElement(snap, "description").text = SNAPSHOT_MARK + json.dumps(counters, sort_keys=True)
+    ET.SubElement(snap, "memory", snapshot="external", file=memory_file)
+    return ET.tostring(snap, encoding="unicode")
+
+
+def parse_snapshot(text: str) -> dict:
+    """What mtevm shows of a domain snapshot (made by mtevm or by ``virsh snapshot-create``):
+    tag, created, the VM's state then, the definition it was taken with (None without mtevm's
+    metadata), the memory file (None: no external memory state) and mtevm's counters (None when
+    mtevm did not take it)."""
+    root = ET.fromstring(text)
+    meta = root.find(f"domain/metadata/{{{NAMESPACE}}}vm")
+    if meta is None:
+        meta = root.find(f"inactiveDomain/metadata/{{{NAMESPACE}}}vm")
+    definition = parse_metadata(ET.tostring(meta, encoding="unicode")) if meta is not None else None
+    memory = root.find("memory")
+    counters = None
+    description = root.findtext("description") or ""
+    if description.startswith(SNAPSHOT_MARK):
+        try:
+            counters = json.loads(description[len(SNAPSHOT_MARK):])
+        except ValueError:
+            counters = None
+    return {"tag": root.findtext("name"), "created": float(root.findtext("creationTime") or 0),
+            "parent": root.findtext("parent/name"),
+            "vm_state": root.findtext("state") or "?", "definition": definition,
+            "memory_file": memory.get("file") if memory is not None and memory.get("snapshot") == "external" else None,
+            "memory": memory.get("snapshot") if memory is not None else None,
+            "counters": counters if isinstance(counters, dict) else None}
+
+
 def summarize_foreign(xml: str) -> dict:
     """What mtevm shows of a domain it did not make: machine, vCPUs, memory, and MTE when its
     command line says so."""
@@ -169,4 +217,4 @@ def summarize_foreign(xml: str) -> dict:
 
 __all__ = ["NAMESPACE", "POOL_NAME", "POOL_PATH", "domain_xml", "parse_metadata",
            "summarize_foreign", "pool_xml", "volume_xml", "guest_volume", "params_volume", "kernel_volume",
-           "initrd_volume", "volumes", "format_memory"]
+           "initrd_volume", "volumes", "format_memory", "memory_volume", "snapshot_xml", "parse_snapshot"]

@@ -110,11 +110,15 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
                 return True
             await asyncio.sleep(0.2)
         self._stopping = False
+        self._poweroff_missed = True
         return False
 
+    _poweroff_missed = False     # the agent was asked and the guest did not power off in time
+
     async def stop(self) -> None:
-        """Power off through the agent (clean), then virDomainDestroy if it does not."""
-        if await self.guest_power("poweroff", POWEROFF_TIMEOUT):
+        """Power off through the agent (clean), then virDomainDestroy if it does not (at once when
+        a shutdown's own wait for the agent has just run out: it is not asked twice)."""
+        if not self._poweroff_missed and await self.guest_power("poweroff", POWEROFF_TIMEOUT):
             if self.host.vms.get(self.name) is self:       # shut off already: nothing to destroy
                 del self.host.vms[self.name]
         else:

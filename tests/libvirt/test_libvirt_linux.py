@@ -4,7 +4,9 @@ as the local host, and the guest agent is reached through the domain's virtio-se
 (virDomainOpenChannel, inside the ssh-tunnelled libvirt connection) by the same agent client the
 local host uses. Counters, guest facts, exec with exact fault counts, the serial console, a
 daemon restart, a live migration to the other libvirt host (the agent reconnects there, counts
-continue), clean poweroff; then a second boot that panics (crashed, domain destroyed)."""
+continue), a libvirt snapshot reverted with the agent back, clean poweroff; then a second boot
+that panics (crashed, domain destroyed) and a third whose agent misses shutdown's timeout
+(destroyed, said so)."""
 from __future__ import annotations
 
 import asyncio
@@ -142,6 +144,15 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         assert msgs[-1]["type"] == "exec-exit" and msgs[-1]["faults"] == {"sync": 3, "async": 0}
         assert "lx" not in virsh(uri, "list", "--all", "--name").split()
 
+        # a libvirt snapshot of the running Linux guest comes back with its agent: the reverted
+        # domain's channel is opened anew and exec works again; the guest did not boot again
+        await c.snapshot_save("lx", "up")
+        assert (await c.snapshot_restore("lx", "up"))["state"] == "running"
+        await until("the agent after the revert", lambda: agent_ready(c), timeout=60)
+        out = [m["data"] async for m in c.exec("lx", ["-c", "echo restored"], path="/bin/sh")
+               if m.get("type") == "exec-output"]
+        assert b"".join(out) == b"restored\n"
+
         # stop = the agent's poweroff: libvirt sees the guest shut itself down
         vm = await c.shutdown("lx")
         assert vm["state"] == "stopped" and vm["outcome"]["how"] == "agent"
@@ -162,6 +173,15 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
         await until("libvirt to shut the domain off",
                     lambda: asyncio.sleep(0, virsh(libvirt_env.uri_a, "domstate", "lx") == "shut off" or None),
                     timeout=30)
+
+        # an agent that does not power the guest off within shutdown's timeout: destroyed, said so
+        await c.start("lx")
+        await until("the agent after a third boot", lambda: agent_ready(c), timeout=180)
+        vm = await c.shutdown("lx", timeout=0.001)
+        assert vm["state"] == "stopped" and vm["outcome"]["how"] == "stop"
+        assert vm["outcome"]["message"] == ("VM lx: the guest did not power off within 0.001 s: "
+                                            "stopped it instead (virDomainDestroy)")
+        assert virsh(libvirt_env.uri_a, "domstate", "lx") == "shut off"
     finally:
         for vm in await c.list():
             if vm["state"] in ("running", "paused") and vm["host"] in ("hosta", "hostb"):

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from backend.errors import ConfigError, MtevmError, NotFoundError, StateError
 from backend.qemu.driver import kill_strays
-from tests.helpers.polling import until
+from tests.helpers.polling import resume_and_check_boot_tags, until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio(loop_scope="module")]
 VM = "ops1"
@@ -102,13 +102,7 @@ async def test_a_snapshot_brings_back_counters_and_tags(client):
     assert await counters(client) == paused["counters"]
     assert (await client.monitor(VM, "query-status"))["return"]["status"] == "paused"
     # ... and its guest, resumed, still finds every tag it stored at boot (LDG of each granule).
-    checks = (await client.vcpus(VM))[0]["boot_tag_checks"]
-    await client.resume(VM)
-
-    async def tags_checked_again():
-        [v] = await client.vcpus(VM)
-        return v if v["boot_tag_checks"] > checks else None
-    v = await until("the boot tags to be verified again", tags_checked_again)
+    v = await resume_and_check_boot_tags(client, VM)
     assert v["boot_tags"] is True
 
     # The running snapshot comes back running, from its counters, not the later ones.

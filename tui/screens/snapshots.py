@@ -25,7 +25,7 @@ COLUMNS = ("tag", "taken", "VM was", "size", "checked", "faults", "tags", "disks
 def row(s: dict, now: float) -> tuple:
     c = s.get("counters") or {}
     return (s["tag"], f"{fmt.age(s.get('created'), now)} ago", s.get("vm_state", "?"), fmt.size(s.get("bytes")),
-            fmt.count(c.get("checked")), fmt.count(c.get("sync_faults", 0) + c.get("async_faults", 0)),
+            fmt.count(c.get("checked")), fmt.count(c["sync_faults"] + c["async_faults"] if c else None),
             s.get("tags", ""), disks_summary(s))
 
 

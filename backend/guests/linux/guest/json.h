@@ -43,17 +43,23 @@ static void buf_add(struct buf *b, const void *data, size_t n)
 	b->p[b->len] = 0;
 }
 
+/* Formats once when the text fits in 256 bytes of room (nearly always): the agent builds its
+ * messages from many small pieces, and each vsnprintf costs under TCG. */
 static void buf_printf(struct buf *b, const char *fmt, ...)
 {
 	va_list ap;
+	buf_reserve(b, 256);
 	va_start(ap, fmt);
-	int n = vsnprintf(NULL, 0, fmt, ap);
+	int n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
 	va_end(ap);
-	buf_reserve(b, (size_t)n);
-	va_start(ap, fmt);
-	vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
-	va_end(ap);
-	b->len += (size_t)n;
+	if (n >= 0 && (size_t)n >= b->cap - b->len) {
+		buf_reserve(b, (size_t)n + 1);
+		va_start(ap, fmt);
+		vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
+		va_end(ap);
+	}
+	if (n > 0)
+		b->len += (size_t)n;
 }
 
 static void buf_consume(struct buf *b, size_t n)
