@@ -583,12 +583,7 @@ class LibvirtHost(Host):
         except libvirt.libvirtError:
             dom = None
         if dom is not None and _mtevm_metadata(dom) is not None:
-            # libvirt refuses to undefine a domain with snapshots: they (and their memory files) go first
-            for snap in reversed(dom.listAllSnapshots()):
-                try:
-                    snap.delete(0)
-                except libvirt.libvirtError:
-                    pass
+            _delete_snapshots(dom)
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         _delete_volumes(conn, name)
 
@@ -791,6 +786,23 @@ def _pool(conn):
 def _pool_path(conn) -> str:
     """Where mtevm's pool keeps its files on the host."""
     return ET.fromstring(_pool(conn).XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
+
+
+def _delete_snapshots(dom) -> None:
+    """Every snapshot of a domain that is being undefined (libvirt refuses to undefine one that has
+    some), with its memory file: leaves first, as libvirt deletes the current external snapshot only
+    when it has no children. What libvirt will not delete loses only its metadata (undefine's flag)."""
+    libvirt, _, _ = load_libvirt()
+    while leaves := dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_LEAVES):
+        deleted = 0
+        for snap in leaves:
+            try:
+                snap.delete(0)
+                deleted += 1
+            except libvirt.libvirtError:
+                pass
+        if not deleted:
+            return
 
 
 def _finished(task: asyncio.Task) -> None:

@@ -98,6 +98,25 @@ def test_hosts_by_uri_vms_counters_migration_and_a_lost_host(libvirt_env, run_mt
     c = js("counters", "v1")["vm"]["checked"]
     wait_for(lambda: js("counters", "v1")["vm"]["checked"] > c, 20, "v1's counters after a daemon restart")
 
+    # -- snapshots through the CLI are libvirt's domain snapshots: virsh sees mtevm's, mtevm lists virsh's
+    snap = js("snapshot", "v1", "save", "s1")
+    assert (snap["tag"], snap["taken_by"], snap["vm_state"]) == ("s1", "mtevm", "running") and snap["bytes"] > 0
+    assert "s1" in ok(virsh(h.uri_a, "snapshot-list", "v1", "--name")).split()
+    ok(virsh(h.uri_a, "snapshot-create-as", "v1", "theirs", "--memspec",
+             "file=/var/lib/libvirt/mtevm/v1-theirs.mem,snapshot=external"))
+    rows = {cells[0]: cells for line in ok(run_mtevm("snapshot", "v1", "list")).splitlines()
+            if len(cells := [x.strip() for x in line.split("│")]) > 1}
+    assert rows["theirs"][4:6] == ["-", "-"] and rows["s1"][4] != "-"    # CHECKED, FAULTS: mtevm's counters only
+    restored = js("snapshot", "v1", "restore", "s1", "--yes")
+    assert restored["state"] == "running" and restored["snapshot"]["tag"] == "s1"
+    # s1 is libvirt's current snapshot now, with a child: libvirt's own refusal, verbatim
+    r = run_mtevm("snapshot", "v1", "delete", "s1", "--yes")
+    assert r.returncode == 1 and r.stderr.strip() == ("mtevm: error: unsupported configuration: deletion of active "
+                                                      "external snapshot that is not a leaf snapshot is not supported")
+    for tag in ("theirs", "s1"):
+        assert js("snapshot", "v1", "delete", tag, "--yes")["tag"] == tag
+    assert ok(virsh(h.uri_a, "snapshot-list", "v1", "--name")).split() == []
+
     # -- a domain mtevm did not make: listed, read-only ---------------------------------------------
     ok(virsh(h.uri_a, "define", "/dev/stdin", input=(
         "<domain type='qemu'><name>theirs</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"

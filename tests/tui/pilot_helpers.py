@@ -84,3 +84,19 @@ async def migrate_via_dialog(pilot, app, to: str | None = None):
     await pilot.press(*["down"] * (names.index(to) if to else 0), "enter")
     await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the migrations screen")
     return app.screen.query_one("#migration-table", DataTable)
+
+
+async def save_first_snapshot(pilot, app, tag: str):
+    """From a VM's detail screen: S opens its snapshots screen, s saves a snapshot named ``tag``;
+    returns the snapshots table once that snapshot is its one row."""
+    from tui.screens.name_prompt import NamePrompt
+    from tui.screens.snapshots import SnapshotsScreen
+    await pilot.press("S")
+    await wait_for(pilot, lambda: isinstance(app.screen, SnapshotsScreen), "the snapshots screen")
+    await pilot.press("s")
+    await wait_for(pilot, lambda: isinstance(app.screen, NamePrompt), "the tag question")
+    await pilot.press(*tag, "enter")
+    table = app.screen.query_one("#snapshot-table")
+    await wait_for(pilot, lambda: isinstance(app.screen, SnapshotsScreen) and table.row_count == 1,
+                   "the snapshot listed")
+    return table

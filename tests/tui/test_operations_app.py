@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from backend.qemu.driver import kill_strays
-from tests.tui.pilot_helpers import create_vm, open_detail, screen_text, started, wait_for
+from tests.tui.pilot_helpers import create_vm, open_detail, save_first_snapshot, screen_text, started, wait_for
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.name_prompt import NamePrompt
 from tui.screens.snapshots import SnapshotsScreen
@@ -59,14 +59,7 @@ async def test_snapshots_and_migration_cancel_of_a_real_vm(make_app, tmp_path):
             await create_vm(app, "q1", host="local", vcpus=1, accel="tcg", cpu="max", memory="128M",
                             workload={"rate": 0}, start=True)
             await open_detail(pilot, app)
-            await pilot.press("S")
-            await wait_for(pilot, lambda: isinstance(app.screen, SnapshotsScreen), "the snapshots screen")
-            await pilot.press("s")
-            await wait_for(pilot, lambda: isinstance(app.screen, NamePrompt), "the tag question")
-            await pilot.press(*"t1", "enter")
-            table = app.screen.query_one("#snapshot-table")
-            await wait_for(pilot, lambda: isinstance(app.screen, SnapshotsScreen) and table.row_count == 1,
-                           "the snapshot listed")
+            table = await save_first_snapshot(pilot, app, "t1")
             assert "saved with RAM (mach-virt.tag block)" in screen_text(app)
             await pilot.press("r")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the restore question")
