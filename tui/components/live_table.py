@@ -8,6 +8,7 @@ that scroll into view catch up at once (``LiveDataTable.on_scrolled``).
 """
 from __future__ import annotations
 
+from rich.segment import Segment
 from rich.style import Style
 from textual.cache import LRUCache
 from textual.coordinate import Coordinate
@@ -45,8 +46,9 @@ class LiveDataTable(DataTable):
                      cursor: bool = False, hover: bool = False):
         """DataTable's rendered cell, cached by the cell's text rather than by ``_update_count``:
         DataTable bumps that count for every changed cell, so one new faults/s figure re-renders
-        every cell of its line (rich's render, the costliest part of a tick). Header and label
-        cells, and cells that are not plain text, are left to DataTable."""
+        every cell of its line (rich's render, the costliest part of a tick). A cell a sort moved to
+        another row (with the same look: zebra parity, cursor) gets its new coordinate only. Header
+        and label cells, and cells that are not plain text, are left to DataTable."""
         if row_index < 0 or column_index < 0:
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         row_key = self._row_locations.get_key(row_index)
@@ -54,13 +56,19 @@ class LiveDataTable(DataTable):
         text = self._data[row_key].get(column_key)
         if not isinstance(text, str):
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        key = (row_index, column_index, row_key, column_key, text, base_style, width, cursor, hover,
-               self.rows[row_key].height, self._show_hover_cursor, self._pseudo_class_state, self.show_cursor,
-               self.fixed_rows, self.fixed_columns, self.cell_padding, self.cursor_foreground_priority,
-               self.cursor_background_priority)
+        anywhere = (column_index, row_key, column_key, text, base_style, width, cursor, hover,
+                    self.rows[row_key].height, self._show_hover_cursor, self._pseudo_class_state, self.show_cursor,
+                    self.fixed_rows, self.fixed_columns, self.cell_padding, self.cursor_foreground_priority,
+                    self.cursor_background_priority)
+        key = (row_index, anywhere)
         lines = self._cells_by_text.get(key)
         if lines is None:
-            lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+            moved = self._cells_by_text.get(anywhere)
+            if moved is not None:           # the same cell drawn at another row (a sort moved it)
+                lines = _at_row(moved, row_index, column_index)
+            else:
+                lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+                self._cells_by_text[anywhere] = lines
             self._cells_by_text[key] = lines
         return lines
 
@@ -108,6 +116,14 @@ class LiveDataTable(DataTable):
         offsets = self._offset_cache.get(old)
         if offsets is not None:
             self._offset_cache[new] = offsets
+
+
+def _at_row(lines: list[list[Segment]], row_index: int, column_index: int) -> list[list[Segment]]:
+    """A rendered cell as DataTable would render it at ``row_index``: its segments carry the cell's
+    coordinate as style meta (what a mouse click reports), nothing else depends on the row."""
+    meta = Style.from_meta({"row": row_index, "column": column_index})
+    return [[Segment(text, style.clear_meta_and_links() + meta if style is not None else meta, control)
+             for text, style, control in line] for line in lines]
 
 
 class LiveRows:
