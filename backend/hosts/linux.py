@@ -125,14 +125,19 @@ class LinuxVm(AgentGuestView, LocalVm):
             if await self.proc.wait(timeout):
                 return True
             self.proc.stopping = False
+            self._poweroff_missed = True
             return False
         return await self._agent_reboot(action, timeout)
+
+    _poweroff_missed = False     # the agent was asked and the guest did not power off in time
 
     async def reset(self) -> None:
         await super().reset()
         self.console.panic, self._panicked = None, False
 
     async def stop(self) -> None:
-        """Power off through the agent (clean), then QEMU quit / SIGTERM / SIGKILL if it does not."""
-        await self.guest_power("poweroff", POWEROFF_TIMEOUT)
+        """Power off through the agent (clean), then QEMU quit / SIGTERM / SIGKILL if it does not (at
+        once when a shutdown's own wait for the agent has just run out: it is not asked twice)."""
+        if not self._poweroff_missed:
+            await self.guest_power("poweroff", POWEROFF_TIMEOUT)
         await super().stop()
