@@ -480,6 +480,9 @@ class VmOperations:
         the VM runs on (libvirt stops the vCPUs itself while it writes the state, as ``virsh
         snapshot-create`` does, so the snapshot remembers the VM running). A blocker refuses it with
         the host's own text (libvirt's, verbatim)."""
+        refusal = host.snapshot_refusal()      # e.g. a libvirt too old to revert what it would save
+        if refusal:
+            raise StateError(refusal)
         if any(s["tag"] == tag for s in await host.snapshots(self._spec(rec))):
             raise ConfigError(_exists(rec, tag))
         counters = await self._counters(rec)

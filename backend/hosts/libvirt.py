@@ -52,6 +52,7 @@ KEEPALIVE = (5, 3)           # libvirt keepalive: a ping every 5 s, 3 unanswered
 MIGRATION_POLL = 0.1         # seconds between job-info polls while a migration runs
 QOM_LIST_MACHINE = '{"execute":"qom-list","arguments":{"path":"/machine"}}'
 MIGRATE_URI = "tcp://127.0.0.1"   # where QEMU sends the migration stream (see migrate_uri)
+SNAPSHOT_MIN_LIBVIRT = (9, 7)  # reverting (and deleting) external snapshots came with libvirt 9.7
 CLOSE_REASONS = {0: "the connection to libvirtd failed (error)", 1: "libvirtd closed the connection (end of file)",
                  2: "libvirtd stopped answering keepalive pings", 3: "the connection was closed by mtevm"}
 
@@ -595,6 +596,13 @@ class LibvirtHost(Host):
     keeps_snapshots = True
 
     def snapshot_refusal(self) -> str | None:
+        """Why this host's libvirt cannot keep mtevm's snapshots (None: it can, or is not known yet).
+        A snapshot libvirt could take but never revert would only be found out at restore."""
+        version = self.facts.get("libvirt_version")
+        if version and tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < SNAPSHOT_MIN_LIBVIRT:
+            return (f"libvirt {version} on host {self.name} cannot revert external snapshots (libvirt >= "
+                    f"{'.'.join(map(str, SNAPSHOT_MIN_LIBVIRT))} can), and a VM without disks can have no other "
+                    "kind: upgrade libvirt there to keep snapshots")
         return None
 
     async def snapshots(self, spec: VmSpec) -> list[dict]:
@@ -708,8 +716,11 @@ class LibvirtHost(Host):
         return vm
 
     async def recheck_vms(self) -> None:
+        """After a (re)connection: each VM as libvirt has it now (paused or stopped meanwhile too)."""
         for vm in list(self.vms.values()):
             await vm.check_running()
+            if self.publish is not None:
+                self.publish("domain", host=self.name, vm=vm.name)
 
 
 class _ReportedKvm:

@@ -73,7 +73,8 @@ def libvirt_hosts():
 
 
 def clean(daemon: LibvirtDaemon) -> None:
-    """Destroy and undefine every domain and delete mtevm's volumes: each test starts on empty hosts."""
+    """Destroy and undefine every domain (snapshots too) and delete mtevm's volumes (memory files too):
+    each test starts on empty hosts."""
     def virsh(*args):
         return subprocess.run(["virsh", "-q", "-c", daemon.uri, *args], capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL)
@@ -81,7 +82,8 @@ def clean(daemon: LibvirtDaemon) -> None:
         daemon.start_libvirtd()
     for name in virsh("list", "--all", "--name").stdout.split():
         virsh("destroy", name)
-        virsh("undefine", name)
+        virsh("undefine", "--snapshots-metadata", name)   # libvirt refuses a domain with snapshots otherwise
+    virsh("pool-refresh", "mtevm")                          # snapshot memory files libvirt wrote there
     for line in virsh("vol-list", "mtevm").stdout.splitlines():
         if line.split():
             virsh("vol-delete", "--pool", "mtevm", line.split()[0])

@@ -175,3 +175,17 @@ async def test_snapshots_events_and_shutdown_through_libvirt(libvirt_env, mtevm_
             if vm["state"] in ("running", "paused") and vm["host"] == "hosta":
                 await c.stop(vm["name"])
         await c.close()
+
+
+def test_a_libvirt_too_old_to_revert_external_snapshots_refuses_to_take_them():
+    """libvirt reverts external snapshots from 9.7 on (Debian 12's own libvirt is 9.0): a host with
+    an older libvirtd would take a snapshot it can never restore, so mtevm refuses it, saying why."""
+    from backend.hosts.libvirt import LibvirtHost
+    host = LibvirtHost("old", "qemu:///system")
+    assert host.snapshot_refusal() is None                  # not connected yet: libvirt will say
+    host.facts = {"libvirt_version": "9.0.0"}
+    assert host.snapshot_refusal() == ("libvirt 9.0.0 on host old cannot revert external snapshots (libvirt >= 9.7 "
+                                       "can), and a VM without disks can have no other kind: upgrade libvirt "
+                                       "there to keep snapshots")
+    host.facts = {"libvirt_version": "9.7.0"}
+    assert host.snapshot_refusal() is None
