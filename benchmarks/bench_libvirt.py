@@ -7,7 +7,10 @@ sshd on loopback) and an mtevm daemon with both added, every connection warm:
   detail reads (the guest's status block with HMP ``xp``, ``query-migrate``) (goal: not slower);
 - a counter sample of a VM on the ssh host through the daemon (goal: <= 10 ms);
 - a live peer-to-peer migration between the hosts vs ``virsh migrate --live --p2p`` of an
-  identical domain (goal: within 1.2x).
+  identical domain (goal: within 1.2x);
+- a snapshot (libvirt external memory snapshot) saved and restored by mtevm vs ``virsh
+  snapshot-create-as --memspec`` / ``snapshot-revert`` of the identical domain (goal: within 1.2x;
+  virsh's process start-up and connection are subtracted: a ``virsh list`` on the same URI).
 virsh runs as one interactive process per figure (its connection opened once, as mtevm's is);
 its per-command time is (time of R+1 rounds - time of 1 round) / R, best of 3 each, so process
 start-up and connection are not counted. On a loaded machine every figure is noisy: run it idle.
@@ -33,6 +36,8 @@ ROUNDS = 3              # interleaved rounds of every list/show/sample figure (m
 MIGRATIONS = 2          # each way, for mtevm and for virsh
 GOAL_SAMPLE_MS = 10.0
 GOAL_MIGRATION_RATIO = 1.2
+SNAPSHOTS = 3           # save + restore rounds, for mtevm and for virsh
+GOAL_SNAPSHOT_RATIO = 1.2
 UUIDS = ("6d7e0b6a-1f0e-4c55-9a53-3b8e2f4c0a91", "6d7e0b6a-1f0e-4c55-9a53-3b8e2f4c0b92")
 
 
@@ -67,6 +72,33 @@ def virsh_migrate(src_uri: str, dst_uri: str, name: str) -> float:
     if r.returncode:
         raise RuntimeError(f"virsh migrate failed: {r.stderr.strip()}")
     return time.perf_counter() - t
+
+
+def virsh_seconds(uri: str, *args: str) -> float:
+    """Seconds of one ``virsh`` command (a process: start-up and connection included)."""
+    t = time.perf_counter()
+    r = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"virsh {args[0]} failed: {r.stderr.strip()}")
+    return time.perf_counter() - t
+
+
+async def snapshot_figures(c, uri: str) -> dict:
+    """mtevm's v1 and virsh's twin, both running on ``uri``: median save and restore seconds each."""
+    overhead = statistics.median(virsh_seconds(uri, "list", "--name") for _ in range(5))
+    times: dict[str, list[float]] = {}
+    for i in range(SNAPSHOTS):
+        for key, step in (("mtevm_snap_save_s", lambda: c.snapshot_save("v1", f"b{i}")),
+                          ("mtevm_snap_restore_s", lambda: c.snapshot_restore("v1", f"b{i}"))):
+            t = time.perf_counter()
+            await step()
+            times.setdefault(key, []).append(time.perf_counter() - t)
+        memspec = f"file=/var/lib/libvirt/mtevm/twin@b{i}.mem,snapshot=external"
+        times.setdefault("virsh_snap_save_s", []).append(
+            virsh_seconds(uri, "snapshot-create-as", "twin", f"b{i}", "--memspec", memspec) - overhead)
+        times.setdefault("virsh_snap_restore_s", []).append(
+            virsh_seconds(uri, "snapshot-revert", "twin", f"b{i}") - overhead)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def twin_domain(uris: tuple[str, str], name: str) -> None:
@@ -137,6 +169,7 @@ async def run(hosts, paths: Paths) -> dict:
             virsh_s.append(virsh_migrate(src_uri, dst_uri, "twin"))
         f["mtevm_migrate_s"] = statistics.median(mtevm_s)
         f["virsh_migrate_s"] = statistics.median(virsh_s)
+        f.update(await snapshot_figures(c, uri_a))     # both are back on host a
         await c.stop("v1")
         await c.delete("v1")
     return f
@@ -175,6 +208,11 @@ def main() -> dict:
           f"(ratio {f['sample_ssh_ms'] / GOAL_SAMPLE_MS:.2f})")
     print(f"  live p2p migration, 256M   mtevm {f['mtevm_migrate_s']:.2f} s   virsh migrate {f['virsh_migrate_s']:.2f} s   "
           f"ratio {f['mtevm_migrate_s'] / f['virsh_migrate_s']:.2f}  (goal <= {GOAL_MIGRATION_RATIO})")
+    for what in ("save", "restore"):
+        mine, theirs = f[f"mtevm_snap_{what}_s"], f[f"virsh_snap_{what}_s"]
+        print(f"  snapshot {what:<7} 256M   mtevm {mine:.3f} s   virsh snapshot-"
+              f"{'create-as' if what == 'save' else 'revert'} {theirs:.3f} s   ratio {mine / theirs:.2f}  "
+              f"(goal <= {GOAL_SNAPSHOT_RATIO})")
     return f
 
 

@@ -25,6 +25,7 @@ import time
 from backend.daemon.api import REBOOT_WAIT, SHUTDOWN_GRACE
 from backend.daemon.operations import claim
 from backend.errors import ConfigError, MigrationError, MtevmError, NotFoundError, StateError
+from backend.hosts.base import snapshot_exists_text
 from backend.hosts.workload import WorkloadConfig
 from backend.machine import VirtMachineConfig
 from backend.paths import ensure_private_dir, open_private_path
@@ -112,10 +113,6 @@ def _disk_holder(rec):
     not yet noticed as crashed holds nothing: the files are read directly)."""
     running = rec.running
     return running if running is not None and running.state == "running" else None
-
-
-def _exists(rec, tag: str) -> str:
-    return f"VM {rec.name!r} already has a snapshot {tag!r}: delete it first or use another tag"
 
 
 def _failure(e: BaseException) -> str:
@@ -426,7 +423,7 @@ class VmOperations:
             return await self._save_on_host(rec, host, tag)
         state_file, meta_file = self._snapshot_files(rec.name, tag)
         if os.path.exists(meta_file):
-            raise ConfigError(_exists(rec, tag))
+            raise ConfigError(snapshot_exists_text(rec.name, tag))
         # As QEMU's savevm: a migration blocker (its own text) refuses the snapshot.
         refusal = host.snapshot_refusal()
         blockers = await rec.running.blocked_reasons()
@@ -483,9 +480,7 @@ class VmOperations:
         refusal = host.snapshot_refusal()      # e.g. a libvirt too old to revert what it would save
         if refusal:
             raise StateError(refusal)
-        if any(s["tag"] == tag for s in await host.snapshots(self._spec(rec))):
-            raise ConfigError(_exists(rec, tag))
-        counters = await self._counters(rec)
+        counters = await self._counters(rec)    # (a tag the VM has already: the host refuses it)
         return await host.snapshot_save(rec.running, tag, self._snapshot_info(rec, tag, counters, None))
 
     async def _find_snapshot(self, rec, tag: str) -> dict:

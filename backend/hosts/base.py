@@ -299,6 +299,11 @@ class RunningVm(abc.ABC):
         raise _unsupported(self.host.snapshot_refusal() or f"host {self.host.name} cannot save a VM's state")
 
 
+def snapshot_exists_text(vm: str, tag: str) -> str:
+    """The refusal of a snapshot tag a VM already has (the same words from every host kind)."""
+    return f"VM {vm!r} already has a snapshot {tag!r}: delete it first or use another tag"
+
+
 def _unsupported(message: str):
     from backend.errors import StateError
     return StateError(message)

@@ -31,7 +31,8 @@ import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
 from backend.errors import ConfigError, MigrationError, MtevmError, RealizeError, StateError
-from backend.hosts.base import Host, ProgressCallback, RunningVm, VmSpec, report_progress
+from backend.hosts.base import (Host, ProgressCallback, RunningVm, VmSpec, report_progress,
+                                snapshot_exists_text)
 from backend.hosts.guest_status import GuestStatusView
 from backend.hosts import libvirt_domain as xml
 from backend.machine import VirtMachineConfig
@@ -644,12 +645,21 @@ class LibvirtHost(Host):
         """virDomainSnapshotCreateXML with the memory in ``<vm>@<tag>.mem`` of mtevm's pool; libvirt
         stops the vCPUs while QEMU writes the state (the mach-virt.tag block included) and lets the
         VM go on as it was. A refusal is libvirt's text, verbatim."""
+        libvirt, _, _ = load_libvirt()
+
         def save(conn):
-            path = os.path.join(_pool_path(conn), xml.memory_volume(vm.name, tag))
+            dom = vm._domain(conn)
+            try:
+                dom.snapshotLookupByName(tag)
+                raise ConfigError(snapshot_exists_text(vm.name, tag))
+            except libvirt.libvirtError:
+                pass                  # no snapshot of that name: take it
+            pool = _pool(conn)
+            path = os.path.join(_pool_path(pool), xml.memory_volume(vm.name, tag))
             started = time.monotonic()
-            snap = vm._domain(conn).snapshotCreateXML(xml.snapshot_xml(tag, path, info["counters"]), 0)
+            snap = dom.snapshotCreateXML(xml.snapshot_xml(tag, path, info["counters"]), 0)
             seconds = time.monotonic() - started
-            _pool(conn).refresh(0)
+            pool.refresh(0)       # the memory file is a volume now: its size is the answer's bytes
             entry = self._snapshot_entry(conn, vm.name, snap.getXMLDesc(0))
             del entry["parent"]
             return {**entry, "seconds": round(seconds, 3)}
@@ -794,9 +804,15 @@ def _pool(conn):
     return pool
 
 
-def _pool_path(conn) -> str:
+_pool_paths: dict[str, str] = {}    # pool UUID -> its directory (a pool's target path never changes)
+
+
+def _pool_path(pool) -> str:
     """Where mtevm's pool keeps its files on the host."""
-    return ET.fromstring(_pool(conn).XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
+    uuid = pool.UUIDString()
+    if uuid not in _pool_paths:
+        _pool_paths[uuid] = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
+    return _pool_paths[uuid]
 
 
 def _delete_snapshots(dom) -> None:
