@@ -576,8 +576,10 @@ class VmOperations:
         """libvirt: the host reverts the domain in place (virDomainRevertToSnapshot stops its QEMU and
         starts one from the snapshot, running or paused as it was). If the host refuses, the VM is as
         the host says: still running (libvirt refused before touching it) or stopped."""
-        old, rec.running = rec.running, None
+        old = rec.running
+        # the intent stored first (a refused store write leaves the VM as it was), then detached
         self._set_state(rec, "starting", runtime=old.runtime_info() if old else {}, **self._pending_applied(rec))
+        rec.running = None
         try:
             return await host.snapshot_revert(self._spec(rec), info["tag"], old)
         except BaseException as e:
@@ -641,12 +643,11 @@ class VmOperations:
             return
         if rec.running.state == "crashed":     # handled as the sampler handles a crash
             task = asyncio.get_running_loop().create_task(self._sample(rec))
-            self._followers.add(task)
-            task.add_done_callback(self._followers.discard)
+            followers = self.__dict__.setdefault("_followers", set())   # referenced until done
+            followers.add(task)
+            task.add_done_callback(followers.discard)
             return
         state = "paused" if rec.running.paused else "running"
         if state != rec.state:
             rec.rate.reset()
             self._note_state(rec, state)
-
-    _followers: set = set()     # tasks noting a crash seen by an event (kept referenced until done)
