@@ -98,7 +98,7 @@ class GuestConfig:
         if not isinstance(self.fault_address, bool):
             raise ConfigError(f"fault_address must be true or false, not {self.fault_address!r}")
         if self.fault_address and self.kind != "linux":
-            raise ConfigError("--fault-address needs --guest linux (the mtevm agent's kprobe reports the addresses)")
+            raise ConfigError("--fault-address needs --guest linux (the mtevm agent reports the addresses)")
         if self.kind == "custom" and not self.kernel:
             raise ConfigError("--guest custom needs --kernel IMAGE (a raw arm64 kernel Image)")
         if self.append is not None:
