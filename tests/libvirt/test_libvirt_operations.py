@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from backend.client import connect
+from backend.errors import MigrationError
 from tests.helpers.polling import until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -59,6 +60,18 @@ async def test_operations_through_libvirt(libvirt_env, mtevm_paths):
         assert record["reason"] == "cancelled by the user"
         vm = await c.show("lv1")
         assert (vm["state"], vm["host"]) == ("running", "hosta") and domstate(uri, "lv1") == "running"
+
+        # libvirt does not migrate a domain that has snapshots: its refusal, verbatim; the VM stays
+        await c.snapshot_save("lv1", "s")
+        try:
+            m = await c.migrate("lv1", "hostb")       # refused when libvirt is asked, in the background
+            reason = (await until("the migration to fail", lambda: migration("failed"), timeout=60))["reason"]
+        except MigrationError as e:                 # (or at once)
+            reason = str(e)
+        assert reason == "Requested operation is not valid: cannot migrate domain with 1 snapshots"
+        vm = await c.show("lv1")
+        assert (vm["state"], vm["host"]) == ("running", "hosta")
+        await c.snapshot_delete("lv1", "s")
 
         vm = await c.reboot("lv1")
         assert vm["outcome"]["how"] == "reset"
