@@ -345,6 +345,7 @@ class LibvirtHost(Host):
             vm.domain_stopped(event, detail)
         task = asyncio.get_running_loop().create_task(self._follow(vm))
         self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
         task.add_done_callback(_finished)
 
     async def _follow(self, vm: "LibvirtVm | None") -> None:
