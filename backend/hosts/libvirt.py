@@ -40,6 +40,7 @@ from backend.machine.config import _NAME_RE, NAME_RULE
 from backend.machine.migration import ram_stats
 from backend.qemu import guest_abi
 from backend.qemu.argv import validate_extra_args
+from backend.qemu.console import ConsoleLog, SerialConsole
 
 log = logging.getLogger("mtevm.libvirt")
 
@@ -53,6 +54,7 @@ KEEPALIVE = (5, 3)           # libvirt keepalive: a ping every 5 s, 3 unanswered
 MIGRATION_POLL = 0.1         # seconds between job-info polls while a migration runs
 QOM_LIST_MACHINE = '{"execute":"qom-list","arguments":{"path":"/machine"}}'
 MIGRATE_URI = "tcp://127.0.0.1"   # where QEMU sends the migration stream (see migrate_uri)
+CONSOLE_WAIT = 5.0           # seconds a domain started paused waits for mtevm's console client
 SNAPSHOT_MIN_LIBVIRT = (9, 7)  # reverting (and deleting) external snapshots came with libvirt 9.7
 CLOSE_REASONS = {0: "the connection to libvirtd failed (error)", 1: "libvirtd closed the connection (end of file)",
                  2: "libvirtd stopped answering keepalive pings", 3: "the connection was closed by mtevm"}
@@ -400,8 +402,7 @@ class LibvirtHost(Host):
         """The daemon exits (or the host is removed): drop the connection; domains keep running
         (their guest agents' channel sessions end here; the next daemon opens them again)."""
         for vm in list(self.vms.values()):
-            if hasattr(vm, "close_channels"):
-                await vm.close_channels()
+            await vm.close_channels()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -689,8 +690,7 @@ class LibvirtHost(Host):
         if running is not None:
             if self.vms.get(name) is running:
                 del self.vms[name]
-            if hasattr(running, "close_channels"):
-                await running.close_channels()
+            await running.close_channels()
         vm = self._attach(spec)
         await vm.check_running()
         return vm
@@ -702,19 +702,35 @@ class LibvirtHost(Host):
 
     # ------------------------------------------------------------------------- VMs
     async def start(self, spec: VmSpec) -> "LibvirtVm":
+        """Define and start the domain paused (VIR_DOMAIN_START_PAUSED), attach mtevm's console,
+        then resume it: the console log has the guest's first line, as a local VM's (QEMU -S).
+        The VM joins ``self.vms`` only once it runs, so the lifecycle events of this paused start
+        (suspended, resumed) are never taken for a user's pause (``_on_lifecycle``)."""
+        libvirt, _, _ = load_libvirt()
         await self.define(spec)
         try:
-            await self._call(lambda conn: conn.lookupByName(spec.config.name).create())
+            await self._call(lambda conn: conn.lookupByName(spec.config.name).createWithFlags(
+                libvirt.VIR_DOMAIN_START_PAUSED))
         except MtevmError as e:
             raise RealizeError(str(e)) from None
-        return self._attach(spec)
+        vm = self._new_vm(spec)
+        vm.console.log.mark(f"domain {spec.config.name} started on host {self.name}")
+        try:
+            await vm.run_after_console()
+        except BaseException:
+            await vm.stop()
+            raise
+        self.vms[spec.config.name] = vm
+        return vm
 
-    def _attach(self, spec: VmSpec) -> "LibvirtVm":
+    def _new_vm(self, spec: VmSpec) -> "LibvirtVm":
         if spec.guest.kind == "linux":
             from backend.hosts.libvirt_linux import LibvirtLinuxVm
-            vm = LibvirtLinuxVm(self, spec)
-        else:
-            vm = LibvirtVm(self, spec)
+            return LibvirtLinuxVm(self, spec)
+        return LibvirtVm(self, spec)
+
+    def _attach(self, spec: VmSpec) -> "LibvirtVm":
+        vm = self._new_vm(spec)
         self.vms[spec.config.name] = vm
         return vm
 
@@ -889,7 +905,13 @@ class LibvirtVm(GuestStatusView, RunningVm):
         self._gone: str | None = None        # why the domain stopped without mtevm (then "crashed")
         self._dom = None
         self._dom_generation = -1
+        self._closed = False                 # the console (and agent) sessions were ended
         self._init_status()
+        # The PL011 is <serial type='pty'>, read through virDomainOpenConsole (FORCE: a previous
+        # daemon's session gives way), bridged into the same SerialConsole a local VM has.
+        self.console = SerialConsole(f"{host.name}:{self.name}:serial", ConsoleLog(spec.log_dir), self._guest_running,
+                                     on_panic=self._on_panic,
+                                     connect=lambda: self._open_stream(self._open_console, 2 ** 16)).start()
 
     @property
     def state(self) -> str:
@@ -904,6 +926,47 @@ class LibvirtVm(GuestStatusView, RunningVm):
             self._gone = STOP_REASONS.get((event, detail), f"the domain stopped (libvirt event {event}, detail {detail})")
 
     _stopping = False
+
+    def _guest_running(self) -> bool:
+        return not self._gone and not self._closed and not self._stopping
+
+    def _on_panic(self, lines: list[str]) -> None:
+        """A kernel panic on the console (the built-in guest has no kernel: LibvirtLinuxVm's)."""
+
+    async def _open_stream(self, open_fn, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The serial console (or the Linux guest's agent port) as a stream pair: libvirt's stream,
+        bridged to a socket pair. OSError (retried by the caller) while the host or domain is not there."""
+        from backend.hosts.libvirt_stream import open_bridged
+        if self.host.status != "connected":
+            raise OSError(f"host {self.host.name} is not connected")
+        try:
+            stream = await self.host._call(open_fn)
+        except MtevmError as e:
+            raise OSError(str(e)) from None
+        return await open_bridged(stream, self.name, limit)
+
+    def _open_console(self, conn):
+        libvirt, _, _ = load_libvirt()
+        stream = conn.newStream(0)
+        self._domain(conn).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        return stream
+
+    async def run_after_console(self, timeout: float = CONSOLE_WAIT) -> None:
+        """Resume the domain started paused once mtevm reads its console (QEMU drops what the
+        guest prints while nobody holds the pty): the log has the guest's first line."""
+        try:
+            await asyncio.wait_for(self.console.connected.wait(), timeout)
+        except TimeoutError:
+            pass   # run anyway: a VM without its first console lines beats a VM that does not start
+        try:
+            await self._dom_call("resume")
+        except MtevmError as e:
+            raise RealizeError(f"libvirt did not resume the domain started paused: {e}") from None
+
+    async def close_channels(self) -> None:
+        """Stop reading the console (the VM stopped or moved, or the daemon exits)."""
+        self._closed = True
+        await self.console.close()
 
     def stderr_tail(self) -> list[str]:
         return self.guest_error_lines() + ([self._gone] if self._gone else [])
@@ -1009,6 +1072,7 @@ class LibvirtVm(GuestStatusView, RunningVm):
             raise
         if self.host.vms.get(self.name) is self:
             del self.host.vms[self.name]
+        await self.close_channels()
 
     # ------------------------------------------------------------------------- migration
     def _migrate_flags(self) -> int:
@@ -1080,6 +1144,7 @@ class LibvirtVm(GuestStatusView, RunningVm):
             await self.host._call(_delete_volumes, self.name)
         except MtevmError:
             pass
+        await self.close_channels()      # the source domain is gone: its console session with it
         target = dst._attach(spec)
         target._take_history(self)
         stats.update(status="completed", total_time_ms=round((time.monotonic() - started) * 1000),

@@ -107,8 +107,8 @@ def domain_xml(config: VirtMachineConfig, workload: dict, qemu_args: list[str], 
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
-    if params is None:   # the PL011 on a pty: mtevm reads it through virDomainOpenConsole
-        ET.SubElement(devices, "serial", type="pty")
+    # the PL011 on a pty (either guest): mtevm reads it through virDomainOpenConsole
+    ET.SubElement(devices, "serial", type="pty")
     if agent_port:
         serial = ET.SubElement(devices, "controller", type="virtio-serial", index="0")
         ET.SubElement(serial, "address", type="virtio-mmio")

@@ -4,28 +4,22 @@ through the domain's virtio-serial channel.
 
 The channel is opened with ``virDomainOpenChannel``, so the agent's bytes travel inside the libvirt
 connection (over ``qemu+ssh://`` too): no socket on the remote host is reached directly. The stream
-is bridged to a local socket pair by two threads, and the ordinary agent client
+is bridged to a local socket pair (backend.hosts.libvirt_stream), and the ordinary agent client
 (backend.guests.agent.AgentClient) reads and writes the other end, so counters, exec, selftests and
-poweroff work exactly as for a local Linux VM.
+poweroff work exactly as for a local Linux VM. The serial console is every libvirt VM's
+(backend.hosts.libvirt.LibvirtVm).
 """
 from __future__ import annotations
 
 import asyncio
-import logging
-import socket
-import threading
 
 from backend.errors import MtevmError
 from backend.guests.agent import MAX_LINE, AgentClient
 from backend.hosts.agent_view import AgentGuestView
 from backend.hosts.libvirt import LibvirtVm, load_libvirt
 from backend.qemu.argv import AGENT_PORT
-from backend.qemu.console import ConsoleLog, SerialConsole
-
-log = logging.getLogger("mtevm.libvirt")
 
 POWEROFF_TIMEOUT = 10.0     # seconds the guest gets to power off before the domain is destroyed
-CHUNK = 64 * 1024
 
 
 class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
@@ -33,18 +27,14 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
 
     def __init__(self, host, spec):
         super().__init__(host, spec)
-        self._closed = False
         self.agent = AgentClient(f"{host.name}:{self.name}:{AGENT_PORT}", spec.config.vcpus, self._guest_running,
                                  fault_address=spec.guest.fault_address,
                                  connect=lambda: self._open_stream(self._open_channel, MAX_LINE)).start()
-        self.console = SerialConsole(f"{host.name}:{self.name}:serial", ConsoleLog(spec.log_dir), self._guest_running,
-                                     on_panic=self._on_panic,
-                                     connect=lambda: self._open_stream(self._open_console, 2 ** 16)).start()
 
     _panicked = False
 
     def _guest_running(self) -> bool:
-        return not self._gone and not self._closed and not self._stopping and not self._panicked
+        return LibvirtVm._guest_running(self) and not self._panicked   # (AgentGuestView's is abstract)
 
     def _on_panic(self, lines: list[str]) -> None:
         """A guest kernel panic on the console: the VM is crashed (a panicked kernel never powers
@@ -57,26 +47,6 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
 
     def stderr_tail(self) -> list[str]:
         return super().stderr_tail() + self._panic_lines()
-
-    async def _open_stream(self, open_fn, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The agent's port or the serial console as a stream pair: libvirt's stream, bridged to a
-        socket pair. OSError (retried by the caller) while the host or the domain is not there."""
-        if self.host.status != "connected":
-            raise OSError(f"host {self.host.name} is not connected")
-        try:
-            stream = await self.host._call(open_fn)
-        except MtevmError as e:
-            raise OSError(str(e)) from None
-        ours, theirs = socket.socketpair()
-        bridge = _Bridge(stream, theirs, self.name)
-        bridge.start()
-        return await asyncio.open_unix_connection(sock=ours, limit=limit)
-
-    def _open_console(self, conn):
-        libvirt, _, _ = load_libvirt()
-        stream = conn.newStream(0)
-        self._domain(conn).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        return stream
 
     def _open_channel(self, conn):
         libvirt, _, _ = load_libvirt()
@@ -121,82 +91,19 @@ class LibvirtLinuxVm(AgentGuestView, LibvirtVm):
         if not self._poweroff_missed and await self.guest_power("poweroff", POWEROFF_TIMEOUT):
             if self.host.vms.get(self.name) is self:       # shut off already: nothing to destroy
                 del self.host.vms[self.name]
+            await self.close_channels()
         else:
             await super().stop()
-        await self.close_channels()
 
     async def close_channels(self) -> None:
-        self._closed = True
+        await super().close_channels()
         await self.agent.close()
-        await self.console.close()
 
     async def migrate_to(self, dst, spec, with_tags, progress):
         """As any libvirt VM; the destination's VM opens the channel of the new domain, this one's
         agent session ends with the source domain."""
         target = await super().migrate_to(dst, spec, with_tags, progress)
-        await self.close_channels()
         if isinstance(target, LibvirtLinuxVm):
             target.agent.state.last_faults = self.agent.state.last_faults
             target.agent.state.processes = dict(self.agent.state.processes)
         return target
-
-
-class _Bridge:
-    """Copies bytes between a libvirt stream (blocking) and one end of a socket pair, in two
-    threads (never the asyncio executor's: they block for the VM's life). Either side ending
-    ends both."""
-
-    def __init__(self, stream, sock: socket.socket, name: str):
-        self.stream, self.sock, self.name = stream, sock, name
-        self._lock = threading.Lock()
-        self._ended = False      # the stream was finished or aborted (exactly once: libvirtd must not see both)
-        self._down = threading.Thread(target=self._to_socket, name=f"agent-down-{name}", daemon=True)
-        self._up = threading.Thread(target=self._to_stream, name=f"agent-up-{name}", daemon=True)
-
-    def start(self) -> None:
-        self._down.start()
-        self._up.start()
-
-    def _end(self, how) -> None:
-        with self._lock:
-            if self._ended:
-                return
-            self._ended = True
-        _quietly(how)
-
-    def _to_socket(self) -> None:
-        try:
-            while True:
-                data = self.stream.recv(CHUNK)
-                if not isinstance(data, bytes) or not data:
-                    break              # end of stream (the domain stopped) or an error code
-                self.sock.sendall(data)
-            self._end(self.stream.finish)   # libvirtd ended it: finish, as libvirt's stream protocol wants
-        except Exception as e:         # libvirtError (stream aborted, connection gone) or the socket closed
-            log.debug("agent channel of %s: %s", self.name, e)
-        finally:
-            _quietly(self.sock.shutdown, socket.SHUT_RDWR)
-
-    def _to_stream(self) -> None:
-        try:
-            while data := self.sock.recv(CHUNK):
-                view = memoryview(data)
-                while view:
-                    sent = self.stream.send(bytes(view))
-                    if sent < 0:
-                        raise OSError("the channel stream refused data")
-                    view = view[sent:]
-        except Exception as e:
-            log.debug("agent channel of %s: %s", self.name, e)
-        finally:
-            self._end(self.stream.abort)
-            _quietly(self.sock.shutdown, socket.SHUT_RDWR)
-            self._down.join(10)
-            self.sock.close()
-
-
-def _quietly(fn, *args) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        pass

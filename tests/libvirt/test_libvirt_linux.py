@@ -74,6 +74,11 @@ async def test_a_linux_guest_on_a_libvirt_host_over_ssh(libvirt_env, mtevm_paths
             return vm if ready and all(v["checked"] > 0 for v in vm["vcpus"]) else None
         vm = await until("the guest agent to connect and the workload to count", agent_and_workload, timeout=180)
         facts = vm["guest_facts"]
+        # started paused, resumed once mtevm read the console: the log has the guest's first line
+        # (with `quiet` the kernel prints nothing before the initramfs' own) right after mtevm's mark
+        log = (await c.console_log("lx", 400))["lines"]
+        mark = max(i for i, line in enumerate(log) if line.startswith("-- mtevm: domain lx started"))
+        assert [line for line in log[mark + 1:] if line][:1] == ["mtevm: init ready"], log
         assert facts["kernel"] == linux_image.kernel_release
         assert facts["hwcap2_mte"] is True and [x["cpu"] for x in facts["cpus"]] == [0, 1]
         assert all(v["tcf"] == "none" for v in vm["vcpus"])

@@ -61,6 +61,15 @@ async def test_snapshots_events_and_shutdown_through_libvirt(libvirt_env, mtevm_
         await c.start(VM)
         await until("the guest to count", counting, timeout=60)
 
+        # Started paused (VIR_DOMAIN_START_PAUSED) and resumed once mtevm reads the console: the log
+        # has the guest's first line right after mtevm's start mark, as a local VM's (QEMU -S), and
+        # the paused start was never shown as `paused` (the lifecycle events of the start are no pause)
+        log = (await c.console_log(VM, 50))["lines"]
+        mark = max(i for i, line in enumerate(log) if line.startswith(f"-- mtevm: domain {VM} started"))
+        assert log[mark + 1:mark + 2] == ["mtevm-guest: cpu 0 up"], log
+        states = [v["state"] for v in seen]
+        assert "paused" not in states and states[-1] == "running", states
+
         # -- paused / resumed behind mtevm's back: libvirt's lifecycle events, no polling by mtevm --
         mark = len(seen)
         assert virsh(uri, "suspend", VM).returncode == 0
