@@ -303,7 +303,7 @@ class Service(GuestOps, VmOperations):
                 "last_faults": running.last_faults() if running else [],
                 "tag_memory": running.tag_memory() if running else None,
                 "stderr": running.stderr_tail() if running else list(rec.stderr),
-                "migration_targets": self._migration_targets(rec),
+                "migration_targets": await self._migration_targets(rec),
                 "warnings": self._start_warnings(rec.host, self._next_config(rec)),
                 **guest_detail(rec.guest, running)}
 
@@ -321,11 +321,16 @@ class Service(GuestOps, VmOperations):
             return [str(e)]
         return []
 
-    def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
-        """Each host -> None if this VM's host can migrate to it, else why never (the rule migrate()
-        applies): front ends offer only possible targets and grey out the others with the reason."""
+    async def _migration_targets(self, rec: VmRecord) -> dict[str, str | None]:
+        """Each host -> None if this VM's host can migrate to it, else why not (the rule migrate()
+        applies, and what of the VM's own stops it now, e.g. a libvirt domain's snapshots): front
+        ends offer only possible targets and grey out the others with the reason."""
         src = self.hosts[rec.host]
-        return {name: src.can_migrate_to(dst) for name, dst in self.hosts.items()}
+        targets = {name: src.can_migrate_to(dst) for name, dst in self.hosts.items()}
+        if None in targets.values():
+            own = await src.vm_migration_refusal(self._spec(rec))
+            targets = {name: reason or own for name, reason in targets.items()}
+        return targets
 
     def _set_state(self, rec: VmRecord, state: str, *, persist: bool = True, runtime: dict | None = None,
                    last_error=KEEP, **definition) -> None:

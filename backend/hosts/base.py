@@ -111,6 +111,11 @@ class Host(abc.ABC):
             return f"cannot migrate from a {self.kind} host to a {dst.kind} host"
         return None
 
+    async def vm_migration_refusal(self, spec: "VmSpec") -> str | None:
+        """Why this one VM cannot migrate to any host now, though its host could (None: nothing of
+        its own stops it). libvirt: a domain that has snapshots."""
+        return None
+
     async def close(self) -> None:
         """The daemon is stopping. Simulated VMs stop; real QEMU processes keep running."""
 

@@ -504,6 +504,23 @@ class LibvirtHost(Host):
             return f"host {self.name}: libvirt does not migrate a domain to the host it runs on"
         return super().can_migrate_to(dst)
 
+    async def vm_migration_refusal(self, spec: VmSpec) -> str | None:
+        """libvirt migrates no domain that has snapshots (qemuMigrationSrcIsAllowed: "cannot migrate
+        domain with N snapshots"), and has no way to take them along: said before it is asked.
+        Nothing is predicted while the host or the domain cannot be read (the migration then says)."""
+        name = spec.config.name
+        if self.status != "connected":
+            return None
+        try:
+            tags = await self._call(lambda conn: conn.lookupByName(name).snapshotListNames(0))
+        except MtevmError:
+            return None
+        if not tags:
+            return None
+        listed = ", ".join(sorted(tags))
+        return (f"libvirt does not migrate a domain that has snapshots (VM '{name}' has {len(tags)}: {listed}), "
+                f"nor can it take them along: delete them first (mtevm snapshot {name} delete TAG)")
+
     def shown_state(self, state: str) -> str:
         """A VM of an unreachable host is ``unknown``: mtevm cannot see it."""
         return state if self.status == "connected" else "unknown"

@@ -63,6 +63,11 @@ async def test_operations_through_libvirt(libvirt_env, mtevm_paths):
 
         # libvirt does not migrate a domain that has snapshots: its refusal, verbatim; the VM stays
         await c.snapshot_save("lv1", "s")
+        refusal = ("libvirt does not migrate a domain that has snapshots (VM 'lv1' has 1: s), nor can it take "
+                   "them along: delete them first (mtevm snapshot lv1 delete TAG)")
+        targets = (await c.show("lv1"))["migration_targets"]      # said before libvirt is asked
+        assert targets["hostb"] == refusal
+        assert targets["hosta"].startswith("host hosta: libvirt does not migrate a domain to the host it runs on")
         try:
             m = await c.migrate("lv1", "hostb")       # refused when libvirt is asked, in the background
             reason = (await until("the migration to fail", lambda: migration("failed"), timeout=60))["reason"]
@@ -72,6 +77,7 @@ async def test_operations_through_libvirt(libvirt_env, mtevm_paths):
         vm = await c.show("lv1")
         assert (vm["state"], vm["host"]) == ("running", "hosta")
         await c.snapshot_delete("lv1", "s")
+        assert (await c.show("lv1"))["migration_targets"]["hostb"] is None
 
         vm = await c.reboot("lv1")
         assert vm["outcome"]["how"] == "reset"
