@@ -22,6 +22,7 @@ from collections import deque
 from typing import AsyncIterator, Awaitable, Callable
 
 from backend.errors import MtevmError, StateError
+from backend.guests.definition import FAULT_ADDRESS_DEFAULT
 
 log = logging.getLogger("mtevm.agent")
 
@@ -154,7 +155,8 @@ class AgentState:
 class AgentClient:
     """Connects to one QEMU's agent socket and stays connected while that QEMU lives."""
 
-    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool], *, fault_address: bool = False,
+    def __init__(self, socket_path: str, vcpus: int, alive: Callable[[], bool], *,
+                 fault_address: bool = FAULT_ADDRESS_DEFAULT,
                  connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] | None = None):
         self.socket_path = socket_path
         # how the port is reached: QEMU's Unix socket (local host), or e.g. a libvirt channel stream
@@ -189,7 +191,8 @@ class AgentClient:
                 # until the agent answers.
                 hello = asyncio.get_running_loop().create_task(self._say_hello())
                 while line := await reader.readline():
-                    self._line(line)
+                    if self._line(line):
+                        await self._configure()
             except (OSError, ValueError):
                 pass
             finally:
@@ -202,31 +205,45 @@ class AgentClient:
 
     async def _say_hello(self) -> None:
         while not self.ready.is_set():
-            await self.send({"type": "hello"})
-            await self.send({"type": "config", "interval_ms": INTERVAL_MS, "fault_address": self.fault_address})
+            await self._configure()
             try:
                 await asyncio.wait_for(self.ready.wait(), 1.0)
             except TimeoutError:
                 pass
 
-    def _line(self, line: bytes) -> None:
+    async def _configure(self) -> None:
+        """This VM's config, then a hello. Config first: the agent answers the hello after applying
+        it, so the guest's facts say what this VM asked for (e.g. fault addresses off), not the
+        agent's own defaults."""
+        await self.send({"type": "config", "interval_ms": INTERVAL_MS, "fault_address": self.fault_address})
+        await self.send({"type": "hello"})
+
+    def _line(self, line: bytes) -> bool:
+        """Fold one line in; True when the agent needs this VM's config again."""
         try:
             msg = json.loads(line)
         except ValueError:
             log.warning("agent %s: not JSON: %r", self.socket_path, line[:200])
-            return
+            return False
         if not isinstance(msg, dict):
-            return
+            return False
         self.state.apply(msg)
         kind = msg.get("type")
         if kind == "hello":
+            # A hello with the agent's own batch interval on a connection already configured: a new
+            # agent (the guest rebooted; the virtio-serial socket stays connected), running with
+            # its defaults until it is told this VM's config again. (Loop-free: once configured it
+            # says INTERVAL_MS, which is within its limits.)
+            stale = self.ready.is_set() and "interval_ms" in msg and msg["interval_ms"] != INTERVAL_MS
             self.ready.set()
+            return stale
         if kind in ("faults", "workload"):
             self._changed.set()
         if kind in ("exec-started", "exec-output", "exec-exit", "error") and msg.get("id") is not None:
             q = self._execs.get(str(msg["id"]))
             if q is not None:
                 q.put_nowait(msg)
+        return False
 
     def _fail_execs(self, message: str) -> None:
         for q in self._execs.values():

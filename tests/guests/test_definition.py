@@ -137,3 +137,47 @@ def test_a_clone_keeps_the_guest_but_not_shared_disks(run_mtevm, tmp_path):
     d2 = ok(run_mtevm, "clone", "d", "d2")
     assert d2["guest"]["disks"] == [str(tmp_path / "d-d2.raw")] == d2["copied"]
     assert (tmp_path / "d-d2.raw").read_bytes() == disk.read_bytes()
+
+
+def test_fault_addresses_are_on_by_default_for_linux_and_stored_explicitly():
+    # Nothing said: on for linux (the agent reads si_addr at no extra cost per fault), off elsewhere.
+    assert GuestConfig("linux").fault_address is True and GuestConfig().fault_address is False
+    assert GuestConfig("linux").to_dict() == {"kind": "linux", "fault_address": True}
+    assert GuestConfig("linux", fault_address=False).to_dict() == {"kind": "linux", "fault_address": False}
+    # What is stored reads back the same; a linux guest stored before this default has no key: on.
+    for stored in ({"kind": "linux", "fault_address": False}, {"kind": "linux", "fault_address": True}):
+        assert GuestConfig.from_dict(stored).to_dict() == stored
+    assert GuestConfig.from_dict({"kind": "linux"}).fault_address is True
+    assert GuestConfig.from_dict("linux").fault_address is True
+    # Off on a guest with no agent is what it has anyway: accepted, not stored; on is refused as before.
+    assert GuestConfig.from_dict({"kind": "builtin", "fault_address": False}).to_dict() == {"kind": "builtin"}
+    with pytest.raises(ConfigError, match=r"^--fault-address needs --guest linux \(the mtevm agent reports"):
+        GuestConfig.from_dict({"kind": "custom", "kernel": "/k", "fault_address": True})
+    with pytest.raises(ConfigError, match="fault_address must be true or false"):
+        GuestConfig.from_dict({"kind": "linux", "fault_address": "yes"})
+
+
+def test_fault_address_options_of_create(run_mtevm, linux_image, mtevm_paths):
+    from backend.store import Store, VmRow
+    # A VM stored before addresses were on by default (its guest without the key): shown as on.
+    mtevm_paths.ensure_state_dir()
+    store = Store(mtevm_paths.store)
+    store.add_vm(VmRow("old", "local", {"name": "old"}, {}, guest={"kind": "linux"}))
+    store.close()
+    assert ok(run_mtevm, "show", "old")["guest"] == {"kind": "linux", "fault_address": True}
+
+    assert ok(run_mtevm, "create", "on", "--host", "local", "--guest", "linux")["guest"] == \
+        {"kind": "linux", "fault_address": True}
+    assert ok(run_mtevm, "create", "off", "--host", "local", "--guest", "linux", "--no-fault-address")["guest"] == \
+        {"kind": "linux", "fault_address": False}
+    assert ok(run_mtevm, "show", "off")["guest"] == {"kind": "linux", "fault_address": False}   # from the store
+    assert "│ linux, fault addresses on " in run_mtevm("show", "on").stdout
+    assert "│ linux, fault addresses off " in run_mtevm("show", "off").stdout
+
+    # --no-fault-address on the builtin guest is what it has anyway; --fault-address still needs linux.
+    assert ok(run_mtevm, "create", "b", "--host", "local", "--no-fault-address")["guest"] == {"kind": "builtin"}
+    r = run_mtevm("create", "b2", "--host", "local", "--fault-address")
+    assert error_of(r) == "--fault-address needs --guest linux (the mtevm agent reports the addresses)"
+    r = run_mtevm("create", "b2", "--host", "local", "--guest", "linux", "--fault-address", "--no-fault-address")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    assert {v["name"] for v in ok(run_mtevm, "list")} == {"old", "on", "off", "b"}

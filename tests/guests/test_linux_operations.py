@@ -16,7 +16,9 @@ pytestmark = pytest.mark.qemu
 async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, mtevm_paths):
     c = await connect(in_process=True, runtime_dir=mtevm_paths.runtime_dir, state_dir=mtevm_paths.state_dir)
     try:
-        await c.create({"name": "lx", "host": "local", "memory": "512M", "vcpus": 1, "guest": "linux"})
+        # --no-fault-address (addresses are on by default): the agent is told so on every connect
+        await c.create({"name": "lx", "host": "local", "memory": "512M", "vcpus": 1,
+                        "guest": {"kind": "linux", "fault_address": False}})
         await c.start("lx")
 
         async def agent_up():
@@ -26,6 +28,12 @@ async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, m
             return sum("mtevm: init ready" in line for line in (await c.console_log("lx", 2000))["lines"])
         await until("the guest agent", agent_up, timeout=120)
         assert await boots() == 1
+
+        async def addresses_off():
+            facts = (await c.show("lx")).get("guest_facts") or {}
+            why = facts.get("fault_address_why") or ""
+            return facts.get("fault_address") is False and "turned off by the host" in why
+        await until("the guest's facts to say fault addresses are off, as asked", addresses_off, timeout=10)
 
         # A snapshot of the running Linux guest comes back with its agent (exec works again).
         await c.snapshot_save("lx", "up")
@@ -40,6 +48,7 @@ async def test_the_agent_reboots_and_powers_the_guest_off_cleanly(linux_image, m
         assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent rebooted it"}
         assert vm["state"] == "running" and await boots() == 2      # the same QEMU, the guest booted again
         assert await agent_up()
+        await until("fault addresses still off in the rebooted guest", addresses_off, timeout=10)
 
         vm = await c.shutdown("lx", timeout=60)
         assert vm["outcome"] == {"how": "agent", "message": "VM lx: the guest's agent powered it off"}

@@ -74,14 +74,15 @@ def vm_faults(vm: dict) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def lx(linux_image, tmp_path_factory):
     """A running ``linux`` VM, 2 vCPUs, the workload on with tcf none (its checked accesses move, it
-    takes no faults: every fault the guest counts is the tests' own), sync fault addresses on."""
+    takes no faults: every fault the guest counts is the tests' own), sync fault addresses on (the
+    default: nothing asked)."""
     base = tmp_path_factory.mktemp("lx")
     paths = Paths(str(base / "run"), str(base / "state"))
     cli = Cli(paths)
     try:
         vm = cli.json("create", "lx", "--host", "local", "--guest", "linux", "--vcpus", "2", "--memory", "256M",
-                      "--tcf", "none", "--rate", "2000", "--fault-address")
-        assert vm["guest"] == {"kind": "linux", "fault_address": True}
+                      "--tcf", "none", "--rate", "2000")
+        assert vm["guest"] == {"kind": "linux", "fault_address": True}     # on by default, stored explicitly
         cli.json("start", "lx")
         cli.wait(agent_connected, "the guest agent connects")
         yield cli
@@ -103,6 +104,7 @@ def test_the_guest_says_what_it_is(lx, linux_image):
     assert [c["cpu"] for c in facts["cpus"]] == [0, 1]
     assert all(c["mte_tcf_preferred"] in ("sync", "async", "asymm") for c in facts["cpus"])
     assert facts["tracing"] is True
+    assert facts["fault_address"] is True and facts["fault_address_why"].startswith("sync faults: ")   # default: on
     human = lx.run("show", "lx").stdout
     assert linux_image.kernel_release in human and "MTE, MTE3" in human
     argv = lx.json("show", "lx", "--argv")

@@ -72,7 +72,7 @@ def guest_lines(vm: dict) -> list[str]:
     if g.get("disks"):
         text += f"  disks {escape(', '.join(g['disks']))}"
     if g.get("kind") == "linux":
-        text += "  fault addresses " + ("on (sync faults)" if g.get("fault_address") else "off (--fault-address)")
+        text += "  fault addresses " + ("on (sync faults)" if g.get("fault_address") else "off (--no-fault-address)")
     lines = [text]
     facts = vm.get("guest_facts") if is_live(vm) else None
     if facts:

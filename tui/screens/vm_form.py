@@ -27,7 +27,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Header, Input, Label, Select, Static
 
 from backend.definition import split_qemu_args
-from backend.guests.definition import GUEST_KINDS
+from backend.guests.definition import FAULT_ADDRESS_DEFAULT, GUEST_KINDS
 from backend.errors import MtevmError
 from tui import keymap
 from tui.components.onoff import OnOffCheckbox
@@ -96,6 +96,10 @@ class VmFormScreen(LeaveOnce, Screen):
             yield from self._row("append", Input(guest.get("append") or "", id="append", disabled=editing, compact=True,
                                                  placeholder="kernel command line (linux: added to mtevm's)"),
                                  row_id="append-row")
+            with Horizontal(classes="checks", id="fault-address-row"):
+                # linux only: the agent sends sync faults' address and pointer tag (--no-fault-address)
+                yield OnOffCheckbox("fault addresses", guest.get("fault_address", FAULT_ADDRESS_DEFAULT),
+                                    id="fault_address", disabled=editing)
             yield from self._row("QEMU args", Input(shlex.join(qemu_args), id="qemu_args",
                                                     placeholder="-device ivshmem-plain,memdev=shm (shell quoting)",
                                                     compact=True), row_id="qemu-args-row")
@@ -168,6 +172,8 @@ class VmFormScreen(LeaveOnce, Screen):
                 value = q(f"#{key}", Input).value.strip()
                 if value:
                     guest[key] = os.path.abspath(os.path.expanduser(value)) if key == "kernel" else value
+            if guest["kind"] == "linux":      # explicit, as the daemon stores it
+                guest["fault_address"] = q("#fault_address", Checkbox).value
             if guest != {"kind": "builtin"}:
                 cfg["guest"] = guest
         return cfg
@@ -177,9 +183,12 @@ class VmFormScreen(LeaveOnce, Screen):
         return self.host_kinds.get(host) == "local" or (self.existing is not None and host == "local")
 
     def show_qemu_args(self, host) -> None:
-        """The rows only a local host's VMs have: QEMU args and what the VM boots (its guest)."""
+        """The rows only a local host's VMs have: QEMU args, what the VM boots (its guest) and, for a
+        linux guest, its fault-address switch."""
         for row in ("#qemu-args-row", "#host-files-row", "#guest-row", "#kernel-row", "#append-row"):
             self.query_one(row).display = self.takes_qemu_args(host)
+        self.query_one("#fault-address-row").display = (self.takes_qemu_args(host)
+                                                       and self.query_one("#guest", Select).value == "linux")
 
     def show_verdict(self, ok: bool, text: str, warnings: list[str] | None = None) -> None:
         """The verdict line: ✔ ok, ⚠ ok but cannot start on this host (QEMU's text), ✘ error."""
@@ -205,6 +214,8 @@ class VmFormScreen(LeaveOnce, Screen):
         accel = self.query_one("#accel", Select)
         if event.select.id == "host":
             self.show_qemu_args(event.value)
+        if event.select.id == "guest":      # the fault-address switch is a linux guest's
+            self.show_qemu_args(self.query_one("#host").value)
         if event.select.id == "host" and event.value in self.host_kinds and accel.value == self.auto_accel:
             # the daemon's default, until the user picks one: KVM on the simulated arm64 hosts, TCG here
             self.auto_accel = "kvm" if self.host_kinds[event.value] == "simulated" else "tcg"
