@@ -174,13 +174,10 @@ class MtevmApp(App):
             self.follow_events()
 
     def deliver(self, message) -> bool:
-        """Tell the screen what an event changed. A fleet of up to BIG_FLEET VMs: one message per
-        event. A big fleet: the screen hears of samples once per tick (CountersBatch); the VM whose
-        detail is open still gets its CountersSampled. True when the fleet crossed BIG_FLEET."""
+        """Tell the screen what an event changed: one message per event (a big fleet's samples
+        never get here: follow_events folds them and ``batch_sample``). True when the fleet
+        crossed BIG_FLEET."""
         if message is None:
-            return False
-        if self.feed_vcpus != "all" and isinstance(message, CountersSampled):
-            self.batch_sample(message.name)
             return False
         self.broadcast(message)
         return self.wanted_feed() != self.feed_vcpus
