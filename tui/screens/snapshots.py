@@ -29,7 +29,6 @@ def row(s: dict, now: float) -> tuple:
             s.get("tags", ""), disks_summary(s))
 
 
-
 class SnapshotsScreen(LeaveOnce, Screen):
     BINDINGS = keymap.bindings(keymap.SNAPSHOT_KEYS, keymap.BACK_KEYS)
     TITLE = "Snapshots"
@@ -78,12 +77,13 @@ class SnapshotsScreen(LeaveOnce, Screen):
         spec = next(k for k in keymap.ALL_KEYS if k.id == binding_id)
         return keymap.display_key(spec, getattr(self.app, "user_keymap", {}))
 
-    def selected(self) -> str | None:
+    def selected(self) -> dict | None:
+        """The snapshot under the cursor (None, said on screen, when there is none)."""
         table = self.query_one(DataTable)
         if not self.snapshots or table.cursor_row is None or table.cursor_row >= len(self.snapshots):
             self.show("no snapshot selected", error=True)
             return None
-        return self.snapshots[table.cursor_row]["tag"]
+        return self.snapshots[table.cursor_row]
 
     # -- actions -------------------------------------------------------------------------------
     def action_save_snapshot(self) -> None:
@@ -95,15 +95,17 @@ class SnapshotsScreen(LeaveOnce, Screen):
                                         placeholder="e.g. before-test", ok_label="Save", allow_empty=True), answered)
 
     def action_restore_snapshot(self) -> None:
-        if (tag := self.selected()) is not None:
-            disks = self.snapshots[self.query_one(DataTable).cursor_row].get("disks")
-            lost = "Its current state and what its disks hold now are lost." if disks else "Its current state is lost."
+        if (snap := self.selected()) is not None:
+            tag = snap["tag"]
+            lost = ("Its current state and what its disks hold now are lost." if snap.get("disks")
+                    else "Its current state is lost.")
             self._confirm(f"Restore VM {self.vm_name!r} to snapshot {tag!r}? {lost}", "Restore",
                           lambda: self.run_op("restore", lambda: self.app.client.snapshot_restore(self.vm_name, tag),
                                               lambda v: f"restored {self.vm_name} to {tag}: {v['state']}"))
 
     def action_delete_snapshot(self) -> None:
-        if (tag := self.selected()) is not None:
+        if (snap := self.selected()) is not None:
+            tag = snap["tag"]
             self._confirm(f"Delete snapshot {tag!r} of VM {self.vm_name!r}?", "Delete",
                           lambda: self.run_op("delete", lambda: self.app.client.snapshot_delete(self.vm_name, tag),
                                               lambda s: f"deleted snapshot {tag}"))
