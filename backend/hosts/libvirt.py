@@ -838,15 +838,9 @@ def _pool(conn):
     return pool
 
 
-_pool_paths: dict[str, str] = {}    # pool UUID -> its directory (a pool's target path never changes)
-
-
 def _pool_path(pool) -> str:
     """Where mtevm's pool keeps its files on the host."""
-    uuid = pool.UUIDString()
-    if uuid not in _pool_paths:
-        _pool_paths[uuid] = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
-    return _pool_paths[uuid]
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
 
 
 def _delete_snapshots(dom) -> None:
