@@ -390,13 +390,11 @@ class VmOperations:
         (``present``: false once it was deleted or re-made behind mtevm's back; restore then refuses)."""
         rec = self._vm(name)
         host = self.hosts[rec.host]
-        if host.keeps_snapshots:        # libvirt: the domain's snapshots, virsh's included
-            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
-        out = self._snapshot_records(rec.name)
-        if any(s.get("disks") for s in out):
+        out = await self._snapshots(rec)
+        if not host.keeps_snapshots and any(s.get("disks") for s in out):
             from backend.hosts.disk_snapshots import problems
             try:
-                inventory = await self.hosts[rec.host].disk_inventory(self._spec(rec), _disk_holder(rec))
+                inventory = await host.disk_inventory(self._spec(rec), _disk_holder(rec))
             except MtevmError as e:
                 inventory, error = None, str(e)
             for snap in out:
@@ -483,13 +481,20 @@ class VmOperations:
         counters = await self._counters(rec)    # (a tag the VM has already: the host refuses it)
         return await host.snapshot_save(rec.running, tag, self._snapshot_info(rec, tag, counters, None))
 
+    async def _snapshots(self, rec) -> list[dict]:
+        """The VM's snapshots, oldest first, wherever its host keeps them: libvirt's domain snapshots
+        (virsh's included), else mtevm's records in the state dir."""
+        host = self.hosts[rec.host]
+        if host.keeps_snapshots:
+            return sorted(await host.snapshots(self._spec(rec)), key=lambda s: s["created"])
+        return self._snapshot_records(rec.name)
+
     async def _find_snapshot(self, rec, tag: str) -> dict:
         """Snapshot ``tag`` of the VM, wherever its host keeps it (NotFoundError if none)."""
-        host = self.hosts[rec.host]
-        if not host.keeps_snapshots:
+        if not self.hosts[rec.host].keeps_snapshots:
             return self._snapshot_meta(rec.name, tag)
         _check_tag(tag)
-        found = [s for s in await host.snapshots(self._spec(rec)) if s["tag"] == tag]
+        found = [s for s in await self._snapshots(rec) if s["tag"] == tag]
         if not found:
             raise NotFoundError(f"VM {rec.name!r} has no snapshot {tag!r}")
         return found[0]
@@ -502,9 +507,7 @@ class VmOperations:
         if rec.state not in ("stopped", "crashed", "running", "paused"):
             raise StateError(f"VM {rec.name!r} is {rec.state}: restore it when that has finished")
         if tag is None:
-            host = self.hosts[rec.host]
-            snaps = (await host.snapshots(self._spec(rec)) if host.keeps_snapshots
-                     else self._snapshot_records(rec.name))
+            snaps = await self._snapshots(rec)
             if not snaps:
                 raise NotFoundError(f"VM {rec.name!r} has no snapshots")
             tag = snaps[-1]["tag"]
@@ -600,8 +603,7 @@ class VmOperations:
         if info.get("disks"):
             if rec.state not in ("stopped", "crashed") and rec.running is None:
                 raise StateError(f"VM {rec.name!r} is {rec.state}: delete the snapshot when that has finished")
-            await self.hosts[rec.host].delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"],
-                                                             _disk_holder(rec))
+            await host.delete_disk_snapshots(self._spec(rec), info["disks"], info["tag"], _disk_holder(rec))
         for path in self._snapshot_files(rec.name, tag):
             os.unlink(path)
         return info
@@ -638,9 +640,8 @@ class VmOperations:
             return
         if rec.running.state == "crashed":     # handled as the sampler handles a crash
             task = asyncio.get_running_loop().create_task(self._sample(rec))
-            followers = self.__dict__.setdefault("_followers", set())   # referenced until done
-            followers.add(task)
-            task.add_done_callback(followers.discard)
+            self._tasks.add(task)           # the Service's tasks: referenced until done, cancelled at close
+            task.add_done_callback(self._tasks.discard)
             return
         state = "paused" if rec.running.paused else "running"
         if state != rec.state:

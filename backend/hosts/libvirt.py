@@ -35,6 +35,7 @@ from backend.hosts.base import (Host, ProgressCallback, RunningVm, VmSpec, repor
                                 snapshot_exists_text)
 from backend.hosts.guest_status import GuestStatusView
 from backend.hosts import libvirt_domain as xml
+from backend.hosts.libvirt_stream import open_bridged
 from backend.machine import VirtMachineConfig
 from backend.machine.config import _NAME_RE, NAME_RULE
 from backend.machine.migration import ram_stats
@@ -838,15 +839,9 @@ def _pool(conn):
     return pool
 
 
-_pool_paths: dict[str, str] = {}    # pool UUID -> its directory (a pool's target path never changes)
-
-
 def _pool_path(pool) -> str:
     """Where mtevm's pool keeps its files on the host."""
-    uuid = pool.UUIDString()
-    if uuid not in _pool_paths:
-        _pool_paths[uuid] = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
-    return _pool_paths[uuid]
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or xml.POOL_PATH
 
 
 def _delete_snapshots(dom) -> None:
@@ -953,7 +948,6 @@ class LibvirtVm(GuestStatusView, RunningVm):
     async def _open_stream(self, open_fn, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The serial console (or the Linux guest's agent port) as a stream pair: libvirt's stream,
         bridged to a socket pair. OSError (retried by the caller) while the host or domain is not there."""
-        from backend.hosts.libvirt_stream import open_bridged
         if self.host.status != "connected":
             raise OSError(f"host {self.host.name} is not connected")
         try:

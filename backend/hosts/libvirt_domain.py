@@ -190,7 +190,6 @@ def parse_snapshot(text: str) -> dict:
             "parent": root.findtext("parent/name"),
             "vm_state": root.findtext("state") or "?", "definition": definition,
             "memory_file": memory.get("file") if memory is not None and memory.get("snapshot") == "external" else None,
-            "memory": memory.get("snapshot") if memory is not None else None,
             "counters": counters if isinstance(counters, dict) else None}
 
 
